@@ -1,0 +1,170 @@
+//! Command line of `conntrack-vmstate`. The `///` comments on the fields
+//! below are the `--help` text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub mod engine;
+pub mod manage;
+
+/// Carry a VM's conntrack entries through QEMU live migration.
+#[derive(Debug, Parser)]
+#[command(name = "conntrack-vmstate", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Dump the entries of one mark from this network namespace into a state blob.
+    Save(SaveArgs),
+    /// Create the entries of a state blob (binary or conntrack(8) text) in this network namespace.
+    Load(LoadArgs),
+    /// Show the entries of a state blob, like `conntrack -L`.
+    Inspect(InspectArgs),
+    /// Delete every entry of one mark in this network namespace.
+    Flush(FlushArgs),
+    /// Register a VM with the conntrack-vmstated daemon (before migrating, on both hosts).
+    Register(RegisterArgs),
+    /// Unregister a VM; with --flush, delete the entries saved for it (source, after success).
+    Unregister(UnregisterArgs),
+    /// Show registered VMs and their last Save/Load.
+    Status(StatusArgs),
+}
+
+/// Output encoding of `save`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// State format v1: compact, compressed, checksummed.
+    Binary,
+    /// conntrack(8) `-o save` lines plus ` --mark N`, for hosts running the Perl helper.
+    ConntrackSave,
+}
+
+#[derive(Debug, Args)]
+pub struct SaveArgs {
+    /// Save entries whose conntrack mark equals this (after --mark-mask).
+    #[arg(long)]
+    pub mark: u32,
+    /// Mask applied to the entry's mark before comparing.
+    #[arg(long, default_value_t = u32::MAX)]
+    pub mark_mask: u32,
+    /// Only entries of this conntrack zone.
+    #[arg(long)]
+    pub zone: Option<u16>,
+    /// Byte budget of the output; least valuable entries are dropped to fit.
+    #[arg(long, default_value_t = crate::format::QEMU_LIMIT)]
+    pub limit: usize,
+    /// Output encoding.
+    #[arg(long, value_enum, default_value_t = FormatArg::Binary)]
+    pub format: FormatArg,
+    /// Write the blob here instead of standard output.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Read the blob from here instead of standard input.
+    #[arg(short, long)]
+    pub input: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The state blob to show (`-` for standard input).
+    pub file: PathBuf,
+    /// Print JSON, one object per entry plus a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FlushArgs {
+    /// Delete entries whose conntrack mark equals this (after --mark-mask).
+    #[arg(long)]
+    pub mark: u32,
+    /// Mask applied to the entry's mark before comparing.
+    #[arg(long, default_value_t = u32::MAX)]
+    pub mark_mask: u32,
+    /// Only entries of this conntrack zone.
+    #[arg(long)]
+    pub zone: Option<u16>,
+}
+
+#[derive(Debug, Args)]
+pub struct ManagerArgs {
+    /// D-Bus address of the bus the daemon's manager is on (default: the system bus).
+    #[arg(long, env = "CONNTRACK_VMSTATE_MANAGER_ADDRESS")]
+    pub manager_address: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// The VM, e.g. its numeric id; used in object paths, logs and the default Id.
+    pub vmid: String,
+    /// VMState Id QEMU sees (default: conntrack-vmstate-<VMID>).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Conntrack mark of the VM's entries (default: VMID, when numeric).
+    #[arg(long)]
+    pub mark: Option<u32>,
+    /// Mask applied to entries' marks before comparing.
+    #[arg(long)]
+    pub mark_mask: Option<u32>,
+    /// Only entries of this conntrack zone.
+    #[arg(long)]
+    pub zone: Option<u16>,
+    /// Bus of the VM's QEMU dbus-vmstate object (default: the system bus).
+    #[arg(long)]
+    pub bus_address: Option<String>,
+    /// Encoding of Save: binary, or conntrack-save for a destination running the Perl helper.
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    #[command(flatten)]
+    pub manager: ManagerArgs,
+    /// QMP socket of the VM's QEMU: add the dbus-vmstate object (or set its id-list) once registered.
+    #[arg(long)]
+    pub qmp: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct UnregisterArgs {
+    /// The VM given to `register`.
+    pub vmid: String,
+    /// Delete exactly the entries the last Save took (source side, after a successful migration).
+    #[arg(long)]
+    pub flush: bool,
+    #[command(flatten)]
+    pub manager: ManagerArgs,
+    /// QMP socket of the VM's QEMU: delete its dbus-vmstate object first.
+    #[arg(long)]
+    pub qmp: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this VM.
+    pub vmid: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub manager: ManagerArgs,
+}
+
+/// Runs one parsed command; the binary turns the error into a message and a
+/// non-zero exit.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Save(a) => engine::save(a),
+        Command::Load(a) => engine::load(a),
+        Command::Inspect(a) => engine::inspect(a),
+        Command::Flush(a) => engine::flush(a),
+        Command::Register(a) => manage::register(a),
+        Command::Unregister(a) => manage::unregister(a),
+        Command::Status(a) => manage::status(a),
+    }
+}

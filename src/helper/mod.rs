@@ -1,0 +1,1 @@
+//! The daemon ↔ sandboxed conntrack helper protocol (client and server).
