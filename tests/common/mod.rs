@@ -1,0 +1,5 @@
+//! Helpers shared by the integration tests. Each test binary includes this
+//! with `mod common;` and uses what it needs.
+#![allow(dead_code)]
+
+pub mod netns;

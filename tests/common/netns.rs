@@ -1,0 +1,74 @@
+//! Throw-away network namespaces: every test host is one. The conntrack table
+//! of the namespace the tests start in is never touched.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace created with `ip netns add`, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `cvs-<tag>-<pid>-<n>` with loopback up.
+    pub fn new(tag: &str) -> Netns {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("cvs-{tag}-{}-{n}", std::process::id());
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        run_ok(ns.cmd("ip").args(["link", "set", "lo", "up"]));
+        ns
+    }
+
+    /// A command that runs inside this namespace.
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// Runs `program args…` inside and returns stdout; panics with stderr on failure.
+    pub fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = run_ok(self.cmd(program).args(args));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Path of the namespace handle, for setns(2).
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// Number of conntrack entries in this namespace (`conntrack -C` is global,
+    /// so this counts a dump of both families).
+    pub fn conntrack_count(&self) -> usize {
+        let out = self.cmd("conntrack").args(["-L", "-f", "ipv4"]).output().expect("conntrack");
+        let out6 = self.cmd("conntrack").args(["-L", "-f", "ipv6"]).output().expect("conntrack");
+        count_lines(&out) + count_lines(&out6)
+    }
+}
+
+fn count_lines(o: &Output) -> usize {
+    String::from_utf8_lossy(&o.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
+    }
+}
+
+/// Runs a command, panicking with its stderr when it fails.
+pub fn run_ok(c: &mut Command) -> Output {
+    let out = c.output().unwrap_or_else(|e| panic!("spawn {c:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{c:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
