@@ -710,14 +710,7 @@ pub fn encode_delete(m: &mut MsgBuf, e: &Entry, seq: u32) {
 
 /// A dump (`del == false`) or flush (`del == true`) request filtered by mark
 /// in the kernel, both address families at once.
-pub fn encode_filtered(
-    m: &mut MsgBuf,
-    seq: u32,
-    mark: u32,
-    mask: u32,
-    zone: Option<u16>,
-    del: bool,
-) {
+pub fn encode_filtered(m: &mut MsgBuf, seq: u32, mark: u32, mask: u32, del: bool) {
     if del {
         m.begin_msg(
             IPCTNL_MSG_CT_DELETE,
@@ -735,8 +728,5 @@ pub fn encode_filtered(
     }
     m.be32(CTA_MARK, mark);
     m.be32(CTA_MARK_MASK, mask);
-    if let Some(z) = zone {
-        m.be16(CTA_ZONE, z);
-    }
     m.end_msg();
 }

@@ -135,14 +135,7 @@ impl Ctnetlink {
             inner.seq = inner.seq.wrapping_add(1);
             let seq = inner.seq;
             inner.wbuf.clear();
-            codec::encode_filtered(
-                &mut inner.wbuf,
-                seq,
-                sel.mark,
-                sel.mark_mask,
-                sel.zone,
-                false,
-            );
+            codec::encode_filtered(&mut inner.wbuf, seq, sel.mark, sel.mark_mask, false);
             sock.send(&inner.wbuf.buf).map_err(|e| io_err(op, e))?;
             let mut pending: Vec<Entry> = Vec::new();
             let mut first_err: Option<String> = None;
@@ -273,7 +266,7 @@ impl Ctnetlink {
     /// Deletes every entry of the mark selection in one kernel-side walk.
     fn flush_by_mark(&self, sel: &Selector) -> Result<(), AccessError> {
         let codes = self.batch("flush", &[()], |m, _, seq| {
-            codec::encode_filtered(m, seq, sel.mark, sel.mark_mask, None, true)
+            codec::encode_filtered(m, seq, sel.mark, sel.mark_mask, true)
         })?;
         match codes.first() {
             Some(0) | None => Ok(()),
