@@ -221,18 +221,24 @@ fn decode_tuple(dir: &str, buf: &[u8]) -> Result<Tuple, DecodeError> {
     let Some(protonum) = protonum else {
         return err(format!("{dir} tuple without protocol number"));
     };
-    let l4 = if has_ports(protonum) {
-        match (sport, dport) {
-            (Some(src), Some(dst)) => L4::Ports { src, dst },
-            _ => return err(format!("{dir} tuple of protocol {protonum} without ports")),
+    // Which key a tuple has depends on the tracker the kernel has for the
+    // protocol, not on the number alone (6.16+ track DCCP generically, GRE
+    // needs its module): take what the kernel sent, but insist on the keys
+    // of the protocols conntrack always tracks.
+    let l4 = match (sport, dport, icmp_id, icmp_type, icmp_code) {
+        (Some(src), Some(dst), ..) => L4::Ports { src, dst },
+        (_, _, Some(id), Some(kind), Some(code)) => L4::Icmp { id, kind, code },
+        _ if matches!(
+            protonum,
+            proto::TCP | proto::UDP | proto::UDPLITE | proto::SCTP
+        ) =>
+        {
+            return err(format!("{dir} tuple of protocol {protonum} without ports"));
         }
-    } else if protonum == proto::ICMP || protonum == proto::ICMPV6 {
-        match (icmp_id, icmp_type, icmp_code) {
-            (Some(id), Some(kind), Some(code)) => L4::Icmp { id, kind, code },
-            _ => return err(format!("{dir} ICMP tuple without id/type/code")),
+        _ if matches!(protonum, proto::ICMP | proto::ICMPV6) => {
+            return err(format!("{dir} ICMP tuple without id/type/code"));
         }
-    } else {
-        L4::None
+        _ => L4::None,
     };
     Ok(Tuple {
         src,
