@@ -81,12 +81,17 @@ fn delete_entries_removes_exactly_the_given_set() {
     // is a new connection the flush must not remove.
     let again = set[0].clone();
     assert_eq!(
-        ct.delete_entries(&[again.clone()])
+        ct.delete_entries(std::slice::from_ref(&again))
             .expect("delete one")
             .deleted,
         1
     );
-    assert_eq!(ct.create(&[again.clone()]).expect("recreate").created, 1);
+    assert_eq!(
+        ct.create(std::slice::from_ref(&again))
+            .expect("recreate")
+            .created,
+        1
+    );
     let recreated = ct
         .dump(&Selector::mark(MARK))
         .expect("dump")

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::netns::Netns;
 use conntrack_vmstate::access::{AccessError, ConntrackAccess};
 use conntrack_vmstate::ctnetlink::Ctnetlink;

@@ -79,13 +79,6 @@ pub fn error_code(payload: &[u8]) -> Result<i32, DecodeError> {
     }
 }
 
-/// Sequence number of the request an NLMSG_ERROR answers (from the echoed header).
-pub fn error_request_seq(payload: &[u8]) -> Option<u32> {
-    payload
-        .get(12..16)
-        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-}
-
 pub const fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
@@ -147,14 +140,6 @@ fn be64(what: &str, p: &[u8]) -> Result<u64, DecodeError> {
 }
 fn u8_(what: &str, p: &[u8]) -> Result<u8, DecodeError> {
     fixed::<1>(what, p).map(|b| b[0])
-}
-
-/// True for protocols whose tuple carries 16-bit source and destination keys.
-pub fn has_ports(p: u8) -> bool {
-    matches!(
-        p,
-        proto::TCP | proto::UDP | proto::UDPLITE | proto::SCTP | proto::DCCP | proto::GRE
-    )
 }
 
 fn decode_tuple(dir: &str, buf: &[u8]) -> Result<Tuple, DecodeError> {
