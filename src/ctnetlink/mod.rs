@@ -138,8 +138,15 @@ fn io_err(op: &'static str, e: io::Error) -> AccessError {
     }
 }
 
+/// An errno the kernel answered with (as opposed to a failed syscall).
 fn errno_err(op: &'static str, errno: i32) -> AccessError {
-    io_err(op, io::Error::from_raw_os_error(errno))
+    if errno == libc::EPERM {
+        return AccessError::PermissionDenied { op };
+    }
+    AccessError::Netlink {
+        op,
+        source: io::Error::from_raw_os_error(errno),
+    }
 }
 
 fn proto_err(op: &'static str, detail: impl Into<String>) -> AccessError {
