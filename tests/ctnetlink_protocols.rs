@@ -306,3 +306,39 @@ fn dccp_round_trips_as_the_kernel_tracks_it() {
         assert!(diffs.is_empty(), "{}", diffs.join("\n"));
     }
 }
+
+/// One handle shared by several threads: creates and dumps interleave
+/// without mixing up answers.
+#[test]
+fn one_handle_serves_several_threads() {
+    let ns = Netns::new("ctthreads");
+    let ct = Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink");
+    std::thread::scope(|s| {
+        for t in 0..4u16 {
+            let ct = &ct;
+            s.spawn(move || {
+                let mine: Vec<Entry> = (0..1500u16)
+                    .map(|i| {
+                        let mut e = entry(
+                            proto::UDP,
+                            "10.2.0.1",
+                            "198.51.100.1",
+                            ports(t * 10_000 + i, 53),
+                        );
+                        e.mark = 1000 + u32::from(t);
+                        e
+                    })
+                    .collect();
+                for chunk in mine.chunks(300) {
+                    let r = ct.create(chunk).expect("create");
+                    assert_eq!(r.created, chunk.len() as u64);
+                    let d = ct.dump(&Selector::mark(1000 + u32::from(t))).expect("dump");
+                    assert!(d.iter().all(|e| e.mark == 1000 + u32::from(t)));
+                }
+                let d = ct.dump(&Selector::mark(1000 + u32::from(t))).expect("dump");
+                assert_eq!(d.len(), mine.len());
+            });
+        }
+    });
+    assert_eq!(ns.conntrack_count(), 6000);
+}
