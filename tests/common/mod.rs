@@ -2,4 +2,5 @@
 //! with `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod entries;
 pub mod netns;
