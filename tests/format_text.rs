@@ -10,7 +10,7 @@ use std::process::Stdio;
 
 use common::entries::entry;
 use common::netns::{run_ok, Netns};
-use conntrack_vmstate::entry::{proto, status, Entry, ProtoInfo, L4};
+use conntrack_vmstate::entry::{proto, status, ProtoInfo, L4};
 use conntrack_vmstate::format::{self, text, EncodeOptions, Format};
 use proptest::prelude::*;
 
