@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod compare;
+pub mod entries;
 pub mod netns;
 pub mod population;
