@@ -2,4 +2,6 @@
 //! with `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod host;
 pub mod netns;
+pub mod qemu;
