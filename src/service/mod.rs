@@ -71,6 +71,7 @@ pub enum ServiceError {
 }
 
 /// What [`Registry::admit`] decided about a Register request.
+#[derive(Debug)]
 pub enum Admission {
     /// Registered before with identical options: nothing to do.
     Existing(Arc<VmRuntime>),

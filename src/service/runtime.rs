@@ -37,6 +37,7 @@ pub(crate) fn now_us() -> u64 {
 
 /// One registered VM. Reports live in watch channels so property reads are
 /// a cheap borrow and the bus layer can emit PropertiesChanged on change.
+#[derive(Debug)]
 pub struct VmRuntime {
     pub config: VmConfig,
     last_save: watch::Sender<Option<OpReport>>,
