@@ -4,4 +4,5 @@
 
 pub mod host;
 pub mod netns;
+pub mod bus;
 pub mod qemu;
