@@ -214,8 +214,14 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
             }
         }
         if a.json {
-            let list: Vec<serde_json::Value> = vms.into_values().map(serde_json::Value::Object).collect();
-            println!("{}", serde_json::to_string_pretty(&list)?);
+            // One VM asked for: its object; otherwise the list of all.
+            let mut list: Vec<serde_json::Value> =
+                vms.into_values().map(serde_json::Value::Object).collect();
+            let out = match (&a.vmid, list.len()) {
+                (Some(_), 1) => list.remove(0),
+                _ => serde_json::Value::Array(list),
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
             return Ok(());
         }
         if vms.is_empty() {
