@@ -19,7 +19,7 @@ use conntrack_vmstate::bus::proxy::{Manager1Proxy, Vm1Proxy, VmState1Proxy};
 use conntrack_vmstate::bus::{Daemon, DaemonConfig};
 use conntrack_vmstate::entry::{Entry, Selector};
 use conntrack_vmstate::format::QEMU_LIMIT;
-use zbus::{Variant, OwnedVariant};
+use zbus::{OwnedVariant, Variant};
 
 /// A dump that blocks its thread for `delay`, like a stuck netlink socket.
 struct BlockingDump {
@@ -45,7 +45,9 @@ impl ConntrackAccess for BlockingDump {
 }
 
 fn get_str(m: &HashMap<String, OwnedVariant>, k: &str) -> String {
-    m.get(k).and_then(|v| String::try_from(v.try_clone().ok()?).ok()).unwrap_or_else(|| panic!("{k} missing in {m:?}"))
+    m.get(k)
+        .and_then(|v| String::try_from(v.try_clone().ok()?).ok())
+        .unwrap_or_else(|| panic!("{k} missing in {m:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -53,7 +55,10 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let bus = TestBus::new("conc-20");
         let state = scratch_dir("conc-20-state");
-        let access = Arc::new(BlockingDump { delay: Duration::from_secs(4), dumps: AtomicUsize::new(0) });
+        let access = Arc::new(BlockingDump {
+            delay: Duration::from_secs(4),
+            dumps: AtomicUsize::new(0),
+        });
         let daemon = Daemon::start(
             DaemonConfig {
                 bus_address: Some(bus.address.clone()),
@@ -70,7 +75,10 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
         let mut helpers = Vec::new();
         for vm in 1..=20u32 {
             let path = m
-                .register(&vm.to_string(), HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]))
+                .register(
+                    &vm.to_string(),
+                    HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]),
+                )
                 .await
                 .unwrap();
             let vm1 = Vm1Proxy::builder(&client)
@@ -84,7 +92,11 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
         }
 
         // LastSave changes are signalled (PropertiesChanged).
-        let watched = Vm1Proxy::builder(&client).path("/org/conntrack_vmstate/VM/1").build().await.unwrap();
+        let watched = Vm1Proxy::builder(&client)
+            .path("/org/conntrack_vmstate/VM/1")
+            .build()
+            .await
+            .unwrap();
         let mut changes = watched.receive_last_save_changed().await;
         use futures_util::StreamExt;
         // The first item is the current (empty) value.
@@ -99,7 +111,11 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
             let unique = unique.clone();
             let vm = *vm;
             saves.push(tokio::spawn(async move {
-                let vs = VmState1Proxy::builder(&conn).destination(unique).build().await.unwrap();
+                let vs = VmState1Proxy::builder(&conn)
+                    .destination(unique)
+                    .build()
+                    .await
+                    .unwrap();
                 let data = vs.save().await.expect("Save never fails");
                 (vm, data.into_vec(), start.elapsed())
             }));
@@ -118,29 +134,46 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
             let props = zbus::fdo::PropertiesProxy::builder(&reader)
                 .destination(unique.clone())
                 .path("/org/qemu/VMState1")
-                .build().await.unwrap();
+                .build()
+                .await
+                .unwrap();
             let t = Instant::now();
-            let all = props.get_all(zbus::names::InterfaceName::try_from("org.qemu.VMState1").unwrap()).await.unwrap();
+            let all = props
+                .get_all(zbus::names::InterfaceName::try_from("org.qemu.VMState1").unwrap())
+                .await
+                .unwrap();
             slowest = slowest.max(t.elapsed());
             assert_eq!(get_str(&all, "Id"), format!("conntrack-vmstate-{vm}"));
         }
         // All 20 were answered while every Save was still blocked in its dump.
-        assert!(saves.iter().all(|s| !s.is_finished()), "a Save finished before the GetAlls");
+        assert!(
+            saves.iter().all(|s| !s.is_finished()),
+            "a Save finished before the GetAlls"
+        );
         eprintln!("slowest GetAll with 20 Saves in flight: {slowest:?}");
         // VM1 properties on the manager connection answer too.
         assert_eq!(helpers[0].2.id().await.unwrap(), "conntrack-vmstate-1");
 
         for s in saves {
             let (vm, data, took) = s.await.unwrap();
-            assert!(!data.is_empty() && data.len() <= QEMU_LIMIT, "VM {vm}: {} bytes", data.len());
+            assert!(
+                !data.is_empty() && data.len() <= QEMU_LIMIT,
+                "VM {vm}: {} bytes",
+                data.len()
+            );
             // Answered at the deadline, not after the 4 s dump.
-            assert!(took < Duration::from_millis(3500), "VM {vm} Save took {took:?}");
+            assert!(
+                took < Duration::from_millis(3500),
+                "VM {vm} Save took {took:?}"
+            );
         }
         for (vm, _, vm1) in &helpers {
             let last = vm1.last_save().await.unwrap();
             let err = get_str(&last, "error");
             assert!(
-                err.starts_with("dump and encode did not finish within the 1500 ms save deadline; "),
+                err.starts_with(
+                    "dump and encode did not finish within the 1500 ms save deadline; "
+                ),
                 "VM {vm}: {err}"
             );
         }

@@ -44,32 +44,62 @@ async fn notifies_systemd_ready_status_and_stopping() {
         let state = scratch_dir("life-notify-state");
         let sock_path = state.path().join("notify.sock");
         let sock = UnixDatagram::bind(&sock_path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let client = bus.connect().await;
         let mut o = DaemonOpts::new(&bus.address, state.path());
-        o.env.push(("NOTIFY_SOCKET".into(), sock_path.display().to_string()));
+        o.env
+            .push(("NOTIFY_SOCKET".into(), sock_path.display().to_string()));
         o.env.push(("WATCHDOG_USEC".into(), "400000".into()));
         let mut d = DaemonProc::spawn(o);
         let mut seen = Vec::new();
         let ready = tokio::task::block_in_place(|| notify_until(&sock, "READY=1", &mut seen));
         assert!(ready, "no READY=1: {seen:?}\n{}", d.log_text());
         // READY comes only once the manager name is owned.
-        assert!(wait_for_name(&client, "org.conntrack_vmstate.Manager1", Duration::from_millis(1)).await);
-        assert!(seen.last().unwrap().contains("STATUS=Serving 0 VMs"), "{seen:?}");
+        assert!(
+            wait_for_name(
+                &client,
+                "org.conntrack_vmstate.Manager1",
+                Duration::from_millis(1)
+            )
+            .await
+        );
+        assert!(
+            seen.last().unwrap().contains("STATUS=Serving 0 VMs"),
+            "{seen:?}"
+        );
         // WATCHDOG_USEC=400000 (and no WATCHDOG_PID): pings every 200 ms.
-        assert!(tokio::task::block_in_place(|| notify_until(&sock, "WATCHDOG=1", &mut seen)), "{seen:?}");
+        assert!(
+            tokio::task::block_in_place(|| notify_until(&sock, "WATCHDOG=1", &mut seen)),
+            "{seen:?}"
+        );
         let m = Manager1Proxy::new(&client).await.unwrap();
         m.register("100", bus_opt(&bus.address)).await.unwrap();
-        assert!(tokio::task::block_in_place(|| notify_until(&sock, "STATUS=Serving 1 VM", &mut seen)), "{seen:?}");
+        assert!(
+            tokio::task::block_in_place(|| notify_until(&sock, "STATUS=Serving 1 VM", &mut seen)),
+            "{seen:?}"
+        );
         d.signal(Signal::SIGTERM);
-        assert!(tokio::task::block_in_place(|| notify_until(&sock, "STOPPING=1", &mut seen)), "{seen:?}");
-        let st = tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(10))).expect("exit after SIGTERM");
+        assert!(
+            tokio::task::block_in_place(|| notify_until(&sock, "STOPPING=1", &mut seen)),
+            "{seen:?}"
+        );
+        let st = tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(10)))
+            .expect("exit after SIGTERM");
         assert!(st.success(), "{st}");
         // Leaving drops the VM's queued connection.
         assert!(queued_owners(&client, "org.qemu.VMState1").await.is_empty());
         let log = d.log_text();
-        assert!(log.contains("Register of VM 100: Id conntrack-vmstate-100 mark 0x64/0xffffffff on bus"), "{log}");
-        assert!(log.contains("conntrack-vmstated stopping: SIGTERM"), "{log}");
+        assert!(
+            log.contains(
+                "Register of VM 100: Id conntrack-vmstate-100 mark 0x64/0xffffffff on bus"
+            ),
+            "{log}"
+        );
+        assert!(
+            log.contains("conntrack-vmstated stopping: SIGTERM"),
+            "{log}"
+        );
     })
     .await
     .expect("test timed out");
@@ -87,15 +117,24 @@ async fn exits_when_idle_but_not_while_a_vm_is_registered() {
         let m = Manager1Proxy::new(&client).await.unwrap();
         m.register("100", bus_opt(&bus.address)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert!(tokio::task::block_in_place(|| d.wait_exit(Duration::ZERO)).is_none(), "exited with a VM registered");
+        assert!(
+            tokio::task::block_in_place(|| d.wait_exit(Duration::ZERO)).is_none(),
+            "exited with a VM registered"
+        );
         let t0 = Instant::now();
         m.unregister("100", HashMap::new()).await.unwrap();
-        let st = tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(10))).expect("idle exit");
+        let st = tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(10)))
+            .expect("idle exit");
         assert!(st.success(), "{st}");
         let waited = t0.elapsed();
-        assert!(waited >= Duration::from_millis(900), "exited after {waited:?}, before the 1 s idle timeout");
+        assert!(
+            waited >= Duration::from_millis(900),
+            "exited after {waited:?}, before the 1 s idle timeout"
+        );
         assert!(!wait_for_name(&client, "org.conntrack_vmstate.Manager1", Duration::ZERO).await);
-        assert!(d.log_text().contains("stopping: idle timeout with no VM registered"));
+        assert!(d
+            .log_text()
+            .contains("stopping: idle timeout with no VM registered"));
     })
     .await
     .expect("test timed out");
@@ -133,12 +172,23 @@ async fn registrations_survive_kill_9_and_restart() {
         assert_eq!(owners.len(), 2, "{owners:?}");
         let mut ids = Vec::new();
         for o in &owners {
-            let vs = VmState1Proxy::builder(&client).destination(o.clone()).build().await.unwrap();
+            let vs = VmState1Proxy::builder(&client)
+                .destination(o.clone())
+                .build()
+                .await
+                .unwrap();
             ids.push(vs.id().await.unwrap());
         }
         ids.sort();
-        assert_eq!(ids, vec!["conntrack-vmstate-200".to_string(), "vm-a".to_string()]);
-        let vm = Vm1Proxy::builder(&client).path("/org/conntrack_vmstate/VM/a").build().await.unwrap();
+        assert_eq!(
+            ids,
+            vec!["conntrack-vmstate-200".to_string(), "vm-a".to_string()]
+        );
+        let vm = Vm1Proxy::builder(&client)
+            .path("/org/conntrack_vmstate/VM/a")
+            .build()
+            .await
+            .unwrap();
         assert_eq!(vm.mark().await.unwrap(), 0x1234);
         assert_eq!(vm.zone().await.unwrap(), vec![7]);
         assert_eq!(vm.id().await.unwrap(), "vm-a");
@@ -224,11 +274,21 @@ async fn strict_policy_allows_only_configured_users() {
         let client = bus.connect().await;
         let _d = DaemonProc::start(DaemonOpts::new(&bus.address, state.path()), &client).await;
         let m = Manager1Proxy::new(&client).await.unwrap();
-        let path = m.register("100", bus_opt(&bus.address)).await.expect("root may register");
+        let path = m
+            .register("100", bus_opt(&bus.address))
+            .await
+            .expect("root may register");
         let vm = Vm1Proxy::builder(&client).path(path).build().await.unwrap();
         let unique = vm.unique_name().await.unwrap();
-        assert_eq!(queued_owners(&client, "org.qemu.VMState1").await, vec![unique.clone()]);
-        let vs = VmState1Proxy::builder(&client).destination(unique.clone()).build().await.unwrap();
+        assert_eq!(
+            queued_owners(&client, "org.qemu.VMState1").await,
+            vec![unique.clone()]
+        );
+        let vs = VmState1Proxy::builder(&client)
+            .destination(unique.clone())
+            .build()
+            .await
+            .unwrap();
         assert_eq!(vs.id().await.unwrap(), "conntrack-vmstate-100");
 
         let addr = bus.address.clone();
@@ -236,24 +296,75 @@ async fn strict_policy_allows_only_configured_users() {
             let nobody = Some(65534);
             let denied = |what: &str, (ok, _out, err): (bool, String, String)| {
                 assert!(!ok, "{what} was allowed");
-                assert!(err.contains("GDBus.Error:org.freedesktop.DBus.Error.AccessDenied"), "{what}: {err}");
+                assert!(
+                    err.contains("GDBus.Error:org.freedesktop.DBus.Error.AccessDenied"),
+                    "{what}: {err}"
+                );
             };
-            denied("Register as nobody", gdbus_call_as(nobody, &addr, "org.conntrack_vmstate.Manager1",
-                "/org/conntrack_vmstate/Manager1", "org.conntrack_vmstate.Manager1.Register", &["200", "{}"]));
-            denied("owning org.qemu.VMState1 as nobody", gdbus_call_as(nobody, &addr, "org.freedesktop.DBus",
-                "/org/freedesktop/DBus", "org.freedesktop.DBus.RequestName", &["org.qemu.VMState1", "0"]));
-            denied("GetAll on the helper as nobody", gdbus_call_as(nobody, &addr, &unique,
-                "/org/qemu/VMState1", "org.freedesktop.DBus.Properties.GetAll", &["org.qemu.VMState1"]));
-            denied("Save as nobody", gdbus_call_as(nobody, &addr, &unique,
-                "/org/qemu/VMState1", "org.qemu.VMState1.Save", &[]));
+            denied(
+                "Register as nobody",
+                gdbus_call_as(
+                    nobody,
+                    &addr,
+                    "org.conntrack_vmstate.Manager1",
+                    "/org/conntrack_vmstate/Manager1",
+                    "org.conntrack_vmstate.Manager1.Register",
+                    &["200", "{}"],
+                ),
+            );
+            denied(
+                "owning org.qemu.VMState1 as nobody",
+                gdbus_call_as(
+                    nobody,
+                    &addr,
+                    "org.freedesktop.DBus",
+                    "/org/freedesktop/DBus",
+                    "org.freedesktop.DBus.RequestName",
+                    &["org.qemu.VMState1", "0"],
+                ),
+            );
+            denied(
+                "GetAll on the helper as nobody",
+                gdbus_call_as(
+                    nobody,
+                    &addr,
+                    &unique,
+                    "/org/qemu/VMState1",
+                    "org.freedesktop.DBus.Properties.GetAll",
+                    &["org.qemu.VMState1"],
+                ),
+            );
+            denied(
+                "Save as nobody",
+                gdbus_call_as(
+                    nobody,
+                    &addr,
+                    &unique,
+                    "/org/qemu/VMState1",
+                    "org.qemu.VMState1.Save",
+                    &[],
+                ),
+            );
             // The bus driver itself stays reachable, so the denials above are policy.
-            let (ok, out, err) = gdbus_call_as(nobody, &addr, "org.freedesktop.DBus", "/org/freedesktop/DBus",
-                "org.freedesktop.DBus.ListQueuedOwners", &["org.qemu.VMState1"]);
+            let (ok, out, err) = gdbus_call_as(
+                nobody,
+                &addr,
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus.ListQueuedOwners",
+                &["org.qemu.VMState1"],
+            );
             assert!(ok, "{err}");
             assert!(out.contains(&unique), "{out}");
             // Root, like QEMU on Proxmox, may read the Id.
-            let (ok, out, err) = gdbus_call_as(None, &addr, &unique, "/org/qemu/VMState1",
-                "org.freedesktop.DBus.Properties.GetAll", &["org.qemu.VMState1"]);
+            let (ok, out, err) = gdbus_call_as(
+                None,
+                &addr,
+                &unique,
+                "/org/qemu/VMState1",
+                "org.freedesktop.DBus.Properties.GetAll",
+                &["org.qemu.VMState1"],
+            );
             assert!(ok, "{err}");
             assert_eq!(out.trim(), "({'Id': <'conntrack-vmstate-100'>},)");
         });

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::bus::{gdbus_call, queued_owners, scratch_dir, DaemonOpts, DaemonProc, TestBus};
 use conntrack_vmstate::bus::proxy::{Manager1Proxy, Vm1Proxy, VmState1Proxy};
-use zbus::{Variant, Connection};
+use zbus::{Connection, Variant};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -31,14 +31,20 @@ fn dbus_error(e: zbus::Error) -> (String, String) {
         zbus::Error::MethodError(name, text, _) => (name.to_string(), text.unwrap_or_default()),
         zbus::Error::FDO(e) => {
             use zbus::DBusError;
-            (e.name().to_string(), e.description().unwrap_or_default().to_string())
+            (
+                e.name().to_string(),
+                e.description().unwrap_or_default().to_string(),
+            )
         }
         other => panic!("expected a D-Bus error, got {other:?}"),
     }
 }
 
 fn opts<'a>(pairs: &[(&'a str, Variant<'a>)]) -> HashMap<&'a str, Variant<'a>> {
-    pairs.iter().map(|(k, v)| (*k, v.try_clone().expect("clone"))).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (*k, v.try_clone().expect("clone")))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,7 +58,10 @@ async fn register_exports_vm_object_and_queues_vmstate_connection() {
         assert_eq!(m.version().await.unwrap(), env!("CARGO_PKG_VERSION"));
 
         let path = m
-            .register("100", opts(&[("bus_address", Variant::from(bus.address.as_str()))]))
+            .register(
+                "100",
+                opts(&[("bus_address", Variant::from(bus.address.as_str()))]),
+            )
             .await
             .expect("register");
         assert_eq!(path.as_str(), "/org/conntrack_vmstate/VM/100");
@@ -70,7 +79,10 @@ async fn register_exports_vm_object_and_queues_vmstate_connection() {
         assert!(unique.starts_with(':'), "{unique}");
 
         // QEMU's discovery: ListQueuedOwners, then GetAll on every owner.
-        assert_eq!(queued_owners(&client, "org.qemu.VMState1").await, vec![unique.clone()]);
+        assert_eq!(
+            queued_owners(&client, "org.qemu.VMState1").await,
+            vec![unique.clone()]
+        );
         let vs = VmState1Proxy::builder(&client)
             .destination(unique.clone())
             .build()
@@ -106,7 +118,9 @@ async fn register_exports_vm_object_and_queues_vmstate_connection() {
         assert!(owners.contains(&vm2.unique_name().await.unwrap()));
 
         // Unregister drops the VM's connection from the queue.
-        m.unregister("100", HashMap::new()).await.expect("unregister");
+        m.unregister("100", HashMap::new())
+            .await
+            .expect("unregister");
         let owners = queued_owners(&client, "org.qemu.VMState1").await;
         assert_eq!(owners, vec![vm2.unique_name().await.unwrap()]);
         let (name, _) = dbus_error(vm.vm_id().await.unwrap_err());
@@ -194,13 +208,20 @@ async fn object_manager_lists_vm_objects() {
         let _d = DaemonProc::start(DaemonOpts::new(&bus.address, state.path()), &client).await;
         let m = manager(&client).await;
         for vm in ["1", "2", "3"] {
-            m.register(vm, opts(&[("bus_address", Variant::from(bus.address.as_str()))])).await.unwrap();
+            m.register(
+                vm,
+                opts(&[("bus_address", Variant::from(bus.address.as_str()))]),
+            )
+            .await
+            .unwrap();
         }
         m.unregister("2", HashMap::new()).await.unwrap();
         let om = zbus::fdo::ObjectManagerProxy::builder(&client)
             .destination("org.conntrack_vmstate.Manager1")
             .path("/org/conntrack_vmstate")
-            .build().await.unwrap();
+            .build()
+            .await
+            .unwrap();
         let objs = om.get_managed_objects().await.unwrap();
         let mut vms: Vec<(String, String)> = objs
             .iter()
@@ -214,8 +235,14 @@ async fn object_manager_lists_vm_objects() {
         assert_eq!(
             vms,
             vec![
-                ("/org/conntrack_vmstate/VM/1".to_string(), "conntrack-vmstate-1".to_string()),
-                ("/org/conntrack_vmstate/VM/3".to_string(), "conntrack-vmstate-3".to_string()),
+                (
+                    "/org/conntrack_vmstate/VM/1".to_string(),
+                    "conntrack-vmstate-1".to_string()
+                ),
+                (
+                    "/org/conntrack_vmstate/VM/3".to_string(),
+                    "conntrack-vmstate-3".to_string()
+                ),
             ]
         );
     })
@@ -232,13 +259,22 @@ async fn twenty_vms_each_queue_their_own_connection() {
         let _d = DaemonProc::start(DaemonOpts::new(&bus.address, state.path()), &client).await;
         let m = manager(&client).await;
         for vm in 1..=20 {
-            m.register(&vm.to_string(), opts(&[("bus_address", Variant::from(bus.address.as_str()))])).await.unwrap();
+            m.register(
+                &vm.to_string(),
+                opts(&[("bus_address", Variant::from(bus.address.as_str()))]),
+            )
+            .await
+            .unwrap();
         }
         let owners = queued_owners(&client, "org.qemu.VMState1").await;
         assert_eq!(owners.len(), 20);
         let mut ids = Vec::new();
         for o in &owners {
-            let vs = VmState1Proxy::builder(&client).destination(o.clone()).build().await.unwrap();
+            let vs = VmState1Proxy::builder(&client)
+                .destination(o.clone())
+                .build()
+                .await
+                .unwrap();
             ids.push(vs.id().await.unwrap());
         }
         ids.sort();
@@ -259,26 +295,59 @@ async fn gdbus_reads_id_and_calls_save() {
         let client = bus.connect().await;
         let _d = DaemonProc::start(DaemonOpts::new(&bus.address, state.path()), &client).await;
         let m = manager(&client).await;
-        let path = m.register("100", opts(&[("bus_address", Variant::from(bus.address.as_str()))])).await.unwrap();
-        let unique = vm_proxy(&client, path.as_str()).await.unique_name().await.unwrap();
+        let path = m
+            .register(
+                "100",
+                opts(&[("bus_address", Variant::from(bus.address.as_str()))]),
+            )
+            .await
+            .unwrap();
+        let unique = vm_proxy(&client, path.as_str())
+            .await
+            .unique_name()
+            .await
+            .unwrap();
         let addr = bus.address.clone();
         let (ok, out, err) = tokio::task::spawn_blocking(move || {
-            gdbus_call(&addr, &unique, "/org/qemu/VMState1", "org.freedesktop.DBus.Properties.GetAll", &["org.qemu.VMState1"])
-        }).await.unwrap();
+            gdbus_call(
+                &addr,
+                &unique,
+                "/org/qemu/VMState1",
+                "org.freedesktop.DBus.Properties.GetAll",
+                &["org.qemu.VMState1"],
+            )
+        })
+        .await
+        .unwrap();
         assert!(ok, "{err}");
         assert_eq!(out.trim(), "({'Id': <'conntrack-vmstate-100'>},)");
 
-        let unique = vm_proxy(&client, path.as_str()).await.unique_name().await.unwrap();
+        let unique = vm_proxy(&client, path.as_str())
+            .await
+            .unique_name()
+            .await
+            .unwrap();
         let addr = bus.address.clone();
         let (ok, out, err) = tokio::task::spawn_blocking(move || {
-            gdbus_call(&addr, &unique, "/org/qemu/VMState1", "org.qemu.VMState1.Save", &[])
-        }).await.unwrap();
+            gdbus_call(
+                &addr,
+                &unique,
+                "/org/qemu/VMState1",
+                "org.qemu.VMState1.Save",
+                &[],
+            )
+        })
+        .await
+        .unwrap();
         assert!(ok, "{err}");
         // GLib prints a non-empty byte array as `([byte 0x.., ...],)` or, when
         // it is printable, as `(b'...',)`; an empty one would be `(@ay [],)`.
         let out = out.trim();
         assert!(!out.contains("@ay []"), "{out}");
-        assert!(out.starts_with("([byte 0x") || out.starts_with("(b'") || out.starts_with("(b\""), "{out}");
+        assert!(
+            out.starts_with("([byte 0x") || out.starts_with("(b'") || out.starts_with("(b\""),
+            "{out}"
+        );
     })
     .await
     .expect("test timed out");

@@ -31,7 +31,9 @@ pub fn scratch_dir(tag: &str) -> tempfile::TempDir {
 
 /// Path of a file in tests/data.
 pub fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
 }
 
 /// Stops a child: SIGTERM, then SIGKILL after `grace`; always reaps it.
@@ -225,7 +227,10 @@ impl DaemonProc {
         let mut d = DaemonProc::spawn(o);
         if !wait_for_name(client, "org.conntrack_vmstate.Manager1", WAIT).await {
             let st = stop(&mut d.child, Duration::from_secs(2));
-            panic!("daemon did not own its name ({st:?}); log:\n{}", d.log_text());
+            panic!(
+                "daemon did not own its name ({st:?}); log:\n{}",
+                d.log_text()
+            );
         }
         d
     }
@@ -259,7 +264,13 @@ impl Drop for DaemonProc {
 }
 
 /// `gdbus call …` (GLib's client, as QEMU uses); returns (success, stdout, stderr).
-pub fn gdbus_call(address: &str, dest: &str, path: &str, method: &str, args: &[&str]) -> (bool, String, String) {
+pub fn gdbus_call(
+    address: &str,
+    dest: &str,
+    path: &str,
+    method: &str,
+    args: &[&str],
+) -> (bool, String, String) {
     gdbus_call_as(None, address, dest, path, method, args)
 }
 
@@ -285,8 +296,20 @@ pub fn gdbus_call_as(
         }
         None => Command::new("gdbus"),
     };
-    cmd.args(["call", "--address", address, "--dest", dest, "--object-path", path, "--method", method, "--timeout", "20"])
-        .args(args);
+    cmd.args([
+        "call",
+        "--address",
+        address,
+        "--dest",
+        dest,
+        "--object-path",
+        path,
+        "--method",
+        method,
+        "--timeout",
+        "20",
+    ])
+    .args(args);
     let out = cmd.output().expect("run gdbus");
     (
         out.status.success(),
