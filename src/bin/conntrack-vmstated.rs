@@ -63,9 +63,9 @@ fn main() -> anyhow::Result<()> {
             conntrack_vmstate::helper::HelperClient::new(p)
                 .with_context(|| format!("conntrack helper at {}", p.display()))?,
         ),
-        None => Arc::new(
-            conntrack_vmstate::ctnetlink::Ctnetlink::open().context("opening ctnetlink")?,
-        ),
+        None => {
+            Arc::new(conntrack_vmstate::ctnetlink::Ctnetlink::open().context("opening ctnetlink")?)
+        }
     };
     let cfg = DaemonConfig {
         bus_address: args.bus_address,

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use tokio::task::AbortHandle;
 use zbus::connection::Builder;
 use zbus::fdo::{ObjectManager, RequestNameFlags, RequestNameReply};
-use zbus::OwnedObjectPath;
 use zbus::Connection;
+use zbus::OwnedObjectPath;
 
 use super::error::Error;
 use super::ifaces::{Manager1, Vm1, VmState1};
@@ -113,9 +113,7 @@ impl Shared {
         match admission {
             Admission::Existing(rt) => {
                 // A restored VM whose bus was unreachable at start is retried.
-                let serving = lock(&self.served)
-                    .get(vm)
-                    .is_some_and(|s| s.conn.is_some());
+                let serving = lock(&self.served).get(vm).is_some_and(|s| s.conn.is_some());
                 if !serving {
                     self.serve(rt.clone(), true).await?;
                 }
@@ -261,10 +259,18 @@ impl Shared {
             rt: rt.clone(),
             engine: self.engine.clone(),
         };
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, builder.serve_at(VMSTATE_PATH, iface).build())
-            .await
-            .map_err(|_| unreachable(format!("no connection within {} s", CONNECT_TIMEOUT.as_secs())))?
-            .map_err(|e| unreachable(e.to_string()))?;
+        let conn = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            builder.serve_at(VMSTATE_PATH, iface).build(),
+        )
+        .await
+        .map_err(|_| {
+            unreachable(format!(
+                "no connection within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| unreachable(e.to_string()))?;
         // Queue, never DO_NOT_QUEUE and never replace: every VM of this bus
         // owns the name at once and QEMU asks all of them (ListQueuedOwners).
         match conn
@@ -434,7 +440,11 @@ pub async fn run(
     let status = |n: usize| format!("Serving {n} VM{}", if n == 1 { "" } else { "s" });
     let n = *count.borrow_and_update();
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status(n))]);
-    tracing::info!("conntrack-vmstated ready on {}: {}", daemon.address(), status(n));
+    tracing::info!(
+        "conntrack-vmstated ready on {}: {}",
+        daemon.address(),
+        status(n)
+    );
 
     let watchdog = sd_notify::watchdog_enabled().map(|d| {
         tokio::spawn(async move {

@@ -124,7 +124,10 @@ pub fn unregister(a: UnregisterArgs) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || crate::qmp::detach_vmstate(&s, &id2))
                 .await?
                 .with_context(|| {
-                    format!("removing Id {id} from QEMU's dbus-vmstate over {}", sock.display())
+                    format!(
+                        "removing Id {id} from QEMU's dbus-vmstate over {}",
+                        sock.display()
+                    )
                 })?;
         }
         let m = Manager1Proxy::new(&conn).await?;
@@ -136,7 +139,11 @@ pub fn unregister(a: UnregisterArgs) -> anyhow::Result<()> {
         println!(
             "unregistered VM {}{}",
             a.vmid,
-            if a.flush { " (saved entries flushed)" } else { "" }
+            if a.flush {
+                " (saved entries flushed)"
+            } else {
+                ""
+            }
         );
         Ok(())
     })
@@ -178,7 +185,11 @@ fn report_line(r: &serde_json::Value) -> String {
         n("bytes"),
         n("duration_us")
     );
-    if let Some(e) = o.get("error").and_then(|v| v.as_str()).filter(|e| !e.is_empty()) {
+    if let Some(e) = o
+        .get("error")
+        .and_then(|v| v.as_str())
+        .filter(|e| !e.is_empty())
+    {
         s.push_str(&format!("; error: {e}"));
     }
     s
@@ -202,9 +213,15 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
             let Some(props) = ifaces.get(VM_INTERFACE) else {
                 continue;
             };
-            let m: serde_json::Map<String, serde_json::Value> =
-                props.iter().map(|(k, v)| (k.to_string(), to_json(v))).collect();
-            let name = m.get("VmId").and_then(|v| v.as_str()).unwrap_or("").to_string();
+            let m: serde_json::Map<String, serde_json::Value> = props
+                .iter()
+                .map(|(k, v)| (k.to_string(), to_json(v)))
+                .collect();
+            let name = m
+                .get("VmId")
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string();
             vms.insert(name, m);
         }
         if let Some(vm) = &a.vmid {
@@ -214,8 +231,14 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
             }
         }
         if a.json {
-            let list: Vec<serde_json::Value> = vms.into_values().map(serde_json::Value::Object).collect();
-            println!("{}", serde_json::to_string_pretty(&list)?);
+            // One VM asked for: its object; otherwise the list of all.
+            let mut list: Vec<serde_json::Value> =
+                vms.into_values().map(serde_json::Value::Object).collect();
+            let out = match (&a.vmid, list.len()) {
+                (Some(_), 1) => list.remove(0),
+                _ => serde_json::Value::Array(list),
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
             return Ok(());
         }
         if vms.is_empty() {
@@ -231,10 +254,21 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
                 .map_or_else(|| "any".to_string(), |z| z.to_string());
             println!("VM {name}");
             println!("  Id:        {}", s("Id"));
-            println!("  mark:      {:#x}/{:#x}, zone {zone}, format {}", u("Mark"), u("MarkMask"), s("Format"));
+            println!(
+                "  mark:      {:#x}/{:#x}, zone {zone}, format {}",
+                u("Mark"),
+                u("MarkMask"),
+                s("Format")
+            );
             println!("  bus:       {} as {}", s("BusAddress"), s("UniqueName"));
-            println!("  last save: {}", report_line(p.get("LastSave").unwrap_or(&serde_json::Value::Null)));
-            println!("  last load: {}", report_line(p.get("LastLoad").unwrap_or(&serde_json::Value::Null)));
+            println!(
+                "  last save: {}",
+                report_line(p.get("LastSave").unwrap_or(&serde_json::Value::Null))
+            );
+            println!(
+                "  last load: {}",
+                report_line(p.get("LastLoad").unwrap_or(&serde_json::Value::Null))
+            );
         }
         Ok(())
     })

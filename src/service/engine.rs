@@ -196,7 +196,10 @@ impl Engine {
                                     .refused_by_errno
                                     .iter()
                                     .map(|(errno, n)| {
-                                        format!("{n}× {}", std::io::Error::from_raw_os_error(*errno))
+                                        format!(
+                                            "{n}× {}",
+                                            std::io::Error::from_raw_os_error(*errno)
+                                        )
                                     })
                                     .collect();
                                 tracing::info!(refused = %why.join(", "), "Load: refused entries skipped");

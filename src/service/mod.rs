@@ -168,9 +168,10 @@ impl Registry {
 
     /// Removes a VM and persists the new list; on a write error the VM stays.
     pub fn remove(&mut self, vm: &str) -> Result<Arc<VmRuntime>, ServiceError> {
-        let rt = self.vms.remove(vm).ok_or_else(|| ServiceError::NotRegistered {
-            vm: vm.to_string(),
-        })?;
+        let rt = self
+            .vms
+            .remove(vm)
+            .ok_or_else(|| ServiceError::NotRegistered { vm: vm.to_string() })?;
         if let Err(e) = self.persist() {
             self.vms.insert(vm.to_string(), rt);
             return Err(e);
@@ -189,8 +190,10 @@ mod tests {
     use super::*;
 
     fn cfg(vm: &str, opts: &[(&str, OptValue)]) -> VmConfig {
-        let opts: Vec<(String, OptValue)> =
-            opts.iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
+        let opts: Vec<(String, OptValue)> = opts
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect();
         VmConfig::from_options(vm, &opts).unwrap()
     }
 
@@ -203,7 +206,10 @@ mod tests {
             panic!("expected new")
         };
         reg.insert_runtime(Arc::new(VmRuntime::new(c))).unwrap();
-        assert!(matches!(reg.admit(a.clone()).unwrap(), Admission::Existing(_)));
+        assert!(matches!(
+            reg.admit(a.clone()).unwrap(),
+            Admission::Existing(_)
+        ));
         let e = reg
             .admit(cfg("100", &[("mark", OptValue::U32(5))]))
             .unwrap_err();
@@ -212,7 +218,10 @@ mod tests {
             "VM '100' is already registered with mark 100, not 5; unregister it first to change mark"
         );
         let e = reg
-            .admit(cfg("101", &[("id", OptValue::Str("conntrack-vmstate-100".into()))]))
+            .admit(cfg(
+                "101",
+                &[("id", OptValue::Str("conntrack-vmstate-100".into()))],
+            ))
             .unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -231,6 +240,9 @@ mod tests {
         assert_eq!(Store::new(dir.path()).load().unwrap(), vec![a]);
         reg.remove("100").unwrap();
         assert!(Store::new(dir.path()).load().unwrap().is_empty());
-        assert_eq!(reg.remove("100").unwrap_err().to_string(), "VM '100' is not registered");
+        assert_eq!(
+            reg.remove("100").unwrap_err().to_string(),
+            "VM '100' is not registered"
+        );
     }
 }

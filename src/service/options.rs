@@ -73,7 +73,8 @@ pub struct VmConfig {
 }
 
 /// Option names `Register` accepts, in the order conflicts are reported.
-pub const REGISTER_OPTIONS: [&str; 6] = ["id", "mark", "mark_mask", "zone", "bus_address", "format"];
+pub const REGISTER_OPTIONS: [&str; 6] =
+    ["id", "mark", "mark_mask", "zone", "bus_address", "format"];
 /// Option names `Unregister` accepts.
 pub const UNREGISTER_OPTIONS: [&str; 1] = ["flush"];
 
@@ -98,7 +99,10 @@ impl VmConfig {
     }
 
     /// Validates `Register(vm, options)` and fills in the defaults.
-    pub fn from_options(vm: &str, options: &[(String, OptValue)]) -> Result<VmConfig, ServiceError> {
+    pub fn from_options(
+        vm: &str,
+        options: &[(String, OptValue)],
+    ) -> Result<VmConfig, ServiceError> {
         validate_vm(vm)?;
         let mut id = None;
         let mut mark = None;
@@ -177,15 +181,28 @@ impl VmConfig {
     /// values rendered for the error message.
     pub fn first_difference(&self, other: &VmConfig) -> Option<(&'static str, String, String)> {
         fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
-            v.as_ref().map_or_else(|| "(none)".into(), |v| v.to_string())
+            v.as_ref()
+                .map_or_else(|| "(none)".into(), |v| v.to_string())
         }
         let pairs: [(&'static str, String, String); 6] = [
             ("id", self.id.clone(), other.id.clone()),
             ("mark", self.mark.to_string(), other.mark.to_string()),
-            ("mark_mask", format!("{:#x}", self.mark_mask), format!("{:#x}", other.mark_mask)),
+            (
+                "mark_mask",
+                format!("{:#x}", self.mark_mask),
+                format!("{:#x}", other.mark_mask),
+            ),
             ("zone", opt(&self.zone), opt(&other.zone)),
-            ("bus_address", opt(&self.bus_address), opt(&other.bus_address)),
-            ("format", self.format.as_str().into(), other.format.as_str().into()),
+            (
+                "bus_address",
+                opt(&self.bus_address),
+                opt(&other.bus_address),
+            ),
+            (
+                "format",
+                self.format.as_str().into(),
+                other.format.as_str().into(),
+            ),
         ];
         pairs.into_iter().find(|(_, a, b)| a != b)
     }
@@ -315,18 +332,24 @@ mod tests {
 
     #[test]
     fn unknown_and_mistyped_options_are_named() {
-        let e = VmConfig::from_options("1", &[o("colour", OptValue::Str("red".into()))])
-            .unwrap_err();
+        let e =
+            VmConfig::from_options("1", &[o("colour", OptValue::Str("red".into()))]).unwrap_err();
         assert_eq!(
             e.to_string(),
             "unknown option 'colour' (known: id, mark, mark_mask, zone, bus_address, format)"
         );
         let e = VmConfig::from_options("1", &[o("mark", OptValue::Str("1".into()))]).unwrap_err();
-        assert_eq!(e.to_string(), "invalid option 'mark': must be of type 'u', got 's'");
+        assert_eq!(
+            e.to_string(),
+            "invalid option 'mark': must be of type 'u', got 's'"
+        );
         let e = VmConfig::from_options("1", &[o("zone", OptValue::U32(1))]).unwrap_err();
-        assert_eq!(e.to_string(), "invalid option 'zone': must be of type 'q', got 'u'");
-        let e = VmConfig::from_options("1", &[o("format", OptValue::Str("xml".into()))])
-            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid option 'zone': must be of type 'q', got 'u'"
+        );
+        let e =
+            VmConfig::from_options("1", &[o("format", OptValue::Str("xml".into()))]).unwrap_err();
         assert_eq!(
             e.to_string(),
             "invalid option 'format': 'xml' is not a format; use 'binary' or 'conntrack-save'"
@@ -336,15 +359,25 @@ mod tests {
     #[test]
     fn id_rules_follow_qemu() {
         for (id, msg) in [
-            ("", "invalid option 'id': '' is empty (QEMU needs 1 to 255 bytes)"),
-            ("a,b", "invalid option 'id': 'a,b' contains ',' which QEMU's id-list cannot carry"),
+            (
+                "",
+                "invalid option 'id': '' is empty (QEMU needs 1 to 255 bytes)",
+            ),
+            (
+                "a,b",
+                "invalid option 'id': 'a,b' contains ',' which QEMU's id-list cannot carry",
+            ),
         ] {
             let e = VmConfig::from_options("1", &[o("id", OptValue::Str(id.into()))]).unwrap_err();
             assert_eq!(e.to_string(), msg);
         }
         let long = "x".repeat(256);
         let e = VmConfig::from_options("1", &[o("id", OptValue::Str(long))]).unwrap_err();
-        assert!(e.to_string().ends_with("is 256 bytes long (QEMU allows at most 255)"), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("is 256 bytes long (QEMU allows at most 255)"),
+            "{e}"
+        );
         assert!(VmConfig::from_options("1", &[o("id", OptValue::Str("x".repeat(255)))]).is_ok());
     }
 
@@ -363,7 +396,10 @@ mod tests {
         let a = VmConfig::from_options("5", &[]).unwrap();
         let b = VmConfig::from_options("5", &[o("zone", OptValue::U16(3))]).unwrap();
         assert_eq!(a.first_difference(&a.clone()), None);
-        assert_eq!(a.first_difference(&b), Some(("zone", "(none)".into(), "3".into())));
+        assert_eq!(
+            a.first_difference(&b),
+            Some(("zone", "(none)".into(), "3".into()))
+        );
     }
 
     #[test]
@@ -371,7 +407,9 @@ mod tests {
         assert!(!parse_unregister(&[]).unwrap());
         assert!(parse_unregister(&[o("flush", OptValue::Bool(true))]).unwrap());
         assert_eq!(
-            parse_unregister(&[o("force", OptValue::Bool(true))]).unwrap_err().to_string(),
+            parse_unregister(&[o("force", OptValue::Bool(true))])
+                .unwrap_err()
+                .to_string(),
             "unknown option 'force' (known: flush)"
         );
     }

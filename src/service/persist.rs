@@ -81,7 +81,9 @@ impl Store {
             vms: vms.to_vec(),
         };
         let bytes = serde_json::to_vec_pretty(&data).map_err(|e| err(std::io::Error::other(e)))?;
-        let tmp = self.dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
