@@ -381,8 +381,10 @@ impl Host {
         let out = self.cli_ok(&["status", vm, "--json"]);
         let v: serde_json::Value =
             serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"));
+        // one VM: its object (a one-element list is accepted too)
         match v {
             serde_json::Value::Array(mut a) if a.len() == 1 => a.remove(0),
+            o @ serde_json::Value::Object(_) => o,
             other => panic!("status {vm} --json: expected one VM, got {other}"),
         }
     }
