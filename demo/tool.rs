@@ -1,18 +1,26 @@
-//! The demo's QMP driver (`cargo build --example demo-qmp`): the migration
-//! steps of a management tool, over the project's own QMP client.
+//! The demo's helper (`cargo build --example demo-tool`): the migration
+//! steps of a management tool over the project's own QMP client, and an
+//! entry-by-entry comparison of two hosts' conntrack tables over ctnetlink.
 //!
-//!   demo-qmp migrate  QMP_SOCKET STREAM   source: migrate into STREAM, wait
+//!   demo-tool migrate  QMP_SOCKET STREAM  source: migrate into STREAM, wait
 //!                                         for completed/failed, print
 //!                                         `status=… downtime_ms=… total_ms=…`
-//!   demo-qmp incoming QMP_SOCKET STREAM   destination: migrate-incoming from
+//!   demo-tool incoming QMP_SOCKET STREAM  destination: migrate-incoming from
 //!                                         STREAM, wait until the guest runs
-//!   demo-qmp status   QMP_SOCKET          print query-status' status
-//!   demo-qmp quit     QMP_SOCKET
+//!   demo-tool status   QMP_SOCKET         print query-status' status
+//!   demo-tool compare  NETNS_A NETNS_B MARK
+//!                                         every attribute of every entry of
+//!                                         MARK in both namespaces (paths like
+//!                                         /run/netns/NAME); exit 1 on any
+//!                                         difference
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use conntrack_vmstate::access::ConntrackAccess;
+use conntrack_vmstate::ctnetlink::Ctnetlink;
+use conntrack_vmstate::entry::{Entry, Selector};
 use conntrack_vmstate::qmp::QmpClient;
 use serde_json::{json, Value};
 
@@ -23,8 +31,12 @@ fn main() -> anyhow::Result<()> {
     let arg = |i: usize| -> anyhow::Result<&str> {
         args.get(i)
             .map(String::as_str)
-            .context("usage: demo-qmp migrate|incoming|status|quit QMP_SOCKET [STREAM]")
+            .context("usage: demo-tool migrate|incoming|status|quit QMP_SOCKET [STREAM] | compare NETNS_A NETNS_B MARK")
     };
+    if arg(0)? == "compare" {
+        let mark: u32 = arg(3)?.parse().context("MARK")?;
+        return compare(Path::new(arg(1)?), Path::new(arg(2)?), mark);
+    }
     let mut qmp = QmpClient::connect(Path::new(arg(1)?))?;
     match arg(0)? {
         "migrate" => migrate(&mut qmp, arg(2)?),
@@ -110,4 +122,56 @@ fn incoming(qmp: &mut QmpClient, stream: &str) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn dump(netns: &Path, mark: u32) -> anyhow::Result<Vec<Entry>> {
+    let ct = Ctnetlink::open_in_netns(netns)
+        .with_context(|| format!("conntrack access in {}", netns.display()))?;
+    Ok(ct.dump(&Selector::mark(mark))?)
+}
+
+/// The entry without what legitimately differs between hosts: the kernel's
+/// id and the remaining timeout.
+fn key(e: &Entry) -> String {
+    let mut e = e.clone();
+    e.timeout = 0;
+    e.id = None;
+    format!("{e:?}")
+}
+
+fn compare(a: &Path, b: &Path, mark: u32) -> anyhow::Result<()> {
+    let index = |v: Vec<Entry>| -> std::collections::BTreeMap<String, u32> {
+        v.iter().map(|e| (key(e), e.timeout)).collect()
+    };
+    let (ea, eb) = (index(dump(a, mark)?), index(dump(b, mark)?));
+    let missing: Vec<&String> = ea.keys().filter(|k| !eb.contains_key(*k)).collect();
+    let extra: Vec<&String> = eb.keys().filter(|k| !ea.contains_key(*k)).collect();
+    if !missing.is_empty() || !extra.is_empty() {
+        for k in missing.iter().take(3) {
+            eprintln!("only in {}: {k}", a.display());
+        }
+        for k in extra.iter().take(3) {
+            eprintln!("only in {}: {k}", b.display());
+        }
+        println!(
+            "NO: {} of {} entries missing or different, {} unexpected",
+            missing.len(),
+            ea.len(),
+            extra.len()
+        );
+        std::process::exit(1);
+    }
+    let drift: Vec<i64> = ea
+        .iter()
+        .map(|(k, t)| i64::from(*t) - i64::from(eb[k]))
+        .collect();
+    println!(
+        "yes: {} entries identical in every attribute (tuples, NAT reply tuple, status, mark, \
+         zone, labels, TCP state/window scale/flags, NAT sequence adjustment, helper); \
+         remaining timeouts differ by {}..{} s",
+        ea.len(),
+        drift.iter().min().unwrap_or(&0),
+        drift.iter().max().unwrap_or(&0)
+    );
+    Ok(())
 }
