@@ -4,8 +4,8 @@
 //! CAP_NET_ADMIN, to dump, create and delete entries. The protocol is
 //! specified in `docs/helper-protocol.md`; in short:
 //!
-//! * a unix stream socket (`/run/conntrack-vmstate/helper.sock`, socket
-//!   activated, mode 0660, only the daemon's group can connect);
+//! * a unix stream socket (`/run/conntrack-vmstate-helper.sock`, socket
+//!   activated, mode 0600, owned by the daemon's user: only it can connect);
 //! * frames `u32 length (LE) | u8 version (1) | u8 opcode | body`;
 //! * requests Dump(selector), Create(selector, entries),
 //!   DeleteSelected(selector), DeleteEntries(selector, entries); one reply
@@ -24,7 +24,7 @@ pub use client::HelperClient;
 pub use server::{serve, ServeSummary, ServerConfig};
 
 /// Where the packaged `.socket` unit listens.
-pub const DEFAULT_SOCKET: &str = "/run/conntrack-vmstate/helper.sock";
+pub const DEFAULT_SOCKET: &str = "/run/conntrack-vmstate-helper.sock";
 
 /// Command line of `conntrack-vmstate-helper` (libexec; started by systemd).
 #[derive(Debug, clap::Parser)]
