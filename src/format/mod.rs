@@ -4,6 +4,14 @@
 
 use crate::entry::Entry;
 
+pub mod binary;
+pub mod priority;
+#[doc(hidden)]
+pub mod synth;
+pub mod text;
+
+pub use priority::{priority_order, sort_by_priority, value_class, ValueClass};
+
 /// QEMU's per-helper limit on the `Save()` payload.
 pub const QEMU_LIMIT: usize = 1_048_576;
 
@@ -17,10 +25,54 @@ pub enum Format {
     ConntrackSave,
 }
 
+/// Why a blob could not be decoded, or entries not encoded. Decoding fails
+/// as a whole: no entry of a defective blob is ever returned.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("state format not implemented yet")]
-    Unimplemented,
+    #[error("empty state blob (0 bytes)")]
+    Empty,
+    #[error("truncated state blob: {what} needs {needed} bytes, only {got} present")]
+    Truncated {
+        what: &'static str,
+        needed: usize,
+        got: usize,
+    },
+    #[error("not a conntrack-vmstate blob: wrong magic {found:02x?} (expected \"CTVS\", or conntrack -o save text)")]
+    WrongMagic { found: Vec<u8> },
+    #[error("state format version {major}.{minor} is not supported by this build (reads 1.x); upgrade conntrack-vmstate on this host")]
+    UnsupportedVersion { major: u8, minor: u8 },
+    #[error("state blob uses unknown required header flags {0:#06x}")]
+    UnknownFlags(u16),
+    #[error("state blob has {extra} bytes after the declared payload")]
+    TrailingBytes { extra: usize },
+    #[error("state blob checksum mismatch: stored crc32c {stored:#010x}, computed {computed:#010x} (corrupted in transit?)")]
+    ChecksumMismatch { stored: u32, computed: u32 },
+    #[error("state blob declares {count} entries, more than the ceiling of {max}")]
+    TooManyEntries { count: u64, max: usize },
+    #[error("absurd entry count {count}: a {raw_len}-byte payload cannot hold that many records")]
+    AbsurdCount { count: u32, raw_len: u32 },
+    #[error("decompression bomb refused: payload declares {declared} bytes decompressed, ceiling is {max}")]
+    DecompressionBomb { declared: u64, max: usize },
+    #[error("payload does not decompress to its declared {declared} bytes: {detail}")]
+    Decompress { declared: u32, detail: String },
+    #[error("corrupt state payload: {0}")]
+    Corrupt(String),
+    #[error("entry {entry}: unknown required attribute {kind:#04x} (written by a newer version?)")]
+    UnknownRequiredAttribute { entry: usize, kind: u8 },
+    #[error("bad conntrack text line {line}: {reason}: {text:?}")]
+    BadTextLine {
+        line: usize,
+        reason: String,
+        text: String,
+    },
+    #[error("byte limit {limit} is too small: the smallest valid {format} state is {min} bytes")]
+    LimitTooSmall {
+        limit: usize,
+        min: usize,
+        format: &'static str,
+    },
+    #[error("compression failed: {0}")]
+    Compression(String),
 }
 
 /// Options for [`encode`].
@@ -59,10 +111,135 @@ pub struct Decoded {
     pub dropped: Option<u64>,
 }
 
-pub fn encode(_entries: &[Entry], _opts: &EncodeOptions) -> Result<Encoded, FormatError> {
-    Err(FormatError::Unimplemented)
+/// Encodes `entries` within `opts.limit` bytes, dropping the least valuable
+/// entries ([`priority_order`]) when they do not all fit.
+pub fn encode(entries: &[Entry], opts: &EncodeOptions) -> Result<Encoded, FormatError> {
+    match opts.format {
+        Format::Binary => encode_binary(entries, opts.limit),
+        Format::ConntrackSave => text::encode(entries, opts.limit),
+    }
 }
 
-pub fn decode(_bytes: &[u8]) -> Result<Decoded, FormatError> {
-    Err(FormatError::Unimplemented)
+/// Most cut attempts the budget search makes before settling for the best
+/// fitting one found.
+const MAX_CUT_ATTEMPTS: usize = 12;
+
+fn encode_binary(entries: &[Entry], limit: usize) -> Result<Encoded, FormatError> {
+    if limit < binary::HEADER_LEN {
+        return Err(FormatError::LimitTooSmall {
+            limit,
+            min: binary::HEADER_LEN,
+            format: "binary",
+        });
+    }
+    // Blob order is priority order: the budget cut keeps a prefix, the
+    // load path creates the most valuable first, and timeouts descend
+    // within a class (small deltas).
+    let mut keyed: Vec<(u64, u32)> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| binary::representable(e))
+        .map(|(i, e)| (!priority::value_key(e), i as u32))
+        .collect();
+    keyed.sort_unstable();
+    let ranked: Vec<&Entry> = keyed.iter().map(|&(_, i)| &entries[i as usize]).collect();
+    drop(keyed);
+    let n = ranked.len();
+    let total = entries.len();
+    let mut enc = binary::Encoder::new(&ranked)?;
+    let full = enc.blob(n, total - n)?;
+    if full.len() <= limit {
+        return Ok(Encoded {
+            bytes: full,
+            kept: n,
+            dropped: total - n,
+        });
+    }
+
+    let h = binary::HEADER_LEN as f64;
+    let room = (limit - binary::HEADER_LEN) as f64;
+    // Invariant: `lo` entries fit (0 always does), `hi` entries do not.
+    let (mut lo, mut hi) = (0usize, n);
+    let mut best: Option<Vec<u8>> = None;
+    let mut guess = (n as f64 * room / (full.len() as f64 - h) * 0.995) as usize;
+    for _ in 0..MAX_CUT_ATTEMPTS {
+        if hi - lo <= 1 {
+            break;
+        }
+        if guess <= lo || guess >= hi {
+            guess = lo + (hi - lo) / 2;
+        }
+        let b = enc.blob(guess, total - guess)?;
+        let used = (b.len() as f64 - h).max(1.0);
+        if b.len() <= limit {
+            lo = guess;
+            let slack = limit - b.len();
+            best = Some(b);
+            // Close enough: the rest would hold under 0.5% more entries.
+            if slack <= limit / 200 {
+                break;
+            }
+            guess = (guess as f64 * room / used * 0.999) as usize;
+        } else {
+            hi = guess;
+            guess = (guess as f64 * room / used * 0.997) as usize;
+        }
+    }
+    match best {
+        Some(bytes) => Ok(Encoded {
+            bytes,
+            kept: lo,
+            dropped: total - lo,
+        }),
+        None => Ok(Encoded {
+            bytes: enc.blob(0, total)?,
+            kept: 0,
+            dropped: total,
+        }),
+    }
+}
+
+/// Decodes a state blob: state format v1, conntrack(8) `-o save` text with
+/// ` --mark N` (the Perl helper's payload), or the Perl helper's 1-byte
+/// `[0]` "empty" payload.
+pub fn decode(bytes: &[u8]) -> Result<Decoded, FormatError> {
+    if bytes.is_empty() {
+        return Err(FormatError::Empty);
+    }
+    if bytes == [0] {
+        return Ok(Decoded {
+            entries: Vec::new(),
+            format: Format::ConntrackSave,
+            truncated: false,
+            dropped: None,
+        });
+    }
+    if bytes.starts_with(&binary::MAGIC) {
+        let (h, entries) = binary::decode(bytes)?;
+        return Ok(Decoded {
+            entries,
+            format: Format::Binary,
+            truncated: h.flags & binary::FLAG_TRUNCATED != 0,
+            dropped: Some(u64::from(h.dropped)),
+        });
+    }
+    if bytes.len() < binary::MAGIC.len() && binary::MAGIC.starts_with(bytes) {
+        return Err(FormatError::Truncated {
+            what: "state header",
+            needed: binary::HEADER_LEN,
+            got: bytes.len(),
+        });
+    }
+    if text::looks_like_text(bytes) {
+        let entries = text::decode(bytes)?;
+        return Ok(Decoded {
+            entries,
+            format: Format::ConntrackSave,
+            truncated: false,
+            dropped: None,
+        });
+    }
+    Err(FormatError::WrongMagic {
+        found: bytes[..bytes.len().min(4)].to_vec(),
+    })
 }

@@ -2,4 +2,7 @@
 //! with `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod bus;
+pub mod host;
 pub mod netns;
+pub mod qemu;

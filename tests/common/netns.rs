@@ -44,19 +44,32 @@ impl Netns {
     /// Number of conntrack entries in this namespace (`conntrack -C` is global,
     /// so this counts a dump of both families).
     pub fn conntrack_count(&self) -> usize {
-        let out = self.cmd("conntrack").args(["-L", "-f", "ipv4"]).output().expect("conntrack");
-        let out6 = self.cmd("conntrack").args(["-L", "-f", "ipv6"]).output().expect("conntrack");
+        let out = self
+            .cmd("conntrack")
+            .args(["-L", "-f", "ipv4"])
+            .output()
+            .expect("conntrack");
+        let out6 = self
+            .cmd("conntrack")
+            .args(["-L", "-f", "ipv6"])
+            .output()
+            .expect("conntrack");
         count_lines(&out) + count_lines(&out6)
     }
 }
 
 fn count_lines(o: &Output) -> usize {
-    String::from_utf8_lossy(&o.stdout).lines().filter(|l| !l.trim().is_empty()).count()
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
     }
 }

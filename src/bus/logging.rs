@@ -1,0 +1,45 @@
+//! Logging set-up of the daemon: structured journald lines with bare field
+//! names (`journalctl VMID=100`), and a readable stderr log whenever stderr
+//! is not already the journal.
+
+use std::os::fd::AsRawFd;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// True when systemd connected our stderr to the journal (JOURNAL_STREAM
+/// names its device and inode), so a stderr log would duplicate every line.
+fn stderr_is_journal() -> bool {
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    let fd = std::io::stderr().as_raw_fd();
+    match nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }) {
+        Ok(st) => dev == st.st_dev.to_string() && ino == st.st_ino.to_string(),
+        Err(_) => false,
+    }
+}
+
+/// Installs the global subscriber. `RUST_LOG` overrides the default `info`.
+pub fn init(identifier: &str) {
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let journald = tracing_journald::layer().ok().map(|l| {
+        l.with_field_prefix(None)
+            .with_syslog_identifier(identifier.to_string())
+            .with_filter(filter())
+    });
+    let stderr = (journald.is_none() || !stderr_is_journal()).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_filter(filter())
+    });
+    let _ = tracing_subscriber::registry()
+        .with(journald)
+        .with(stderr)
+        .try_init();
+}

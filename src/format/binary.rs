@@ -1,0 +1,967 @@
+//! State format v1: header, columnar records, zstd, crc32c.
+//! The byte-level specification is `docs/state-format.md`; keep them in step.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::FormatError;
+use crate::entry::{Entry, ProtoInfo, SeqAdj, Tuple, L4};
+
+pub const MAGIC: [u8; 4] = *b"CTVS";
+pub const MAJOR: u8 = 1;
+pub const MINOR: u8 = 0;
+pub const HEADER_LEN: usize = 32;
+
+/// Header flag: the sender dropped entries to fit its byte budget.
+pub const FLAG_TRUNCATED: u16 = 1 << 0;
+/// Header flag: the payload is one zstd frame.
+pub const FLAG_ZSTD: u16 = 1 << 1;
+/// Flags a v1.0 decoder understands. Unknown bits 0–7 are informational and
+/// ignored; unknown bits 8–15 change the meaning of the payload and are an
+/// error.
+const KNOWN_FLAGS: u16 = FLAG_TRUNCATED | FLAG_ZSTD;
+const REQUIRED_FLAG_MASK: u16 = 0xff00;
+
+/// Ceiling on the decompressed payload a decoder accepts (64 MiB).
+pub const MAX_RAW_LEN: usize = 64 << 20;
+/// Ceiling on the entry count a decoder accepts.
+pub const MAX_ENTRIES: usize = 2_000_000;
+/// Smallest possible record: flags, proto, two IPv4 addresses, 1-byte
+/// status and timeout varints (other protocol, no ports).
+pub const MIN_RECORD_LEN: usize = 12;
+
+/// zstd level: level 1 measured best for downtime (see docs/benchmarks.md).
+pub const ZSTD_LEVEL: i32 = 1;
+
+// Record flags byte.
+const R_IPV6: u8 = 1 << 0;
+const R_REPLY: u8 = 1 << 1;
+const R_NEAR_SAME: u8 = 1 << 2;
+const R_ATTRS: u8 = 1 << 3;
+const R_TCPINFO: u8 = 1 << 4;
+const R_L4_SHIFT: u8 = 5;
+const R_L4_MASK: u8 = 0b11 << R_L4_SHIFT;
+const R_SWAP: u8 = 1 << 7;
+const L4_NONE: u8 = 0;
+const L4_PORTS: u8 = 1;
+const L4_ICMP: u8 = 2;
+
+// Attribute types; bit 7 set = required (a decoder that does not know it
+// must reject the blob), clear = optional (skipped when unknown).
+pub const ATTR_END: u8 = 0x00;
+pub const ATTR_LABELS: u8 = 0x01;
+pub const ATTR_ZONE: u8 = 0x81;
+pub const ATTR_ORIG_ZONE: u8 = 0x82;
+pub const ATTR_REPLY_ZONE: u8 = 0x83;
+pub const ATTR_SCTP: u8 = 0x84;
+pub const ATTR_DCCP: u8 = 0x85;
+pub const ATTR_SEQ_ADJ_ORIG: u8 = 0x86;
+pub const ATTR_SEQ_ADJ_REPLY: u8 = 0x87;
+pub const ATTR_HELPER: u8 = 0x88;
+pub const ATTR_MARK: u8 = 0x89;
+pub const ATTR_REQUIRED: u8 = 0x80;
+/// Longest helper name carried (the kernel's limit is 16 bytes).
+pub const MAX_HELPER_LEN: usize = 64;
+
+/// Column streams, in payload order.
+const S_FLAGS: usize = 0;
+const S_PROTO: usize = 1;
+const S_NEAR: usize = 2;
+const S_FAR: usize = 3;
+const S_SPORT: usize = 4;
+const S_DPORT: usize = 5;
+const S_STATUS: usize = 6;
+const S_TIMEOUT: usize = 7;
+const S_TCPINFO: usize = 8;
+const S_REPLY: usize = 9;
+const S_ATTRS: usize = 10;
+pub const STREAMS: usize = 11;
+const STREAM_NAMES: [&str; STREAMS] = [
+    "flags", "proto", "near", "far", "sport", "dport", "status", "timeout", "tcpinfo", "reply",
+    "attrs",
+];
+
+/// True when `e` can be represented: both tuples of one address family,
+/// one protocol and one layer-4 kind (the kernel never makes anything else).
+pub fn representable(e: &Entry) -> bool {
+    e.orig.src.is_ipv6() == e.orig.dst.is_ipv6()
+        && e.reply.src.is_ipv6() == e.orig.src.is_ipv6()
+        && e.reply.dst.is_ipv6() == e.orig.src.is_ipv6()
+        && e.reply.proto == e.orig.proto
+        && l4_kind(&e.orig.l4) == l4_kind(&e.reply.l4)
+        && e.helper.as_ref().is_none_or(|h| h.len() <= MAX_HELPER_LEN)
+}
+
+fn l4_kind(l4: &L4) -> u8 {
+    match l4 {
+        L4::None => L4_NONE,
+        L4::Ports { .. } => L4_PORTS,
+        L4::Icmp { .. } => L4_ICMP,
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_addr(out: &mut Vec<u8>, a: &IpAddr) {
+    match a {
+        IpAddr::V4(a) => out.extend_from_slice(&a.octets()),
+        IpAddr::V6(a) => out.extend_from_slice(&a.octets()),
+    }
+}
+
+fn put_l4(sport: &mut Vec<u8>, dport: &mut Vec<u8>, l4: &L4) {
+    match *l4 {
+        L4::Ports { src, dst } => {
+            sport.extend_from_slice(&src.to_be_bytes());
+            dport.extend_from_slice(&dst.to_be_bytes());
+        }
+        L4::Icmp { id, kind, code } => {
+            sport.extend_from_slice(&id.to_be_bytes());
+            dport.extend_from_slice(&[kind, code]);
+        }
+        L4::None => {}
+    }
+}
+
+fn put_attr(out: &mut Vec<u8>, kind: u8, data: &[u8]) {
+    out.push(kind);
+    put_varint(out, data.len() as u64);
+    out.extend_from_slice(data);
+}
+
+fn seq_adj_bytes(s: &SeqAdj) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[0..4].copy_from_slice(&s.correction_pos.to_le_bytes());
+    b[4..8].copy_from_slice(&s.offset_before.to_le_bytes());
+    b[8..12].copy_from_slice(&s.offset_after.to_le_bytes());
+    b
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// Column buffers of one encoding, with each stream's length after every
+/// entry so that any prefix can be assembled without re-encoding.
+pub struct Columns {
+    s: [Vec<u8>; STREAMS],
+    /// `offsets[k * STREAMS + i]`: length of stream `i` after `k` entries.
+    offsets: Vec<u32>,
+    default_mark: u32,
+    prev_timeout: u32,
+    last_near: [Option<IpAddr>; 2],
+}
+
+impl Columns {
+    fn new(default_mark: u32, capacity: usize) -> Self {
+        // Typical per-entry bytes of each column, to avoid regrowing.
+        const GUESS: [usize; STREAMS] = [1, 1, 1, 6, 2, 2, 2, 2, 4, 1, 1];
+        let mut c = Columns {
+            s: GUESS.map(|g| Vec::with_capacity(g * capacity)),
+            offsets: Vec::with_capacity((capacity + 1) * STREAMS),
+            default_mark,
+            prev_timeout: 0,
+            last_near: [None, None],
+        };
+        c.offsets.extend([0u32; STREAMS]);
+        c
+    }
+
+    fn len(&self) -> usize {
+        self.offsets.len() / STREAMS - 1
+    }
+
+    fn push(&mut self, e: &Entry) {
+        let default_mark = self.default_mark;
+        let s = &mut self.s;
+        let v6 = e.orig.src.is_ipv6();
+        let reply_implied = e.reply == e.orig.inverse();
+        let attrs = e.mark != default_mark
+            || e.zone != 0
+            || e.orig.zone.is_some()
+            || (!reply_implied && e.reply.zone.is_some())
+            || e.labels.is_some()
+            || matches!(
+                e.protoinfo,
+                Some(ProtoInfo::Sctp { .. } | ProtoInfo::Dccp { .. })
+            )
+            || e.seq_adj_orig.is_some()
+            || e.seq_adj_reply.is_some()
+            || e.helper.is_some();
+        let mut flags = l4_kind(&e.orig.l4) << R_L4_SHIFT;
+        if v6 {
+            flags |= R_IPV6;
+        }
+        // The local side of a VM's flows repeats; keeping it in one column
+        // and the peer in the other lets zstd erase the local side.
+        let near = &mut self.last_near[usize::from(v6)];
+        let swap = *near == Some(e.orig.dst) && *near != Some(e.orig.src);
+        let (n_addr, f_addr) = if swap {
+            flags |= R_SWAP;
+            (&e.orig.dst, &e.orig.src)
+        } else {
+            (&e.orig.src, &e.orig.dst)
+        };
+        let near_same = *near == Some(*n_addr);
+        *near = Some(*n_addr);
+        if near_same {
+            flags |= R_NEAR_SAME;
+        }
+        if !reply_implied {
+            flags |= R_REPLY;
+        }
+        if attrs {
+            flags |= R_ATTRS;
+        }
+        if let Some(ProtoInfo::Tcp {
+            state,
+            wscale_orig,
+            wscale_reply,
+            flags_orig,
+            flags_reply,
+        }) = e.protoinfo
+        {
+            flags |= R_TCPINFO;
+            s[S_TCPINFO].extend_from_slice(&[
+                state,
+                wscale_orig,
+                wscale_reply,
+                flags_orig,
+                flags_reply,
+            ]);
+        }
+        s[S_FLAGS].push(flags);
+        s[S_PROTO].push(e.orig.proto);
+        if !near_same {
+            put_addr(&mut s[S_NEAR], n_addr);
+        }
+        put_addr(&mut s[S_FAR], f_addr);
+        {
+            let (a, b) = s.split_at_mut(S_DPORT);
+            put_l4(&mut a[S_SPORT], &mut b[0], &e.orig.l4);
+        }
+        put_varint(&mut s[S_STATUS], u64::from(e.status));
+        // Entries arrive in priority order, so within a class timeouts
+        // descend and the deltas are small.
+        put_varint(
+            &mut s[S_TIMEOUT],
+            zigzag(i64::from(e.timeout) - i64::from(self.prev_timeout)),
+        );
+        self.prev_timeout = e.timeout;
+        if !reply_implied {
+            let r = &mut s[S_REPLY];
+            put_addr(r, &e.reply.src);
+            put_addr(r, &e.reply.dst);
+            let mut tmp = Vec::with_capacity(4);
+            let mut tmp2 = Vec::with_capacity(2);
+            put_l4(&mut tmp, &mut tmp2, &e.reply.l4);
+            r.extend_from_slice(&tmp);
+            r.extend_from_slice(&tmp2);
+        }
+        if attrs {
+            let a = &mut s[S_ATTRS];
+            if e.mark != default_mark {
+                put_attr(a, ATTR_MARK, &e.mark.to_le_bytes());
+            }
+            if e.zone != 0 {
+                put_attr(a, ATTR_ZONE, &e.zone.to_le_bytes());
+            }
+            if let Some(z) = e.orig.zone {
+                put_attr(a, ATTR_ORIG_ZONE, &z.to_le_bytes());
+            }
+            if !reply_implied {
+                if let Some(z) = e.reply.zone {
+                    put_attr(a, ATTR_REPLY_ZONE, &z.to_le_bytes());
+                }
+            }
+            if let Some(l) = &e.labels {
+                put_attr(a, ATTR_LABELS, l);
+            }
+            match e.protoinfo {
+                Some(ProtoInfo::Sctp {
+                    state,
+                    vtag_orig,
+                    vtag_reply,
+                }) => {
+                    let mut b = [0u8; 9];
+                    b[0] = state;
+                    b[1..5].copy_from_slice(&vtag_orig.to_le_bytes());
+                    b[5..9].copy_from_slice(&vtag_reply.to_le_bytes());
+                    put_attr(a, ATTR_SCTP, &b);
+                }
+                Some(ProtoInfo::Dccp {
+                    state,
+                    role,
+                    handshake_seq,
+                }) => {
+                    let mut b = [0u8; 10];
+                    b[0] = state;
+                    b[1] = role;
+                    b[2..10].copy_from_slice(&handshake_seq.to_le_bytes());
+                    put_attr(a, ATTR_DCCP, &b);
+                }
+                _ => {}
+            }
+            if let Some(sa) = &e.seq_adj_orig {
+                put_attr(a, ATTR_SEQ_ADJ_ORIG, &seq_adj_bytes(sa));
+            }
+            if let Some(sa) = &e.seq_adj_reply {
+                put_attr(a, ATTR_SEQ_ADJ_REPLY, &seq_adj_bytes(sa));
+            }
+            if let Some(h) = &e.helper {
+                put_attr(a, ATTR_HELPER, h.as_bytes());
+            }
+            a.push(ATTR_END);
+        }
+        for st in &self.s {
+            self.offsets.push(st.len() as u32);
+        }
+    }
+
+    /// The uncompressed payload of the first `k` entries.
+    fn write_raw(&self, k: usize, out: &mut Vec<u8>) {
+        let off = &self.offsets[k * STREAMS..(k + 1) * STREAMS];
+        let total: usize = off.iter().map(|&l| l as usize + 5).sum::<usize>() + 1;
+        out.reserve(total);
+        out.push(STREAMS as u8);
+        for (s, &l) in self.s.iter().zip(off) {
+            put_varint(out, u64::from(l));
+            out.extend_from_slice(&s[..l as usize]);
+        }
+    }
+}
+
+/// The most common mark, by majority vote (exact when one mark holds more
+/// than half the entries, which is the per-VM case; any value is correct).
+pub fn default_mark<'a>(entries: impl Iterator<Item = &'a Entry>) -> u32 {
+    let (mut cand, mut n) = (0u32, 0usize);
+    for e in entries {
+        if n == 0 {
+            cand = e.mark;
+            n = 1;
+        } else if e.mark == cand {
+            n += 1;
+        } else {
+            n -= 1;
+        }
+    }
+    cand
+}
+
+/// Encodes entries given in priority order; any prefix can then be turned
+/// into a complete blob.
+pub struct Encoder {
+    cols: Columns,
+    raw: Vec<u8>,
+    cctx: zstd::bulk::Compressor<'static>,
+}
+
+impl Encoder {
+    /// Builds the columns of `entries` (representable, in the order the blob
+    /// will hold them).
+    pub fn new(entries: &[&Entry]) -> Result<Self, FormatError> {
+        let cctx = zstd::bulk::Compressor::new(ZSTD_LEVEL)
+            .map_err(|e| FormatError::Compression(e.to_string()))?;
+        let mut cols = Columns::new(default_mark(entries.iter().copied()), entries.len());
+        for e in entries {
+            cols.push(e);
+        }
+        Ok(Encoder {
+            cols,
+            raw: Vec::new(),
+            cctx,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.cols.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The complete blob of the first `k` entries, recording `dropped`.
+    pub fn blob(&mut self, k: usize, dropped: usize) -> Result<Vec<u8>, FormatError> {
+        let k = k.min(self.len());
+        self.raw.clear();
+        // Zero entries: an empty payload, so the smallest blob is the header.
+        if k > 0 {
+            self.cols.write_raw(k, &mut self.raw);
+        }
+        let compressed;
+        let (flags, payload): (u16, &[u8]) = if self.raw.is_empty() {
+            (0, &self.raw)
+        } else {
+            compressed = self
+                .cctx
+                .compress(&self.raw)
+                .map_err(|e| FormatError::Compression(e.to_string()))?;
+            if compressed.len() < self.raw.len() {
+                (FLAG_ZSTD, &compressed)
+            } else {
+                (0, &self.raw)
+            }
+        };
+        let flags = flags | if dropped > 0 { FLAG_TRUNCATED } else { 0 };
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        out.extend_from_slice(&MAGIC);
+        out.push(MAJOR);
+        out.push(MINOR);
+        out.extend_from_slice(&flags.to_le_bytes());
+        out.extend_from_slice(&(k as u32).to_le_bytes());
+        out.extend_from_slice(&(dropped.min(u32::MAX as usize) as u32).to_le_bytes());
+        out.extend_from_slice(&self.cols.default_mark.to_le_bytes());
+        out.extend_from_slice(&(self.raw.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&out), payload);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(payload);
+        Ok(out)
+    }
+}
+
+/// Header fields of a v1 blob.
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    pub minor: u8,
+    pub flags: u16,
+    pub count: u32,
+    pub dropped: u32,
+    pub default_mark: u32,
+    pub raw_len: u32,
+    pub payload_len: u32,
+}
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Checks the header, the size declarations against the ceilings and the
+/// checksum; nothing is allocated before these pass.
+pub fn check_header(bytes: &[u8]) -> Result<Header, FormatError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(FormatError::Truncated {
+            what: "state header",
+            needed: HEADER_LEN,
+            got: bytes.len(),
+        });
+    }
+    let major = bytes[4];
+    let minor = bytes[5];
+    if major != MAJOR {
+        return Err(FormatError::UnsupportedVersion { major, minor });
+    }
+    let flags = le16(bytes, 6);
+    let unknown = flags & REQUIRED_FLAG_MASK & !KNOWN_FLAGS;
+    if unknown != 0 {
+        return Err(FormatError::UnknownFlags(unknown));
+    }
+    let h = Header {
+        minor,
+        flags,
+        count: le32(bytes, 8),
+        dropped: le32(bytes, 12),
+        default_mark: le32(bytes, 16),
+        raw_len: le32(bytes, 20),
+        payload_len: le32(bytes, 24),
+    };
+    let total = HEADER_LEN as u64 + u64::from(h.payload_len);
+    if (bytes.len() as u64) < total {
+        return Err(FormatError::Truncated {
+            what: "state payload",
+            needed: total as usize,
+            got: bytes.len(),
+        });
+    }
+    if (bytes.len() as u64) > total {
+        return Err(FormatError::TrailingBytes {
+            extra: bytes.len() - total as usize,
+        });
+    }
+    let stored = le32(bytes, 28);
+    let computed = crc32c::crc32c_append(crc32c::crc32c(&bytes[..28]), &bytes[HEADER_LEN..]);
+    if stored != computed {
+        return Err(FormatError::ChecksumMismatch { stored, computed });
+    }
+    if h.count as usize > MAX_ENTRIES {
+        return Err(FormatError::TooManyEntries {
+            count: u64::from(h.count),
+            max: MAX_ENTRIES,
+        });
+    }
+    if h.raw_len as usize > MAX_RAW_LEN {
+        return Err(FormatError::DecompressionBomb {
+            declared: u64::from(h.raw_len),
+            max: MAX_RAW_LEN,
+        });
+    }
+    if (h.count as u64) * (MIN_RECORD_LEN as u64) > u64::from(h.raw_len) {
+        return Err(FormatError::AbsurdCount {
+            count: h.count,
+            raw_len: h.raw_len,
+        });
+    }
+    if h.flags & FLAG_ZSTD == 0 && h.raw_len != h.payload_len {
+        return Err(FormatError::Corrupt(format!(
+            "uncompressed payload is {} bytes but the header declares {}",
+            h.payload_len, h.raw_len
+        )));
+    }
+    Ok(h)
+}
+
+/// Decodes a v1 blob completely; any defect anywhere fails the whole blob.
+pub fn decode(bytes: &[u8]) -> Result<(Header, Vec<Entry>), FormatError> {
+    let h = check_header(bytes)?;
+    let payload = &bytes[HEADER_LEN..];
+    let decompressed;
+    let raw: &[u8] = if h.flags & FLAG_ZSTD != 0 {
+        // Bounded: the output buffer is exactly the declared size, which
+        // was checked against MAX_RAW_LEN; a frame that inflates beyond it
+        // fails instead of allocating.
+        decompressed = zstd::bulk::decompress(payload, h.raw_len as usize).map_err(|e| {
+            FormatError::Decompress {
+                declared: h.raw_len,
+                detail: e.to_string(),
+            }
+        })?;
+        if decompressed.len() != h.raw_len as usize {
+            return Err(FormatError::Corrupt(format!(
+                "payload decompressed to {} bytes, header declares {}",
+                decompressed.len(),
+                h.raw_len
+            )));
+        }
+        &decompressed
+    } else {
+        payload
+    };
+    let entries = decode_raw(raw, h.count as usize, h.default_mark)?;
+    Ok((h, entries))
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+    name: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+        if self.b.len() - self.pos < n {
+            return Err(FormatError::Corrupt(format!(
+                "{} column ends early ({} bytes, needed {} more at {})",
+                self.name,
+                self.b.len(),
+                n,
+                self.pos
+            )));
+        }
+        let s = &self.b[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, FormatError> {
+        Ok(self.take(1)?[0])
+    }
+    fn varint(&mut self) -> Result<u64, FormatError> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(FormatError::Corrupt(format!(
+            "overlong varint in the {} column",
+            self.name
+        )))
+    }
+    fn varint_u32(&mut self) -> Result<u32, FormatError> {
+        let v = self.varint()?;
+        u32::try_from(v)
+            .map_err(|_| FormatError::Corrupt(format!("{} value {v} exceeds 32 bits", self.name)))
+    }
+    fn addr(&mut self, v6: bool) -> Result<IpAddr, FormatError> {
+        Ok(if v6 {
+            let b: [u8; 16] = self.take(16)?.try_into().unwrap_or([0; 16]);
+            IpAddr::V6(Ipv6Addr::from(b))
+        } else {
+            let b = self.take(4)?;
+            IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        })
+    }
+    fn done(&self) -> Result<(), FormatError> {
+        if self.pos != self.b.len() {
+            return Err(FormatError::Corrupt(format!(
+                "{} column has {} unused bytes after the last entry",
+                self.name,
+                self.b.len() - self.pos
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn read_l4(sport: &mut Reader, dport: &mut Reader, kind: u8) -> Result<L4, FormatError> {
+    Ok(match kind {
+        L4_PORTS => {
+            let s = sport.take(2)?;
+            let d = dport.take(2)?;
+            L4::Ports {
+                src: u16::from_be_bytes([s[0], s[1]]),
+                dst: u16::from_be_bytes([d[0], d[1]]),
+            }
+        }
+        L4_ICMP => {
+            let s = sport.take(2)?;
+            let d = dport.take(2)?;
+            L4::Icmp {
+                id: u16::from_be_bytes([s[0], s[1]]),
+                kind: d[0],
+                code: d[1],
+            }
+        }
+        _ => L4::None,
+    })
+}
+
+fn read_seq_adj(d: &[u8]) -> SeqAdj {
+    SeqAdj {
+        correction_pos: le32(d, 0),
+        offset_before: le32(d, 4) as i32,
+        offset_after: le32(d, 8) as i32,
+    }
+}
+
+fn decode_raw(raw: &[u8], count: usize, default_mark: u32) -> Result<Vec<Entry>, FormatError> {
+    if raw.is_empty() && count == 0 {
+        return Ok(Vec::new());
+    }
+    let mut top = Reader {
+        b: raw,
+        pos: 0,
+        name: "payload",
+    };
+    let nstreams = top.u8()? as usize;
+    if nstreams < STREAMS {
+        return Err(FormatError::Corrupt(format!(
+            "payload has {nstreams} columns, v1 needs {STREAMS}"
+        )));
+    }
+    let mut cols: Vec<Reader> = Vec::with_capacity(STREAMS);
+    for i in 0..nstreams {
+        let len = top.varint()?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|l| *l <= raw.len())
+            .ok_or_else(|| FormatError::Corrupt(format!("column {i} length {len} too large")))?;
+        let b = top.take(len)?;
+        // Columns a later minor version appends are optional: skipped.
+        if let Some(name) = STREAM_NAMES.get(i) {
+            cols.push(Reader { b, pos: 0, name });
+        }
+    }
+    top.done()?;
+    if cols[S_FLAGS].b.len() != count || cols[S_PROTO].b.len() != count {
+        return Err(FormatError::Corrupt(format!(
+            "header declares {count} entries but the flags/proto columns hold {}/{}",
+            cols[S_FLAGS].b.len(),
+            cols[S_PROTO].b.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(count);
+    let mut prev_timeout = 0u32;
+    let mut last_near = [None, None];
+    for idx in 0..count {
+        out.push(decode_one(
+            &mut cols,
+            idx,
+            default_mark,
+            &mut prev_timeout,
+            &mut last_near,
+        )?);
+    }
+    for c in &cols {
+        c.done()?;
+    }
+    Ok(out)
+}
+
+fn decode_one(
+    c: &mut [Reader],
+    idx: usize,
+    default_mark: u32,
+    prev_timeout: &mut u32,
+    last_near: &mut [Option<IpAddr>; 2],
+) -> Result<Entry, FormatError> {
+    let flags = c[S_FLAGS].u8()?;
+    let kind = (flags & R_L4_MASK) >> R_L4_SHIFT;
+    if kind > L4_ICMP {
+        return Err(FormatError::Corrupt(format!(
+            "entry {idx}: unknown record flags {flags:#04x}"
+        )));
+    }
+    let v6 = flags & R_IPV6 != 0;
+    let proto = c[S_PROTO].u8()?;
+    let near = if flags & R_NEAR_SAME != 0 {
+        last_near[usize::from(v6)].ok_or_else(|| {
+            FormatError::Corrupt(format!(
+                "entry {idx}: refers to a previous address, none yet"
+            ))
+        })?
+    } else {
+        c[S_NEAR].addr(v6)?
+    };
+    last_near[usize::from(v6)] = Some(near);
+    let far = c[S_FAR].addr(v6)?;
+    let (src, dst) = if flags & R_SWAP != 0 {
+        (far, near)
+    } else {
+        (near, far)
+    };
+    let (a, b) = c.split_at_mut(S_DPORT);
+    let l4 = read_l4(&mut a[S_SPORT], &mut b[0], kind)?;
+    let status = c[S_STATUS].varint_u32()?;
+    let delta = unzigzag(c[S_TIMEOUT].varint()?);
+    let timeout = u32::try_from(i64::from(*prev_timeout) + delta)
+        .map_err(|_| FormatError::Corrupt(format!("entry {idx}: timeout out of range")))?;
+    *prev_timeout = timeout;
+    let mark = default_mark;
+    let mut protoinfo = None;
+    if flags & R_TCPINFO != 0 {
+        let t = c[S_TCPINFO].take(5)?;
+        protoinfo = Some(ProtoInfo::Tcp {
+            state: t[0],
+            wscale_orig: t[1],
+            wscale_reply: t[2],
+            flags_orig: t[3],
+            flags_reply: t[4],
+        });
+    }
+    let orig = Tuple {
+        src,
+        dst,
+        proto,
+        l4,
+        zone: None,
+    };
+    let mut reply = None;
+    if flags & R_REPLY != 0 {
+        let r = &mut c[S_REPLY];
+        let rsrc = r.addr(v6)?;
+        let rdst = r.addr(v6)?;
+        // Reply l4 is stored inline in the reply column: sport part, then
+        // dport part, the same layout as the orig columns.
+        let l4 = match kind {
+            L4_PORTS => {
+                let p = r.take(4)?;
+                L4::Ports {
+                    src: u16::from_be_bytes([p[0], p[1]]),
+                    dst: u16::from_be_bytes([p[2], p[3]]),
+                }
+            }
+            L4_ICMP => {
+                let p = r.take(4)?;
+                L4::Icmp {
+                    id: u16::from_be_bytes([p[0], p[1]]),
+                    kind: p[2],
+                    code: p[3],
+                }
+            }
+            _ => L4::None,
+        };
+        reply = Some(Tuple {
+            src: rsrc,
+            dst: rdst,
+            proto,
+            l4,
+            zone: None,
+        });
+    }
+    let mut e = Entry {
+        orig,
+        reply: orig, // fixed below
+        status,
+        timeout,
+        mark,
+        zone: 0,
+        labels: None,
+        protoinfo,
+        seq_adj_orig: None,
+        seq_adj_reply: None,
+        helper: None,
+        id: None,
+    };
+    let mut reply_zone = None;
+    if flags & R_ATTRS != 0 {
+        let a = &mut c[S_ATTRS];
+        let mut seen = [false; 256];
+        loop {
+            let t = a.u8()?;
+            if t == ATTR_END {
+                break;
+            }
+            let len = a.varint()?;
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            if len > a.b.len() {
+                return Err(FormatError::Corrupt(format!(
+                    "entry {idx}: attribute {t:#04x} length {len} beyond the column"
+                )));
+            }
+            let d = a.take(len)?;
+            if std::mem::replace(&mut seen[t as usize], true) {
+                return Err(FormatError::Corrupt(format!(
+                    "entry {idx}: attribute {t:#04x} appears twice"
+                )));
+            }
+            let want = |n: usize| -> Result<(), FormatError> {
+                if len != n {
+                    return Err(FormatError::Corrupt(format!(
+                        "entry {idx}: attribute {t:#04x} has length {len}, expected {n}"
+                    )));
+                }
+                Ok(())
+            };
+            match t {
+                ATTR_MARK => {
+                    want(4)?;
+                    e.mark = le32(d, 0);
+                }
+                ATTR_ZONE => {
+                    want(2)?;
+                    e.zone = le16(d, 0);
+                }
+                ATTR_ORIG_ZONE => {
+                    want(2)?;
+                    e.orig.zone = Some(le16(d, 0));
+                }
+                ATTR_REPLY_ZONE => {
+                    want(2)?;
+                    reply_zone = Some(le16(d, 0));
+                }
+                ATTR_LABELS => {
+                    want(16)?;
+                    let mut l = [0u8; 16];
+                    l.copy_from_slice(d);
+                    e.labels = Some(l);
+                }
+                ATTR_SCTP | ATTR_DCCP if e.protoinfo.is_some() => {
+                    return Err(FormatError::Corrupt(format!(
+                        "entry {idx}: more than one protocol info"
+                    )));
+                }
+                ATTR_SCTP => {
+                    want(9)?;
+                    e.protoinfo = Some(ProtoInfo::Sctp {
+                        state: d[0],
+                        vtag_orig: le32(d, 1),
+                        vtag_reply: le32(d, 5),
+                    });
+                }
+                ATTR_DCCP => {
+                    want(10)?;
+                    let mut s = [0u8; 8];
+                    s.copy_from_slice(&d[2..10]);
+                    e.protoinfo = Some(ProtoInfo::Dccp {
+                        state: d[0],
+                        role: d[1],
+                        handshake_seq: u64::from_le_bytes(s),
+                    });
+                }
+                ATTR_SEQ_ADJ_ORIG => {
+                    want(12)?;
+                    e.seq_adj_orig = Some(read_seq_adj(d));
+                }
+                ATTR_SEQ_ADJ_REPLY => {
+                    want(12)?;
+                    e.seq_adj_reply = Some(read_seq_adj(d));
+                }
+                ATTR_HELPER => {
+                    if len > MAX_HELPER_LEN {
+                        return Err(FormatError::Corrupt(format!(
+                            "entry {idx}: helper name of {len} bytes (max {MAX_HELPER_LEN})"
+                        )));
+                    }
+                    let s = std::str::from_utf8(d).map_err(|_| {
+                        FormatError::Corrupt(format!("entry {idx}: helper name is not UTF-8"))
+                    })?;
+                    e.helper = Some(s.to_owned());
+                }
+                t if t & ATTR_REQUIRED != 0 => {
+                    return Err(FormatError::UnknownRequiredAttribute {
+                        entry: idx,
+                        kind: t,
+                    });
+                }
+                _ => {} // unknown optional attribute: skipped
+            }
+        }
+    }
+    e.reply = match reply {
+        Some(mut r) => {
+            r.zone = reply_zone;
+            r
+        }
+        None => {
+            if reply_zone.is_some() {
+                return Err(FormatError::Corrupt(format!(
+                    "entry {idx}: reply zone without an explicit reply tuple"
+                )));
+            }
+            e.orig.inverse()
+        }
+    };
+    Ok(e)
+}
+
+#[doc(hidden)]
+pub fn debug_stream_sizes(entries: &[&Entry]) -> Vec<(&'static str, usize, usize)> {
+    let mut c = Columns::new(default_mark(entries.iter().copied()), entries.len());
+    for e in entries {
+        c.push(e);
+    }
+    c.s.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let z = zstd::bulk::compress(s, ZSTD_LEVEL)
+                .map(|v| v.len())
+                .unwrap_or(0);
+            (STREAM_NAMES[i], s.len(), z)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zigzag_round_trips() {
+        for v in [
+            0i64,
+            1,
+            -1,
+            432_000,
+            -432_000,
+            i64::from(u32::MAX),
+            -i64::from(u32::MAX),
+        ] {
+            assert_eq!(unzigzag(zigzag(v)), v);
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Truncation priority: which entries are worth carrying when not all fit.
+//!
+//! The same order serves the encoder (it keeps the most valuable prefix) and
+//! the load path (it creates the most valuable entries first, so a partial
+//! load still restores what matters). See `docs/state-format.md`, "Priority".
+
+use crate::entry::{proto, status, tcp_state, Entry, ProtoInfo};
+
+/// Entries with at most this many seconds left are "about to expire": by
+/// the time the destination resumes the guest they are (nearly) gone.
+pub const ABOUT_TO_EXPIRE_SECS: u32 = 10;
+
+/// Value classes, lowest dropped first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ValueClass {
+    /// About to expire, or carrying the EXPECTED bit the kernel refuses on
+    /// create: restoring these gains nothing.
+    Worthless = 0,
+    /// The flow is ending: TCP FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT,
+    /// CLOSE; SCTP shutdown states; DCCP CLOSEREQ/CLOSING/TIMEWAIT.
+    Closing = 1,
+    /// No reply seen yet (SEEN_REPLY clear): SYN_SENT, unanswered UDP.
+    Unreplied = 2,
+    /// Replied but not (yet) ASSURED.
+    Replied = 3,
+    /// ASSURED: established flows whose loss the guest would notice.
+    Assured = 4,
+}
+
+/// The value class of one entry.
+pub fn value_class(e: &Entry) -> ValueClass {
+    if e.timeout <= ABOUT_TO_EXPIRE_SECS || e.status & status::EXPECTED != 0 {
+        return ValueClass::Worthless;
+    }
+    if is_closing(e) {
+        return ValueClass::Closing;
+    }
+    if e.status & status::SEEN_REPLY == 0 {
+        return ValueClass::Unreplied;
+    }
+    if e.status & status::ASSURED == 0 {
+        return ValueClass::Replied;
+    }
+    ValueClass::Assured
+}
+
+fn is_closing(e: &Entry) -> bool {
+    match e.protoinfo {
+        Some(ProtoInfo::Tcp { state, .. }) if e.orig.proto == proto::TCP => matches!(
+            state,
+            tcp_state::FIN_WAIT
+                | tcp_state::CLOSE_WAIT
+                | tcp_state::LAST_ACK
+                | tcp_state::TIME_WAIT
+                | tcp_state::CLOSE
+        ),
+        // SCTP: SHUTDOWN_SENT 5, SHUTDOWN_RECD 6, SHUTDOWN_ACK_SENT 7, CLOSED 1.
+        Some(ProtoInfo::Sctp { state, .. }) => matches!(state, 1 | 5 | 6 | 7),
+        // DCCP: CLOSEREQ 5, CLOSING 6, TIMEWAIT 7.
+        Some(ProtoInfo::Dccp { state, .. }) => matches!(state, 5..=7),
+        _ => false,
+    }
+}
+
+/// Sort key: larger is more valuable. Class first, then remaining timeout
+/// (the longest-idle entry of a class has the least time left and goes
+/// first).
+pub fn value_key(e: &Entry) -> u64 {
+    ((value_class(e) as u64) << 32) | u64::from(e.timeout)
+}
+
+/// Indices of `entries`, most valuable first. Ties keep input order, so the
+/// result is deterministic.
+pub fn priority_order(entries: &[Entry]) -> Vec<usize> {
+    let mut keyed: Vec<(u64, u32)> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (!value_key(e), i as u32))
+        .collect();
+    keyed.sort_unstable();
+    keyed.into_iter().map(|(_, i)| i as usize).collect()
+}
+
+/// Reorders `entries` in place, most valuable first (what the load path
+/// creates first).
+pub fn sort_by_priority(entries: &mut [Entry]) {
+    entries.sort_by_cached_key(|e| std::cmp::Reverse(value_key(e)));
+}
