@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::{bail, Context};
 use clap::CommandFactory;
 use clap_complete::Shell;
 
@@ -31,7 +31,9 @@ fn main() -> anyhow::Result<()> {
     let helper = conntrack_vmstate::helper::HelperArgs::command();
     let page = man.join("conntrack-vmstate-helper.8");
     let mut buf = Vec::new();
-    clap_mangen::Man::new(helper).section("8").render(&mut buf)?;
+    clap_mangen::Man::new(helper)
+        .section("8")
+        .render(&mut buf)?;
     std::fs::write(&page, buf).with_context(|| format!("writing {}", page.display()))?;
     let name = cmd.get_name().to_owned();
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
