@@ -576,3 +576,87 @@ fn bad_data_at_load_never_breaks_the_migration() {
         30,
     );
 }
+
+/// Conntrack access that hangs for real: the daemon reaches conntrack
+/// through the sandboxed helper process, which is frozen (SIGSTOP) before
+/// the migration. Save answers at its deadline with an empty state, the
+/// migration completes and the guest runs on the destination; after the
+/// helper is thawed, a second migration carries the entries.
+#[test]
+fn conntrack_helper_frozen_during_save_still_migrates() {
+    use common::host::Proc;
+    use nix::sys::signal::{kill, Signal};
+    let mut src = Host::new("hgs");
+    let mut dst = Host::new("hgd");
+    let sock = src.path().join("helper.sock");
+    let mut helper = Proc::spawn(
+        "helper",
+        src.path(),
+        src.ns
+            .cmd(env!("CARGO_BIN_EXE_conntrack-vmstate-helper"))
+            .arg("--listen")
+            .arg(&sock)
+            .args(["--idle-timeout", "0"]),
+    );
+    let end = Instant::now() + WAIT;
+    while !sock.exists() {
+        assert!(
+            helper.try_wait().is_none(),
+            "helper exited: {}",
+            helper.output()
+        );
+        assert!(Instant::now() < end, "helper socket missing");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let addr = src.bus.address.clone();
+    let sock_arg = sock.display().to_string();
+    src.start_daemon_with(&addr, &[], &["--helper-socket", &sock_arg]);
+    dst.start_daemon();
+    src.load_entries(&population(100, 300));
+    start_qemus(&mut src, &mut dst);
+    register_qmp(&mut src, "100", &[]);
+    register_qmp(&mut dst, "100", &[]);
+
+    let pid = nix::unistd::Pid::from_raw(helper.pid() as i32);
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP helper");
+    let (out, inc) = migrate(&mut src, &mut dst);
+    kill(pid, Signal::SIGCONT).expect("SIGCONT helper");
+    assert_eq!((out.status.as_str(), inc), ("completed", Incoming::Running));
+    let save = report(&src, "100", "LastSave");
+    println!("LastSave {save}");
+    assert_eq!(
+        text(&save, "error"),
+        "dump and encode did not finish within the 2000 ms save deadline; sent an empty state"
+    );
+    // Save answered at its deadline, well inside QEMU's 25 s
+    let d = out.downtime_ms.unwrap_or(0);
+    assert!((2000..10_000).contains(&d), "downtime {d} ms");
+    assert!(dst.dump(100).is_empty());
+
+    // Thawed, the helper serves again: the next Save (the source guest
+    // resumed, migrated again to a fresh destination) carries every entry.
+    let before = src.dump(100);
+    qemu(&mut src).execute("cont", None).ok();
+    let mut dst2 = Host::new("hgd2");
+    dst2.start_daemon();
+    dst2.qemu = Some(Qemu::start(
+        dst2.path(),
+        "qemu",
+        Some(&dst2.ns),
+        &QemuOpts {
+            vmstate: None,
+            incoming: true,
+        },
+    ));
+    register_qmp(&mut dst2, "100", &[]);
+    let t = Instant::now();
+    let (out, inc) = migrate(&mut src, &mut dst2);
+    assert_eq!((out.status.as_str(), inc), ("completed", Incoming::Running));
+    assert_eq!(text(&report(&src, "100", "LastSave"), "error"), "");
+    assert_same_entries(
+        "VM 100 through the helper",
+        &before,
+        &dst2.dump(100),
+        t.elapsed().as_secs() as u32 + 2,
+    );
+}
