@@ -8,6 +8,11 @@
 //!   demo-tool incoming QMP_SOCKET STREAM  destination: migrate-incoming from
 //!                                         STREAM, wait until the guest runs
 //!   demo-tool status   QMP_SOCKET         print query-status' status
+//!   demo-tool populate NETNS_NAME MARK COUNT SEED NOISE
+//!                                         the tests' realistic population
+//!                                         (tests/common/population.rs) of
+//!                                         VM MARK plus NOISE×COUNT entries of
+//!                                         other VMs; prints the other marks
 //!   demo-tool compare  NETNS_A NETNS_B MARK
 //!                                         every attribute of every entry of
 //!                                         MARK in both namespaces (paths like
@@ -24,6 +29,13 @@ use conntrack_vmstate::entry::{Entry, Selector};
 use conntrack_vmstate::qmp::QmpClient;
 use serde_json::{json, Value};
 
+// The same generator the tests use, so the demo shows the same mix: NAT'ed
+// entries with their status bits, zones, FIXED_TIMEOUT, labels, TCP window
+// scale.
+#[allow(dead_code)]
+#[path = "../tests/common/population.rs"]
+mod population;
+
 const WAIT: Duration = Duration::from_secs(60);
 
 fn main() -> anyhow::Result<()> {
@@ -33,6 +45,15 @@ fn main() -> anyhow::Result<()> {
             .map(String::as_str)
             .context("usage: demo-tool migrate|incoming|status|quit QMP_SOCKET [STREAM] | compare NETNS_A NETNS_B MARK")
     };
+    if arg(0)? == "populate" {
+        return populate(
+            arg(1)?,
+            arg(2)?.parse().context("MARK")?,
+            arg(3)?.parse().context("COUNT")?,
+            arg(4)?.parse().context("SEED")?,
+            arg(5)?.parse().context("NOISE")?,
+        );
+    }
     if arg(0)? == "compare" {
         let mark: u32 = arg(3)?.parse().context("MARK")?;
         return compare(Path::new(arg(1)?), Path::new(arg(2)?), mark);
@@ -122,6 +143,25 @@ fn incoming(qmp: &mut QmpClient, stream: &str) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn populate(ns: &str, mark: u32, n: usize, seed: u64, noise: f64) -> anyhow::Result<()> {
+    let mut spec = population::Spec::new(n, mark, seed);
+    spec.noise = noise;
+    let pop = population::generate(spec);
+    population::load(ns, &pop);
+    eprintln!(
+        "VM {mark}: {} entries ({} labelled, {} with TCP window scale); other VMs: {} entries",
+        pop.vm_count(),
+        pop.label_lines.len(),
+        pop.direct.len(),
+        pop.noise_lines.len()
+    );
+    if noise > 0.0 {
+        let marks: Vec<String> = pop.noise_marks.iter().map(u32::to_string).collect();
+        println!("{}", marks.join(" "));
+    }
+    Ok(())
 }
 
 fn dump(netns: &Path, mark: u32) -> anyhow::Result<Vec<Entry>> {
