@@ -86,7 +86,11 @@ fn register_qmp(h: &mut Host, vm: &str, extra: &[&str]) -> String {
     let qmp = qemu(h).qmp_path.display().to_string();
     let mut args = vec!["--qmp", qmp.as_str()];
     args.extend_from_slice(extra);
-    h.register(vm, &args)
+    let out = h.register(vm, &args);
+    // Ready as QEMU will see it: ListQueuedOwners + GetAll show the Id.
+    let id = text(&h.status_json(vm), "Id");
+    wait_vmstate_ids(&h.bus.address, &[id.as_str()], WAIT);
+    out
 }
 
 fn unregister_qmp(h: &mut Host, vm: &str, flush: bool) -> String {
@@ -698,4 +702,55 @@ fn conntrack_helper_frozen_during_save_still_migrates() {
         &dst2.dump(100),
         t.elapsed().as_secs() as u32 + 2,
     );
+}
+
+/// `register --qmp` / `unregister --qmp` against a QMP socket that is not
+/// there: a clear error naming the socket, and the registration itself
+/// stands (the VM can be wired later).
+#[test]
+fn register_qmp_with_an_absent_socket_is_a_clear_error() {
+    let mut h = Host::new("rq");
+    h.start_daemon();
+    let sock = h.path().join("absent.qmp");
+    let s = sock.display().to_string();
+    let out = h.cli(&[
+        "register",
+        "100",
+        "--bus-address",
+        &h.bus.address.clone(),
+        "--qmp",
+        &s,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "conntrack-vmstate: VM 100 is registered, but adding Id conntrack-vmstate-100 to \
+             QEMU's dbus-vmstate over {s} failed: cannot connect to QMP socket {s}: No such \
+             file or directory (os error 2)"
+        )
+    );
+    assert_eq!(text(&h.status_json("100"), "Id"), "conntrack-vmstate-100");
+    let out = h.cli(&["unregister", "100", "--qmp", &s]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot connect to QMP socket {s}")),
+        "{err}"
+    );
+    // a real QEMU now: wired and unwired by the same commands
+    h.qemu = Some(Qemu::start(
+        h.path(),
+        "qemu",
+        Some(&h.ns),
+        &QemuOpts::default(),
+    ));
+    register_qmp(&mut h, "100", &[]);
+    let o = qemu(&mut h).qmp().find_vmstate().unwrap().unwrap();
+    assert_eq!(o.ids, ["conntrack-vmstate-100"]);
+    unregister_qmp(&mut h, "100", false);
+    assert_eq!(qemu(&mut h).qmp().find_vmstate().unwrap(), None);
+    assert!(!h.cli(&["status", "100"]).status.success());
 }
