@@ -79,13 +79,6 @@ pub fn error_code(payload: &[u8]) -> Result<i32, DecodeError> {
     }
 }
 
-/// Sequence number of the request an NLMSG_ERROR answers (from the echoed header).
-pub fn error_request_seq(payload: &[u8]) -> Option<u32> {
-    payload
-        .get(12..16)
-        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-}
-
 pub const fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
@@ -147,14 +140,6 @@ fn be64(what: &str, p: &[u8]) -> Result<u64, DecodeError> {
 }
 fn u8_(what: &str, p: &[u8]) -> Result<u8, DecodeError> {
     fixed::<1>(what, p).map(|b| b[0])
-}
-
-/// True for protocols whose tuple carries 16-bit source and destination keys.
-pub fn has_ports(p: u8) -> bool {
-    matches!(
-        p,
-        proto::TCP | proto::UDP | proto::UDPLITE | proto::SCTP | proto::DCCP | proto::GRE
-    )
 }
 
 fn decode_tuple(dir: &str, buf: &[u8]) -> Result<Tuple, DecodeError> {
@@ -221,18 +206,24 @@ fn decode_tuple(dir: &str, buf: &[u8]) -> Result<Tuple, DecodeError> {
     let Some(protonum) = protonum else {
         return err(format!("{dir} tuple without protocol number"));
     };
-    let l4 = if has_ports(protonum) {
-        match (sport, dport) {
-            (Some(src), Some(dst)) => L4::Ports { src, dst },
-            _ => return err(format!("{dir} tuple of protocol {protonum} without ports")),
+    // Which key a tuple has depends on the tracker the kernel has for the
+    // protocol, not on the number alone (6.16+ track DCCP generically, GRE
+    // needs its module): take what the kernel sent, but insist on the keys
+    // of the protocols conntrack always tracks.
+    let l4 = match (sport, dport, icmp_id, icmp_type, icmp_code) {
+        (Some(src), Some(dst), ..) => L4::Ports { src, dst },
+        (_, _, Some(id), Some(kind), Some(code)) => L4::Icmp { id, kind, code },
+        _ if matches!(
+            protonum,
+            proto::TCP | proto::UDP | proto::UDPLITE | proto::SCTP
+        ) =>
+        {
+            return err(format!("{dir} tuple of protocol {protonum} without ports"));
         }
-    } else if protonum == proto::ICMP || protonum == proto::ICMPV6 {
-        match (icmp_id, icmp_type, icmp_code) {
-            (Some(id), Some(kind), Some(code)) => L4::Icmp { id, kind, code },
-            _ => return err(format!("{dir} ICMP tuple without id/type/code")),
+        _ if matches!(protonum, proto::ICMP | proto::ICMPV6) => {
+            return err(format!("{dir} ICMP tuple without id/type/code"));
         }
-    } else {
-        L4::None
+        _ => L4::None,
     };
     Ok(Tuple {
         src,
@@ -710,14 +701,7 @@ pub fn encode_delete(m: &mut MsgBuf, e: &Entry, seq: u32) {
 
 /// A dump (`del == false`) or flush (`del == true`) request filtered by mark
 /// in the kernel, both address families at once.
-pub fn encode_filtered(
-    m: &mut MsgBuf,
-    seq: u32,
-    mark: u32,
-    mask: u32,
-    zone: Option<u16>,
-    del: bool,
-) {
+pub fn encode_filtered(m: &mut MsgBuf, seq: u32, mark: u32, mask: u32, del: bool) {
     if del {
         m.begin_msg(
             IPCTNL_MSG_CT_DELETE,
@@ -735,8 +719,5 @@ pub fn encode_filtered(
     }
     m.be32(CTA_MARK, mark);
     m.be32(CTA_MARK_MASK, mask);
-    if let Some(z) = zone {
-        m.be16(CTA_ZONE, z);
-    }
     m.end_msg();
 }

@@ -3,13 +3,11 @@
 
 // Netlink message header.
 pub const NLMSG_HDRLEN: usize = 16;
-pub const NLMSG_NOOP: u16 = 1;
 pub const NLMSG_ERROR: u16 = 2;
 pub const NLMSG_DONE: u16 = 3;
 pub const NLMSG_OVERRUN: u16 = 4;
 
 pub const NLM_F_REQUEST: u16 = 0x01;
-pub const NLM_F_MULTI: u16 = 0x02;
 pub const NLM_F_ACK: u16 = 0x04;
 pub const NLM_F_DUMP_INTR: u16 = 0x10;
 pub const NLM_F_DUMP: u16 = 0x300;
@@ -47,7 +45,6 @@ pub const CTA_ZONE: u16 = 18;
 pub const CTA_MARK_MASK: u16 = 21;
 pub const CTA_LABELS: u16 = 22;
 pub const CTA_LABELS_MASK: u16 = 23;
-pub const CTA_FILTER: u16 = 25;
 
 // enum ctattr_tuple
 pub const CTA_TUPLE_IP: u16 = 1;

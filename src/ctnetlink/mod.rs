@@ -1,6 +1,84 @@
 //! Native ctnetlink (NETLINK_NETFILTER) codec and socket operations.
 //!
-//! KERNEL_NOTES_PLACEHOLDER
+//! One raw netlink socket per [`Ctnetlink`] (behind a mutex), bound to the
+//! network namespace it was opened for; messages are built and parsed by
+//! hand (`codec`). conntrack(8) is never used here.
+//!
+//! # Dump
+//! One `IPCTNL_MSG_CT_GET` dump with `AF_UNSPEC`, `CTA_MARK` and
+//! `CTA_MARK_MASK`: the kernel (verified on 6.18, and the code path exists
+//! since 5.x) applies the mark filter for IPv4 and IPv6 in the same pass.
+//! Every entry is re-checked against the [`Selector`] in user space
+//! ([`Ctnetlink::filtered_in_user_space`] counts what that threw away).
+//! The zone is *not* sent to the kernel: its zone filter (`CTA_ZONE` on
+//! dumps, recent kernels only) matches the zone id of either direction,
+//! whereas the selector means `CTA_ZONE`; zones are selected in user space
+//! after the kernel's mark filter. Entries with 0 s left are dropped. A dump
+//! flagged `NLM_F_DUMP_INTR`, or one that hits `ENOBUFS`/`NLMSG_OVERRUN`, is
+//! restarted on a fresh socket (at most 8 times).
+//!
+//! # What the kernel refuses or rewrites on create, and what we send
+//! * Both tuples and `CTA_TIMEOUT` are mandatory. A clash of the original
+//!   *or* the reply tuple with an existing entry is `EEXIST` → `Existed`.
+//! * Status: the kernel sets `CONFIRMED` itself before it applies
+//!   `CTA_STATUS` and answers `EBUSY` to any attempt to change `EXPECTED`,
+//!   `CONFIRMED` or `DYING`. We always send `CONFIRMED`; `EXPECTED` and
+//!   `DYING` are passed through so those entries are refused (`EBUSY`) and
+//!   counted. `SEEN_REPLY`, `ASSURED`, `FIXED_TIMEOUT` are taken as sent.
+//!   The kernel silently ignores the NAT bits, `*_NAT_DONE`, `SEQ_ADJUST`,
+//!   `TEMPLATE`, `UNTRACKED`/`NAT_CLASH`, `OFFLOAD`, `HW_OFFLOAD` in
+//!   `CTA_STATUS`: NAT bits come from `CTA_NAT_*`, `SEQ_ADJUST` from
+//!   `CTA_SEQ_ADJ_*`, `HELPER` from `CTA_HELP`; `OFFLOAD`, `HW_OFFLOAD`
+//!   and `NAT_CLASH` are host-local and cannot be reproduced.
+//! * NAT: sending a NAT'ed reply tuple verbatim creates the entry but with
+//!   no NAT bits. For any entry with a NAT or NAT_DONE bit we therefore send
+//!   the un-NAT'ed reply (`orig.inverse()`) plus `CTA_NAT_DST` and
+//!   `CTA_NAT_SRC`, each an exact single-address, single-port range taken
+//!   from the saved reply tuple (ICMP: the id). `nf_nat_setup_info` then
+//!   rewrites the reply tuple exactly as on the source, sets
+//!   `SRC_NAT`/`DST_NAT` only for the direction that changed and both
+//!   `*_NAT_DONE` bits (ctnetlink always sets up both manipulations; an
+//!   identity range is a null binding). Exact ranges (min = max) keep the
+//!   kernel from picking another port on a clash; a clash is `EEXIST`.
+//!   Limit: an entry with only one `*_NAT_DONE` bit comes back with both
+//!   (real traffic always passes both NAT hooks). An entry whose reply
+//!   differs from the inverse but has no NAT bits is sent verbatim.
+//! * TCP: the kernel zeroes the protocol state, then applies state, the
+//!   per-direction flags (sent with mask 0xff, so they come back exact) and
+//!   the window scale, which it applies **only if both directions carry
+//!   `IP_CT_TCP_FLAG_WINDOW_SCALE`** and otherwise silently leaves at 0
+//!   (which is what such a source entry had anyway). Window-tracking data
+//!   (`td_end`, `td_maxwin`, …) cannot be carried: the kernel starts with
+//!   `td_maxwin = 0` and picks the window up from the next packet of each
+//!   direction, as for any entry made over ctnetlink. We therefore do not
+//!   add `BE_LIBERAL` (it would change the entry); entries made by
+//!   conntrack(8) `-I` already carry `BE_LIBERAL|SACK_PERM` and keep them.
+//! * Labels: sent with an all-ones `CTA_LABELS_MASK` (replace). The kernel
+//!   attaches labels only when the namespace uses connlabels (some
+//!   `ct label`/`connlabel` rule); otherwise it drops them silently and
+//!   the create still succeeds. All-zero labels are never dumped (`None`).
+//! * Zones: `CTA_ZONE` and the directional `CTA_TUPLE_ZONE`s are carried.
+//! * `CTA_HELP`: a helper this kernel lacks → `EOPNOTSUPP` → refused.
+//!   ICMPv6 echo must use types 128/129; other invalid tuples → `EINVAL`.
+//! * DCCP: kernels ≥ 6.16 have no DCCP tracker; such entries are generic
+//!   (no ports, no protocol info) and decode as [`L4::None`](crate::entry::L4::None).
+//! * Creates go 512 per `send` with `NLM_F_CREATE|NLM_F_EXCL|NLM_F_ACK`;
+//!   the kernel handles the whole batch inside `send` and queues every ACK,
+//!   so the receive buffer is forced to 32 MiB. Losing ACKs anyway
+//!   (`ENOBUFS`) fails the call instead of guessing outcomes.
+//! * `EPERM`: nfnetlink checks CAP_NET_ADMIN once per `send` and answers
+//!   only the first message → [`AccessError::PermissionDenied`].
+//!
+//! # Delete
+//! * By selector without a zone: one kernel-side flush
+//!   (`IPCTNL_MSG_CT_DELETE` without tuple, `CTA_MARK`/`CTA_MARK_MASK`);
+//!   the count is that of a dump taken just before (an entry created in
+//!   between is deleted but not counted). With a zone: dump, then exact
+//!   delete (the kernel cannot filter a flush by `CTA_ZONE`).
+//! * Exact set: original tuple, `CTA_ZONE`, and `CTA_ID` when known; the
+//!   kernel answers `ENOENT` when the entry is gone or its id differs (a
+//!   newer entry with the same tuple) → `missing`. The mark is not checked
+//!   by the kernel here; ids are host-local.
 
 mod codec;
 mod consts;
@@ -60,8 +138,15 @@ fn io_err(op: &'static str, e: io::Error) -> AccessError {
     }
 }
 
+/// An errno the kernel answered with (as opposed to a failed syscall).
 fn errno_err(op: &'static str, errno: i32) -> AccessError {
-    io_err(op, io::Error::from_raw_os_error(errno))
+    if errno == libc::EPERM {
+        return AccessError::PermissionDenied { op };
+    }
+    AccessError::Netlink {
+        op,
+        source: io::Error::from_raw_os_error(errno),
+    }
 }
 
 fn proto_err(op: &'static str, detail: impl Into<String>) -> AccessError {
@@ -135,14 +220,7 @@ impl Ctnetlink {
             inner.seq = inner.seq.wrapping_add(1);
             let seq = inner.seq;
             inner.wbuf.clear();
-            codec::encode_filtered(
-                &mut inner.wbuf,
-                seq,
-                sel.mark,
-                sel.mark_mask,
-                sel.zone,
-                false,
-            );
+            codec::encode_filtered(&mut inner.wbuf, seq, sel.mark, sel.mark_mask, false);
             sock.send(&inner.wbuf.buf).map_err(|e| io_err(op, e))?;
             let mut pending: Vec<Entry> = Vec::new();
             let mut first_err: Option<String> = None;
@@ -273,7 +351,7 @@ impl Ctnetlink {
     /// Deletes every entry of the mark selection in one kernel-side walk.
     fn flush_by_mark(&self, sel: &Selector) -> Result<(), AccessError> {
         let codes = self.batch("flush", &[()], |m, _, seq| {
-            codec::encode_filtered(m, seq, sel.mark, sel.mark_mask, None, true)
+            codec::encode_filtered(m, seq, sel.mark, sel.mark_mask, true)
         })?;
         match codes.first() {
             Some(0) | None => Ok(()),

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod bus;
+pub mod compare;
 pub mod host;
 pub mod netns;
+pub mod population;
 pub mod qemu;
