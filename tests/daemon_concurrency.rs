@@ -259,3 +259,74 @@ async fn slow_load_answers_at_deadline_and_finishes_in_background() {
     .await
     .expect("test timed out");
 }
+
+/// Once an idle daemon decided to exit (and gave up its name), a Register
+/// that reaches it anyway is refused with ShuttingDown instead of being
+/// accepted by a process that is about to stop serving the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_after_idle_decision_is_refused() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let bus = TestBus::new("conc-idle");
+        let state = scratch_dir("conc-idle-state");
+        let access = Arc::new(BlockingDump {
+            delay: Duration::ZERO,
+            dumps: AtomicUsize::new(0),
+        });
+        let daemon = Daemon::start(
+            DaemonConfig {
+                bus_address: Some(bus.address.clone()),
+                state_dir: state.path().to_path_buf(),
+                save_deadline: Duration::from_secs(2),
+                load_deadline: Duration::from_secs(2),
+            },
+            access,
+        )
+        .await
+        .expect("daemon");
+        let client = bus.connect().await;
+        let unique = daemon.unique_name().expect("unique name");
+        let m = Manager1Proxy::builder(&client)
+            .destination(unique)
+            .build()
+            .await
+            .unwrap();
+        m.register(
+            "1",
+            HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]),
+        )
+        .await
+        .unwrap();
+        assert!(
+            !daemon.release_if_idle().await,
+            "released with a VM registered"
+        );
+        m.unregister("1", HashMap::new()).await.unwrap();
+        assert!(daemon.release_if_idle().await);
+        assert!(
+            !common::bus::wait_for_name(&client, "org.conntrack_vmstate.Manager1", Duration::ZERO)
+                .await
+        );
+        match m
+            .register(
+                "2",
+                HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]),
+            )
+            .await
+        {
+            Err(zbus::Error::MethodError(name, text, _)) => {
+                assert_eq!(name.as_str(), "org.conntrack_vmstate.Error.ShuttingDown");
+                assert_eq!(
+                    text.as_deref(),
+                    Some("conntrack-vmstated is exiting; call again to reach a new instance")
+                );
+            }
+            other => panic!("expected ShuttingDown, got {other:?}"),
+        }
+        assert!(common::bus::queued_owners(&client, "org.qemu.VMState1")
+            .await
+            .is_empty());
+        daemon.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
