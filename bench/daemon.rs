@@ -67,13 +67,21 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    (ms(v[v.len() / 2]), ms(v[v.len() * 9 / 10]), ms(v[v.len() - 1]))
+    (
+        ms(v[v.len() / 2]),
+        ms(v[v.len() * 9 / 10]),
+        ms(v[v.len() - 1]),
+    )
 }
 
 fn bin_dir() -> anyhow::Result<PathBuf> {
     // target/<profile>/examples/daemon-bench → target/<profile>/
     let exe = std::env::current_exe()?;
-    Ok(exe.parent().and_then(Path::parent).context("binary dir")?.to_path_buf())
+    Ok(exe
+        .parent()
+        .and_then(Path::parent)
+        .context("binary dir")?
+        .to_path_buf())
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -82,7 +90,11 @@ async fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::Builder::new().prefix("cvs-bench-").tempdir()?;
     let ns = Netns(format!("cvs-bench-{}", std::process::id()));
-    if !Command::new("ip").args(["netns", "add", &ns.0]).status()?.success() {
+    if !Command::new("ip")
+        .args(["netns", "add", &ns.0])
+        .status()?
+        .success()
+    {
         bail!("ip netns add failed (run as root)");
     }
     let pop = dir.path().join("pop.txt");
@@ -132,14 +144,22 @@ async fn main() -> anyhow::Result<()> {
         Command::new("ip")
             .args(["netns", "exec", &ns.0])
             .arg(bin_dir()?.join("conntrack-vmstated"))
-            .args(["--bus-address", &address, "--idle-timeout", "0", "--state-dir"])
+            .args([
+                "--bus-address",
+                &address,
+                "--idle-timeout",
+                "0",
+                "--state-dir",
+            ])
             .arg(&state)
             .env("RUST_LOG", "warn")
             .stderr(Stdio::null())
             .spawn()?,
     );
     let pid = daemon.0.id();
-    let conn = zbus::connection::Builder::address(address.as_str()).build().await?;
+    let conn = zbus::connection::Builder::address(address.as_str())
+        .build()
+        .await?;
     let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
     let end = Instant::now() + Duration::from_secs(10);
     while !dbus
@@ -167,7 +187,10 @@ async fn main() -> anyhow::Result<()> {
 
     let path = m.register("100", opts()).await?;
     let vm = Vm1Proxy::builder(&conn).path(path).build().await?;
-    let vs = VmState1Proxy::builder(&conn).destination(vm.unique_name().await?).build().await?;
+    let vs = VmState1Proxy::builder(&conn)
+        .destination(vm.unique_name().await?)
+        .build()
+        .await?;
     let mut saves = Vec::new();
     let mut bytes = 0;
     for _ in 0..a.iterations {
@@ -188,7 +211,10 @@ async fn main() -> anyhow::Result<()> {
     let (s50, s90, smax) = stats(saves);
     println!("| measure | median | p90 | max |");
     println!("|---|---|---|---|");
-    println!("| Register round trip (ms, n={}) | {r50:.2} | {r90:.2} | {rmax:.2} |", a.iterations);
+    println!(
+        "| Register round trip (ms, n={}) | {r50:.2} | {r90:.2} | {rmax:.2} |",
+        a.iterations
+    );
     println!(
         "| Save of {} entries as a D-Bus call (ms, n={}, {bytes} bytes) | {s50:.2} | {s90:.2} | {smax:.2} |",
         decoded.entries.len(),
@@ -196,6 +222,10 @@ async fn main() -> anyhow::Result<()> {
     );
     println!();
     println!("daemon RSS idle: {:.1} MiB", idle_rss as f64 / 1024.0);
-    println!("daemon RSS with {} VMs registered: {:.1} MiB", a.vms, many_rss as f64 / 1024.0);
+    println!(
+        "daemon RSS with {} VMs registered: {:.1} MiB",
+        a.vms,
+        many_rss as f64 / 1024.0
+    );
     Ok(())
 }
