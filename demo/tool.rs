@@ -101,7 +101,11 @@ fn migrate(qmp: &mut QmpClient, stream: &str) -> anyhow::Result<()> {
     loop {
         let q = qmp.execute("query-migrate", None)?;
         let st = q.get("status").and_then(Value::as_str).unwrap_or("");
-        if matches!(st, "completed" | "failed" | "cancelled") {
+        // QEMU 7.2 sets "completed" a moment before it stores the times;
+        // until then query-migrate reports total-time 0.
+        let times_ready =
+            st != "completed" || q.get("total-time").and_then(Value::as_u64).unwrap_or(0) > 0;
+        if times_ready && matches!(st, "completed" | "failed" | "cancelled") {
             let n = |k: &str| {
                 q.get(k)
                     .and_then(Value::as_u64)

@@ -112,6 +112,9 @@ fn migrate(src: &mut Host, dst: &mut Host) -> (Outgoing, Incoming) {
         out.total_ms.unwrap_or(0),
         out.status
     );
+    if out.status == "completed" {
+        assert!(out.downtime_ms.is_some(), "no downtime in {}", out.query);
+    }
     let inc = qemu(dst).incoming_from_file(&stream);
     (out, inc)
 }
