@@ -136,7 +136,7 @@ async fn register_errors_are_named_and_idempotence_holds() {
         let bus = TestBus::new("mgr-err");
         let state = scratch_dir("mgr-err-state");
         let client = bus.connect().await;
-        let _d = DaemonProc::start(DaemonOpts::new(&bus.address, state.path()), &client).await;
+        let d = DaemonProc::start(DaemonOpts::new(&bus.address, state.path()), &client).await;
         let m = manager(&client).await;
         let addr = Variant::from(bus.address.as_str());
         let base = || opts(&[("bus_address", addr.try_clone().unwrap())]);
@@ -194,6 +194,11 @@ async fn register_errors_are_named_and_idempotence_holds() {
         // A flush without any Save deletes nothing and succeeds.
         m.unregister("100", opts(&[("flush", Variant::from(true))])).await.unwrap();
         assert!(queued_owners(&client, "org.qemu.VMState1").await.is_empty());
+        let log = d.log_text();
+        assert!(
+            log.contains("Unregister of VM 100: nothing to flush, no Save with entries since the daemon started"),
+            "{log}"
+        );
     })
     .await
     .expect("test timed out");

@@ -162,6 +162,10 @@ impl Shared {
         let rt = lock(&self.registry).get(vm).ok_or_else(|| {
             Error::from(crate::service::ServiceError::NotRegistered { vm: vm.into() })
         })?;
+        // The saved entries live in memory only: after a daemon restart (or
+        // a Save that fell back to an empty state) there is nothing to flush,
+        // and the log says so rather than claiming a flush.
+        let had_saved = !rt.saved().is_empty();
         let flushed = if flush {
             Some(self.engine.flush(&rt).await?)
         } else {
@@ -177,10 +181,12 @@ impl Shared {
             DELETED = deleted,
             MISSING = missing,
             "Unregister of VM {vm}{}",
-            if flush {
-                format!(": flushed {deleted} saved entries ({missing} already gone)")
-            } else {
-                String::new()
+            match (flush, had_saved) {
+                (false, _) => String::new(),
+                (true, true) =>
+                    format!(": flushed {deleted} saved entries ({missing} already gone)"),
+                (true, false) =>
+                    ": nothing to flush, no Save with entries since the daemon started".into(),
             }
         );
         self.count_changed();
