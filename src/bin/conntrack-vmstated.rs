@@ -1,1 +1,88 @@
-fn main() {}
+//! `conntrack-vmstated`: serves `org.qemu.VMState1` for registered VMs so
+//! their conntrack entries travel with QEMU live migrations.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use conntrack_vmstate::access::ConntrackAccess;
+use conntrack_vmstate::bus::{self, DaemonConfig};
+use conntrack_vmstate::service::{DEFAULT_LOAD_DEADLINE_MS, DEFAULT_SAVE_DEADLINE_MS};
+
+/// Carries VMs' conntrack entries through QEMU live migration: a manager on
+/// D-Bus (org.conntrack_vmstate.Manager1) registers VMs, and for each one an
+/// org.qemu.VMState1 helper answers QEMU's dbus-vmstate Save and Load.
+#[derive(Debug, Parser)]
+#[command(name = "conntrack-vmstated", version, about, long_about)]
+struct Args {
+    /// D-Bus address of the bus to serve the manager on (default: the system bus).
+    #[arg(long, value_name = "ADDR")]
+    bus_address: Option<String>,
+    /// Directory for persisted registrations (default: $RUNTIME_DIRECTORY, else /run/conntrack-vmstate).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Exit after this many seconds without any registered VM (0: never).
+    /// D-Bus activation starts the daemon again on the next call.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    idle_timeout: u64,
+    /// Reach conntrack through the sandboxed helper listening on this socket
+    /// instead of in-process netlink (which needs CAP_NET_ADMIN).
+    #[arg(long, value_name = "PATH")]
+    helper_socket: Option<PathBuf>,
+    /// Save answers QEMU with an empty state (and records why) if dumping and
+    /// encoding take longer than this; QEMU itself gives up after 25000 ms and
+    /// every millisecond of Save is guest downtime.
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_SAVE_DEADLINE_MS)]
+    save_deadline_ms: u64,
+    /// Load answers QEMU after this long and finishes creating entries in the
+    /// background (LastLoad is updated when done).
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_LOAD_DEADLINE_MS)]
+    load_deadline_ms: u64,
+}
+
+fn state_dir(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| {
+        // systemd may pass several directories separated by ':'.
+        std::env::var_os("RUNTIME_DIRECTORY").and_then(|v| {
+            v.to_str()
+                .and_then(|s| s.split(':').next())
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        })
+    })
+    .unwrap_or_else(|| PathBuf::from("/run/conntrack-vmstate"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    bus::logging::init("conntrack-vmstated");
+    let access: Arc<dyn ConntrackAccess> = match &args.helper_socket {
+        Some(p) => Arc::new(
+            conntrack_vmstate::helper::HelperClient::new(p)
+                .with_context(|| format!("conntrack helper at {}", p.display()))?,
+        ),
+        None => {
+            Arc::new(conntrack_vmstate::ctnetlink::Ctnetlink::open().context("opening ctnetlink")?)
+        }
+    };
+    let cfg = DaemonConfig {
+        bus_address: args.bus_address,
+        state_dir: state_dir(args.state_dir),
+        save_deadline: Duration::from_millis(args.save_deadline_ms),
+        load_deadline: Duration::from_millis(args.load_deadline_ms),
+    };
+    let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
+    // Few worker threads suffice: conntrack work runs on the blocking pool.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let res = rt.block_on(bus::run(cfg, access, idle));
+    if let Err(e) = &res {
+        tracing::error!("conntrack-vmstated failed: {e}");
+    }
+    res.map_err(Into::into)
+}

@@ -1,40 +1,49 @@
 //! The daemon ↔ sandboxed conntrack helper protocol (client and server).
 //!
 //! The daemon holds no capability; it asks the helper, which holds only
-//! CAP_NET_ADMIN, to dump, create and delete entries.
+//! CAP_NET_ADMIN, to dump, create and delete entries. The protocol is
+//! specified in `docs/helper-protocol.md`; in short:
+//!
+//! * a unix stream socket (`/run/conntrack-vmstate-helper.sock`, socket
+//!   activated, mode 0600, owned by the daemon's user: only it can connect);
+//! * frames `u32 length (LE) | u8 version (1) | u8 opcode | body`;
+//! * requests Dump(selector), Create(selector, entries),
+//!   DeleteSelected(selector), DeleteEntries(selector, entries); one reply
+//!   per request, in order;
+//! * the helper validates every request before the kernel sees it: size and
+//!   count limits, a selector must select marked entries, and every entry of
+//!   Create/DeleteEntries must match the request's selector — so a daemon
+//!   can only touch the marks it names. Malformed input gets an error reply,
+//!   never a crash, and costs only its own connection.
 
-use std::path::Path;
+pub mod client;
+pub mod server;
+pub mod wire;
 
-use crate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport};
-use crate::entry::{Entry, Selector};
+pub use client::HelperClient;
+pub use server::{serve, ServeSummary, ServerConfig};
 
-/// Client side: a [`ConntrackAccess`] that forwards to the helper's socket.
-pub struct HelperClient {}
+/// Where the packaged `.socket` unit listens.
+pub const DEFAULT_SOCKET: &str = "/run/conntrack-vmstate-helper.sock";
 
-impl HelperClient {
-    /// Connects lazily: the helper is socket-activated on first use.
-    pub fn new(_socket: &Path) -> Result<Self, AccessError> {
-        Err(AccessError::Helper(
-            "helper protocol not implemented yet".into(),
-        ))
-    }
-}
-
-fn unimplemented_yet() -> AccessError {
-    AccessError::Helper("helper protocol not implemented yet".into())
-}
-
-impl ConntrackAccess for HelperClient {
-    fn dump(&self, _sel: &Selector) -> Result<Vec<Entry>, AccessError> {
-        Err(unimplemented_yet())
-    }
-    fn create(&self, _entries: &[Entry]) -> Result<CreateReport, AccessError> {
-        Err(unimplemented_yet())
-    }
-    fn delete_selected(&self, _sel: &Selector) -> Result<u64, AccessError> {
-        Err(unimplemented_yet())
-    }
-    fn delete_entries(&self, _entries: &[Entry]) -> Result<DeleteReport, AccessError> {
-        Err(unimplemented_yet())
-    }
+/// Command line of `conntrack-vmstate-helper` (libexec; started by systemd).
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "conntrack-vmstate-helper",
+    version,
+    about = "Sandboxed conntrack helper of conntrack-vmstated: runs the daemon's \
+             dump/create/delete requests with CAP_NET_ADMIN"
+)]
+pub struct HelperArgs {
+    /// Listen on this socket path instead of the socket systemd passes
+    /// (LISTEN_FDS); for tests and manual runs.
+    #[arg(long)]
+    pub listen: Option<std::path::PathBuf>,
+    /// Exit after this many seconds without a request (0: never); systemd
+    /// starts the helper again on the next connection.
+    #[arg(long, default_value_t = 60)]
+    pub idle_timeout: u64,
+    /// Connections served at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_connections: usize,
 }

@@ -2,7 +2,10 @@
 //! with `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod bus;
 pub mod compare;
 pub mod entries;
+pub mod host;
 pub mod netns;
 pub mod population;
+pub mod qemu;

@@ -1,0 +1,70 @@
+//! `conntrack-vmstate-helper`: the sandboxed, socket-activated process that
+//! holds CAP_NET_ADMIN and does all netlink conntrack work for the daemon.
+
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use conntrack_vmstate::ctnetlink::Ctnetlink;
+use conntrack_vmstate::helper::{self, server, HelperArgs, ServerConfig};
+
+fn main() -> std::process::ExitCode {
+    // Before any thread exists: reads and clears LISTEN_* from the environment.
+    let activated = server::listener_from_systemd();
+    let args = HelperArgs::parse();
+    // systemd's journal adds time and unit; keep lines plain.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(args, activated) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("conntrack-vmstate-helper: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: HelperArgs, activated: std::io::Result<Option<UnixListener>>) -> anyhow::Result<()> {
+    let activated = activated.context("reading the socket passed by systemd")?;
+    let listener = match (activated, &args.listen) {
+        (Some(l), None) => l,
+        (None, Some(path)) => {
+            // A stale socket file from an earlier run would make bind fail.
+            if path.exists() {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing stale {}", path.display()))?;
+            }
+            UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?
+        }
+        (Some(_), Some(_)) => bail!("--listen given, but systemd also passed a socket"),
+        (None, None) => bail!(
+            "no socket: start through conntrack-vmstate-helper.socket or pass --listen PATH \
+             (the packaged socket is {})",
+            helper::DEFAULT_SOCKET
+        ),
+    };
+    let access = Ctnetlink::open().context("opening the conntrack netlink socket")?;
+    let cfg = ServerConfig {
+        idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
+        max_connections: args.max_connections.max(1),
+        ..ServerConfig::default()
+    };
+    tracing::info!("serving conntrack requests");
+    let summary = helper::serve(listener, Arc::new(access), cfg).context("serving")?;
+    tracing::info!(
+        connections = summary.connections,
+        requests = summary.requests,
+        rejected = summary.rejected,
+        "idle, exiting"
+    );
+    Ok(())
+}

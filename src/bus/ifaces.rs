@@ -1,0 +1,183 @@
+//! The three interfaces the daemon serves. Every method takes `&self` and
+//! reads state that is never held across an await, so property reads are
+//! answered while a Save or Load is in flight (a `&mut self` method would
+//! hold zbus' interface lock across its awaits).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_bytes::ByteBuf;
+use zbus::interface;
+use zbus::{OwnedObjectPath, OwnedVariant, Variant};
+
+use super::daemon::Shared;
+use super::error::Error;
+use crate::service::{Engine, OpReport, OptValue, VmRuntime};
+
+/// `org.conntrack_vmstate.Manager1` at `/org/conntrack_vmstate/Manager1`.
+pub struct Manager1 {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// Strips the D-Bus wrapping so the core validates plain values.
+fn plain_options(options: HashMap<String, OwnedVariant>) -> Vec<(String, OptValue)> {
+    let mut v: Vec<(String, OptValue)> = options
+        .into_iter()
+        .map(|(k, v)| {
+            let val = match &*v {
+                Variant::Str(s) => OptValue::Str(s.to_string()),
+                Variant::U32(n) => OptValue::U32(*n),
+                Variant::U16(n) => OptValue::U16(*n),
+                Variant::Bool(b) => OptValue::Bool(*b),
+                other => OptValue::Other(other.value_signature().to_string()),
+            };
+            (k, val)
+        })
+        .collect();
+    // A dict has no order; sort so the first reported problem is stable.
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[interface(name = "org.conntrack_vmstate.Manager1")]
+impl Manager1 {
+    /// Registers a VM (idempotent for identical options) and starts serving
+    /// `org.qemu.VMState1` for it on its bus.
+    #[zbus(out_args("vm_object"))]
+    async fn register(
+        &self,
+        vm: String,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<OwnedObjectPath, Error> {
+        self.shared.register(&vm, &plain_options(options)).await
+    }
+
+    /// Stops serving a VM; with `flush`, first deletes exactly the entries
+    /// its last Save took.
+    async fn unregister(
+        &self,
+        vm: String,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<(), Error> {
+        self.shared.unregister(&vm, &plain_options(options)).await
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_string()
+    }
+}
+
+/// `org.conntrack_vmstate.VM1` at `/org/conntrack_vmstate/VM/<vm>`.
+pub struct Vm1 {
+    pub(crate) rt: Arc<VmRuntime>,
+    /// The effective address of the VM's bus (also for the system bus), so
+    /// management can hand it to QEMU's `dbus-vmstate` object as it is.
+    pub(crate) bus_address: String,
+    pub(crate) unique_name: String,
+}
+
+fn report_dict(r: Option<OpReport>) -> HashMap<String, OwnedVariant> {
+    let mut m = HashMap::new();
+    let Some(r) = r else { return m };
+    for (k, v) in [
+        ("entries", r.entries),
+        ("dropped", r.dropped),
+        ("created", r.created),
+        ("existed", r.existed),
+        ("refused", r.refused),
+        ("bytes", r.bytes),
+        ("duration_us", r.duration_us),
+        ("timestamp", r.timestamp_us),
+    ] {
+        m.insert(k.to_string(), OwnedVariant::from(v));
+    }
+    m.insert("error".into(), OwnedVariant::from(zbus::Str::from(r.error)));
+    m
+}
+
+#[interface(name = "org.conntrack_vmstate.VM1")]
+impl Vm1 {
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn vm_id(&self) -> String {
+        self.rt.config.vm.clone()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn id(&self) -> String {
+        self.rt.config.id.clone()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn mark(&self) -> u32 {
+        self.rt.config.mark
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn mark_mask(&self) -> u32 {
+        self.rt.config.mark_mask
+    }
+
+    /// Empty, or the one conntrack zone the VM's entries are taken from.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn zone(&self) -> Vec<u16> {
+        self.rt.config.zone.into_iter().collect()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn format(&self) -> String {
+        self.rt.config.format.as_str().to_string()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn bus_address(&self) -> String {
+        self.bus_address.clone()
+    }
+
+    /// Unique name of the VM's own connection that queues on
+    /// `org.qemu.VMState1`; empty while its bus is unreachable.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn unique_name(&self) -> String {
+        self.unique_name.clone()
+    }
+
+    /// entries, dropped, bytes, duration_us, error, timestamp (µs since the
+    /// epoch) of the last Save; empty before the first.
+    #[zbus(property)]
+    fn last_save(&self) -> HashMap<String, OwnedVariant> {
+        report_dict(self.rt.last_save())
+    }
+
+    /// entries, dropped, created, existed, refused, bytes, duration_us,
+    /// error, timestamp of the last Load; empty before the first.
+    #[zbus(property)]
+    fn last_load(&self) -> HashMap<String, OwnedVariant> {
+        report_dict(self.rt.last_load())
+    }
+}
+
+/// `org.qemu.VMState1` at `/org/qemu/VMState1` on the VM's own connection.
+pub struct VmState1 {
+    pub(crate) rt: Arc<VmRuntime>,
+    pub(crate) engine: Arc<Engine>,
+}
+
+#[interface(name = "org.qemu.VMState1")]
+impl VmState1 {
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn id(&self) -> String {
+        self.rt.config.id.clone()
+    }
+
+    /// Never an error, never empty, never more than 1 MiB (QEMU would
+    /// leave the VM running nowhere).
+    #[zbus(out_args("data"))]
+    async fn save(&self) -> ByteBuf {
+        ByteBuf::from(self.engine.save(&self.rt).await)
+    }
+
+    /// Never an error (QEMU would exit); problems land in LastLoad.
+    async fn load(&self, data: ByteBuf) {
+        self.engine.load(&self.rt, data.into_vec()).await
+    }
+}

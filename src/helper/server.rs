@@ -1,0 +1,447 @@
+//! Helper side: accepts daemon connections on a (socket-activated) unix
+//! stream socket, validates every request and runs it against a
+//! [`ConntrackAccess`] (in production [`crate::ctnetlink::Ctnetlink`]).
+//!
+//! One thread per connection, so a slow dump for one VM never delays a
+//! Save for another, and a connection that sends garbage only loses itself.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::wire::{self, Request, Response};
+use crate::access::ConntrackAccess;
+use crate::entry::Selector;
+
+/// Tunables of [`serve`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Exit after this long with no request in flight and none received;
+    /// systemd starts the helper again on the next connection. `None` runs
+    /// until killed.
+    pub idle_timeout: Option<Duration>,
+    /// Connections served at once; more are answered with an error and
+    /// closed, so a runaway client cannot exhaust threads.
+    pub max_connections: usize,
+    /// A frame that has started must arrive completely within this time.
+    pub frame_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            idle_timeout: Some(Duration::from_secs(60)),
+            max_connections: 64,
+            frame_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a finished [`serve`] did, for its exit log line and for tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServeSummary {
+    pub connections: u64,
+    pub requests: u64,
+    pub rejected: u64,
+}
+
+/// How often blocked reads and the accept loop look at the stop flag.
+const TICK: Duration = Duration::from_millis(200);
+
+struct Shared {
+    stop: AtomicBool,
+    open: AtomicUsize,
+    busy: AtomicUsize,
+    /// Milliseconds since `start` of the last request start or end.
+    last_activity_ms: AtomicU64,
+    start: Instant,
+    requests: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl Shared {
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+    fn idle_for(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Checks that a request only touches what it claims to. Returns the text of
+/// the error reply. Nothing reaches the kernel unless this passes.
+pub fn validate(req: &Request) -> Result<(), String> {
+    let sel = match req {
+        Request::Dump(s)
+        | Request::DeleteSelected(s)
+        | Request::Create(s, _)
+        | Request::DeleteEntries(s, _) => s,
+    };
+    validate_selector(sel)?;
+    if let Request::Create(s, entries) | Request::DeleteEntries(s, entries) = req {
+        for (i, e) in entries.iter().enumerate() {
+            if !s.matches(e) {
+                return Err(format!(
+                    "entry {i} (mark {:#x}, zone {}) is outside the request's selector \
+                     (mark {:#x}/{:#x}{})",
+                    e.mark,
+                    e.zone,
+                    s.mark,
+                    s.mark_mask,
+                    s.zone.map(|z| format!(", zone {z}")).unwrap_or_default()
+                ));
+            }
+            if e.orig.proto != e.reply.proto {
+                return Err(format!(
+                    "entry {i}: reply protocol {} differs from original protocol {}",
+                    e.reply.proto, e.orig.proto
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A selector must pick marked entries: `mark & mark_mask == 0` would select
+/// the host's own, unmarked connections (and a zero mask every entry), which
+/// no VM owns.
+pub fn validate_selector(s: &Selector) -> Result<(), String> {
+    if s.mark & s.mark_mask == 0 {
+        return Err(format!(
+            "selector mark {:#x}/{:#x} would select unmarked entries; refused",
+            s.mark, s.mark_mask
+        ));
+    }
+    Ok(())
+}
+
+/// Runs one validated request.
+fn execute(req: &Request, access: &dyn ConntrackAccess) -> Response {
+    let r = match req {
+        Request::Dump(s) => access.dump(s).map(|mut es| {
+            // Re-check the kernel's filtering: only what was asked for leaves.
+            es.retain(|e| s.matches(e));
+            Response::Entries(es)
+        }),
+        Request::Create(_, es) => access.create(es).map(Response::Created),
+        Request::DeleteSelected(s) => access.delete_selected(s).map(Response::Deleted),
+        Request::DeleteEntries(_, es) => access.delete_entries(es).map(Response::DeleteReport),
+    };
+    r.unwrap_or_else(|e| Response::Error(e.to_string()))
+}
+
+/// Decodes, validates and runs one request payload; never panics outward.
+pub fn handle(payload: &[u8], access: &dyn ConntrackAccess) -> (Response, Option<&'static str>) {
+    let req = match wire::decode_request(payload) {
+        Ok(r) => r,
+        Err(e) => return (Response::Error(format!("malformed request: {e}")), None),
+    };
+    let name = req.name();
+    if let Err(msg) = validate(&req) {
+        return (
+            Response::Error(format!("{name} refused: {msg}")),
+            Some(name),
+        );
+    }
+    // The codec below is a large piece of code handling kernel input; a bug
+    // in it must cost one reply, not the helper and every other connection.
+    match catch_unwind(AssertUnwindSafe(|| execute(&req, access))) {
+        Ok(resp) => (resp, Some(name)),
+        Err(_) => (
+            Response::Error(format!("{name} failed: internal error in the helper")),
+            Some(name),
+        ),
+    }
+}
+
+/// Serves `listener` until idle (see [`ServerConfig::idle_timeout`]).
+pub fn serve(
+    listener: UnixListener,
+    access: Arc<dyn ConntrackAccess>,
+    cfg: ServerConfig,
+) -> io::Result<ServeSummary> {
+    listener.set_nonblocking(true)?;
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        open: AtomicUsize::new(0),
+        busy: AtomicUsize::new(0),
+        last_activity_ms: AtomicU64::new(0),
+        start: Instant::now(),
+        requests: AtomicU64::new(0),
+        rejected: AtomicU64::new(0),
+    });
+    let threads = Mutex::new(Vec::new());
+    let mut connections = 0u64;
+    loop {
+        let idle = cfg
+            .idle_timeout
+            .is_some_and(|t| shared.busy.load(Ordering::SeqCst) == 0 && shared.idle_for() >= t);
+        if idle {
+            break;
+        }
+        if !wait_readable(&listener, TICK)? {
+            continue;
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // EMFILE and friends: keep serving the connections we have.
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                std::thread::sleep(TICK);
+                continue;
+            }
+        };
+        connections += 1;
+        shared.touch();
+        if shared.open.load(Ordering::SeqCst) >= cfg.max_connections {
+            shared.rejected.fetch_add(1, Ordering::Relaxed);
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let msg = format!("too many connections (limit {})", cfg.max_connections);
+            let _ = (&stream).write_all(&wire::encode_response(&Response::Error(msg)));
+            continue;
+        }
+        shared.open.fetch_add(1, Ordering::SeqCst);
+        let (sh, acc, c) = (shared.clone(), access.clone(), cfg.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("conn-{connections}"))
+            .spawn(move || {
+                if let Err(e) = connection(stream, &*acc, &sh, &c) {
+                    tracing::debug!("connection ended: {e}");
+                }
+                sh.open.fetch_sub(1, Ordering::SeqCst);
+                sh.touch();
+            });
+        match spawned {
+            Ok(h) => {
+                let mut t = threads.lock().unwrap_or_else(|p| p.into_inner());
+                t.retain(|h: &std::thread::JoinHandle<()>| !h.is_finished());
+                t.push(h);
+            }
+            Err(e) => {
+                shared.open.fetch_sub(1, Ordering::SeqCst);
+                tracing::warn!("cannot start a connection thread: {e}");
+            }
+        }
+    }
+    shared.stop.store(true, Ordering::SeqCst);
+    // Idle connections notice the flag within a tick; none is mid-request
+    // (busy was 0), and a request that raced in is finished first.
+    for h in threads.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        let _ = h.join();
+    }
+    Ok(ServeSummary {
+        connections,
+        requests: shared.requests.load(Ordering::Relaxed),
+        rejected: shared.rejected.load(Ordering::Relaxed),
+    })
+}
+
+fn wait_readable(l: &UnixListener, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: l.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, lives across the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(n > 0)
+}
+
+enum Read0 {
+    Frame(Vec<u8>),
+    /// Peer closed, or we are stopping, between frames.
+    Closed,
+}
+
+/// Reads `buf` fully. `between_frames` means nothing of this frame has been
+/// read yet: then a stop request or EOF ends the connection cleanly.
+fn read_full(
+    s: &mut UnixStream,
+    buf: &mut [u8],
+    between_frames: bool,
+    sh: &Shared,
+    frame_timeout: Duration,
+) -> io::Result<bool> {
+    let mut got = 0;
+    let mut started: Option<Instant> = if between_frames {
+        None
+    } else {
+        Some(Instant::now())
+    };
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) if got == 0 && started.is_none() => return Ok(false),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed mid-frame",
+                ))
+            }
+            Ok(n) => {
+                got += n;
+                started.get_or_insert_with(Instant::now);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                match started {
+                    None if sh.stop.load(Ordering::SeqCst) => return Ok(false),
+                    None => {}
+                    Some(t) if t.elapsed() > frame_timeout => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "frame not completed in time",
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+fn read_request(
+    s: &mut UnixStream,
+    sh: &Shared,
+    cfg: &ServerConfig,
+) -> io::Result<Result<Read0, usize>> {
+    let mut len = [0u8; 4];
+    if !read_full(s, &mut len, true, sh, cfg.frame_timeout)? {
+        return Ok(Ok(Read0::Closed));
+    }
+    let n = u32::from_le_bytes(len) as usize;
+    if n > wire::MAX_REQUEST {
+        return Ok(Err(n));
+    }
+    let mut buf = vec![0u8; n];
+    read_full(s, &mut buf, false, sh, cfg.frame_timeout)?;
+    Ok(Ok(Read0::Frame(buf)))
+}
+
+fn connection(
+    mut s: UnixStream,
+    access: &dyn ConntrackAccess,
+    sh: &Shared,
+    cfg: &ServerConfig,
+) -> io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(TICK))?;
+    // A daemon that stops reading must not pin a helper thread forever.
+    s.set_write_timeout(Some(cfg.frame_timeout))?;
+    loop {
+        let payload = match read_request(&mut s, sh, cfg)? {
+            Ok(Read0::Closed) => return Ok(()),
+            Ok(Read0::Frame(p)) => p,
+            Err(n) => {
+                // The rest of the oversized frame is not read, so the stream
+                // cannot be resynchronised: reply and close.
+                let msg = format!(
+                    "request of {n} bytes exceeds the limit of {} bytes",
+                    wire::MAX_REQUEST
+                );
+                tracing::warn!("{msg}");
+                s.write_all(&wire::encode_response(&Response::Error(msg)))?;
+                return Ok(());
+            }
+        };
+        sh.busy.fetch_add(1, Ordering::SeqCst);
+        sh.touch();
+        let t0 = Instant::now();
+        let (resp, name) = handle(&payload, access);
+        drop(payload);
+        let mut out = wire::encode_response(&resp);
+        if out.len() - 4 > wire::MAX_RESPONSE {
+            out = wire::encode_response(&Response::Error(format!(
+                "reply of {} bytes exceeds the protocol limit of {} bytes",
+                out.len() - 4,
+                wire::MAX_RESPONSE
+            )));
+        }
+        sh.requests.fetch_add(1, Ordering::Relaxed);
+        match &resp {
+            Response::Error(msg) => {
+                tracing::warn!(op = name.unwrap_or("?"), "{msg}")
+            }
+            _ => tracing::debug!(
+                op = name.unwrap_or("?"),
+                duration_us = t0.elapsed().as_micros() as u64,
+                "request done"
+            ),
+        }
+        drop(resp);
+        let w = s.write_all(&out);
+        sh.busy.fetch_sub(1, Ordering::SeqCst);
+        sh.touch();
+        w?;
+    }
+}
+
+/// The listening socket systemd passed (`LISTEN_FDS`/`LISTEN_PID`, fd 3),
+/// or `None` when not socket-activated. The variables are removed so that
+/// nothing this process starts mistakes them for its own.
+pub fn listener_from_systemd() -> io::Result<Option<UnixListener>> {
+    let pid_ok = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let fds = std::env::var("LISTEN_FDS").ok();
+    // SAFETY: single-threaded at this point (called first thing in main).
+    unsafe {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    if !pid_ok {
+        return Ok(None);
+    }
+    match fds.as_deref() {
+        Some("1") => {}
+        Some(n) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("expected exactly one socket from systemd, got LISTEN_FDS={n}"),
+            ));
+        }
+        None => return Ok(None),
+    }
+    const SD_LISTEN_FDS_START: i32 = 3;
+    // SAFETY: systemd hands us ownership of fd 3 when LISTEN_PID is ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(SD_LISTEN_FDS_START) };
+    let ty = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType)
+        .map_err(io::Error::from)?;
+    if ty != nix::sys::socket::SockType::Stream {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("socket from systemd is {ty:?}, expected a stream socket (ListenStream=)"),
+        ));
+    }
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(io::Error::from)?;
+    Ok(Some(UnixListener::from(fd)))
+}

@@ -1,0 +1,649 @@
+//! Byte-level encoding of helper protocol frames (see `docs/helper-protocol.md`).
+//!
+//! Everything is little-endian. Decoding never panics and never allocates more
+//! than the frame it was given justifies: counts are checked against the
+//! bytes that remain before any vector is reserved.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::access::{CreateReport, DeleteReport};
+use crate::entry::{Entry, ProtoInfo, Selector, SeqAdj, Tuple, L4};
+
+/// Protocol version carried in every frame. A peer speaking another version
+/// gets an error reply naming both.
+pub const VERSION: u8 = 1;
+
+/// Largest request frame the helper reads (payload bytes after the length).
+/// Sized for [`MAX_ENTRIES`] entries of the largest encoding with room to
+/// spare; anything bigger is refused before it is buffered.
+pub const MAX_REQUEST: usize = 16 << 20;
+
+/// Largest response frame the client accepts: a dump of a whole mark on a
+/// host with a very large conntrack table (2M entries at ~100 bytes).
+pub const MAX_RESPONSE: usize = 256 << 20;
+
+/// Most entries one Create or DeleteEntries request may carry. The client
+/// splits larger batches; the helper refuses larger counts.
+pub const MAX_ENTRIES: usize = 65_536;
+
+/// `NF_CT_HELPER_NAME_LEN` minus the terminating NUL.
+pub const MAX_HELPER_NAME: usize = 15;
+
+/// Request opcodes.
+pub mod op {
+    pub const DUMP: u8 = 1;
+    pub const CREATE: u8 = 2;
+    pub const DELETE_SELECTED: u8 = 3;
+    pub const DELETE_ENTRIES: u8 = 4;
+    /// Replies have the high bit set.
+    pub const R_ERROR: u8 = 0x80;
+    pub const R_ENTRIES: u8 = 0x81;
+    pub const R_CREATED: u8 = 0x82;
+    pub const R_DELETED: u8 = 0x83;
+    pub const R_DELETE_REPORT: u8 = 0x84;
+}
+
+/// A request from the daemon. Create and DeleteEntries name the selector
+/// every one of their entries must match, so the helper can check that a
+/// request only touches the marks it claims to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Dump(Selector),
+    Create(Selector, Vec<Entry>),
+    DeleteSelected(Selector),
+    DeleteEntries(Selector, Vec<Entry>),
+}
+
+impl Request {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Dump(_) => "dump",
+            Request::Create(..) => "create",
+            Request::DeleteSelected(_) => "delete-selected",
+            Request::DeleteEntries(..) => "delete-entries",
+        }
+    }
+}
+
+/// A reply from the helper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Error(String),
+    Entries(Vec<Entry>),
+    Created(CreateReport),
+    Deleted(u64),
+    DeleteReport(DeleteReport),
+}
+
+/// Why a frame could not be decoded. The text goes back to the peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame truncated: needed {need} more bytes at offset {at}")]
+    Truncated { at: usize, need: usize },
+    #[error("unsupported protocol version {got} (this side speaks {VERSION})")]
+    Version { got: u8 },
+    #[error("unknown opcode {0:#04x}")]
+    Opcode(u8),
+    #[error("invalid {what} {value} at offset {at}")]
+    Invalid {
+        what: &'static str,
+        value: u64,
+        at: usize,
+    },
+    #[error("{count} entries exceed the limit of {MAX_ENTRIES} per request")]
+    TooManyEntries { count: u64 },
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+    #[error("helper name is not UTF-8")]
+    HelperName,
+}
+
+// ---------------------------------------------------------------- encoding
+
+struct W(Vec<u8>);
+
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i32(&mut self, v: i32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.extend_from_slice(b);
+    }
+}
+
+/// Presence bits of an entry's optional attributes.
+mod has {
+    pub const LABELS: u8 = 1 << 0;
+    pub const PROTOINFO: u8 = 1 << 1;
+    pub const SEQ_ADJ_ORIG: u8 = 1 << 2;
+    pub const SEQ_ADJ_REPLY: u8 = 1 << 3;
+    pub const HELPER: u8 = 1 << 4;
+    pub const ID: u8 = 1 << 5;
+    pub const ALL: u8 = 0x3f;
+}
+
+fn put_selector(w: &mut W, s: &Selector) {
+    w.u32(s.mark);
+    w.u32(s.mark_mask);
+    match s.zone {
+        Some(z) => {
+            w.u8(1);
+            w.u16(z);
+        }
+        None => w.u8(0),
+    }
+}
+
+fn put_tuple(w: &mut W, t: &Tuple) {
+    match (&t.src, &t.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            w.u8(4);
+            w.bytes(&s.octets());
+            w.bytes(&d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            w.u8(6);
+            w.bytes(&s.octets());
+            w.bytes(&d.octets());
+        }
+        // A tuple mixing families cannot exist in the kernel. It is sent as
+        // family 0, which the helper rejects with a clear error, rather than
+        // the client silently rewriting an address.
+        _ => {
+            w.u8(0);
+            return;
+        }
+    }
+    w.u8(t.proto);
+    match t.l4 {
+        L4::None => w.u8(0),
+        L4::Ports { src, dst } => {
+            w.u8(1);
+            w.u16(src);
+            w.u16(dst);
+        }
+        L4::Icmp { id, kind, code } => {
+            w.u8(2);
+            w.u16(id);
+            w.u8(kind);
+            w.u8(code);
+        }
+    }
+    match t.zone {
+        Some(z) => {
+            w.u8(1);
+            w.u16(z);
+        }
+        None => w.u8(0),
+    }
+}
+
+fn put_entry(w: &mut W, e: &Entry) {
+    put_tuple(w, &e.orig);
+    put_tuple(w, &e.reply);
+    w.u32(e.status);
+    w.u32(e.timeout);
+    w.u32(e.mark);
+    w.u16(e.zone);
+    let mut bits = 0u8;
+    if e.labels.is_some() {
+        bits |= has::LABELS;
+    }
+    if e.protoinfo.is_some() {
+        bits |= has::PROTOINFO;
+    }
+    if e.seq_adj_orig.is_some() {
+        bits |= has::SEQ_ADJ_ORIG;
+    }
+    if e.seq_adj_reply.is_some() {
+        bits |= has::SEQ_ADJ_REPLY;
+    }
+    if e.helper.is_some() {
+        bits |= has::HELPER;
+    }
+    if e.id.is_some() {
+        bits |= has::ID;
+    }
+    w.u8(bits);
+    if let Some(l) = &e.labels {
+        w.bytes(l);
+    }
+    if let Some(p) = &e.protoinfo {
+        match *p {
+            ProtoInfo::Tcp {
+                state,
+                wscale_orig,
+                wscale_reply,
+                flags_orig,
+                flags_reply,
+            } => {
+                w.u8(1);
+                w.bytes(&[state, wscale_orig, wscale_reply, flags_orig, flags_reply]);
+            }
+            ProtoInfo::Sctp {
+                state,
+                vtag_orig,
+                vtag_reply,
+            } => {
+                w.u8(2);
+                w.u8(state);
+                w.u32(vtag_orig);
+                w.u32(vtag_reply);
+            }
+            ProtoInfo::Dccp {
+                state,
+                role,
+                handshake_seq,
+            } => {
+                w.u8(3);
+                w.u8(state);
+                w.u8(role);
+                w.u64(handshake_seq);
+            }
+        }
+    }
+    for s in [&e.seq_adj_orig, &e.seq_adj_reply].into_iter().flatten() {
+        w.u32(s.correction_pos);
+        w.i32(s.offset_before);
+        w.i32(s.offset_after);
+    }
+    if let Some(h) = &e.helper {
+        // Longer names cannot exist in the kernel; the helper refuses them.
+        let b = h.as_bytes();
+        let n = b.len().min(255);
+        w.u8(n as u8);
+        w.bytes(&b[..n]);
+    }
+    if let Some(id) = e.id {
+        w.u32(id);
+    }
+}
+
+fn put_entries<'e>(w: &mut W, entries: impl ExactSizeIterator<Item = &'e Entry>) {
+    w.u32(u32::try_from(entries.len()).unwrap_or(u32::MAX));
+    for e in entries {
+        put_entry(w, e);
+    }
+}
+
+fn frame(opcode: u8, body: impl FnOnce(&mut W)) -> Vec<u8> {
+    // Length prefix is patched in at the end.
+    let mut w = W(Vec::with_capacity(64));
+    w.u32(0);
+    w.u8(VERSION);
+    w.u8(opcode);
+    body(&mut w);
+    let len = u32::try_from(w.0.len() - 4).unwrap_or(u32::MAX);
+    w.0[..4].copy_from_slice(&len.to_le_bytes());
+    w.0
+}
+
+/// The complete frame (length prefix included) of a request.
+pub fn encode_request(r: &Request) -> Vec<u8> {
+    match r {
+        Request::Dump(s) => frame(op::DUMP, |w| put_selector(w, s)),
+        Request::DeleteSelected(s) => frame(op::DELETE_SELECTED, |w| put_selector(w, s)),
+        Request::Create(s, es) => encode_batch(op::CREATE, s, es.iter()),
+        Request::DeleteEntries(s, es) => encode_batch(op::DELETE_ENTRIES, s, es.iter()),
+    }
+}
+
+/// The frame of a Create or DeleteEntries request over borrowed entries, so
+/// the client does not clone a batch to send it.
+pub fn encode_batch<'e>(
+    opcode: u8,
+    sel: &Selector,
+    entries: impl ExactSizeIterator<Item = &'e Entry>,
+) -> Vec<u8> {
+    frame(opcode, |w| {
+        put_selector(w, sel);
+        put_entries(w, entries);
+    })
+}
+
+/// The complete frame (length prefix included) of a response.
+pub fn encode_response(r: &Response) -> Vec<u8> {
+    match r {
+        Response::Error(msg) => frame(op::R_ERROR, |w| {
+            // Error texts are short; cap them so a runaway message cannot
+            // grow a reply without bound.
+            let b = msg.as_bytes();
+            let n = b.len().min(4096);
+            w.u16(n as u16);
+            w.bytes(&b[..n]);
+        }),
+        Response::Entries(es) => frame(op::R_ENTRIES, |w| put_entries(w, es.iter())),
+        Response::Created(c) => frame(op::R_CREATED, |w| {
+            w.u64(c.created);
+            w.u64(c.existed);
+            w.u64(c.refused);
+            let n = c.refused_by_errno.len().min(255);
+            w.u8(n as u8);
+            for &(errno, count) in &c.refused_by_errno[..n] {
+                w.i32(errno);
+                w.u64(count);
+            }
+        }),
+        Response::Deleted(n) => frame(op::R_DELETED, |w| w.u64(*n)),
+        Response::DeleteReport(d) => frame(op::R_DELETE_REPORT, |w| {
+            w.u64(d.deleted);
+            w.u64(d.missing);
+        }),
+    }
+}
+
+// ---------------------------------------------------------------- decoding
+
+struct R<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> R<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        let rest = self.b.len() - self.at;
+        if rest < n {
+            return Err(WireError::Truncated {
+                at: self.at,
+                need: n - rest,
+            });
+        }
+        let s = &self.b[self.at..self.at + n];
+        self.at += n;
+        Ok(s)
+    }
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.arr()?))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.arr()?))
+    }
+    fn i32(&mut self) -> Result<i32, WireError> {
+        Ok(i32::from_le_bytes(self.arr()?))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.arr()?))
+    }
+    fn invalid(&self, what: &'static str, value: u64) -> WireError {
+        WireError::Invalid {
+            what,
+            value,
+            at: self.at.saturating_sub(1),
+        }
+    }
+    fn flag(&mut self, what: &'static str) -> Result<bool, WireError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(self.invalid(what, v.into())),
+        }
+    }
+    fn end(&self) -> Result<(), WireError> {
+        match self.b.len() - self.at {
+            0 => Ok(()),
+            n => Err(WireError::Trailing(n)),
+        }
+    }
+}
+
+fn get_selector(r: &mut R) -> Result<Selector, WireError> {
+    let mark = r.u32()?;
+    let mark_mask = r.u32()?;
+    let zone = if r.flag("zone flag")? {
+        Some(r.u16()?)
+    } else {
+        None
+    };
+    Ok(Selector {
+        mark,
+        mark_mask,
+        zone,
+    })
+}
+
+fn get_tuple(r: &mut R) -> Result<Tuple, WireError> {
+    let (src, dst) = match r.u8()? {
+        4 => (
+            IpAddr::V4(Ipv4Addr::from(r.arr::<4>()?)),
+            IpAddr::V4(Ipv4Addr::from(r.arr::<4>()?)),
+        ),
+        6 => (
+            IpAddr::V6(Ipv6Addr::from(r.arr::<16>()?)),
+            IpAddr::V6(Ipv6Addr::from(r.arr::<16>()?)),
+        ),
+        f => return Err(r.invalid("address family", f.into())),
+    };
+    let proto = r.u8()?;
+    let l4 = match r.u8()? {
+        0 => L4::None,
+        1 => L4::Ports {
+            src: r.u16()?,
+            dst: r.u16()?,
+        },
+        2 => L4::Icmp {
+            id: r.u16()?,
+            kind: r.u8()?,
+            code: r.u8()?,
+        },
+        t => return Err(r.invalid("layer-4 kind", t.into())),
+    };
+    let zone = if r.flag("tuple zone flag")? {
+        Some(r.u16()?)
+    } else {
+        None
+    };
+    Ok(Tuple {
+        src,
+        dst,
+        proto,
+        l4,
+        zone,
+    })
+}
+
+fn get_seq_adj(r: &mut R) -> Result<SeqAdj, WireError> {
+    Ok(SeqAdj {
+        correction_pos: r.u32()?,
+        offset_before: r.i32()?,
+        offset_after: r.i32()?,
+    })
+}
+
+fn get_entry(r: &mut R) -> Result<Entry, WireError> {
+    let orig = get_tuple(r)?;
+    let reply = get_tuple(r)?;
+    if orig.src.is_ipv6() != reply.src.is_ipv6() {
+        return Err(r.invalid("reply tuple family (differs from original)", 0));
+    }
+    let status = r.u32()?;
+    let timeout = r.u32()?;
+    let mark = r.u32()?;
+    let zone = r.u16()?;
+    let bits = r.u8()?;
+    if bits & !has::ALL != 0 {
+        return Err(r.invalid("attribute bits", bits.into()));
+    }
+    let labels = if bits & has::LABELS != 0 {
+        Some(r.arr::<16>()?)
+    } else {
+        None
+    };
+    let protoinfo = if bits & has::PROTOINFO != 0 {
+        Some(match r.u8()? {
+            1 => {
+                let [state, wscale_orig, wscale_reply, flags_orig, flags_reply] = r.arr::<5>()?;
+                ProtoInfo::Tcp {
+                    state,
+                    wscale_orig,
+                    wscale_reply,
+                    flags_orig,
+                    flags_reply,
+                }
+            }
+            2 => ProtoInfo::Sctp {
+                state: r.u8()?,
+                vtag_orig: r.u32()?,
+                vtag_reply: r.u32()?,
+            },
+            3 => ProtoInfo::Dccp {
+                state: r.u8()?,
+                role: r.u8()?,
+                handshake_seq: r.u64()?,
+            },
+            t => return Err(r.invalid("protoinfo kind", t.into())),
+        })
+    } else {
+        None
+    };
+    let seq_adj_orig = if bits & has::SEQ_ADJ_ORIG != 0 {
+        Some(get_seq_adj(r)?)
+    } else {
+        None
+    };
+    let seq_adj_reply = if bits & has::SEQ_ADJ_REPLY != 0 {
+        Some(get_seq_adj(r)?)
+    } else {
+        None
+    };
+    let helper = if bits & has::HELPER != 0 {
+        let n = usize::from(r.u8()?);
+        if n == 0 || n > MAX_HELPER_NAME {
+            return Err(r.invalid("helper name length", n as u64));
+        }
+        let s = std::str::from_utf8(r.take(n)?).map_err(|_| WireError::HelperName)?;
+        Some(s.to_owned())
+    } else {
+        None
+    };
+    let id = if bits & has::ID != 0 {
+        Some(r.u32()?)
+    } else {
+        None
+    };
+    Ok(Entry {
+        orig,
+        reply,
+        status,
+        timeout,
+        mark,
+        zone,
+        labels,
+        protoinfo,
+        seq_adj_orig,
+        seq_adj_reply,
+        helper,
+        id,
+    })
+}
+
+/// Smallest possible encoded entry: two IPv4 tuples without ports or zone
+/// (1+4+4+1+1+1 each), status, timeout, mark, zone and the presence byte.
+const MIN_ENTRY: usize = 2 * 12 + 4 + 4 + 4 + 2 + 1;
+
+fn get_entries(r: &mut R, limit: usize) -> Result<Vec<Entry>, WireError> {
+    let count = r.u32()? as usize;
+    if count > limit {
+        return Err(WireError::TooManyEntries {
+            count: count as u64,
+        });
+    }
+    // Never reserve more than the remaining bytes can possibly hold.
+    let remaining = r.b.len() - r.at;
+    if count > remaining / MIN_ENTRY {
+        return Err(WireError::Truncated {
+            at: r.at,
+            need: count * MIN_ENTRY - remaining,
+        });
+    }
+    let mut v = Vec::with_capacity(count);
+    for _ in 0..count {
+        v.push(get_entry(r)?);
+    }
+    Ok(v)
+}
+
+fn header(r: &mut R) -> Result<u8, WireError> {
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(WireError::Version { got: version });
+    }
+    r.u8()
+}
+
+/// Decodes a request payload (the bytes after the length prefix).
+pub fn decode_request(payload: &[u8]) -> Result<Request, WireError> {
+    let mut r = R { b: payload, at: 0 };
+    let opcode = header(&mut r)?;
+    let req = match opcode {
+        op::DUMP => Request::Dump(get_selector(&mut r)?),
+        op::DELETE_SELECTED => Request::DeleteSelected(get_selector(&mut r)?),
+        op::CREATE => {
+            let s = get_selector(&mut r)?;
+            Request::Create(s, get_entries(&mut r, MAX_ENTRIES)?)
+        }
+        op::DELETE_ENTRIES => {
+            let s = get_selector(&mut r)?;
+            Request::DeleteEntries(s, get_entries(&mut r, MAX_ENTRIES)?)
+        }
+        other => return Err(WireError::Opcode(other)),
+    };
+    r.end()?;
+    Ok(req)
+}
+
+/// Decodes a response payload (the bytes after the length prefix).
+pub fn decode_response(payload: &[u8]) -> Result<Response, WireError> {
+    let mut r = R { b: payload, at: 0 };
+    let opcode = header(&mut r)?;
+    let resp = match opcode {
+        op::R_ERROR => {
+            let n = usize::from(r.u16()?);
+            Response::Error(String::from_utf8_lossy(r.take(n)?).into_owned())
+        }
+        op::R_ENTRIES => Response::Entries(get_entries(&mut r, usize::MAX)?),
+        op::R_CREATED => {
+            let created = r.u64()?;
+            let existed = r.u64()?;
+            let refused = r.u64()?;
+            let n = r.u8()?;
+            let mut refused_by_errno = Vec::with_capacity(n.into());
+            for _ in 0..n {
+                refused_by_errno.push((r.i32()?, r.u64()?));
+            }
+            Response::Created(CreateReport {
+                created,
+                existed,
+                refused,
+                refused_by_errno,
+            })
+        }
+        op::R_DELETED => Response::Deleted(r.u64()?),
+        op::R_DELETE_REPORT => Response::DeleteReport(DeleteReport {
+            deleted: r.u64()?,
+            missing: r.u64()?,
+        }),
+        other => return Err(WireError::Opcode(other)),
+    };
+    r.end()?;
+    Ok(resp)
+}

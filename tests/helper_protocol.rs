@@ -1,0 +1,950 @@
+//! Helper protocol: encode/decode round trips, validation of hostile
+//! requests, and the client's reconnect/timeout behaviour against a real
+//! helper server on a unix socket.
+//!
+//! The server here runs over a recording in-memory table instead of the
+//! kernel: these tests are about what the protocol layer lets through, and
+//! "nothing reached the kernel" is asserted by the table never seeing a call.
+//! The same paths against the kernel's conntrack are in `helper_kernel.rs`.
+
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use conntrack_vmstate::access::{
+    AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport,
+};
+use conntrack_vmstate::entry::{proto, status, Entry, ProtoInfo, Selector, SeqAdj, Tuple, L4};
+use conntrack_vmstate::helper::wire::{self, Request, Response, WireError};
+use conntrack_vmstate::helper::{serve, HelperClient, ServeSummary, ServerConfig};
+use proptest::prelude::*;
+
+// ------------------------------------------------------------------ fixtures
+
+fn tcp4(mark: u32, sport: u16) -> Entry {
+    let orig = Tuple {
+        src: "10.0.0.2".parse().unwrap(),
+        dst: "192.0.2.10".parse().unwrap(),
+        proto: proto::TCP,
+        l4: L4::Ports {
+            src: sport,
+            dst: 443,
+        },
+        zone: None,
+    };
+    Entry {
+        orig,
+        reply: orig.inverse(),
+        status: status::SEEN_REPLY | status::ASSURED | status::CONFIRMED,
+        timeout: 431_000,
+        mark,
+        zone: 0,
+        labels: None,
+        protoinfo: Some(ProtoInfo::Tcp {
+            state: 3,
+            wscale_orig: 7,
+            wscale_reply: 9,
+            flags_orig: 0x23,
+            flags_reply: 0x23,
+        }),
+        seq_adj_orig: None,
+        seq_adj_reply: None,
+        helper: None,
+        id: Some(0xdead_beef),
+    }
+}
+
+/// Every optional attribute present, NAT reply tuple, IPv6, zones.
+fn rich6(mark: u32) -> Entry {
+    let orig = Tuple {
+        src: "2001:db8::2".parse().unwrap(),
+        dst: "2001:db8:ffff::1".parse().unwrap(),
+        proto: proto::SCTP,
+        l4: L4::Ports {
+            src: 5000,
+            dst: 36412,
+        },
+        zone: Some(7),
+    };
+    let mut reply = orig.inverse();
+    reply.dst = "2001:db8:1::99".parse().unwrap();
+    Entry {
+        orig,
+        reply,
+        status: status::SEEN_REPLY | status::CONFIRMED | status::SRC_NAT | status::SRC_NAT_DONE,
+        timeout: 17,
+        mark,
+        zone: 7,
+        labels: Some([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]),
+        protoinfo: Some(ProtoInfo::Sctp {
+            state: 3,
+            vtag_orig: 0x1234_5678,
+            vtag_reply: 0x9abc_def0,
+        }),
+        seq_adj_orig: Some(SeqAdj {
+            correction_pos: 1000,
+            offset_before: -5,
+            offset_after: 12,
+        }),
+        seq_adj_reply: Some(SeqAdj {
+            correction_pos: 2000,
+            offset_before: 3,
+            offset_after: -4,
+        }),
+        helper: Some("ftp".into()),
+        id: None,
+    }
+}
+
+fn icmp4(mark: u32) -> Entry {
+    let orig = Tuple {
+        src: "10.0.0.2".parse().unwrap(),
+        dst: "198.51.100.1".parse().unwrap(),
+        proto: proto::ICMP,
+        l4: L4::Icmp {
+            id: 77,
+            kind: 8,
+            code: 0,
+        },
+        zone: None,
+    };
+    Entry {
+        orig,
+        reply: orig.inverse(),
+        status: status::CONFIRMED,
+        timeout: 29,
+        mark,
+        zone: 0,
+        labels: None,
+        protoinfo: Some(ProtoInfo::Dccp {
+            state: 1,
+            role: 2,
+            handshake_seq: u64::MAX - 3,
+        }),
+        seq_adj_orig: None,
+        seq_adj_reply: None,
+        helper: None,
+        id: None,
+    }
+}
+
+fn gre6(mark: u32) -> Entry {
+    let orig = Tuple {
+        src: "fe80::1".parse().unwrap(),
+        dst: "fe80::2".parse().unwrap(),
+        proto: 99,
+        l4: L4::None,
+        zone: None,
+    };
+    Entry {
+        orig,
+        reply: orig.inverse(),
+        status: 0,
+        timeout: 1,
+        mark,
+        zone: 65535,
+        labels: Some([0; 16]),
+        protoinfo: None,
+        seq_adj_orig: None,
+        seq_adj_reply: None,
+        helper: None,
+        id: Some(0),
+    }
+}
+
+/// What the fake table was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    Dump(Selector),
+    Create(Vec<Entry>),
+    DeleteSelected(Selector),
+    DeleteEntries(Vec<Entry>),
+}
+
+/// An in-memory table that records every call; optionally slow or panicking
+/// (a codec bug cannot be provoked in the kernel on purpose).
+#[derive(Default)]
+struct Table {
+    entries: Mutex<Vec<Entry>>,
+    calls: Mutex<Vec<Call>>,
+    delay: Mutex<Duration>,
+    panic_on_dump: std::sync::atomic::AtomicBool,
+}
+
+impl Table {
+    fn with(entries: Vec<Entry>) -> Arc<Table> {
+        let t = Table::default();
+        *t.entries.lock().unwrap() = entries;
+        Arc::new(t)
+    }
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn pause(&self) {
+        let d = *self.delay.lock().unwrap();
+        std::thread::sleep(d);
+    }
+}
+
+impl ConntrackAccess for Table {
+    fn dump(&self, sel: &Selector) -> Result<Vec<Entry>, AccessError> {
+        self.calls.lock().unwrap().push(Call::Dump(*sel));
+        self.pause();
+        if self.panic_on_dump.load(Ordering::SeqCst) {
+            panic!("simulated codec bug");
+        }
+        // Deliberately unfiltered: the server must re-check the selector.
+        Ok(self.entries.lock().unwrap().clone())
+    }
+    fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Call::Create(entries.to_vec()));
+        self.pause();
+        let mut t = self.entries.lock().unwrap();
+        let mut r = CreateReport::default();
+        for e in entries {
+            if e.status & status::EXPECTED != 0 {
+                r.add(CreateOutcome::Refused(16));
+            } else if t.iter().any(|x| x.orig == e.orig) {
+                r.add(CreateOutcome::Existed);
+            } else {
+                t.push(e.clone());
+                r.add(CreateOutcome::Created);
+            }
+        }
+        Ok(r)
+    }
+    fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError> {
+        self.calls.lock().unwrap().push(Call::DeleteSelected(*sel));
+        let mut t = self.entries.lock().unwrap();
+        let before = t.len();
+        t.retain(|e| !sel.matches(e));
+        Ok((before - t.len()) as u64)
+    }
+    fn delete_entries(&self, entries: &[Entry]) -> Result<DeleteReport, AccessError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Call::DeleteEntries(entries.to_vec()));
+        let mut t = self.entries.lock().unwrap();
+        let mut r = DeleteReport::default();
+        for e in entries {
+            match t.iter().position(|x| x.orig == e.orig) {
+                Some(i) => {
+                    t.remove(i);
+                    r.deleted += 1
+                }
+                None => r.missing += 1,
+            }
+        }
+        Ok(r)
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+struct Server {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+    handle: Option<JoinHandle<ServeSummary>>,
+}
+
+impl Server {
+    fn start(table: Arc<Table>, cfg: ServerConfig) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!(
+                "cvs-helper-{}-{}-",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ))
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("helper.sock");
+        let mut s = Server {
+            path,
+            _dir: dir,
+            handle: None,
+        };
+        s.restart(table, cfg);
+        s
+    }
+    fn restart(&mut self, table: Arc<Table>, cfg: ServerConfig) {
+        let _ = std::fs::remove_file(&self.path);
+        let l = UnixListener::bind(&self.path).unwrap();
+        self.handle = Some(std::thread::spawn(move || serve(l, table, cfg).unwrap()));
+    }
+    /// Waits (bounded) for an idle server to exit by itself.
+    fn wait_exit(&mut self, bound: Duration) -> ServeSummary {
+        let h = self.handle.take().expect("running");
+        let t0 = Instant::now();
+        while !h.is_finished() {
+            assert!(t0.elapsed() < bound, "server did not exit within {bound:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        h.join().unwrap()
+    }
+    fn raw(&self) -> UnixStream {
+        let s = UnixStream::connect(&self.path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+}
+
+fn cfg_idle(ms: u64) -> ServerConfig {
+    ServerConfig {
+        idle_timeout: Some(Duration::from_millis(ms)),
+        ..ServerConfig::default()
+    }
+}
+
+/// Sends raw bytes and reads one reply frame (None: closed without reply).
+fn exchange(s: &mut UnixStream, bytes: &[u8]) -> Option<Response> {
+    s.write_all(bytes).unwrap();
+    read_reply(s)
+}
+
+fn read_reply(s: &mut UnixStream) -> Option<Response> {
+    let mut len = [0u8; 4];
+    if s.read_exact(&mut len).is_err() {
+        return None;
+    }
+    let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut buf).unwrap();
+    Some(wire::decode_response(&buf).unwrap())
+}
+
+fn error_text(r: Option<Response>) -> String {
+    match r {
+        Some(Response::Error(m)) => m,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+fn payload(frame: &[u8]) -> &[u8] {
+    &frame[4..]
+}
+
+// ------------------------------------------------------------- round trips
+
+#[test]
+fn every_request_round_trips() {
+    let entries = vec![tcp4(100, 1), rich6(100), icmp4(100), gre6(100)];
+    let sel = Selector {
+        mark: 100,
+        mark_mask: 0xffff,
+        zone: Some(7),
+    };
+    for req in [
+        Request::Dump(sel),
+        Request::DeleteSelected(Selector::mark(5)),
+        Request::Create(sel, entries.clone()),
+        Request::DeleteEntries(Selector::mark(100), entries),
+        Request::Create(Selector::mark(1), vec![]),
+    ] {
+        let f = wire::encode_request(&req);
+        assert_eq!(
+            u32::from_le_bytes(f[..4].try_into().unwrap()) as usize,
+            f.len() - 4
+        );
+        assert_eq!(f[4], wire::VERSION);
+        assert_eq!(wire::decode_request(payload(&f)).unwrap(), req);
+    }
+}
+
+#[test]
+fn every_response_round_trips() {
+    for resp in [
+        Response::Error("no such thing".into()),
+        Response::Entries(vec![rich6(3), tcp4(3, 9)]),
+        Response::Entries(vec![]),
+        Response::Created(CreateReport {
+            created: 5,
+            existed: 2,
+            refused: 3,
+            refused_by_errno: vec![(16, 2), (22, 1)],
+        }),
+        Response::Deleted(u64::MAX),
+        Response::DeleteReport(DeleteReport {
+            deleted: 8,
+            missing: 1,
+        }),
+    ] {
+        let f = wire::encode_response(&resp);
+        assert_eq!(wire::decode_response(payload(&f)).unwrap(), resp);
+    }
+}
+
+fn arb_tuple(v6: bool) -> impl Strategy<Value = Tuple> {
+    let addr = move || {
+        if v6 {
+            any::<u128>().prop_map(|a| IpAddr::V6(a.into())).boxed()
+        } else {
+            any::<u32>().prop_map(|a| IpAddr::V4(a.into())).boxed()
+        }
+    };
+    let l4 = prop_oneof![
+        Just(L4::None),
+        (any::<u16>(), any::<u16>()).prop_map(|(src, dst)| L4::Ports { src, dst }),
+        (any::<u16>(), any::<u8>(), any::<u8>()).prop_map(|(id, kind, code)| L4::Icmp {
+            id,
+            kind,
+            code
+        }),
+    ];
+    (addr(), addr(), any::<u8>(), l4, any::<Option<u16>>()).prop_map(
+        |(src, dst, proto, l4, zone)| Tuple {
+            src,
+            dst,
+            proto,
+            l4,
+            zone,
+        },
+    )
+}
+
+fn arb_entry() -> impl Strategy<Value = Entry> {
+    let pi = prop_oneof![
+        Just(None),
+        any::<[u8; 5]>().prop_map(|b| Some(ProtoInfo::Tcp {
+            state: b[0],
+            wscale_orig: b[1],
+            wscale_reply: b[2],
+            flags_orig: b[3],
+            flags_reply: b[4]
+        })),
+        (any::<u8>(), any::<u32>(), any::<u32>()).prop_map(|(state, vtag_orig, vtag_reply)| Some(
+            ProtoInfo::Sctp {
+                state,
+                vtag_orig,
+                vtag_reply
+            }
+        )),
+        (any::<u8>(), any::<u8>(), any::<u64>()).prop_map(|(state, role, handshake_seq)| Some(
+            ProtoInfo::Dccp {
+                state,
+                role,
+                handshake_seq
+            }
+        )),
+    ];
+    let seq = || {
+        proptest::option::of(
+            (any::<u32>(), any::<i32>(), any::<i32>()).prop_map(|(a, b, c)| SeqAdj {
+                correction_pos: a,
+                offset_before: b,
+                offset_after: c,
+            }),
+        )
+    };
+    any::<bool>()
+        .prop_flat_map(move |v6| {
+            (
+                arb_tuple(v6),
+                arb_tuple(v6),
+                (any::<u32>(), any::<u32>(), any::<u32>(), any::<u16>()),
+                any::<Option<[u8; 16]>>(),
+                pi.clone(),
+                seq(),
+                seq(),
+                proptest::option::of("[a-z0-9-]{1,15}"),
+                any::<Option<u32>>(),
+            )
+        })
+        .prop_map(
+            |(
+                orig,
+                mut reply,
+                (status, timeout, mark, zone),
+                labels,
+                protoinfo,
+                sa,
+                sb,
+                helper,
+                id,
+            )| {
+                reply.proto = orig.proto;
+                Entry {
+                    orig,
+                    reply,
+                    status,
+                    timeout,
+                    mark,
+                    zone,
+                    labels,
+                    protoinfo,
+                    seq_adj_orig: sa,
+                    seq_adj_reply: sb,
+                    helper,
+                    id,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn arbitrary_entries_round_trip(entries in proptest::collection::vec(arb_entry(), 0..40)) {
+        let req = Request::DeleteEntries(Selector::mark(1), entries.clone());
+        let f = wire::encode_request(&req);
+        prop_assert_eq!(wire::decode_request(payload(&f)).unwrap(), req);
+        let resp = Response::Entries(entries);
+        let f = wire::encode_response(&resp);
+        prop_assert_eq!(wire::decode_response(payload(&f)).unwrap(), resp);
+    }
+
+    /// Truncating or flipping any byte gives an error or a different but
+    /// well-formed request; it never panics.
+    #[test]
+    fn corrupted_requests_never_panic(
+        entries in proptest::collection::vec(arb_entry(), 1..8),
+        cut in any::<prop::sample::Index>(),
+        flip in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+    ) {
+        let f = wire::encode_request(&Request::Create(Selector::mark(1), entries));
+        let p = payload(&f);
+        let n = cut.index(p.len());
+        prop_assert!(wire::decode_request(&p[..n]).is_err());
+        let mut q = p.to_vec();
+        let i = flip.index(q.len());
+        q[i] ^= 1 << bit;
+        let _ = wire::decode_request(&q);
+        let _ = wire::decode_response(&q);
+    }
+}
+
+#[test]
+fn decode_errors_are_specific() {
+    let f = wire::encode_request(&Request::Dump(Selector::mark(100)));
+    let mut p = payload(&f).to_vec();
+    p[0] = 2;
+    assert_eq!(
+        wire::decode_request(&p).unwrap_err().to_string(),
+        "unsupported protocol version 2 (this side speaks 1)"
+    );
+    let mut p = payload(&f).to_vec();
+    p[1] = 9;
+    assert_eq!(wire::decode_request(&p), Err(WireError::Opcode(9)));
+    let mut p = payload(&f).to_vec();
+    p.push(0);
+    assert_eq!(wire::decode_request(&p), Err(WireError::Trailing(1)));
+    assert_eq!(
+        wire::decode_request(&payload(&f)[..5])
+            .unwrap_err()
+            .to_string(),
+        "frame truncated: needed 1 more bytes at offset 2"
+    );
+    // Count far above the limit: refused before any allocation.
+    let mut p = vec![wire::VERSION, wire::op::CREATE];
+    p.extend_from_slice(&100u32.to_le_bytes());
+    p.extend_from_slice(&u32::MAX.to_le_bytes());
+    p.push(0);
+    p.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(
+        wire::decode_request(&p).unwrap_err().to_string(),
+        "4294967295 entries exceed the limit of 65536 per request"
+    );
+    // Count within the limit but more than the bytes can hold.
+    let mut p = vec![wire::VERSION, wire::op::CREATE];
+    p.extend_from_slice(&100u32.to_le_bytes());
+    p.extend_from_slice(&u32::MAX.to_le_bytes());
+    p.push(0);
+    p.extend_from_slice(&60_000u32.to_le_bytes());
+    p.extend_from_slice(&[0u8; 100]);
+    assert!(matches!(
+        wire::decode_request(&p),
+        Err(WireError::Truncated { .. })
+    ));
+    // A helper name longer than the kernel allows.
+    let mut e = tcp4(100, 1);
+    e.helper = Some("a-very-long-helper-name".into());
+    let f = wire::encode_request(&Request::Create(Selector::mark(100), vec![e]));
+    assert!(wire::decode_request(payload(&f))
+        .unwrap_err()
+        .to_string()
+        .starts_with("invalid helper name length 23"),);
+    // A tuple mixing IPv4 and IPv6.
+    let mut e = tcp4(100, 1);
+    e.orig.dst = "::1".parse().unwrap();
+    let f = wire::encode_request(&Request::Create(Selector::mark(100), vec![e]));
+    assert!(wire::decode_request(payload(&f))
+        .unwrap_err()
+        .to_string()
+        .starts_with("invalid address family 0"),);
+}
+
+// ------------------------------------------------------ server validation
+
+#[test]
+fn requests_outside_their_selector_never_reach_the_table() {
+    let table = Table::with(vec![tcp4(100, 1), tcp4(200, 2)]);
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let mut s = srv.raw();
+    let cases: Vec<(Request, &str)> = vec![
+        (
+            Request::Create(Selector::mark(100), vec![tcp4(100, 5), tcp4(200, 6)]),
+            "create refused: entry 1 (mark 0xc8, zone 0) is outside the request's selector (mark 0x64/0xffffffff)",
+        ),
+        (
+            Request::DeleteEntries(Selector::mark(100), vec![tcp4(200, 2)]),
+            "delete-entries refused: entry 0 (mark 0xc8, zone 0) is outside the request's selector (mark 0x64/0xffffffff)",
+        ),
+        (
+            Request::DeleteEntries(
+                Selector {
+                    mark: 100,
+                    mark_mask: u32::MAX,
+                    zone: Some(3),
+                },
+                vec![tcp4(100, 1)],
+            ),
+            "delete-entries refused: entry 0 (mark 0x64, zone 0) is outside the request's selector (mark 0x64/0xffffffff, zone 3)",
+        ),
+        (
+            Request::Dump(Selector {
+                mark: 100,
+                mark_mask: 0,
+                zone: None,
+            }),
+            "dump refused: selector mark 0x64/0x0 would select unmarked entries; refused",
+        ),
+        (
+            Request::DeleteSelected(Selector::mark(0)),
+            "delete-selected refused: selector mark 0x0/0xffffffff would select unmarked entries; refused",
+        ),
+        (
+            Request::DeleteSelected(Selector {
+                mark: 0x1_0000,
+                mark_mask: 0xffff,
+                zone: None,
+            }),
+            "delete-selected refused: selector mark 0x10000/0xffff would select unmarked entries; refused",
+        ),
+        (
+            Request::Create(Selector::mark(100), {
+                let mut e = tcp4(100, 1);
+                e.reply.proto = proto::UDP;
+                vec![e]
+            }),
+            "create refused: entry 0: reply protocol 17 differs from original protocol 6",
+        ),
+    ];
+    for (req, want) in cases {
+        let got = error_text(exchange(&mut s, &wire::encode_request(&req)));
+        assert_eq!(got, want);
+    }
+    // The same connection still works after every refusal.
+    match exchange(
+        &mut s,
+        &wire::encode_request(&Request::Dump(Selector::mark(200))),
+    ) {
+        Some(Response::Entries(es)) => assert_eq!(es, vec![tcp4(200, 2)]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(table.calls(), vec![Call::Dump(Selector::mark(200))]);
+    assert_eq!(table.entries.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn malformed_frames_get_error_replies_and_the_connection_survives() {
+    let table = Table::with(vec![tcp4(100, 1)]);
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let mut s = srv.raw();
+    let frame = |p: &[u8]| {
+        let mut f = (p.len() as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(p);
+        f
+    };
+    assert_eq!(
+        error_text(exchange(&mut s, &frame(&[]))),
+        "malformed request: frame truncated: needed 1 more bytes at offset 0"
+    );
+    assert_eq!(
+        error_text(exchange(&mut s, &frame(&[7, 1]))),
+        "malformed request: unsupported protocol version 7 (this side speaks 1)"
+    );
+    assert_eq!(
+        error_text(exchange(&mut s, &frame(&[1, 0x81]))),
+        "malformed request: unknown opcode 0x81"
+    );
+    assert_eq!(
+        error_text(exchange(
+            &mut s,
+            &frame(&[1, 1, 100, 0, 0, 0, 255, 255, 255, 255, 2])
+        )),
+        "malformed request: invalid zone flag 2 at offset 10"
+    );
+    let garbage: Vec<u8> = (0..5000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    assert!(error_text(exchange(&mut s, &frame(&garbage))).starts_with("malformed request: "));
+    match exchange(
+        &mut s,
+        &wire::encode_request(&Request::Dump(Selector::mark(100))),
+    ) {
+        Some(Response::Entries(es)) => assert_eq!(es.len(), 1),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(table.calls().len(), 1);
+}
+
+#[test]
+fn oversized_frame_is_refused_and_only_that_connection_closed() {
+    let table = Table::with(vec![tcp4(100, 1)]);
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let mut bystander = srv.raw();
+    let mut s = srv.raw();
+    let len = (wire::MAX_REQUEST as u32 + 1).to_le_bytes();
+    assert_eq!(
+        error_text(exchange(&mut s, &len)),
+        "request of 16777217 bytes exceeds the limit of 16777216 bytes"
+    );
+    assert!(read_reply(&mut s).is_none(), "connection must be closed");
+    match exchange(
+        &mut bystander,
+        &wire::encode_request(&Request::Dump(Selector::mark(100))),
+    ) {
+        Some(Response::Entries(es)) => assert_eq!(es.len(), 1),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn stalled_partial_frame_is_dropped_without_blocking_others() {
+    let table = Table::with(vec![tcp4(100, 1)]);
+    let srv = Server::start(
+        table.clone(),
+        ServerConfig {
+            frame_timeout: Duration::from_millis(400),
+            ..cfg_idle(60_000)
+        },
+    );
+    let mut staller = srv.raw();
+    staller.write_all(&[50, 0, 0, 0, 1, 1]).unwrap();
+    let mut other = srv.raw();
+    match exchange(
+        &mut other,
+        &wire::encode_request(&Request::Dump(Selector::mark(100))),
+    ) {
+        Some(Response::Entries(es)) => assert_eq!(es.len(), 1),
+        r => panic!("{r:?}"),
+    }
+    let t0 = Instant::now();
+    assert!(read_reply(&mut staller).is_none());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(table.calls().len(), 1);
+}
+
+#[test]
+fn dump_returns_only_the_selected_mark_even_if_the_table_overshares() {
+    let table = Table::with(vec![tcp4(100, 1), tcp4(200, 2), rich6(100), tcp4(0, 3)]);
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let c = HelperClient::new(&srv.path).unwrap();
+    let got = c.dump(&Selector::mark(100)).unwrap();
+    assert_eq!(got, vec![tcp4(100, 1), rich6(100)]);
+    let got = c
+        .dump(&Selector {
+            mark: 100,
+            mark_mask: u32::MAX,
+            zone: Some(7),
+        })
+        .unwrap();
+    assert_eq!(got, vec![rich6(100)]);
+}
+
+#[test]
+fn a_panicking_codec_costs_one_reply_not_the_helper() {
+    let table = Table::with(vec![tcp4(100, 1)]);
+    table.panic_on_dump.store(true, Ordering::SeqCst);
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let c = HelperClient::new(&srv.path).unwrap();
+    let err = c.dump(&Selector::mark(100)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "conntrack helper unavailable: helper refused dump: dump failed: internal error in the helper"
+    );
+    table.panic_on_dump.store(false, Ordering::SeqCst);
+    assert_eq!(c.dump(&Selector::mark(100)).unwrap().len(), 1);
+}
+
+#[test]
+fn too_many_connections_are_answered_and_closed() {
+    let table = Table::with(vec![]);
+    let srv = Server::start(
+        table,
+        ServerConfig {
+            max_connections: 2,
+            ..cfg_idle(60_000)
+        },
+    );
+    let mut a = srv.raw();
+    let mut b = srv.raw();
+    // Make sure both are accepted and counted before the third arrives.
+    for s in [&mut a, &mut b] {
+        assert!(matches!(
+            exchange(s, &wire::encode_request(&Request::Dump(Selector::mark(1)))),
+            Some(Response::Entries(_))
+        ));
+    }
+    let mut c = srv.raw();
+    assert_eq!(
+        error_text(read_reply(&mut c)),
+        "too many connections (limit 2)"
+    );
+    drop(a);
+    // Once one closes, new connections are served again (bounded wait).
+    let t0 = Instant::now();
+    loop {
+        let mut d = srv.raw();
+        let r = exchange(
+            &mut d,
+            &wire::encode_request(&Request::Dump(Selector::mark(1))),
+        );
+        if matches!(r, Some(Response::Entries(_))) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "{r:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ------------------------------------------------------------------ client
+
+#[test]
+fn client_create_splits_by_mark_and_counts_unmarked_as_refused() {
+    let table = Table::with(vec![tcp4(100, 1)]);
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let c = HelperClient::new(&srv.path).unwrap();
+    let mut expected = tcp4(100, 4);
+    expected.status |= status::EXPECTED;
+    let batch = vec![
+        tcp4(100, 1),
+        tcp4(200, 2),
+        tcp4(100, 3),
+        tcp4(0, 9),
+        expected.clone(),
+    ];
+    let r = c.create(&batch).unwrap();
+    assert_eq!(
+        r,
+        CreateReport {
+            created: 2,
+            existed: 1,
+            refused: 2,
+            refused_by_errno: vec![(1, 1), (16, 1)],
+        }
+    );
+    assert_eq!(
+        table.calls(),
+        vec![
+            Call::Create(vec![tcp4(100, 1), tcp4(100, 3), expected]),
+            Call::Create(vec![tcp4(200, 2)]),
+        ]
+    );
+    let d = c
+        .delete_entries(&[tcp4(100, 3), tcp4(200, 2), tcp4(200, 77), tcp4(0, 1)])
+        .unwrap();
+    assert_eq!(
+        d,
+        DeleteReport {
+            deleted: 2,
+            missing: 2
+        }
+    );
+    assert_eq!(c.delete_selected(&Selector::mark(100)).unwrap(), 1);
+    assert_eq!(table.entries.lock().unwrap().clone(), vec![]);
+}
+
+#[test]
+fn client_reconnects_transparently_after_the_helper_idled_out() {
+    let table = Table::with(vec![tcp4(100, 1)]);
+    let mut srv = Server::start(table.clone(), cfg_idle(300));
+    let c = HelperClient::new(&srv.path).unwrap();
+    assert_eq!(c.dump(&Selector::mark(100)).unwrap().len(), 1);
+    // The client keeps its connection; the idle helper exits anyway.
+    let summary = srv.wait_exit(Duration::from_secs(5));
+    assert_eq!(
+        summary,
+        ServeSummary {
+            connections: 1,
+            requests: 1,
+            rejected: 0
+        }
+    );
+    // As systemd would on the next connection: a fresh helper instance.
+    srv.restart(table.clone(), cfg_idle(60_000));
+    assert_eq!(c.dump(&Selector::mark(100)).unwrap().len(), 1);
+    assert_eq!(table.calls().len(), 2);
+}
+
+#[test]
+fn client_times_out_on_a_hung_helper_and_recovers() {
+    let table = Table::with(vec![tcp4(100, 1)]);
+    *table.delay.lock().unwrap() = Duration::from_millis(1500);
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let c = HelperClient::with_timeout(&srv.path, Duration::from_millis(300)).unwrap();
+    let t0 = Instant::now();
+    let err = c.dump(&Selector::mark(100)).unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        err.to_string(),
+        "conntrack dump did not finish within 300 ms"
+    );
+    *table.delay.lock().unwrap() = Duration::ZERO;
+    // The late reply of the timed-out request must not be taken for this one.
+    assert_eq!(c.dump(&Selector::mark(100)).unwrap(), vec![tcp4(100, 1)]);
+}
+
+#[test]
+fn client_without_a_helper_reports_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.sock");
+    let c = HelperClient::new(&path).unwrap();
+    let err = c.dump(&Selector::mark(1)).unwrap_err();
+    assert!(matches!(err, AccessError::Helper(_)));
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "conntrack helper unavailable: dump: cannot connect to the helper at {}: No such file or directory (os error 2)",
+            path.display()
+        )
+    );
+    assert!(HelperClient::new(Path::new("")).is_err());
+}
+
+#[test]
+fn concurrent_clients_are_served_concurrently() {
+    let table = Table::with(vec![tcp4(100, 1)]);
+    *table.delay.lock().unwrap() = Duration::from_millis(400);
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let c = Arc::new(HelperClient::new(&srv.path).unwrap());
+    let t0 = Instant::now();
+    let hs: Vec<_> = (0..6)
+        .map(|_| {
+            let c = c.clone();
+            std::thread::spawn(move || c.dump(&Selector::mark(100)).unwrap().len())
+        })
+        .collect();
+    for h in hs {
+        assert_eq!(h.join().unwrap(), 1);
+    }
+    // Six 400 ms requests one after the other would take 2.4 s.
+    assert!(
+        t0.elapsed() < Duration::from_millis(1800),
+        "{:?}",
+        t0.elapsed()
+    );
+}
