@@ -13,12 +13,38 @@ CT_LEADER=
 CT_CG_UNIFIED=
 CT_CG_SYSTEMD=
 CT_TIMEOUT=${CT_TIMEOUT:-120}
+# Several containers: ct_boot records each one; ct_use NAME makes it current.
+declare -A CTS_NSPAWN=() CTS_LEADER=() CTS_CGU=() CTS_CGS=()
+
+ct_use() {
+  CT_NAME=$1
+  CT_NSPAWN=${CTS_NSPAWN[$1]}
+  CT_LEADER=${CTS_LEADER[$1]}
+  CT_CG_UNIFIED=${CTS_CGU[$1]}
+  CT_CG_SYSTEMD=${CTS_CGS[$1]}
+}
+
+# Runs CMD… in container NAME without changing the current one.
+in_ct() {
+  local n=$1
+  shift
+  ( ct_use "$n"; ct "$@" )
+}
+
+ct_shutdown_all() {
+  local n
+  for n in "${!CTS_NSPAWN[@]}"; do
+    ct_use "$n"
+    ct_shutdown
+  done
+}
 
 ct_log() { printf '%s system-test: %s\n' "$(date +%T)" "$*" >&2; }
 
 ct_boot() {
   local rootfs=$1 name=$2 log=$3
   CT_NAME=$name
+  CT_LEADER=
   # §3 step 1: a cgroup of its own in both hierarchies, so nspawn's payload/
   # and supervisor/ land there and can be removed afterwards.
   CT_CG_UNIFIED=/sys/fs/cgroup/unified/$name
@@ -46,6 +72,10 @@ ct_boot() {
     -D "$rootfs" -M "$name" \
     </dev/null >"$log" 2>&1 &
   CT_NSPAWN=$!
+  CTS_NSPAWN[$name]=$CT_NSPAWN
+  CTS_CGU[$name]=$CT_CG_UNIFIED
+  CTS_CGS[$name]=$CT_CG_SYSTEMD
+  CTS_LEADER[$name]=
 
   # §3 step 3: pid 1 inside is the child of nspawn whose comm is systemd.
   # comm, not cmdline: cmdline reads empty during exec (§5).
@@ -60,6 +90,7 @@ ct_boot() {
     if (( SECONDS - t0 > 60 )); then ct_log "no container PID 1 after 60 s"; cat "$log" >&2; return 1; fi
     [[ -n $CT_LEADER ]] || sleep 0.1
   done
+  CTS_LEADER[$name]=$CT_LEADER
   # §3 step 4: systemctl inside fails at once before this exists.
   t0=$SECONDS
   until [[ -S /proc/$CT_LEADER/root/run/systemd/private ]]; do
@@ -128,4 +159,5 @@ ct_shutdown() {
   # Harmless leftover on hosts where /run is not a tmpfs (§4).
   rm -rf "/run/systemd/nspawn/propagate/$CT_NAME"
   CT_NSPAWN=
+  unset "CTS_NSPAWN[$CT_NAME]"
 }
