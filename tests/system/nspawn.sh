@@ -47,8 +47,15 @@ ct_boot() {
   CT_LEADER=
   # §3 step 1: a cgroup of its own in both hierarchies, so nspawn's payload/
   # and supervisor/ land there and can be removed afterwards.
-  CT_CG_UNIFIED=/sys/fs/cgroup/unified/$name
-  CT_CG_SYSTEMD=/sys/fs/cgroup/systemd/$name
+  if [[ -d /sys/fs/cgroup/unified && -d /sys/fs/cgroup/systemd ]]; then
+    # Hybrid host (the reference setup): both hierarchies.
+    CT_CG_UNIFIED=/sys/fs/cgroup/unified/$name
+    CT_CG_SYSTEMD=/sys/fs/cgroup/systemd/$name
+  else
+    # Pure cgroup2 host: one hierarchy; the second write goes to the same file.
+    CT_CG_UNIFIED=/sys/fs/cgroup/$name
+    CT_CG_SYSTEMD=/sys/fs/cgroup/$name
+  fi
   mkdir -p "$CT_CG_UNIFIED" "$CT_CG_SYSTEMD"
   # §3 step 2 and §5: detached (setsid), stdin from /dev/null, console to a
   # log, every inherited fd above 2 closed, then exec nspawn in the cgroup.
