@@ -21,7 +21,8 @@ use conntrack_vmstate::entry::{Entry, Selector};
 use conntrack_vmstate::format::QEMU_LIMIT;
 use zbus::{OwnedVariant, Variant};
 
-/// A dump that blocks its thread for `delay`, like a stuck netlink socket.
+/// A dump (and create) that blocks its thread for `delay`, like a stuck
+/// netlink socket.
 struct BlockingDump {
     delay: Duration,
     dumps: AtomicUsize,
@@ -33,8 +34,12 @@ impl ConntrackAccess for BlockingDump {
         std::thread::sleep(self.delay);
         Ok(Vec::new())
     }
-    fn create(&self, _e: &[Entry]) -> Result<CreateReport, AccessError> {
-        Ok(CreateReport::default())
+    fn create(&self, e: &[Entry]) -> Result<CreateReport, AccessError> {
+        std::thread::sleep(self.delay);
+        Ok(CreateReport {
+            created: e.len() as u64,
+            ..CreateReport::default()
+        })
     }
     fn delete_selected(&self, _s: &Selector) -> Result<u64, AccessError> {
         Ok(0)
@@ -170,11 +175,9 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
         for (vm, _, vm1) in &helpers {
             let last = vm1.last_save().await.unwrap();
             let err = get_str(&last, "error");
-            assert!(
-                err.starts_with(
-                    "dump and encode did not finish within the 1500 ms save deadline; "
-                ),
-                "VM {vm}: {err}"
+            assert_eq!(
+                err, "dump and encode did not finish within the 1500 ms save deadline; sent an empty state",
+                "VM {vm}"
             );
         }
         let changed = tokio::time::timeout(Duration::from_secs(5), changes.next())
@@ -185,6 +188,143 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
             .await
             .unwrap();
         assert!(get_str(&changed, "error").starts_with("dump and encode did not finish"));
+        daemon.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A Load whose entry creation outlasts the load deadline answers QEMU at
+/// the deadline, says so in LastLoad, and reports the final counts later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_load_answers_at_deadline_and_finishes_in_background() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let bus = TestBus::new("conc-load");
+        let state = scratch_dir("conc-load-state");
+        let access = Arc::new(BlockingDump {
+            delay: Duration::from_secs(3),
+            dumps: AtomicUsize::new(0),
+        });
+        let daemon = Daemon::start(
+            DaemonConfig {
+                bus_address: Some(bus.address.clone()),
+                state_dir: state.path().to_path_buf(),
+                save_deadline: Duration::from_secs(2),
+                load_deadline: Duration::from_millis(500),
+            },
+            access,
+        )
+        .await
+        .expect("daemon");
+        let client = bus.connect().await;
+        let m = Manager1Proxy::new(&client).await.unwrap();
+        let path = m
+            .register("100", HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]))
+            .await
+            .unwrap();
+        let vm1 = Vm1Proxy::builder(&client)
+            .path(path)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .unwrap();
+        let vs = VmState1Proxy::builder(&client)
+            .destination(vm1.unique_name().await.unwrap())
+            .build()
+            .await
+            .unwrap();
+        let text = b"-A -t 3599 -u SEEN_REPLY,ASSURED -s 10.0.0.1 -d 10.0.0.2 -r 10.0.0.2 -q 10.0.0.1 -p tcp --sport 1000 --dport 80 --reply-port-src 80 --reply-port-dst 1000 --state ESTABLISHED --mark 100\n";
+        let t = Instant::now();
+        vs.load(serde_bytes::Bytes::new(text)).await.expect("Load never fails");
+        let took = t.elapsed();
+        assert!(took < Duration::from_millis(2500), "Load answered after {took:?}, not at its deadline");
+        let interim = vm1.last_load().await.unwrap();
+        assert_eq!(
+            get_str(&interim, "error"),
+            "still creating entries after the 500 ms load deadline; answered QEMU, LastLoad is updated when creation ends"
+        );
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let last = vm1.last_load().await.unwrap();
+            if get_str(&last, "error").is_empty() {
+                let n = |k: &str| u64::try_from(last[k].try_clone().unwrap()).unwrap();
+                assert_eq!((n("entries"), n("created")), (1, 1));
+                break;
+            }
+            assert!(Instant::now() < end, "LastLoad never completed: {last:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        daemon.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Once an idle daemon decided to exit (and gave up its name), a Register
+/// that reaches it anyway is refused with ShuttingDown instead of being
+/// accepted by a process that is about to stop serving the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_after_idle_decision_is_refused() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let bus = TestBus::new("conc-idle");
+        let state = scratch_dir("conc-idle-state");
+        let access = Arc::new(BlockingDump {
+            delay: Duration::ZERO,
+            dumps: AtomicUsize::new(0),
+        });
+        let daemon = Daemon::start(
+            DaemonConfig {
+                bus_address: Some(bus.address.clone()),
+                state_dir: state.path().to_path_buf(),
+                save_deadline: Duration::from_secs(2),
+                load_deadline: Duration::from_secs(2),
+            },
+            access,
+        )
+        .await
+        .expect("daemon");
+        let client = bus.connect().await;
+        let unique = daemon.unique_name().expect("unique name");
+        let m = Manager1Proxy::builder(&client)
+            .destination(unique)
+            .build()
+            .await
+            .unwrap();
+        m.register(
+            "1",
+            HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]),
+        )
+        .await
+        .unwrap();
+        assert!(
+            !daemon.release_if_idle().await,
+            "released with a VM registered"
+        );
+        m.unregister("1", HashMap::new()).await.unwrap();
+        assert!(daemon.release_if_idle().await);
+        assert!(
+            !common::bus::wait_for_name(&client, "org.conntrack_vmstate.Manager1", Duration::ZERO)
+                .await
+        );
+        match m
+            .register(
+                "2",
+                HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]),
+            )
+            .await
+        {
+            Err(zbus::Error::MethodError(name, text, _)) => {
+                assert_eq!(name.as_str(), "org.conntrack_vmstate.Error.ShuttingDown");
+                assert_eq!(
+                    text.as_deref(),
+                    Some("conntrack-vmstated is exiting; call again to reach a new instance")
+                );
+            }
+            other => panic!("expected ShuttingDown, got {other:?}"),
+        }
+        assert!(common::bus::queued_owners(&client, "org.qemu.VMState1")
+            .await
+            .is_empty());
         daemon.shutdown().await;
     })
     .await

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,10 @@ pub(crate) struct Shared {
     engine: Arc<Engine>,
     manager: Connection,
     vm_count: tokio::sync::watch::Sender<usize>,
+    /// Set (under `ops`) once the daemon decided to exit: a Register that
+    /// was queued behind that decision must fail rather than succeed on a
+    /// process that is about to stop serving it.
+    closing: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -108,6 +113,7 @@ impl Shared {
     ) -> Result<OwnedObjectPath, Error> {
         let cfg = VmConfig::from_options(vm, options)?;
         let _ops = self.ops.lock().await;
+        self.check_open()?;
         let admission = lock(&self.registry).admit(cfg)?;
         let path = Self::path(vm);
         match admission {
@@ -152,6 +158,7 @@ impl Shared {
     ) -> Result<(), Error> {
         let flush = parse_unregister(options)?;
         let _ops = self.ops.lock().await;
+        self.check_open()?;
         let rt = lock(&self.registry).get(vm).ok_or_else(|| {
             Error::from(crate::service::ServiceError::NotRegistered { vm: vm.into() })
         })?;
@@ -301,6 +308,15 @@ impl Shared {
         }
     }
 
+    fn check_open(&self) -> Result<(), Error> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown(
+                "conntrack-vmstated is exiting; call again to reach a new instance".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn count_changed(&self) {
         let n = lock(&self.registry).len();
         self.vm_count.send_replace(n);
@@ -341,6 +357,7 @@ impl Daemon {
             engine,
             manager: manager.clone(),
             vm_count: tokio::sync::watch::Sender::new(0),
+            closing: AtomicBool::new(false),
         });
         let server = manager.object_server();
         server
@@ -388,6 +405,11 @@ impl Daemon {
         Ok(Daemon { shared, address })
     }
 
+    /// Unique name of the manager connection.
+    pub fn unique_name(&self) -> Option<String> {
+        self.shared.manager.unique_name().map(|n| n.to_string())
+    }
+
     /// The manager bus address.
     pub fn address(&self) -> &str {
         &self.address
@@ -406,6 +428,7 @@ impl Daemon {
         if !lock(&self.shared.registry).is_empty() {
             return false;
         }
+        self.shared.closing.store(true, Ordering::SeqCst);
         let _ = self.shared.manager.release_name(MANAGER_NAME).await;
         true
     }
@@ -414,6 +437,7 @@ impl Daemon {
     /// leaves the bus.
     pub async fn shutdown(self) {
         let _ops = self.shared.ops.lock().await;
+        self.shared.closing.store(true, Ordering::SeqCst);
         let vms: Vec<String> = lock(&self.shared.served).keys().cloned().collect();
         for vm in vms {
             self.shared.unserve(&vm).await;

@@ -29,6 +29,9 @@ pub enum Error {
     Persistence(String),
     /// Deleting the saved entries failed; the VM stays registered.
     FlushFailed(String),
+    /// The daemon is exiting (idle timeout or signal); a new call activates
+    /// a new instance.
+    ShuttingDown(String),
 }
 
 impl From<ServiceError> for Error {

@@ -28,8 +28,16 @@ fn stderr_is_journal() -> bool {
 pub fn init(identifier: &str) {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let journald = tracing_journald::layer().ok().map(|l| {
+        // INFO is routine here (one line per Save/Load), so it maps to
+        // journald's "info" (6), not the crate default "notice" (5).
+        let prio = tracing_journald::PriorityMappings {
+            info: tracing_journald::Priority::Informational,
+            debug: tracing_journald::Priority::Debug,
+            ..tracing_journald::PriorityMappings::new()
+        };
         l.with_field_prefix(None)
             .with_syslog_identifier(identifier.to_string())
+            .with_priority_mappings(prio)
             .with_filter(filter())
     });
     let stderr = (journald.is_none() || !stderr_is_journal()).then(|| {

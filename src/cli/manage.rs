@@ -43,6 +43,16 @@ fn call_error(e: zbus::Error) -> anyhow::Error {
     }
 }
 
+/// An idle daemon that decided to exit answers ShuttingDown; the next call
+/// activates a fresh instance, so such calls are retried a few times.
+fn is_shutting_down(e: &zbus::Error) -> bool {
+    matches!(e, zbus::Error::MethodError(name, _, _)
+        if name.as_str() == "org.conntrack_vmstate.Error.ShuttingDown")
+}
+
+const RETRIES: usize = 5;
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
 async fn vm_proxy<'a>(conn: &'a Connection, vm: &str) -> anyhow::Result<Vm1Proxy<'a>> {
     let path = crate::bus::vm_object_path(vm);
     Ok(Vm1Proxy::builder(conn)
@@ -79,7 +89,20 @@ pub fn register(a: RegisterArgs) -> anyhow::Result<()> {
             opts.insert("format", Variant::from(name));
         }
         let m = Manager1Proxy::new(&conn).await?;
-        let path = m.register(&a.vmid, opts).await.map_err(call_error)?;
+        let mut attempt = 0;
+        let path = loop {
+            let o: HashMap<&str, Variant> = opts
+                .iter()
+                .map(|(k, v)| Ok((*k, v.try_clone()?)))
+                .collect::<zbus::Result<_>>()?;
+            match m.register(&a.vmid, o).await {
+                Err(e) if is_shutting_down(&e) && attempt < RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                r => break r.map_err(call_error)?,
+            }
+        };
         let vm = vm_proxy(&conn, &a.vmid).await?;
         let (id, bus) = (vm.id().await?, vm.bus_address().await?);
         println!(
@@ -135,7 +158,20 @@ pub fn unregister(a: UnregisterArgs) -> anyhow::Result<()> {
         if a.flush {
             opts.insert("flush", Variant::from(true));
         }
-        m.unregister(&a.vmid, opts).await.map_err(call_error)?;
+        let mut attempt = 0;
+        loop {
+            let o: HashMap<&str, Variant> = opts
+                .iter()
+                .map(|(k, v)| Ok((*k, v.try_clone()?)))
+                .collect::<zbus::Result<_>>()?;
+            match m.unregister(&a.vmid, o).await {
+                Err(e) if is_shutting_down(&e) && attempt < RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                r => break r.map_err(call_error)?,
+            }
+        }
         println!(
             "unregistered VM {}{}",
             a.vmid,

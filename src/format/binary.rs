@@ -738,8 +738,10 @@ fn decode_one(
     let l4 = read_l4(&mut a[S_SPORT], &mut b[0], kind)?;
     let status = c[S_STATUS].varint_u32()?;
     let delta = unzigzag(c[S_TIMEOUT].varint()?);
-    let timeout = u32::try_from(i64::from(*prev_timeout) + delta)
-        .map_err(|_| FormatError::Corrupt(format!("entry {idx}: timeout out of range")))?;
+    let timeout = i64::from(*prev_timeout)
+        .checked_add(delta)
+        .and_then(|t| u32::try_from(t).ok())
+        .ok_or_else(|| FormatError::Corrupt(format!("entry {idx}: timeout out of range")))?;
     *prev_timeout = timeout;
     let mark = default_mark;
     let mut protoinfo = None;

@@ -153,11 +153,13 @@ pub fn line(e: &Entry) -> String {
         _ => {}
     }
     match e.protoinfo {
+        // conntrack(8) needs a TCP state to create; NONE stands in for an
+        // absent or unnamed one.
         Some(ProtoInfo::Tcp { state, .. }) if p == proto::TCP => {
-            if let Some(n) = TCP_STATES.get(state as usize) {
-                let _ = write!(s, " --state {n}");
-            }
+            let n = TCP_STATES.get(state as usize).unwrap_or(&"NONE");
+            let _ = write!(s, " --state {n}");
         }
+        _ if p == proto::TCP => s.push_str(" --state NONE"),
         Some(ProtoInfo::Sctp {
             state,
             vtag_orig,
@@ -568,8 +570,11 @@ pub fn text_projection(e: &Entry) -> Entry {
     p.helper = None;
     p.id = None;
     p.protoinfo = match e.protoinfo {
-        Some(ProtoInfo::Tcp { state, .. }) if e.orig.proto == proto::TCP => Some(ProtoInfo::Tcp {
-            state,
+        _ if e.orig.proto == proto::TCP => Some(ProtoInfo::Tcp {
+            state: match e.protoinfo {
+                Some(ProtoInfo::Tcp { state, .. }) if (state as usize) < TCP_STATES.len() => state,
+                _ => 0,
+            },
             wscale_orig: 0,
             wscale_reply: 0,
             flags_orig: 0,
@@ -577,13 +582,37 @@ pub fn text_projection(e: &Entry) -> Entry {
         }),
         Some(ProtoInfo::Dccp { state, role, .. }) if e.orig.proto == proto::DCCP => {
             Some(ProtoInfo::Dccp {
-                state,
+                state: if (state as usize) < DCCP_STATES.len() {
+                    state
+                } else {
+                    0
+                },
                 role: if role == 1 { 1 } else { 0 },
                 handshake_seq: 0,
             })
         }
-        Some(s @ ProtoInfo::Sctp { .. }) if e.orig.proto == proto::SCTP => Some(s),
+        Some(ProtoInfo::Sctp {
+            state,
+            vtag_orig,
+            vtag_reply,
+        }) if e.orig.proto == proto::SCTP => Some(ProtoInfo::Sctp {
+            state: if (state as usize) < SCTP_STATES.len() {
+                state
+            } else {
+                0
+            },
+            vtag_orig,
+            vtag_reply,
+        }),
         _ => None,
     };
+    // The text has no reply ICMP fields: conntrack derives them.
+    if let L4::Icmp { id, kind, code } = e.orig.l4 {
+        p.reply.l4 = L4::Icmp {
+            id,
+            kind: icmp_reply_type(e.orig.proto, kind).unwrap_or(kind),
+            code,
+        };
+    }
     p
 }

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use super::netns::Netns;
 use super::qemu::Qemu;
 
+static NEXT_FILE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// Default bound of every wait in the harness.
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -290,22 +292,35 @@ impl Host {
     }
 
     /// Starts conntrack-vmstated inside this host's namespace with its
-    /// manager on `manager_bus` (normally this host's bus) and its state in
-    /// `<dir>/state`; waits until the manager name is owned.
-    pub fn start_daemon_on(&mut self, manager_bus: &str) {
+    /// manager on `manager_bus` (normally this host's bus), its state in
+    /// `<dir>/state` and `extra` arguments; `wrap` runs before it inside the
+    /// namespace (e.g. setpriv to drop a capability). Waits until the
+    /// manager name is owned.
+    pub fn start_daemon_with(&mut self, manager_bus: &str, wrap: &[&str], extra: &[&str]) {
         let state = self.path().join("state");
         std::fs::create_dir_all(&state).expect("state dir");
-        let mut cmd = self.ns.cmd(env!("CARGO_BIN_EXE_conntrack-vmstated"));
+        let daemon = env!("CARGO_BIN_EXE_conntrack-vmstated");
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = self.ns.cmd(first);
+                c.args(rest).arg(daemon);
+                c
+            }
+            None => self.ns.cmd(daemon),
+        };
         cmd.arg("--bus-address")
             .arg(manager_bus)
             .arg("--state-dir")
             .arg(&state)
-            .env("RUST_LOG", "info");
+            .args(["--idle-timeout", "0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
         let n = self.daemon_starts();
         let mut p = Proc::spawn(&format!("daemon{n}"), self.dir.path(), &mut cmd);
         let end = Instant::now() + WAIT;
-        // wait_name panics on timeout; check the process first so a crash
-        // reports the daemon's own message.
+        // Check the process as well, so a crash reports the daemon's own
+        // message instead of a timeout.
         loop {
             if let Some(s) = p.try_wait() {
                 panic!("conntrack-vmstated exited {s}: {}", p.output());
@@ -326,6 +341,10 @@ impl Host {
     pub fn start_daemon(&mut self) {
         let addr = self.bus.address.clone();
         self.start_daemon_on(&addr);
+    }
+
+    pub fn start_daemon_on(&mut self, manager_bus: &str) {
+        self.start_daemon_with(manager_bus, &[], &[]);
     }
 
     fn daemon_starts(&self) -> usize {
@@ -357,10 +376,46 @@ impl Host {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// `status --json` of one VM.
+    /// `status VM --json`: the VM's properties (Id, Mark, LastSave, …).
     pub fn status_json(&self, vm: &str) -> serde_json::Value {
         let out = self.cli_ok(&["status", vm, "--json"]);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"));
+        // one VM: its object (a one-element list is accepted too)
+        match v {
+            serde_json::Value::Array(mut a) if a.len() == 1 => a.remove(0),
+            o @ serde_json::Value::Object(_) => o,
+            other => panic!("status {vm} --json: expected one VM, got {other}"),
+        }
+    }
+
+    /// `register VM --bus-address <this bus> [extra…]`.
+    pub fn register(&self, vm: &str, extra: &[&str]) -> String {
+        let mut args = vec!["register", vm, "--bus-address", &self.bus.address];
+        args.extend_from_slice(extra);
+        self.cli_ok(&args)
+    }
+
+    /// Creates entries from conntrack(8) `--load-file` lines in this namespace.
+    pub fn load_entries(&self, lines: &str) {
+        let n = NEXT_FILE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let f = self.path().join(format!("population-{n}.txt"));
+        std::fs::write(&f, lines).expect("write population");
+        super::netns::run_ok(self.ns.cmd("conntrack").arg("--load-file").arg(&f));
+    }
+
+    /// Every entry of `mark` (IPv4 and IPv6), read over ctnetlink, every
+    /// attribute the codec captures.
+    pub fn dump(&self, mark: u32) -> Vec<conntrack_vmstate::entry::Entry> {
+        use conntrack_vmstate::access::ConntrackAccess;
+        let ct = conntrack_vmstate::ctnetlink::Ctnetlink::open_in_netns(Path::new(&self.ns.path()))
+            .expect("open ctnetlink in netns");
+        ct.dump(&conntrack_vmstate::entry::Selector {
+            mark,
+            mark_mask: u32::MAX,
+            zone: None,
+        })
+        .expect("dump")
     }
 }
 
@@ -372,4 +427,51 @@ fn name_owned(bus_address: &str, name: &str) -> bool {
         dbus.name_has_owner(n).await.ok()
     })
     .unwrap_or(false)
+}
+
+fn normalised(e: &conntrack_vmstate::entry::Entry) -> conntrack_vmstate::entry::Entry {
+    let mut e = e.clone();
+    e.timeout = 0;
+    e.id = None;
+    e
+}
+
+/// Asserts `dst` holds exactly the entries of `src`, every attribute equal
+/// except the kernel id and the remaining timeout; a timeout may only have
+/// gone down, by at most `max_age_s`. Returns the count.
+pub fn assert_same_entries(
+    what: &str,
+    src: &[conntrack_vmstate::entry::Entry],
+    dst: &[conntrack_vmstate::entry::Entry],
+    max_age_s: u32,
+) -> usize {
+    let index = |v: &[conntrack_vmstate::entry::Entry]| {
+        let mut m = std::collections::BTreeMap::new();
+        for e in v {
+            m.insert(format!("{:?}", normalised(e)), e.timeout);
+        }
+        m
+    };
+    let (s, d) = (index(src), index(dst));
+    assert_eq!(s.len(), src.len(), "{what}: duplicate source entries");
+    let missing: Vec<&String> = s.keys().filter(|k| !d.contains_key(*k)).collect();
+    let extra: Vec<&String> = d.keys().filter(|k| !s.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{what}: {} of {} entries missing or different on the destination, {} unexpected;\n\
+         first missing: {:?}\nfirst unexpected: {:?}",
+        missing.len(),
+        s.len(),
+        extra.len(),
+        missing.first(),
+        extra.first()
+    );
+    for (k, st) in &s {
+        let dt = d[k];
+        assert!(
+            dt <= st + 1 && dt + max_age_s >= *st,
+            "{what}: timeout {st} s on the source became {dt} s (allowed age {max_age_s} s): {k}"
+        );
+    }
+    s.len()
 }

@@ -1,0 +1,145 @@
+//! The packaged split: a daemon without CAP_NET_ADMIN reaches conntrack only
+//! through the sandboxed helper (`--helper-socket`), which runs inside the
+//! host's network namespace with the capability.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::bus::{scratch_dir, DaemonOpts, DaemonProc, TestBus};
+use common::host::Proc;
+use common::netns::Netns;
+use conntrack_vmstate::bus::proxy::{Manager1Proxy, Vm1Proxy, VmState1Proxy};
+use conntrack_vmstate::format;
+use zbus::Variant;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capless_daemon_saves_and_flushes_through_the_helper() {
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let ns = Netns::new("helper");
+        let bus = TestBus::new("helper");
+        let state = scratch_dir("helper-state");
+        let sock = state.path().join("helper.sock");
+        let _helper = Proc::spawn(
+            "helper",
+            state.path(),
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns.name,
+                    env!("CARGO_BIN_EXE_conntrack-vmstate-helper"),
+                ])
+                .arg("--listen")
+                .arg(&sock)
+                .args(["--idle-timeout", "0"]),
+        );
+        let end = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(Instant::now() < end, "helper socket never appeared");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for i in 0..5 {
+            ns.run(
+                "conntrack",
+                &[
+                    "-I",
+                    "-s",
+                    &format!("10.9.0.{i}"),
+                    "-d",
+                    "192.0.2.1",
+                    "-p",
+                    "tcp",
+                    "--sport",
+                    "1234",
+                    "--dport",
+                    "22",
+                    "--state",
+                    "ESTABLISHED",
+                    "-t",
+                    "600",
+                    "-u",
+                    "SEEN_REPLY,ASSURED",
+                    "--mark",
+                    "100",
+                ],
+            );
+        }
+        ns.run(
+            "conntrack",
+            &[
+                "-I",
+                "-s",
+                "10.9.1.1",
+                "-d",
+                "192.0.2.1",
+                "-p",
+                "udp",
+                "--sport",
+                "1",
+                "--dport",
+                "2",
+                "-t",
+                "600",
+                "--mark",
+                "200",
+            ],
+        );
+
+        let client = bus.connect().await;
+        // The daemon itself stays in the test's namespace and has no
+        // CAP_NET_ADMIN: any entry it reports came through the helper.
+        let mut o = DaemonOpts::new(&bus.address, state.path());
+        o.wrapper = [
+            "setpriv",
+            "--inh-caps=-net_admin",
+            "--bounding-set=-net_admin",
+            "--",
+        ]
+        .map(String::from)
+        .to_vec();
+        o.extra
+            .extend(["--helper-socket".to_string(), sock.display().to_string()]);
+        let _d = DaemonProc::start(o, &client).await;
+        let m = Manager1Proxy::new(&client).await.unwrap();
+        let path = m
+            .register(
+                "100",
+                HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]),
+            )
+            .await
+            .unwrap();
+        let vm = Vm1Proxy::builder(&client)
+            .path(path)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .unwrap();
+        let vs = VmState1Proxy::builder(&client)
+            .destination(vm.unique_name().await.unwrap())
+            .build()
+            .await
+            .unwrap();
+        let blob = vs.save().await.unwrap().into_vec();
+        let decoded = format::decode(&blob).unwrap();
+        let last = vm.last_save().await.unwrap();
+        assert_eq!(
+            String::try_from(last["error"].try_clone().unwrap()).unwrap(),
+            ""
+        );
+        assert_eq!(decoded.entries.len(), 5);
+        assert!(decoded.entries.iter().all(|e| e.mark == 100));
+
+        m.unregister("100", HashMap::from([("flush", Variant::from(true))]))
+            .await
+            .unwrap();
+        let left = ns.run("conntrack", &["-L", "-f", "ipv4"]);
+        let lines: Vec<&str> = left.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{left}");
+        assert!(lines[0].contains("mark=200"), "{left}");
+    })
+    .await
+    .expect("test timed out");
+}
