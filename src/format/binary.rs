@@ -142,6 +142,10 @@ fn seq_adj_bytes(s: &SeqAdj) -> [u8; 12] {
     b
 }
 
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
 fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
@@ -327,6 +331,15 @@ impl Columns {
         }
     }
 
+    /// Size of the uncompressed payload of the first `k` entries.
+    fn raw_len(&self, k: usize) -> usize {
+        self.offsets[k * STREAMS..(k + 1) * STREAMS]
+            .iter()
+            .map(|&l| l as usize + varint_len(u64::from(l)))
+            .sum::<usize>()
+            + 1
+    }
+
     /// The uncompressed payload of the first `k` entries.
     fn write_raw(&self, k: usize, out: &mut Vec<u8>) {
         let off = &self.offsets[k * STREAMS..(k + 1) * STREAMS];
@@ -388,6 +401,16 @@ impl Encoder {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Uncompressed payload size of the first `k` entries (no compression
+    /// done): lets the budget search pick its first attempt cheaply.
+    pub fn raw_len(&self, k: usize) -> usize {
+        if k == 0 {
+            0
+        } else {
+            self.cols.raw_len(k.min(self.len()))
+        }
     }
 
     /// The complete blob of the first `k` entries, recording `dropped`.
@@ -951,6 +974,24 @@ pub fn debug_stream_sizes(entries: &[&Entry]) -> Vec<(&'static str, usize, usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn varint_len_matches_encoding() {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            16383,
+            16384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            assert_eq!(b.len(), varint_len(v), "{v}");
+        }
+    }
 
     #[test]
     fn zigzag_round_trips() {
