@@ -360,8 +360,7 @@ async fn gdbus_reads_id_and_calls_save() {
 
 /// The VM's bus goes away (its dbus-daemon stops): the daemon notices, and
 /// an identical Register then tries to reconnect and reports the bus
-/// unreachable instead of
-/// claiming the VM is served.
+/// unreachable instead of claiming the VM is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_vm_bus_is_noticed_and_reported() {
     tokio::time::timeout(T, async {
