@@ -142,6 +142,10 @@ fn seq_adj_bytes(s: &SeqAdj) -> [u8; 12] {
     b
 }
 
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
 fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
@@ -327,6 +331,15 @@ impl Columns {
         }
     }
 
+    /// Size of the uncompressed payload of the first `k` entries.
+    fn raw_len(&self, k: usize) -> usize {
+        self.offsets[k * STREAMS..(k + 1) * STREAMS]
+            .iter()
+            .map(|&l| l as usize + varint_len(u64::from(l)))
+            .sum::<usize>()
+            + 1
+    }
+
     /// The uncompressed payload of the first `k` entries.
     fn write_raw(&self, k: usize, out: &mut Vec<u8>) {
         let off = &self.offsets[k * STREAMS..(k + 1) * STREAMS];
@@ -357,6 +370,26 @@ pub fn default_mark<'a>(entries: impl Iterator<Item = &'a Entry>) -> u32 {
     cand
 }
 
+const PREFETCH_AHEAD: usize = 6;
+
+#[inline(always)]
+fn prefetch(e: &Entry) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = (e as *const Entry).cast::<i8>();
+        // SAFETY: a prefetch is only a hint: it never faults and the
+        // addresses (wrapping arithmetic, no dereference) need not be valid.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = e;
+}
+
 /// Encodes entries given in priority order; any prefix can then be turned
 /// into a complete blob.
 pub struct Encoder {
@@ -372,7 +405,12 @@ impl Encoder {
         let cctx = zstd::bulk::Compressor::new(ZSTD_LEVEL)
             .map_err(|e| FormatError::Compression(e.to_string()))?;
         let mut cols = Columns::new(default_mark(entries.iter().copied()), entries.len());
-        for e in entries {
+        for (i, e) in entries.iter().enumerate() {
+            // Priority order visits entries in random memory order; fetch
+            // a few ahead so the cache misses overlap.
+            if let Some(ahead) = entries.get(i + PREFETCH_AHEAD) {
+                prefetch(ahead);
+            }
             cols.push(e);
         }
         Ok(Encoder {
@@ -388,6 +426,16 @@ impl Encoder {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Uncompressed payload size of the first `k` entries (no compression
+    /// done): lets the budget search pick its first attempt cheaply.
+    pub fn raw_len(&self, k: usize) -> usize {
+        if k == 0 {
+            0
+        } else {
+            self.cols.raw_len(k.min(self.len()))
+        }
     }
 
     /// The complete blob of the first `k` entries, recording `dropped`.
@@ -951,6 +999,24 @@ pub fn debug_stream_sizes(entries: &[&Entry]) -> Vec<(&'static str, usize, usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn varint_len_matches_encoding() {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            16383,
+            16384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            assert_eq!(b.len(), varint_len(v), "{v}");
+        }
+    }
 
     #[test]
     fn zigzag_round_trips() {
