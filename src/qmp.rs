@@ -34,17 +34,17 @@ pub const MAX_ID_LEN: usize = 255;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("cannot connect to QMP socket {}: {source}", path.display())]
+    // The io error is part of the message and deliberately not a `source`:
+    // error chains (anyhow's `{:#}`) would print it twice.
+    #[error("cannot connect to QMP socket {}: {cause}", path.display())]
     Connect {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("QMP I/O on {}: {source}", path.display())]
+    #[error("QMP I/O on {}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "no answer from QEMU on {} within {} ms while waiting for {waiting_for} \
@@ -168,13 +168,13 @@ impl QmpClient {
     /// As [`connect`](Self::connect), with `timeout` bounding every later
     /// command as well.
     pub fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<QmpClient, QmpError> {
-        let stream = UnixStream::connect(path).map_err(|source| QmpError::Connect {
+        let stream = UnixStream::connect(path).map_err(|cause| QmpError::Connect {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
-        let io = |source| QmpError::Io {
+        let io = |cause| QmpError::Io {
             path: path.to_owned(),
-            source,
+            cause,
         };
         let writer = stream.try_clone().map_err(io)?;
         let mut client = QmpClient {
@@ -223,9 +223,9 @@ impl QmpClient {
             self.reader
                 .get_ref()
                 .set_read_timeout(Some(deadline - now))
-                .map_err(|source| QmpError::Io {
+                .map_err(|cause| QmpError::Io {
                     path: self.path.clone(),
-                    source,
+                    cause,
                 })?;
             // read_until keeps what it got before a timeout in `line`, so a
             // message split across reads is reassembled.
@@ -242,10 +242,10 @@ impl QmpClient {
                     return Err(timed_out())
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(source) => {
+                Err(cause) => {
                     return Err(QmpError::Io {
                         path: self.path.clone(),
-                        source,
+                        cause,
                     })
                 }
             }
@@ -277,7 +277,7 @@ impl QmpClient {
         self.writer
             .set_write_timeout(Some(self.timeout))
             .and_then(|()| self.writer.write_all(&bytes))
-            .map_err(|source| match source.kind() {
+            .map_err(|cause| match cause.kind() {
                 ErrorKind::WouldBlock | ErrorKind::TimedOut => QmpError::Timeout {
                     path: self.path.clone(),
                     waiting_for: format!("sending {command}"),
@@ -285,7 +285,7 @@ impl QmpClient {
                 },
                 _ => QmpError::Io {
                     path: self.path.clone(),
-                    source,
+                    cause,
                 },
             })?;
         let waiting_for = format!("the reply to {command}");

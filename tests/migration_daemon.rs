@@ -10,9 +10,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
+use common::compare;
 use common::host::{assert_same_entries, wait_vmstate_ids, Host, WAIT};
+use common::population::{self, Spec};
 use common::qemu::{Incoming, Outgoing, Qemu, QemuOpts};
-use conntrack_vmstate::entry::{Entry, ProtoInfo};
+use conntrack_vmstate::entry::{status, Entry, ProtoInfo};
 use serde_json::Value;
 
 /// conntrack(8) `--load-file` lines of demo/population: the realistic mix.
@@ -84,7 +86,11 @@ fn register_qmp(h: &mut Host, vm: &str, extra: &[&str]) -> String {
     let qmp = qemu(h).qmp_path.display().to_string();
     let mut args = vec!["--qmp", qmp.as_str()];
     args.extend_from_slice(extra);
-    h.register(vm, &args)
+    let out = h.register(vm, &args);
+    // Ready as QEMU will see it: ListQueuedOwners + GetAll show the Id.
+    let id = text(&h.status_json(vm), "Id");
+    wait_vmstate_ids(&h.bus.address, &[id.as_str()], WAIT);
+    out
 }
 
 fn unregister_qmp(h: &mut Host, vm: &str, flush: bool) -> String {
@@ -138,11 +144,20 @@ fn pair(tag: &str) -> (Host, Host) {
 #[test]
 fn entries_arrive_attribute_exact_and_flush_removes_exactly_them() {
     let (mut src, mut dst) = pair("ex");
-    src.load_entries(&population(100, 3000));
-    src.load_entries(&population(200, 500));
-    src.load_entries(&population(300, 500));
-    dst.load_entries(&population(400, 300));
-    let (src200, src300, dst400) = (src.dump(200), src.dump(300), dst.dump(400));
+    // The realistic mix: NAT'ed with SRC_NAT/DST_NAT status, zones,
+    // FIXED_TIMEOUT, labels, TCP window scale; 20 % other VMs (marks 1100…).
+    let pop = population::generate(Spec::new(3000, 100, 7));
+    population::load(&src.ns.name, &pop);
+    let mut other = Spec::new(300, 400, 8);
+    other.noise = 0.0;
+    population::load(&dst.ns.name, &population::generate(other));
+    let noise_before: Vec<(u32, Vec<Entry>)> =
+        pop.noise_marks.iter().map(|&m| (m, src.dump(m))).collect();
+    assert!(noise_before.iter().map(|(_, v)| v.len()).sum::<usize>() >= 500);
+    let dst400 = dst.dump(400);
+    // The other VMs' snapshots are older than the migration: their allowed
+    // timeout ageing counts from here.
+    let t0 = Instant::now();
     start_qemus(&mut src, &mut dst);
 
     register_qmp(&mut src, "100", &[]);
@@ -177,6 +192,29 @@ fn entries_arrive_attribute_exact_and_flush_removes_exactly_them() {
     assert_same_entries("VM 100", &before, &after, age);
     let (a4, a6) = v4_v6(&after);
     assert_eq!((a4, a6), (v4, v6));
+    // The rich attributes really were there to be carried.
+    assert!(after.iter().any(|e| e.labels.is_some()), "no labels");
+    assert!(after.iter().any(|e| e.zone != 0), "no zone");
+    assert!(
+        after.iter().any(|e| e.status & status::SRC_NAT != 0),
+        "no SNAT"
+    );
+    assert!(
+        after.iter().any(|e| e.status & status::DST_NAT != 0),
+        "no DNAT"
+    );
+    assert!(
+        after.iter().any(|e| matches!(
+            e.protoinfo,
+            Some(ProtoInfo::Tcp { wscale_orig, .. }) if wscale_orig > 0
+        )),
+        "no window scale"
+    );
+    // The netlink branch's comparators: ours decoded, and conntrack(8)'s view.
+    let diffs = compare::compare(&before, &after, compare::Tolerance::exact_status(age));
+    assert!(diffs.is_empty(), "{diffs:#?}");
+    let diffs = compare::cross_check(&src.ns.name, &dst.ns.name, 100);
+    assert!(diffs.is_empty(), "{diffs:#?}");
 
     let save = report(&src, "100", "LastSave");
     let load = report(&dst, "100", "LastLoad");
@@ -188,10 +226,12 @@ fn entries_arrive_attribute_exact_and_flush_removes_exactly_them() {
     assert_eq!(num(&load, "created"), 3000);
 
     // Other VMs: untouched on both hosts, never carried.
-    assert_same_entries("VM 200 (source)", &src200, &src.dump(200), age);
-    assert_same_entries("VM 300 (source)", &src300, &src.dump(300), age);
-    assert_same_entries("VM 400 (destination)", &dst400, &dst.dump(400), age);
-    assert!(dst.dump(200).is_empty() && dst.dump(300).is_empty());
+    let age0 = t0.elapsed().as_secs() as u32 + 2;
+    for (m, v) in &noise_before {
+        assert_same_entries(&format!("VM {m} (source)"), v, &src.dump(*m), age0);
+        assert!(dst.dump(*m).is_empty(), "VM {m} reached the destination");
+    }
+    assert_same_entries("VM 400 (destination)", &dst400, &dst.dump(400), age0);
 
     // A connection of VM 100 opened on the source after Save is not part of
     // the migrated state: the flush must leave it.
@@ -203,8 +243,10 @@ fn entries_arrive_attribute_exact_and_flush_removes_exactly_them() {
     let left = src.dump(100);
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(left[0].orig.src.to_string(), "10.0.100.250");
-    assert_same_entries("VM 200 after flush", &src200, &src.dump(200), age + 5);
-    assert_same_entries("VM 300 after flush", &src300, &src.dump(300), age + 5);
+    for (m, v) in &noise_before {
+        let age = t0.elapsed().as_secs() as u32 + 2;
+        assert_same_entries(&format!("VM {m} after flush"), v, &src.dump(*m), age);
+    }
     assert_eq!(qemu(&mut src).qmp().find_vmstate().unwrap(), None);
     // The destination keeps what arrived; its QEMU loses the object.
     unregister_qmp(&mut dst, "100", false);
@@ -218,6 +260,7 @@ fn two_vms_on_one_shared_bus_migrating_at_once_get_only_their_own() {
     src.load_entries(&population(100, 1500));
     src.load_entries(&population(101, 1000));
     let (b100, b101) = (src.dump(100), src.dump(101));
+    let t = Instant::now();
     let mut sq = Vec::new();
     let mut dq = Vec::new();
     for vm in ["100", "101"] {
@@ -252,7 +295,7 @@ fn two_vms_on_one_shared_bus_migrating_at_once_get_only_their_own() {
             WAIT,
         );
     }
-    let t = Instant::now();
+
     let streams: Vec<_> = ["100", "101"]
         .iter()
         .map(|vm| src.path().join(format!("stream{vm}.bin")))
@@ -575,4 +618,139 @@ fn bad_data_at_load_never_breaks_the_migration() {
         &without_tcp_flags(dst.dump(100)),
         30,
     );
+}
+
+/// Conntrack access that hangs for real: the daemon reaches conntrack
+/// through the sandboxed helper process, which is frozen (SIGSTOP) before
+/// the migration. Save answers at its deadline with an empty state, the
+/// migration completes and the guest runs on the destination; after the
+/// helper is thawed, a second migration carries the entries.
+#[test]
+fn conntrack_helper_frozen_during_save_still_migrates() {
+    use common::host::Proc;
+    use nix::sys::signal::{kill, Signal};
+    let mut src = Host::new("hgs");
+    let mut dst = Host::new("hgd");
+    let sock = src.path().join("helper.sock");
+    let mut helper = Proc::spawn(
+        "helper",
+        src.path(),
+        src.ns
+            .cmd(env!("CARGO_BIN_EXE_conntrack-vmstate-helper"))
+            .arg("--listen")
+            .arg(&sock)
+            .args(["--idle-timeout", "0"]),
+    );
+    let end = Instant::now() + WAIT;
+    while !sock.exists() {
+        assert!(
+            helper.try_wait().is_none(),
+            "helper exited: {}",
+            helper.output()
+        );
+        assert!(Instant::now() < end, "helper socket missing");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let addr = src.bus.address.clone();
+    let sock_arg = sock.display().to_string();
+    src.start_daemon_with(&addr, &[], &["--helper-socket", &sock_arg]);
+    dst.start_daemon();
+    src.load_entries(&population(100, 300));
+    start_qemus(&mut src, &mut dst);
+    register_qmp(&mut src, "100", &[]);
+    register_qmp(&mut dst, "100", &[]);
+
+    let pid = nix::unistd::Pid::from_raw(helper.pid() as i32);
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP helper");
+    let (out, inc) = migrate(&mut src, &mut dst);
+    kill(pid, Signal::SIGCONT).expect("SIGCONT helper");
+    assert_eq!((out.status.as_str(), inc), ("completed", Incoming::Running));
+    let save = report(&src, "100", "LastSave");
+    println!("LastSave {save}");
+    assert_eq!(
+        text(&save, "error"),
+        "dump and encode did not finish within the 2000 ms save deadline; sent an empty state"
+    );
+    // Save answered at its deadline, well inside QEMU's 25 s
+    let d = out.downtime_ms.unwrap_or(0);
+    assert!((2000..10_000).contains(&d), "downtime {d} ms");
+    assert!(dst.dump(100).is_empty());
+
+    // Thawed, the helper serves again: the next Save (the source guest
+    // resumed, migrated again to a fresh destination) carries every entry.
+    let before = src.dump(100);
+    let t = Instant::now();
+    qemu(&mut src).execute("cont", None).ok();
+    let mut dst2 = Host::new("hgd2");
+    dst2.start_daemon();
+    dst2.qemu = Some(Qemu::start(
+        dst2.path(),
+        "qemu",
+        Some(&dst2.ns),
+        &QemuOpts {
+            vmstate: None,
+            incoming: true,
+        },
+    ));
+    register_qmp(&mut dst2, "100", &[]);
+    let (out, inc) = migrate(&mut src, &mut dst2);
+    assert_eq!((out.status.as_str(), inc), ("completed", Incoming::Running));
+    assert_eq!(text(&report(&src, "100", "LastSave"), "error"), "");
+    assert_same_entries(
+        "VM 100 through the helper",
+        &before,
+        &dst2.dump(100),
+        t.elapsed().as_secs() as u32 + 2,
+    );
+}
+
+/// `register --qmp` / `unregister --qmp` against a QMP socket that is not
+/// there: a clear error naming the socket, and the registration itself
+/// stands (the VM can be wired later).
+#[test]
+fn register_qmp_with_an_absent_socket_is_a_clear_error() {
+    let mut h = Host::new("rq");
+    h.start_daemon();
+    let sock = h.path().join("absent.qmp");
+    let s = sock.display().to_string();
+    let out = h.cli(&[
+        "register",
+        "100",
+        "--bus-address",
+        &h.bus.address.clone(),
+        "--qmp",
+        &s,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "conntrack-vmstate: VM 100 is registered, but adding Id conntrack-vmstate-100 to \
+             QEMU's dbus-vmstate over {s} failed: cannot connect to QMP socket {s}: No such \
+             file or directory (os error 2)"
+        )
+    );
+    assert_eq!(text(&h.status_json("100"), "Id"), "conntrack-vmstate-100");
+    let out = h.cli(&["unregister", "100", "--qmp", &s]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot connect to QMP socket {s}")),
+        "{err}"
+    );
+    // a real QEMU now: wired and unwired by the same commands
+    h.qemu = Some(Qemu::start(
+        h.path(),
+        "qemu",
+        Some(&h.ns),
+        &QemuOpts::default(),
+    ));
+    register_qmp(&mut h, "100", &[]);
+    let o = qemu(&mut h).qmp().find_vmstate().unwrap().unwrap();
+    assert_eq!(o.ids, ["conntrack-vmstate-100"]);
+    unregister_qmp(&mut h, "100", false);
+    assert_eq!(qemu(&mut h).qmp().find_vmstate().unwrap(), None);
+    assert!(!h.cli(&["status", "100"]).status.success());
 }
