@@ -8,6 +8,8 @@
 //!   demo-tool incoming QMP_SOCKET STREAM  destination: migrate-incoming from
 //!                                         STREAM, wait until the guest runs
 //!   demo-tool status   QMP_SOCKET         print query-status' status
+//!   demo-tool vmstate  QMP_SOCKET         print QEMU's dbus-vmstate object
+//!                                         (`none` when there is none)
 //!   demo-tool populate NETNS_NAME MARK COUNT SEED NOISE
 //!                                         the tests' realistic population
 //!                                         (tests/common/population.rs) of
@@ -43,7 +45,7 @@ fn main() -> anyhow::Result<()> {
     let arg = |i: usize| -> anyhow::Result<&str> {
         args.get(i)
             .map(String::as_str)
-            .context("usage: demo-tool migrate|incoming|status|quit QMP_SOCKET [STREAM] | compare NETNS_A NETNS_B MARK")
+            .context("usage: demo-tool migrate|incoming|status|vmstate|quit QMP_SOCKET [STREAM] | compare NETNS_A NETNS_B MARK")
     };
     if arg(0)? == "populate" {
         return populate(
@@ -62,6 +64,13 @@ fn main() -> anyhow::Result<()> {
     match arg(0)? {
         "migrate" => migrate(&mut qmp, arg(2)?),
         "incoming" => incoming(&mut qmp, arg(2)?),
+        "vmstate" => {
+            match qmp.find_vmstate()? {
+                None => println!("none"),
+                Some(o) => println!("{} on {} listing {}", o.id, o.addr, o.ids.join(",")),
+            }
+            Ok(())
+        }
         "status" => {
             println!("{}", status(&mut qmp)?);
             Ok(())
@@ -101,7 +110,11 @@ fn migrate(qmp: &mut QmpClient, stream: &str) -> anyhow::Result<()> {
     loop {
         let q = qmp.execute("query-migrate", None)?;
         let st = q.get("status").and_then(Value::as_str).unwrap_or("");
-        if matches!(st, "completed" | "failed" | "cancelled") {
+        // QEMU 7.2 sets "completed" a moment before it stores the times;
+        // until then query-migrate reports total-time 0.
+        let times_ready =
+            st != "completed" || q.get("total-time").and_then(Value::as_u64).unwrap_or(0) > 0;
+        if times_ready && matches!(st, "completed" | "failed" | "cancelled") {
             let n = |k: &str| {
                 q.get(k)
                     .and_then(Value::as_u64)

@@ -6,7 +6,14 @@ fn main() {
     for (i, n) in [0usize, 1, 3, 20, 200].into_iter().enumerate() {
         let v = synth::population(n, i as u64, 100);
         for (f, name) in [(Format::Binary, "bin"), (Format::ConntrackSave, "txt")] {
-            let e = format::encode(&v, &EncodeOptions { limit: 1 << 20, format: f }).expect("encode");
+            let e = format::encode(
+                &v,
+                &EncodeOptions {
+                    limit: 1 << 20,
+                    format: f,
+                },
+            )
+            .expect("encode");
             std::fs::write(format!("{dir}/seed-{n}.{name}"), &e.bytes).expect("write seed");
         }
     }

@@ -73,7 +73,7 @@ pub enum QmpError {
     InvalidId { id: String, reason: &'static str },
     #[error(
         "QEMU's dbus-vmstate object {object} is connected to {existing}, not {wanted}, and \
-         also serves other Ids ({others}); it cannot be re-targeted without breaking them"
+         {others}; it cannot be re-targeted without breaking other helpers"
     )]
     BusMismatch {
         object: String,
@@ -92,8 +92,8 @@ pub enum AttachOutcome {
     Added { object: String, id_list: String },
     /// Our Id was already listed on an object using the same bus.
     AlreadyPresent { object: String },
-    /// Our object pointed at another bus and served only our Id: it was
-    /// deleted and created again on `bus_address`.
+    /// Our object (or one listing only our Id) pointed at another bus: it
+    /// was deleted and created again on `bus_address`.
     Recreated { object: String },
 }
 
@@ -261,7 +261,8 @@ impl QmpClient {
     /// Sends one command and returns its `return` value. Events that arrive
     /// meanwhile are kept in [`take_events`](Self::take_events); a reply
     /// with another id (left over from an earlier timed-out command) is
-    /// skipped.
+    /// skipped. After [`QmpError::Timeout`] part of a message may have been
+    /// consumed: drop the client and connect again.
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
         let id = self.next_id;
         self.next_id += 1;
@@ -388,17 +389,28 @@ impl QmpClient {
         };
         let path = format!("/objects/{}", obj.id);
         if obj.addr != bus_address {
-            let others: Vec<&String> = obj.ids.iter().filter(|i| *i != vmstate_id).collect();
-            if !others.is_empty() {
+            let others: Vec<&str> = obj
+                .ids
+                .iter()
+                .map(String::as_str)
+                .filter(|i| *i != vmstate_id)
+                .collect();
+            // Re-creating is safe only when nobody else can depend on the
+            // object: it lists no other Id, and it is ours or lists our Id.
+            // Someone else's object with an empty id-list may be one whose
+            // id-list is unset (QEMU reports both as ""), which serves every
+            // helper on its bus.
+            let ours = obj.id == VMSTATE_OBJECT_ID || obj.ids.iter().any(|i| i == vmstate_id);
+            if !others.is_empty() || !ours {
                 return Err(QmpError::BusMismatch {
                     object: path,
                     existing: obj.addr,
                     wanted: bus_address.to_owned(),
-                    others: others
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
+                    others: if others.is_empty() {
+                        "its id-list is empty or unset".to_owned()
+                    } else {
+                        format!("also serves other Ids ({})", others.join(","))
+                    },
                 });
             }
             self.execute("object-del", Some(json!({"id": obj.id})))?;

@@ -143,3 +143,131 @@ async fn capless_daemon_saves_and_flushes_through_the_helper() {
     .await
     .expect("test timed out");
 }
+
+/// A helper that stops answering (SIGSTOP: a real hang, not a mock) makes
+/// Save answer at its deadline with a valid empty state; once the helper
+/// runs again, the next Save carries the entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn save_answers_at_deadline_while_the_helper_hangs() {
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let ns = Netns::new("helper-hang");
+        let bus = TestBus::new("helper-hang");
+        let state = scratch_dir("helper-hang-state");
+        let sock = state.path().join("helper.sock");
+        let helper = Proc::spawn(
+            "helper",
+            state.path(),
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns.name,
+                    env!("CARGO_BIN_EXE_conntrack-vmstate-helper"),
+                ])
+                .arg("--listen")
+                .arg(&sock)
+                .args(["--idle-timeout", "0"]),
+        );
+        let end = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(Instant::now() < end, "helper socket never appeared");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for i in 0..3 {
+            ns.run(
+                "conntrack",
+                &[
+                    "-I",
+                    "-s",
+                    &format!("10.9.0.{i}"),
+                    "-d",
+                    "192.0.2.1",
+                    "-p",
+                    "tcp",
+                    "--sport",
+                    "1234",
+                    "--dport",
+                    "22",
+                    "--state",
+                    "ESTABLISHED",
+                    "-t",
+                    "600",
+                    "-u",
+                    "SEEN_REPLY,ASSURED",
+                    "--mark",
+                    "100",
+                ],
+            );
+        }
+        let client = bus.connect().await;
+        let mut o = DaemonOpts::new(&bus.address, state.path());
+        o.extra
+            .extend(["--helper-socket".to_string(), sock.display().to_string()]);
+        o.extra
+            .extend(["--save-deadline-ms".to_string(), "1000".to_string()]);
+        let _d = DaemonProc::start(o, &client).await;
+        let m = Manager1Proxy::new(&client).await.unwrap();
+        let path = m
+            .register(
+                "100",
+                HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]),
+            )
+            .await
+            .unwrap();
+        let vm = Vm1Proxy::builder(&client)
+            .path(path)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .unwrap();
+        let vs = VmState1Proxy::builder(&client)
+            .destination(vm.unique_name().await.unwrap())
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(
+            format::decode(&vs.save().await.unwrap())
+                .unwrap()
+                .entries
+                .len(),
+            3
+        );
+
+        let pid = nix::unistd::Pid::from_raw(helper.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let t = Instant::now();
+        let blob = vs.save().await.expect("Save never fails").into_vec();
+        let took = t.elapsed();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+        assert!(
+            took < Duration::from_secs(5),
+            "Save waited {took:?} for a hung helper"
+        );
+        assert!(format::decode(&blob).unwrap().entries.is_empty());
+        let last = vm.last_save().await.unwrap();
+        assert_eq!(
+            String::try_from(last["error"].try_clone().unwrap()).unwrap(),
+            "dump and encode did not finish within the 1000 ms save deadline; sent an empty state"
+        );
+
+        // The helper runs again: Saves recover (bounded retry while the
+        // stalled request drains).
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n = format::decode(&vs.save().await.unwrap())
+                .unwrap()
+                .entries
+                .len();
+            if n == 3 {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "Save did not recover after the helper resumed"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}

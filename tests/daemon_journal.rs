@@ -157,3 +157,56 @@ async fn journal_lines_carry_structured_fields() {
     .await
     .expect("test timed out");
 }
+
+/// Under systemd, stderr is a journal stream (JOURNAL_STREAM names it): the
+/// daemon then logs only natively, without a duplicate stderr copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_stderr_copy_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let ns = Netns::new("journal-st");
+        let bus = TestBus::new("journal-st");
+        let state = scratch_dir("journal-st-state");
+        let jdir = scratch_dir("journal-st-sock");
+        let sock = UnixDatagram::bind(jdir.path().join("socket")).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let client = bus.connect().await;
+        // DaemonProc sends stderr to <state>.log; pretend it is the journal.
+        let log = state.path().with_extension("log");
+        std::fs::File::create(&log).unwrap();
+        let md = std::fs::metadata(&log).unwrap();
+        let mut o = DaemonOpts::new(&bus.address, state.path());
+        o.netns = Some(&ns.name);
+        o.env.push((
+            "JOURNAL_STREAM".into(),
+            format!("{}:{}", md.dev(), md.ino()),
+        ));
+        let script = format!(
+            "mount -t tmpfs none /run/systemd && mkdir /run/systemd/journal && \
+             mount --bind {} /run/systemd/journal && exec \"$0\" \"$@\"",
+            jdir.path().display()
+        );
+        o.wrapper = ["unshare", "-m", "--propagation", "private", "sh", "-c"]
+            .map(String::from)
+            .to_vec();
+        o.wrapper.push(script);
+        let d = DaemonProc::start(o, &client).await;
+        let m = Manager1Proxy::new(&client).await.unwrap();
+        m.register(
+            "100",
+            HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]),
+        )
+        .await
+        .unwrap();
+        let seen = tokio::task::block_in_place(|| collect_until(&sock, "Register of VM 100"));
+        find(&seen, "Register of VM 100");
+        let text = d.log_text();
+        assert!(
+            !text.contains("Register of VM 100"),
+            "duplicated on stderr: {text}"
+        );
+    })
+    .await
+    .expect("test timed out");
+}

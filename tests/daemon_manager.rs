@@ -136,7 +136,7 @@ async fn register_errors_are_named_and_idempotence_holds() {
         let bus = TestBus::new("mgr-err");
         let state = scratch_dir("mgr-err-state");
         let client = bus.connect().await;
-        let _d = DaemonProc::start(DaemonOpts::new(&bus.address, state.path()), &client).await;
+        let d = DaemonProc::start(DaemonOpts::new(&bus.address, state.path()), &client).await;
         let m = manager(&client).await;
         let addr = Variant::from(bus.address.as_str());
         let base = || opts(&[("bus_address", addr.try_clone().unwrap())]);
@@ -194,6 +194,11 @@ async fn register_errors_are_named_and_idempotence_holds() {
         // A flush without any Save deletes nothing and succeeds.
         m.unregister("100", opts(&[("flush", Variant::from(true))])).await.unwrap();
         assert!(queued_owners(&client, "org.qemu.VMState1").await.is_empty());
+        let log = d.log_text();
+        assert!(
+            log.contains("Unregister of VM 100: nothing to flush, no Save with entries since the daemon started"),
+            "{log}"
+        );
     })
     .await
     .expect("test timed out");
@@ -348,6 +353,60 @@ async fn gdbus_reads_id_and_calls_save() {
             out.starts_with("([byte 0x") || out.starts_with("(b'") || out.starts_with("(b\""),
             "{out}"
         );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The VM's bus goes away (its dbus-daemon stops): the daemon notices, and
+/// an identical Register then tries to reconnect and reports the bus
+/// unreachable instead of claiming the VM is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_vm_bus_is_noticed_and_reported() {
+    tokio::time::timeout(T, async {
+        let bus = TestBus::new("mgr-lost");
+        let vm_bus = TestBus::new("mgr-lost-vm");
+        let vm_addr = vm_bus.address.clone();
+        let state = scratch_dir("mgr-lost-state");
+        let client = bus.connect().await;
+        let d = DaemonProc::start(DaemonOpts::new(&bus.address, state.path()), &client).await;
+        let m = manager(&client).await;
+        m.register(
+            "7",
+            opts(&[("bus_address", Variant::from(vm_addr.as_str()))]),
+        )
+        .await
+        .unwrap();
+        drop(vm_bus);
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while !d
+            .log_text()
+            .contains("VM 7 is no longer served: its connection to bus")
+        {
+            assert!(
+                std::time::Instant::now() < end,
+                "loss not noticed: {}",
+                d.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (name, text) = dbus_error(
+            m.register(
+                "7",
+                opts(&[("bus_address", Variant::from(vm_addr.as_str()))]),
+            )
+            .await
+            .unwrap_err(),
+        );
+        assert_eq!(name, "org.conntrack_vmstate.Error.BusUnreachable");
+        assert!(
+            text.starts_with(&format!(
+                "cannot serve org.qemu.VMState1 for VM '7' on bus {vm_addr}: "
+            )),
+            "{text}"
+        );
+        // Still registered (and persisted): Unregister works.
+        m.unregister("7", HashMap::new()).await.unwrap();
     })
     .await
     .expect("test timed out");

@@ -278,3 +278,72 @@ async fn load_reports_bad_data_and_never_fails() {
     .await
     .expect("test timed out");
 }
+
+/// Twenty VMs on one shared bus Save at once over a real table that also
+/// holds other marks: each gets exactly its own entries, and every owner's
+/// GetAll is answered meanwhile (the blocked-dump variant of this is in
+/// daemon_concurrency.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_vms_save_at_once_on_a_shared_bus() {
+    tokio::time::timeout(T, async {
+        let h = Host::new("vms-20", &[]).await;
+        let dir = scratch_dir("vms-20-pop");
+        let pop = dir.path().join("pop.txt");
+        let mut lines = String::new();
+        for mark in (1..=20).chain([250]) {
+            let n = if mark == 250 { "20000" } else { "300" };
+            let out =
+                std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/demo/population"))
+                    .args([&mark.to_string(), n])
+                    .output()
+                    .unwrap();
+            assert!(out.status.success());
+            lines.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        std::fs::write(&pop, lines).unwrap();
+        h.ns.run("conntrack", &["-R", pop.to_str().unwrap()]);
+
+        let mut vms = Vec::new();
+        for mark in 1..=20u32 {
+            vms.push((mark, h.register(&mark.to_string()).await));
+        }
+        let mut saves = Vec::new();
+        for (mark, (_, vs)) in &vms {
+            let (mark, vs) = (*mark, vs.clone());
+            saves.push(tokio::spawn(async move {
+                (mark, vs.save().await.expect("Save").into_vec())
+            }));
+        }
+        // QEMU's discovery of every owner while the Saves run.
+        for (mark, (_, vs)) in &vms {
+            let props = zbus::fdo::PropertiesProxy::builder(vs.inner().connection())
+                .destination(vs.inner().destination().to_owned())
+                .path("/org/qemu/VMState1")
+                .build()
+                .await
+                .unwrap();
+            let all = props
+                .get_all(zbus::names::InterfaceName::try_from("org.qemu.VMState1").unwrap())
+                .await
+                .unwrap();
+            assert_eq!(text(&all, "Id"), format!("conntrack-vmstate-{mark}"));
+        }
+        for s in saves {
+            let (mark, blob) = s.await.unwrap();
+            assert!(!blob.is_empty() && blob.len() <= QEMU_LIMIT);
+            let d = format::decode(&blob).unwrap();
+            assert_eq!(d.entries.len(), 300, "mark {mark}");
+            assert!(
+                d.entries.iter().all(|e| e.mark == mark),
+                "mark {mark} got another VM's entry"
+            );
+        }
+        for (mark, (vm1, _)) in &vms {
+            let last = vm1.last_save().await.unwrap();
+            assert_eq!(text(&last, "error"), "", "mark {mark}");
+            assert_eq!(num(&last, "entries"), 300, "mark {mark}");
+        }
+    })
+    .await
+    .expect("test timed out");
+}

@@ -138,12 +138,26 @@ fn an_object_on_another_bus_is_recreated_only_when_nobody_else_uses_it() {
         err.to_string(),
         format!(
             "QEMU's dbus-vmstate object /objects/dv0 is connected to {}, not {}, and also \
-             serves other Ids (other); it cannot be re-targeted without breaking them",
+             serves other Ids (other); it cannot be re-targeted without breaking other helpers",
             old_bus.address, new_bus.address
         )
     );
     // untouched
     assert_eq!(object(&mut q).unwrap().ids, ["other"]);
+
+    // Someone else's object with an empty (maybe unset) id-list: not ours
+    // to re-create either.
+    q.set_id_list("dv0", "");
+    let err = q
+        .qmp()
+        .attach_vmstate("vm-100", &new_bus.address)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("and its id-list is empty or unset;"),
+        "{err}"
+    );
+    assert_eq!(object(&mut q).unwrap().addr, old_bus.address);
 
     // Only ours listed (e.g. left from an earlier registration on the old
     // bus): deleted and created again on the new bus.

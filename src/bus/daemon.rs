@@ -64,6 +64,10 @@ pub enum DaemonError {
 /// changes into PropertiesChanged.
 struct Served {
     conn: Option<Connection>,
+    /// Cleared when the VM's bus drops the connection (e.g. the bus daemon
+    /// restarted), so an identical Register reconnects instead of
+    /// reporting success for a VM nobody serves.
+    alive: Arc<AtomicBool>,
     watchers: Vec<AbortHandle>,
 }
 
@@ -119,7 +123,9 @@ impl Shared {
         match admission {
             Admission::Existing(rt) => {
                 // A restored VM whose bus was unreachable at start is retried.
-                let serving = lock(&self.served).get(vm).is_some_and(|s| s.conn.is_some());
+                let serving = lock(&self.served)
+                    .get(vm)
+                    .is_some_and(|s| s.conn.is_some() && s.alive.load(Ordering::SeqCst));
                 if !serving {
                     self.serve(rt.clone(), true).await?;
                 }
@@ -162,6 +168,10 @@ impl Shared {
         let rt = lock(&self.registry).get(vm).ok_or_else(|| {
             Error::from(crate::service::ServiceError::NotRegistered { vm: vm.into() })
         })?;
+        // The saved entries live in memory only: after a daemon restart (or
+        // a Save that fell back to an empty state) there is nothing to flush,
+        // and the log says so rather than claiming a flush.
+        let had_saved = !rt.saved().is_empty();
         let flushed = if flush {
             Some(self.engine.flush(&rt).await?)
         } else {
@@ -177,10 +187,12 @@ impl Shared {
             DELETED = deleted,
             MISSING = missing,
             "Unregister of VM {vm}{}",
-            if flush {
-                format!(": flushed {deleted} saved entries ({missing} already gone)")
-            } else {
-                String::new()
+            match (flush, had_saved) {
+                (false, _) => String::new(),
+                (true, true) =>
+                    format!(": flushed {deleted} saved entries ({missing} already gone)"),
+                (true, false) =>
+                    ": nothing to flush, no Save with entries since the daemon started".into(),
             }
         );
         self.count_changed();
@@ -213,6 +225,7 @@ impl Shared {
         let server = self.manager.object_server();
         // Replacing covers a retry for a VM exported without a connection.
         let _ = server.remove::<Vm1, _>(&path).await;
+        let vm1_addr = address.clone();
         let vm1 = Vm1 {
             rt: rt.clone(),
             bus_address: address,
@@ -245,7 +258,30 @@ impl Shared {
                 .abort_handle(),
             );
         }
-        if let Some(old) = lock(&self.served).insert(vm, Served { conn, watchers }) {
+        let alive = Arc::new(AtomicBool::new(conn.is_some()));
+        if let Some(c) = &conn {
+            let (c, alive, vm, addr) = (c.clone(), alive.clone(), vm.clone(), vm1_addr);
+            watchers.push(
+                tokio::spawn(async move {
+                    c.closed().await;
+                    alive.store(false, Ordering::SeqCst);
+                    tracing::error!(
+                        VMID = %vm,
+                        "VM {vm} is no longer served: its connection to bus {addr} closed; \
+                         Register it again once the bus is back"
+                    );
+                })
+                .abort_handle(),
+            );
+        }
+        if let Some(old) = lock(&self.served).insert(
+            vm,
+            Served {
+                conn,
+                alive,
+                watchers,
+            },
+        ) {
             old.watchers.iter().for_each(AbortHandle::abort);
         }
         Ok(())

@@ -2,7 +2,7 @@
 //! names (`journalctl VMID=100`), and a readable stderr log whenever stderr
 //! is not already the journal.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -17,8 +17,8 @@ fn stderr_is_journal() -> bool {
     let Some((dev, ino)) = v.split_once(':') else {
         return false;
     };
-    let fd = std::io::stderr().as_raw_fd();
-    match nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }) {
+    let stderr = std::io::stderr();
+    match nix::sys::stat::fstat(stderr.as_fd()) {
         Ok(st) => dev == st.st_dev.to_string() && ino == st.st_ino.to_string(),
         Err(_) => false,
     }

@@ -245,4 +245,23 @@ mod tests {
             "VM '100' is not registered"
         );
     }
+
+    #[test]
+    fn unwritable_state_dir_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let mut reg = Registry::new(Store::new(file.join("state")));
+        let e = reg
+            .insert_runtime(Arc::new(VmRuntime::new(cfg("100", &[]))))
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with(&format!(
+                "cannot write registrations to {}: ",
+                file.join("state/registrations.json").display()
+            )),
+            "{e}"
+        );
+        assert!(reg.is_empty());
+    }
 }

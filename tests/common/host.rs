@@ -172,7 +172,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 /// each owner. Owners whose GetAll fails or lacks a string Id are left out,
 /// as QEMU skips them. Maps unique name → Id.
 pub fn vmstate_owners(bus_address: &str) -> Result<HashMap<String, String>, String> {
-    block_on(async {
+    block_on(bounded(async {
         let conn = connect(bus_address)
             .await
             .map_err(|e| format!("connect {bus_address}: {e}"))?;
@@ -203,7 +203,16 @@ pub fn vmstate_owners(bus_address: &str) -> Result<HashMap<String, String>, Stri
             }
         }
         Ok(ids)
-    })
+    }))
+}
+
+/// Bounds a whole bus conversation (connect included): a frozen bus or
+/// owner must fail the test, not hang it. Longer than QEMU's 25 s per call
+/// so a slow GetAll is seen as QEMU would see it.
+async fn bounded<T>(f: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::time::timeout(Duration::from_secs(30), f)
+        .await
+        .unwrap_or_else(|_| Err("no answer from the bus within 30 s".into()))
 }
 
 /// Waits (bounded) until some owner of `org.qemu.VMState1` on the bus
@@ -420,12 +429,14 @@ impl Host {
 }
 
 fn name_owned(bus_address: &str, name: &str) -> bool {
-    block_on(async {
-        let conn = connect(bus_address).await.ok()?;
-        let dbus = zbus::fdo::DBusProxy::new(&conn).await.ok()?;
-        let n = zbus::names::BusName::try_from(name).ok()?;
-        dbus.name_has_owner(n).await.ok()
-    })
+    block_on(bounded(async {
+        let conn = connect(bus_address).await.map_err(|e| e.to_string())?;
+        let dbus = zbus::fdo::DBusProxy::new(&conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let n = zbus::names::BusName::try_from(name).map_err(|e| e.to_string())?;
+        dbus.name_has_owner(n).await.map_err(|e| e.to_string())
+    }))
     .unwrap_or(false)
 }
 

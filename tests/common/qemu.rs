@@ -160,7 +160,12 @@ impl Qemu {
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_owned();
-            if status == "completed" || status == "failed" || status == "cancelled" {
+            // QEMU 7.2 sets "completed" a moment before it stores the
+            // times; until then query-migrate reports total-time 0.
+            let times_ready = status != "completed"
+                || q.get("total-time").and_then(Value::as_u64).unwrap_or(0) > 0;
+            if times_ready && (status == "completed" || status == "failed" || status == "cancelled")
+            {
                 return Outgoing {
                     downtime_ms: q.get("downtime").and_then(Value::as_u64),
                     total_ms: q.get("total-time").and_then(Value::as_u64),
