@@ -29,6 +29,9 @@ pub const VMSTATE_TYPE: &str = "dbus-vmstate";
 /// QEMU busy in a migration answers late, but far below "hangs forever".
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Events kept for [`QmpClient::take_events`]; older ones are dropped.
+const MAX_EVENTS: usize = 256;
+
 /// Longest Id QEMU accepts (`dbus_get_proxies`: 1..255 bytes).
 pub const MAX_ID_LEN: usize = 255;
 
@@ -293,6 +296,11 @@ impl QmpClient {
         loop {
             let mut msg = self.read_message(deadline, &waiting_for)?;
             if msg.get("event").is_some() {
+                // Kept for callers that want them, bounded so a client nobody
+                // drains cannot grow without end.
+                if self.events.len() >= MAX_EVENTS {
+                    self.events.remove(0);
+                }
                 self.events.push(msg);
                 continue;
             }

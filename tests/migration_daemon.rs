@@ -348,11 +348,21 @@ fn two_vms_on_one_shared_bus_migrating_at_once_get_only_their_own() {
 fn a_custom_id_is_what_qemu_lists_and_migrates() {
     let (mut src, mut dst) = pair("id");
     src.load_entries(&population(100, 200));
+    // another VM's entries under the mark the custom registration must not take
+    src.load_entries(&population(101, 50));
     start_qemus(&mut src, &mut dst);
+    // a VM named by a non-numeric id, so its mark is given explicitly
     let id = "acme-ct.vm-100";
-    register_qmp(&mut src, "100", &["--id", id]);
-    register_qmp(&mut dst, "100", &["--id", id]);
-    assert_eq!(text(&src.status_json("100"), "Id"), id);
+    register_qmp(&mut src, "web-1", &["--id", id, "--mark", "100"]);
+    register_qmp(&mut dst, "web-1", &["--id", id, "--mark", "100"]);
+    let st = src.status_json("web-1");
+    assert_eq!(
+        (
+            text(&st, "Id").as_str(),
+            st.get("Mark").and_then(Value::as_u64)
+        ),
+        (id, Some(100))
+    );
     let o = qemu(&mut dst).qmp().find_vmstate().unwrap().unwrap();
     assert_eq!(o.ids, [id]);
     let before = src.dump(100);
@@ -360,11 +370,13 @@ fn a_custom_id_is_what_qemu_lists_and_migrates() {
     let (out, inc) = migrate(&mut src, &mut dst);
     assert_eq!((out.status.as_str(), inc), ("completed", Incoming::Running));
     assert_same_entries(
-        "VM 100",
+        "VM web-1",
         &before,
         &dst.dump(100),
         t.elapsed().as_secs() as u32 + 2,
     );
+    assert!(dst.dump(101).is_empty());
+    assert_eq!(num(&report(&dst, "web-1", "LastLoad"), "created"), 200);
 }
 
 /// The source daemon runs without CAP_NET_ADMIN (dropped from its bounding

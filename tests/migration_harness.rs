@@ -40,6 +40,22 @@ fn empty_id_list_on_both_sides_migrates_and_the_destination_runs() {
     let downtime = out.downtime_ms.expect("downtime reported");
     println!("QEMU downtime, no helper: {downtime} ms");
     assert_eq!(sq.status(), "postmigrate");
+    // Events that came in between replies were kept, not mistaken for replies.
+    let events = sq.qmp().take_events();
+    let names: Vec<String> = events
+        .iter()
+        .map(|e| {
+            let st = e.pointer("/data/status").and_then(|v| v.as_str());
+            format!(
+                "{}{}",
+                e["event"].as_str().unwrap_or("?"),
+                st.map(|s| format!(":{s}")).unwrap_or_default()
+            )
+        })
+        .collect();
+    println!("QMP events: {names:?}");
+    assert!(names.iter().any(|n| n == "STOP"), "{names:?}");
+    assert!(names.iter().any(|n| n == "MIGRATION:active"), "{names:?}");
 
     // The section is in the stream even with no helper: nelem 0, padded.
     let bytes = std::fs::read(&stream).unwrap();
