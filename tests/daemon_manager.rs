@@ -357,3 +357,57 @@ async fn gdbus_reads_id_and_calls_save() {
     .await
     .expect("test timed out");
 }
+
+/// The VM's bus goes away (its dbus-daemon stops): the daemon notices, and
+/// an identical Register then tries to reconnect and reports the bus
+/// unreachable instead of claiming the VM is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_vm_bus_is_noticed_and_reported() {
+    tokio::time::timeout(T, async {
+        let bus = TestBus::new("mgr-lost");
+        let vm_bus = TestBus::new("mgr-lost-vm");
+        let vm_addr = vm_bus.address.clone();
+        let state = scratch_dir("mgr-lost-state");
+        let client = bus.connect().await;
+        let d = DaemonProc::start(DaemonOpts::new(&bus.address, state.path()), &client).await;
+        let m = manager(&client).await;
+        m.register(
+            "7",
+            opts(&[("bus_address", Variant::from(vm_addr.as_str()))]),
+        )
+        .await
+        .unwrap();
+        drop(vm_bus);
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while !d
+            .log_text()
+            .contains("VM 7 is no longer served: its connection to bus")
+        {
+            assert!(
+                std::time::Instant::now() < end,
+                "loss not noticed: {}",
+                d.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (name, text) = dbus_error(
+            m.register(
+                "7",
+                opts(&[("bus_address", Variant::from(vm_addr.as_str()))]),
+            )
+            .await
+            .unwrap_err(),
+        );
+        assert_eq!(name, "org.conntrack_vmstate.Error.BusUnreachable");
+        assert!(
+            text.starts_with(&format!(
+                "cannot serve org.qemu.VMState1 for VM '7' on bus {vm_addr}: "
+            )),
+            "{text}"
+        );
+        // Still registered (and persisted): Unregister works.
+        m.unregister("7", HashMap::new()).await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}

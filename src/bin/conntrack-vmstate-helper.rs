@@ -2,6 +2,7 @@
 //! holds CAP_NET_ADMIN and does all netlink conntrack work for the daemon.
 
 use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,29 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Set by SIGTERM/SIGINT; the server polls it.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// systemd stops the helper with SIGTERM: answer what is in flight, then exit.
+fn handle_stop_signals() -> anyhow::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let act = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(sig, &act) }.with_context(|| format!("installing {sig} handler"))?;
+    }
+    Ok(())
+}
+
 fn run(args: HelperArgs, activated: std::io::Result<Option<UnixListener>>) -> anyhow::Result<()> {
     let activated = activated.context("reading the socket passed by systemd")?;
     let listener = match (activated, &args.listen) {
@@ -52,10 +76,12 @@ fn run(args: HelperArgs, activated: std::io::Result<Option<UnixListener>>) -> an
             helper::DEFAULT_SOCKET
         ),
     };
+    handle_stop_signals()?;
     let access = Ctnetlink::open().context("opening the conntrack netlink socket")?;
     let cfg = ServerConfig {
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         max_connections: args.max_connections.max(1),
+        stop: Some(&STOP),
         ..ServerConfig::default()
     };
     tracing::info!("serving conntrack requests");
@@ -64,7 +90,12 @@ fn run(args: HelperArgs, activated: std::io::Result<Option<UnixListener>>) -> an
         connections = summary.connections,
         requests = summary.requests,
         rejected = summary.rejected,
-        "idle, exiting"
+        "{}",
+        if STOP.load(Ordering::SeqCst) {
+            "stopped"
+        } else {
+            "idle, exiting"
+        }
     );
     Ok(())
 }

@@ -64,6 +64,10 @@ pub enum DaemonError {
 /// changes into PropertiesChanged.
 struct Served {
     conn: Option<Connection>,
+    /// Cleared when the VM's bus drops the connection (e.g. the bus daemon
+    /// restarted), so an identical Register reconnects instead of
+    /// reporting success for a VM nobody serves.
+    alive: Arc<AtomicBool>,
     watchers: Vec<AbortHandle>,
 }
 
@@ -119,7 +123,9 @@ impl Shared {
         match admission {
             Admission::Existing(rt) => {
                 // A restored VM whose bus was unreachable at start is retried.
-                let serving = lock(&self.served).get(vm).is_some_and(|s| s.conn.is_some());
+                let serving = lock(&self.served)
+                    .get(vm)
+                    .is_some_and(|s| s.conn.is_some() && s.alive.load(Ordering::SeqCst));
                 if !serving {
                     self.serve(rt.clone(), true).await?;
                 }
@@ -219,6 +225,7 @@ impl Shared {
         let server = self.manager.object_server();
         // Replacing covers a retry for a VM exported without a connection.
         let _ = server.remove::<Vm1, _>(&path).await;
+        let vm1_addr = address.clone();
         let vm1 = Vm1 {
             rt: rt.clone(),
             bus_address: address,
@@ -251,7 +258,30 @@ impl Shared {
                 .abort_handle(),
             );
         }
-        if let Some(old) = lock(&self.served).insert(vm, Served { conn, watchers }) {
+        let alive = Arc::new(AtomicBool::new(conn.is_some()));
+        if let Some(c) = &conn {
+            let (c, alive, vm, addr) = (c.clone(), alive.clone(), vm.clone(), vm1_addr);
+            watchers.push(
+                tokio::spawn(async move {
+                    c.closed().await;
+                    alive.store(false, Ordering::SeqCst);
+                    tracing::error!(
+                        VMID = %vm,
+                        "VM {vm} is no longer served: its connection to bus {addr} closed; \
+                         Register it again once the bus is back"
+                    );
+                })
+                .abort_handle(),
+            );
+        }
+        if let Some(old) = lock(&self.served).insert(
+            vm,
+            Served {
+                conn,
+                alive,
+                watchers,
+            },
+        ) {
             old.watchers.iter().for_each(AbortHandle::abort);
         }
         Ok(())

@@ -30,8 +30,9 @@ const EPERM: i32 = 1;
 
 /// A [`ConntrackAccess`] that forwards to the helper's socket.
 ///
-/// Connections are opened on first use (the helper is socket-activated) and
-/// reused. When the helper exited while idle, the next call reconnects
+/// One connection is opened at construction if possible (the helper is
+/// socket-activated and stays up while a connection is open); more are
+/// opened on demand and reused. When the helper exited while idle, the next call reconnects
 /// transparently: a request is resent only when the old connection failed
 /// before any byte of a reply arrived, which the helper guarantees means
 /// the request was not run (it closes connections only between requests).
@@ -49,7 +50,8 @@ enum Fail {
 }
 
 impl HelperClient {
-    /// Connects lazily: the helper is socket-activated on first use.
+    /// Tries to connect right away (activating the helper and keeping it
+    /// up); when that fails, every call connects on demand.
     pub fn new(socket: &Path) -> Result<Self, AccessError> {
         Self::with_timeout(socket, DEFAULT_TIMEOUT)
     }
@@ -59,11 +61,19 @@ impl HelperClient {
         if socket.as_os_str().is_empty() {
             return Err(AccessError::Helper("empty helper socket path".into()));
         }
-        Ok(HelperClient {
+        let client = HelperClient {
             path: socket.to_owned(),
             timeout,
             pool: Mutex::new(Vec::new()),
-        })
+        };
+        // Best effort: connecting now socket-activates the helper while the
+        // daemon starts, and the open connection keeps it up while the daemon
+        // runs. A cold helper costs ~20 ms, which inside Save would be
+        // migration downtime. Failure is fine: calls connect lazily.
+        if let Ok(s) = UnixStream::connect(&client.path) {
+            client.give_back(s);
+        }
+        Ok(client)
     }
 
     /// The socket this client talks to.

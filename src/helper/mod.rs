@@ -39,8 +39,8 @@ pub struct HelperArgs {
     /// (LISTEN_FDS); for tests and manual runs.
     #[arg(long)]
     pub listen: Option<std::path::PathBuf>,
-    /// Exit after this many seconds without a request (0: never); systemd
-    /// starts the helper again on the next connection.
+    /// Exit after this many seconds with no connection open (0: never);
+    /// systemd starts the helper again on the next connection.
     #[arg(long, default_value_t = 60)]
     pub idle_timeout: u64,
     /// Connections served at once.

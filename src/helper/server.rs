@@ -20,15 +20,20 @@ use crate::entry::Selector;
 /// Tunables of [`serve`].
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Exit after this long with no request in flight and none received;
-    /// systemd starts the helper again on the next connection. `None` runs
-    /// until killed.
+    /// Exit after this long with no connection open and no request in
+    /// flight; systemd starts the helper again on the next connection.
+    /// `None` runs until stopped. Open connections keep the helper up: the
+    /// daemon holds one while it serves VMs, so a Save never pays for
+    /// starting the helper (that would be migration downtime).
     pub idle_timeout: Option<Duration>,
     /// Connections served at once; more are answered with an error and
     /// closed, so a runaway client cannot exhaust threads.
     pub max_connections: usize,
     /// A frame that has started must arrive completely within this time.
     pub frame_timeout: Duration,
+    /// Set (e.g. by a SIGTERM handler) to stop: no new connections, requests
+    /// in flight are answered, open connections are closed between requests.
+    pub stop: Option<&'static AtomicBool>,
 }
 
 impl Default for ServerConfig {
@@ -37,6 +42,7 @@ impl Default for ServerConfig {
             idle_timeout: Some(Duration::from_secs(60)),
             max_connections: 64,
             frame_timeout: Duration::from_secs(30),
+            stop: None,
         }
     }
 }
@@ -179,10 +185,12 @@ pub fn serve(
     let threads = Mutex::new(Vec::new());
     let mut connections = 0u64;
     loop {
-        let idle = cfg
-            .idle_timeout
-            .is_some_and(|t| shared.busy.load(Ordering::SeqCst) == 0 && shared.idle_for() >= t);
-        if idle {
+        let idle = cfg.idle_timeout.is_some_and(|t| {
+            shared.open.load(Ordering::SeqCst) == 0
+                && shared.busy.load(Ordering::SeqCst) == 0
+                && shared.idle_for() >= t
+        });
+        if idle || cfg.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
             break;
         }
         if !wait_readable(&listener, TICK)? {
@@ -233,8 +241,8 @@ pub fn serve(
         }
     }
     shared.stop.store(true, Ordering::SeqCst);
-    // Idle connections notice the flag within a tick; none is mid-request
-    // (busy was 0), and a request that raced in is finished first.
+    // Connections notice the flag within a tick between requests; a request
+    // in flight (or one whose frame has started) is answered first.
     for h in threads.into_inner().unwrap_or_else(|p| p.into_inner()) {
         let _ = h.join();
     }
