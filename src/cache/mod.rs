@@ -166,6 +166,8 @@ struct State {
     sysctl: Option<EventsSysctl>,
     /// Kernel lookup cost per entry (EWMA, ns), to choose lookups or a dump.
     lookup_ns: u64,
+    /// `nf_conntrack_events` read 0 last time: syncs are pointless.
+    events_off: bool,
 }
 
 struct Shared {
@@ -213,6 +215,7 @@ impl CachedAccess {
                     events: None,
                     sysctl: None,
                     lookup_ns: INITIAL_LOOKUP_NS,
+                    events_off: false,
                 }),
                 direct,
                 bg: Mutex::new(None),
@@ -345,6 +348,7 @@ impl Shared {
             tables,
             events,
             sysctl,
+            events_off,
             ..
         } = st;
         let Some(ev) = events.as_mut() else {
@@ -370,7 +374,8 @@ impl Shared {
             }
         };
         // Entries created while delivery is off never report anything.
-        if let Some(Ok(0)) = sysctl.as_ref().map(|s| s.read()) {
+        *events_off = matches!(sysctl.as_ref().map(|s| s.read()), Some(Ok(0)));
+        if *events_off {
             tables.lost(now);
             return false;
         }
@@ -515,7 +520,7 @@ impl Shared {
             let refresh = sc
                 .synced_at
                 .is_none_or(|t| now.saturating_duration_since(t) >= cfg.refresh_interval);
-            if retry_ok && (after_loss || refresh) {
+            if retry_ok && !st.events_off && (after_loss || refresh) {
                 return Some(Job::Sync(*sel));
             }
             if fix.is_none() && !sc.fix.is_empty() {

@@ -1,0 +1,378 @@
+//! The warm cache against real kernel conntrack in throw-away namespaces:
+//! after watch + warm-up, a cached dump equals a direct kernel dump
+//! attribute by attribute (timeouts within the documented staleness), through
+//! creates, updates, deletes, mark moves, lost events and disabled events.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::compare::{compare, Tolerance};
+use common::netns::{run_ok, Netns};
+use common::population::{self, Spec};
+use conntrack_vmstate::access::ConntrackAccess;
+use conntrack_vmstate::cache::{CacheConfig, CachedAccess};
+use conntrack_vmstate::ctnetlink::Ctnetlink;
+use conntrack_vmstate::entry::{proto, status, Entry, Selector, Tuple, L4};
+
+const MARK: u32 = 100;
+const WARM: Duration = Duration::from_secs(20);
+
+fn ct(ns: &Netns) -> Ctnetlink {
+    Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink in namespace")
+}
+
+fn cache(ns: &Netns, cfg: CacheConfig) -> CachedAccess {
+    CachedAccess::new(ct(ns), cfg).expect("cache")
+}
+
+/// Timeouts of the cache are a lower bound of the kernel's, and with no
+/// traffic they only differ by rounding and the seconds between two dumps.
+fn tol() -> Tolerance {
+    Tolerance::exact_status(2)
+}
+
+fn assert_same(what: &str, want: &[Entry], got: &[Entry]) {
+    let diffs = compare(want, got, tol());
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences, first: {:?}",
+        diffs.len(),
+        &diffs[..diffs.len().min(8)]
+    );
+    assert_eq!(want.len(), got.len(), "{what}: entry count");
+}
+
+/// The cached timeouts never exceed the kernel's for entries nobody touched.
+fn assert_not_above(cached: &[Entry], direct: &[Entry]) {
+    let d: std::collections::HashMap<_, _> = direct.iter().map(|e| ((e.orig, e.zone), e)).collect();
+    for c in cached {
+        let k = d[&(c.orig, c.zone)];
+        assert!(
+            c.timeout <= k.timeout + 1,
+            "cached timeout {} above kernel {} for {:?}",
+            c.timeout,
+            k.timeout,
+            c.orig
+        );
+    }
+}
+
+/// conntrack(8) arguments that select exactly `e` (zone 0, ports or ICMP).
+fn filter_args(e: &Entry) -> Vec<String> {
+    let p = match e.orig.proto {
+        proto::TCP => "tcp",
+        proto::UDP => "udp",
+        _ => panic!("test picks TCP/UDP only"),
+    };
+    let L4::Ports { src, dst } = e.orig.l4 else {
+        panic!("ports")
+    };
+    vec![
+        "-p".into(),
+        p.into(),
+        "-s".into(),
+        e.orig.src.to_string(),
+        "-d".into(),
+        e.orig.dst.to_string(),
+        "--sport".into(),
+        src.to_string(),
+        "--dport".into(),
+        dst.to_string(),
+    ]
+}
+
+fn conntrack(ns: &Netns, op: &str, e: &Entry, extra: &[&str]) {
+    let mut c = ns.cmd("conntrack");
+    c.arg(op).args(filter_args(e)).args(extra);
+    run_ok(&mut c);
+}
+
+/// Plain, un-NATed TCP/UDP entries of zone 0 (easy to address with conntrack(8)).
+fn plain(v: &[Entry]) -> Vec<Entry> {
+    v.iter()
+        .filter(|e| {
+            matches!(e.orig.proto, proto::TCP | proto::UDP)
+                && e.zone == 0
+                && e.orig.zone.is_none()
+                && !e.is_nat()
+                && e.status & status::FIXED_TIMEOUT == 0
+                && e.timeout > 1000
+        })
+        .cloned()
+        .collect()
+}
+
+fn load_lines(ns: &Netns, lines: &[String]) {
+    let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+    for l in lines {
+        writeln!(f, "{l}").expect("write");
+    }
+    f.flush().expect("flush");
+    run_ok(ns.cmd("conntrack").arg("--load-file").arg(f.path()));
+}
+
+/// `n` UDP entries of `mark` from 10.77.a.b, for bursts.
+fn udp_entries(n: usize, mark: u32, base: u8) -> Vec<Entry> {
+    (0..n)
+        .map(|i| {
+            let orig = Tuple {
+                src: std::net::Ipv4Addr::new(10, base, (i >> 8) as u8, i as u8).into(),
+                dst: "192.0.2.1".parse().expect("addr"),
+                proto: proto::UDP,
+                l4: L4::Ports {
+                    src: 40000 + (i % 20000) as u16,
+                    dst: 53,
+                },
+                zone: None,
+            };
+            Entry {
+                orig,
+                reply: orig.inverse(),
+                status: status::CONFIRMED,
+                timeout: 600,
+                mark,
+                zone: 0,
+                labels: None,
+                protoinfo: None,
+                seq_adj_orig: None,
+                seq_adj_reply: None,
+                helper: None,
+                id: None,
+            }
+        })
+        .collect()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn cache_follows_creates_updates_deletes_and_mark_moves() {
+    let ns = Netns::new("cachefollow");
+    let pop = population::generate(Spec::new(600, MARK, 51));
+    population::enable_labels(&ns.name);
+    // Half the VM's entries and all noise exist before anyone listens: they
+    // carry no event extension and stay silent (nf_conntrack_events = 2).
+    let half = pop.vm_lines.len() / 2;
+    let mut before: Vec<String> = pop.vm_lines[..half].to_vec();
+    before.extend(pop.noise_lines.iter().cloned());
+    load_lines(&ns, &before);
+
+    let sel = Selector::mark(MARK);
+    let cache = cache(&ns, CacheConfig::default());
+    let direct = ct(&ns);
+    cache.watch(&sel, true).expect("watch");
+    assert!(cache.wait_trusted(&sel, WARM), "cache warms up");
+    let warm = direct.dump(&sel).expect("direct dump");
+    assert_eq!(cache.cached_len(&sel), Some(warm.len()));
+
+    // Created after the watch: conntrack(8) lines, labelled lines, and
+    // wscale'd TCP through our own codec.
+    load_lines(&ns, &pop.vm_lines[half..]);
+    for l in &pop.label_lines {
+        run_ok(ns.cmd("conntrack").args(l.split_whitespace()));
+    }
+    let r = direct.create(&pop.direct).expect("codec create");
+    assert_eq!(r.created, pop.direct.len() as u64);
+
+    let all = direct.dump(&sel).expect("direct dump");
+    assert_eq!(all.len(), pop.vm_count(), "population loaded");
+    let now_plain = plain(&all);
+    let old_keys: std::collections::HashSet<_> =
+        warm.iter().map(|e| (e.orig, e.zone)).collect();
+    let (silent, evented): (Vec<Entry>, Vec<Entry>) = now_plain
+        .into_iter()
+        .partition(|e| old_keys.contains(&(e.orig, e.zone)));
+    assert!(silent.len() >= 20 && evented.len() >= 20, "enough entries to play with");
+
+    // Updates: a timeout, labels, a mark move out of the VM.
+    conntrack(&ns, "-U", &evented[0], &["-t", "7777"]);
+    conntrack(&ns, "-U", &evented[1], &["--label-add", "vm-last"]);
+    conntrack(&ns, "-U", &evented[2], &["--mark", "555"]);
+    // A silent entry leaving the mark sends nothing: the Save-time lookup
+    // must catch it.
+    conntrack(&ns, "-U", &silent[0], &["--mark", "556"]);
+    // Deletes of evented and silent entries.
+    for e in evented[3..8].iter().chain(&silent[1..6]) {
+        conntrack(&ns, "-D", e, &[]);
+    }
+    // An entry of another VM created after the watch, then moved into ours.
+    let outsider = udp_entries(1, 777, 78).remove(0);
+    let r = direct.create(std::slice::from_ref(&outsider)).expect("create");
+    assert_eq!(r.created, 1);
+    conntrack(&ns, "-U", &outsider, &["--mark", &MARK.to_string()]);
+
+    let hits = cache.stats().hits;
+    let got = cache.dump(&sel).expect("cached dump");
+    let want = direct.dump(&sel).expect("direct dump");
+    assert_eq!(cache.stats().hits, hits + 1, "answered from the cache");
+    assert_same("after changes", &want, &got);
+    assert_not_above(&got, &want);
+    let keys: std::collections::HashSet<_> = got.iter().map(|e| (e.orig, e.zone)).collect();
+    assert!(got.iter().all(|e| e.mark == MARK), "other marks never appear");
+    assert!(keys.contains(&(outsider.orig, 0)), "moved in");
+    assert!(!keys.contains(&(evented[2].orig, 0)), "moved out");
+    assert!(!keys.contains(&(silent[0].orig, 0)), "silently moved out");
+    for e in evented[3..8].iter().chain(&silent[1..6]) {
+        assert!(!keys.contains(&(e.orig, 0)), "deleted entry came back");
+    }
+    let t = got.iter().find(|e| e.orig == evented[0].orig).expect("updated");
+    assert!((7770..=7777).contains(&t.timeout), "timeout {}", t.timeout);
+    let l = got.iter().find(|e| e.orig == evented[1].orig).expect("labelled");
+    assert!(l.labels.is_some(), "label update reflected");
+
+    // Labels cleared (no CTA_LABELS in the event at all) are still right.
+    conntrack(&ns, "-U", &evented[1], &["--label-del", "vm-last"]);
+    let got = cache.dump(&sel).expect("cached dump");
+    let want = direct.dump(&sel).expect("direct dump");
+    assert_same("after label clear", &want, &got);
+    assert_eq!(cache.stats().fallbacks, 0, "never fell back");
+}
+
+#[test]
+fn cache_timeouts_age_and_refresh() {
+    let ns = Netns::new("cacheage");
+    let sel = Selector::mark(MARK);
+    let cfg = CacheConfig {
+        refresh_interval: Duration::from_secs(2),
+        ..CacheConfig::default()
+    };
+    let cache = cache(&ns, cfg);
+    let direct = ct(&ns);
+    cache.watch(&sel, true).expect("watch");
+    assert!(cache.wait_trusted(&sel, WARM));
+    let mut es = udp_entries(50, MARK, 79);
+    es.extend(udp_entries(10, 300, 80));
+    // Short ones: the estimate reaches the margin and they are looked up.
+    for e in &mut es[..5] {
+        e.timeout = 4;
+    }
+    direct.create(&es).expect("create");
+    let syncs = cache.stats().syncs;
+    std::thread::sleep(Duration::from_millis(5500));
+    assert!(cache.stats().syncs >= syncs + 2, "periodic refresh ran");
+    let got = cache.dump(&sel).expect("cached dump");
+    let want = direct.dump(&sel).expect("direct dump");
+    assert_eq!(want.len(), 45, "the 4 s entries expired in the kernel");
+    assert_same("aged", &want, &got);
+    assert_not_above(&got, &want);
+    assert!(cache.stats().hits >= 1);
+}
+
+#[test]
+fn cache_lost_events_fall_back_then_resync() {
+    let ns = Netns::new("cachelost");
+    let sel = Selector::mark(MARK);
+    let cfg = CacheConfig {
+        // Test-only: a tiny queue so that a burst overruns it for real.
+        event_rcvbuf: 4096,
+        resync_delay: Duration::from_secs(3),
+        ..CacheConfig::default()
+    };
+    let cache = cache(&ns, cfg);
+    let direct = ct(&ns);
+    direct.create(&udp_entries(100, MARK, 81)).expect("create");
+    cache.watch(&sel, true).expect("watch");
+    assert!(cache.wait_trusted(&sel, WARM));
+    // One create call: the kernel emits 3000 NEW events inside our send.
+    let r = direct.create(&udp_entries(3000, MARK, 82)).expect("burst");
+    assert_eq!(r.created, 3000);
+    wait_for("loss detected", Duration::from_secs(5), || {
+        cache.stats().losses >= 1
+    });
+    assert!(!cache.is_trusted(&sel), "untrusted after a loss");
+    let before = cache.stats();
+    let got = cache.dump(&sel).expect("fallback dump");
+    let want = direct.dump(&sel).expect("direct dump");
+    assert_eq!(cache.stats().fallbacks, before.fallbacks + 1, "fell back");
+    assert_eq!(cache.stats().hits, before.hits);
+    assert_eq!(want.len(), 3100);
+    assert_same("fallback", &want, &got);
+
+    assert!(cache.wait_trusted(&sel, WARM), "resynced");
+    let got = cache.dump(&sel).expect("cached dump");
+    let want = direct.dump(&sel).expect("direct dump");
+    assert_eq!(cache.stats().hits, before.hits + 1, "from the cache again");
+    assert_same("after resync", &want, &got);
+}
+
+#[test]
+fn cache_with_events_disabled_is_the_direct_dump() {
+    let ns = Netns::new("cacheoff");
+    run_ok(ns.cmd("sysctl").args(["-qw", "net.netfilter.nf_conntrack_events=0"]));
+    let sel = Selector::mark(MARK);
+    let cache = cache(&ns, CacheConfig::default());
+    let direct = ct(&ns);
+    direct.create(&udp_entries(200, MARK, 83)).expect("create");
+    direct.create(&udp_entries(50, 9, 84)).expect("create");
+    cache.watch(&sel, true).expect("watch");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(cache.stats().syncs, 0, "no point dumping while events are off");
+    // Created while delivery is off: no event will ever tell.
+    direct.create(&udp_entries(30, MARK, 85)).expect("create");
+    assert!(!cache.is_trusted(&sel), "never trusted without events");
+    let got = cache.dump(&sel).expect("dump");
+    let want = direct.dump(&sel).expect("direct");
+    assert_eq!(want.len(), 230);
+    assert_same("events off", &want, &got);
+    assert_eq!(cache.stats().hits, 0);
+    assert!(cache.stats().fallbacks >= 1);
+
+    run_ok(ns.cmd("sysctl").args(["-qw", "net.netfilter.nf_conntrack_events=2"]));
+    assert!(cache.wait_trusted(&sel, WARM), "trusted once events are back");
+    let got = cache.dump(&sel).expect("dump");
+    assert_same("events back", &direct.dump(&sel).expect("direct"), &got);
+    assert_eq!(cache.stats().hits, 1);
+}
+
+#[test]
+fn cache_unwatched_selectors_are_direct_and_unwatch_stops_tracking() {
+    let ns = Netns::new("cacheunw");
+    let a = Selector::mark(MARK);
+    let b = Selector::mark(200);
+    let cache = cache(&ns, CacheConfig::default());
+    let direct = ct(&ns);
+    direct.create(&udp_entries(40, MARK, 86)).expect("create");
+    direct.create(&udp_entries(25, 200, 87)).expect("create");
+    // Never watched: direct, even before anything started.
+    let s0 = cache.stats();
+    assert_same("cold b", &direct.dump(&b).expect("d"), &cache.dump(&b).expect("c"));
+    assert_eq!(cache.stats().unwatched, s0.unwatched + 1);
+
+    cache.watch(&a, true).expect("watch");
+    cache.watch(&a, true).expect("second watcher");
+    assert!(cache.wait_trusted(&a, WARM));
+    assert_eq!(cache.cached_len(&b), None);
+    assert_same("b", &direct.dump(&b).expect("d"), &cache.dump(&b).expect("c"));
+    assert_eq!(cache.stats().unwatched, s0.unwatched + 2);
+    assert_same("a", &direct.dump(&a).expect("d"), &cache.dump(&a).expect("c"));
+    assert_eq!(cache.stats().hits, 1);
+
+    // One of two watchers leaves: still watched.
+    cache.watch(&a, false).expect("unwatch");
+    assert_eq!(cache.cached_len(&a), Some(40));
+    cache.watch(&a, false).expect("unwatch");
+    assert_eq!(cache.cached_len(&a), None, "tracking stopped");
+    direct.create(&udp_entries(5, MARK, 88)).expect("create");
+    let got = cache.dump(&a).expect("c");
+    assert_eq!(got.len(), 45);
+    assert_same("a unwatched", &direct.dump(&a).expect("d"), &got);
+    assert_eq!(cache.stats().hits, 1, "no cache answer after unwatch");
+    assert_eq!(cache.stats().unwatched, s0.unwatched + 3);
+    // The command line tool agrees on what is there.
+    let n = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "conntrack", "-L", "-m", "100"])
+        .output()
+        .expect("conntrack");
+    let lines = String::from_utf8_lossy(&n.stdout).lines().count();
+    assert_eq!(lines, 45);
+}
