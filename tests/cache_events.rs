@@ -187,12 +187,14 @@ fn cache_follows_creates_updates_deletes_and_mark_moves() {
     let all = direct.dump(&sel).expect("direct dump");
     assert_eq!(all.len(), pop.vm_count(), "population loaded");
     let now_plain = plain(&all);
-    let old_keys: std::collections::HashSet<_> =
-        warm.iter().map(|e| (e.orig, e.zone)).collect();
+    let old_keys: std::collections::HashSet<_> = warm.iter().map(|e| (e.orig, e.zone)).collect();
     let (silent, evented): (Vec<Entry>, Vec<Entry>) = now_plain
         .into_iter()
         .partition(|e| old_keys.contains(&(e.orig, e.zone)));
-    assert!(silent.len() >= 20 && evented.len() >= 20, "enough entries to play with");
+    assert!(
+        silent.len() >= 20 && evented.len() >= 20,
+        "enough entries to play with"
+    );
 
     // Updates: a timeout, labels, a mark move out of the VM.
     conntrack(&ns, "-U", &evented[0], &["-t", "7777"]);
@@ -207,7 +209,9 @@ fn cache_follows_creates_updates_deletes_and_mark_moves() {
     }
     // An entry of another VM created after the watch, then moved into ours.
     let outsider = udp_entries(1, 777, 78).remove(0);
-    let r = direct.create(std::slice::from_ref(&outsider)).expect("create");
+    let r = direct
+        .create(std::slice::from_ref(&outsider))
+        .expect("create");
     assert_eq!(r.created, 1);
     conntrack(&ns, "-U", &outsider, &["--mark", &MARK.to_string()]);
 
@@ -218,16 +222,25 @@ fn cache_follows_creates_updates_deletes_and_mark_moves() {
     assert_same("after changes", &want, &got);
     assert_not_above(&got, &want);
     let keys: std::collections::HashSet<_> = got.iter().map(|e| (e.orig, e.zone)).collect();
-    assert!(got.iter().all(|e| e.mark == MARK), "other marks never appear");
+    assert!(
+        got.iter().all(|e| e.mark == MARK),
+        "other marks never appear"
+    );
     assert!(keys.contains(&(outsider.orig, 0)), "moved in");
     assert!(!keys.contains(&(evented[2].orig, 0)), "moved out");
     assert!(!keys.contains(&(silent[0].orig, 0)), "silently moved out");
     for e in evented[3..8].iter().chain(&silent[1..6]) {
         assert!(!keys.contains(&(e.orig, 0)), "deleted entry came back");
     }
-    let t = got.iter().find(|e| e.orig == evented[0].orig).expect("updated");
+    let t = got
+        .iter()
+        .find(|e| e.orig == evented[0].orig)
+        .expect("updated");
     assert!((7770..=7777).contains(&t.timeout), "timeout {}", t.timeout);
-    let l = got.iter().find(|e| e.orig == evented[1].orig).expect("labelled");
+    let l = got
+        .iter()
+        .find(|e| e.orig == evented[1].orig)
+        .expect("labelled");
     assert!(l.labels.is_some(), "label update reflected");
 
     // Labels cleared (no CTA_LABELS in the event at all) are still right.
@@ -308,7 +321,10 @@ fn cache_lost_events_fall_back_then_resync() {
 #[test]
 fn cache_with_events_disabled_is_the_direct_dump() {
     let ns = Netns::new("cacheoff");
-    run_ok(ns.cmd("sysctl").args(["-qw", "net.netfilter.nf_conntrack_events=0"]));
+    run_ok(
+        ns.cmd("sysctl")
+            .args(["-qw", "net.netfilter.nf_conntrack_events=0"]),
+    );
     let sel = Selector::mark(MARK);
     let cache = cache(&ns, CacheConfig::default());
     let direct = ct(&ns);
@@ -316,7 +332,11 @@ fn cache_with_events_disabled_is_the_direct_dump() {
     direct.create(&udp_entries(50, 9, 84)).expect("create");
     cache.watch(&sel, true).expect("watch");
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(cache.stats().syncs, 0, "no point dumping while events are off");
+    assert_eq!(
+        cache.stats().syncs,
+        0,
+        "no point dumping while events are off"
+    );
     // Created while delivery is off: no event will ever tell.
     direct.create(&udp_entries(30, MARK, 85)).expect("create");
     assert!(!cache.is_trusted(&sel), "never trusted without events");
@@ -327,8 +347,14 @@ fn cache_with_events_disabled_is_the_direct_dump() {
     assert_eq!(cache.stats().hits, 0);
     assert!(cache.stats().fallbacks >= 1);
 
-    run_ok(ns.cmd("sysctl").args(["-qw", "net.netfilter.nf_conntrack_events=2"]));
-    assert!(cache.wait_trusted(&sel, WARM), "trusted once events are back");
+    run_ok(
+        ns.cmd("sysctl")
+            .args(["-qw", "net.netfilter.nf_conntrack_events=2"]),
+    );
+    assert!(
+        cache.wait_trusted(&sel, WARM),
+        "trusted once events are back"
+    );
     let got = cache.dump(&sel).expect("dump");
     assert_same("events back", &direct.dump(&sel).expect("direct"), &got);
     assert_eq!(cache.stats().hits, 1);
@@ -345,16 +371,28 @@ fn cache_unwatched_selectors_are_direct_and_unwatch_stops_tracking() {
     direct.create(&udp_entries(25, 200, 87)).expect("create");
     // Never watched: direct, even before anything started.
     let s0 = cache.stats();
-    assert_same("cold b", &direct.dump(&b).expect("d"), &cache.dump(&b).expect("c"));
+    assert_same(
+        "cold b",
+        &direct.dump(&b).expect("d"),
+        &cache.dump(&b).expect("c"),
+    );
     assert_eq!(cache.stats().unwatched, s0.unwatched + 1);
 
     cache.watch(&a, true).expect("watch");
     cache.watch(&a, true).expect("second watcher");
     assert!(cache.wait_trusted(&a, WARM));
     assert_eq!(cache.cached_len(&b), None);
-    assert_same("b", &direct.dump(&b).expect("d"), &cache.dump(&b).expect("c"));
+    assert_same(
+        "b",
+        &direct.dump(&b).expect("d"),
+        &cache.dump(&b).expect("c"),
+    );
     assert_eq!(cache.stats().unwatched, s0.unwatched + 2);
-    assert_same("a", &direct.dump(&a).expect("d"), &cache.dump(&a).expect("c"));
+    assert_same(
+        "a",
+        &direct.dump(&a).expect("d"),
+        &cache.dump(&a).expect("c"),
+    );
     assert_eq!(cache.stats().hits, 1);
 
     // One of two watchers leaves: still watched.

@@ -316,12 +316,7 @@ impl Drop for CachedAccess {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.wake();
-        if let Some(h) = self
-            .thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = h.join();
         }
     }
@@ -407,14 +402,13 @@ impl Shared {
         let per = t0.elapsed().as_nanos() as u64 / probes.len() as u64;
         st.lookup_ns = (st.lookup_ns * 3 + per) / 4;
         bump(&self.counters.lookups, probes.len() as u64);
-        st.tables
-            .apply_lookups(sel, &keys, found, Instant::now());
+        st.tables.apply_lookups(sel, &keys, found, Instant::now());
         Ok(())
     }
 
     /// The answer for a watched, trusted selector, or None when Save must
     /// dump directly.
-    fn from_cache(&self, sel: &Selector) -> Option<Vec<Entry>> {
+    fn answer_cached(&self, sel: &Selector) -> Option<Vec<Entry>> {
         let mut st = self.lock();
         if !self.pump(&mut st, self.config.drain_budget) {
             return None;
@@ -621,7 +615,7 @@ impl ConntrackAccess for CachedAccess {
             bump(&self.shared.counters.unwatched, 1);
             return self.shared.direct.dump(sel);
         }
-        if let Some(v) = self.shared.from_cache(sel) {
+        if let Some(v) = self.shared.answer_cached(sel) {
             bump(&self.shared.counters.hits, 1);
             return Ok(v);
         }

@@ -244,9 +244,7 @@ impl Tables {
         for e in snapshot {
             let k = key(&e);
             // Still the same incarnation: what events proved about it holds.
-            let evented = old
-                .get(&k)
-                .is_some_and(|c| c.evented && c.entry.id == e.id);
+            let evented = old.get(&k).is_some_and(|c| c.evented && c.entry.id == e.id);
             hold(&mut self.holders, id_of(&e), sel);
             fresh.insert(
                 k,
