@@ -301,7 +301,7 @@ impl CachedAccess {
         *sh.bg.lock().unwrap_or_else(|p| p.into_inner()) = Some(sh.direct.reopen()?);
         let shared = Arc::clone(&self.shared);
         let handle = std::thread::Builder::new()
-            .name("conntrack-events".into())
+            .name("ct-events".into())
             .spawn(move || shared.run())
             .map_err(|e| AccessError::Netlink {
                 op: "cache",
