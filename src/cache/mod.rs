@@ -400,7 +400,8 @@ impl Shared {
         let t0 = Instant::now();
         let found = ct.get_entries(&refs)?;
         let per = t0.elapsed().as_nanos() as u64 / probes.len() as u64;
-        st.lookup_ns = (st.lookup_ns * 3 + per) / 4;
+        // The last batch is the best predictor (the table and load change).
+        st.lookup_ns = per.max(1);
         bump(&self.counters.lookups, probes.len() as u64);
         st.tables.apply_lookups(sel, &keys, found, Instant::now());
         Ok(())

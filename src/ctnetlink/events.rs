@@ -286,7 +286,7 @@ impl EventsSysctl {
 
 fn encode_get(m: &mut MsgBuf, e: &Entry, seq: u32) {
     let family = if e.is_ipv6() { AF_INET6 } else { AF_INET };
-    m.begin_msg(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_ACK, seq, family);
+    m.begin_msg(IPCTNL_MSG_CT_GET, NLM_F_REQUEST, seq, family);
     if e.zone != 0 {
         m.be16(CTA_ZONE, e.zone);
     }
@@ -320,8 +320,11 @@ impl Ctnetlink {
                 encode_get(&mut inner.wbuf, e, base.wrapping_add(i as u32));
             }
             sock.send(&inner.wbuf.buf).map_err(|e| io_err(op, e))?;
+            // Without NLM_F_ACK every request gets exactly one answer: the
+            // entry, or an error (ENOENT when there is none). Half the
+            // messages of acked requests.
             let mut got: Vec<Option<Entry>> = vec![None; chunk.len()];
-            let mut acked = vec![false; chunk.len()];
+            let mut answered = vec![false; chunk.len()];
             let mut left = chunk.len();
             while left > 0 {
                 if let Err(e) = sock.recv(&mut inner.rbuf) {
@@ -331,7 +334,7 @@ impl Ctnetlink {
                 for m in codec::messages(&inner.rbuf) {
                     let m = m.map_err(|e| proto_err(op, e.0))?;
                     let idx = m.seq.wrapping_sub(base) as usize;
-                    if idx >= chunk.len() {
+                    if idx >= chunk.len() || answered[idx] {
                         continue; // left over from an earlier, abandoned operation
                     }
                     match m.kind {
@@ -347,13 +350,11 @@ impl Ctnetlink {
                                 0 | libc::ENOENT => {}
                                 c => return Err(errno_err(op, c)),
                             }
-                            if !acked[idx] {
-                                acked[idx] = true;
-                                left -= 1;
-                            }
                         }
-                        _ => {}
+                        _ => continue,
                     }
+                    answered[idx] = true;
+                    left -= 1;
                 }
             }
             out.extend(got);
