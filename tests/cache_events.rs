@@ -106,6 +106,14 @@ fn plain(v: &[Entry]) -> Vec<Entry> {
         .collect()
 }
 
+fn events_sysctl(ns: &Netns, v: u32) {
+    run_ok(
+        ns.cmd("sysctl")
+            .arg("-qw")
+            .arg(format!("net.netfilter.nf_conntrack_events={v}")),
+    );
+}
+
 fn load_lines(ns: &Netns, lines: &[String]) {
     let mut f = tempfile::NamedTempFile::new().expect("tempfile");
     for l in lines {
@@ -160,12 +168,14 @@ fn cache_follows_creates_updates_deletes_and_mark_moves() {
     let ns = Netns::new("cachefollow");
     let pop = population::generate(Spec::new(600, MARK, 51));
     population::enable_labels(&ns.name);
-    // Half the VM's entries and all noise exist before anyone listens: they
-    // carry no event extension and stay silent (nf_conntrack_events = 2).
+    // Half the VM's entries and all noise are silent: made without the
+    // event extension, as entries older than the first listener are.
     let half = pop.vm_lines.len() / 2;
     let mut before: Vec<String> = pop.vm_lines[..half].to_vec();
     before.extend(pop.noise_lines.iter().cloned());
+    events_sysctl(&ns, 0);
     load_lines(&ns, &before);
+    events_sysctl(&ns, 2);
 
     let sel = Selector::mark(MARK);
     let cache = cache(&ns, CacheConfig::default());
@@ -218,7 +228,12 @@ fn cache_follows_creates_updates_deletes_and_mark_moves() {
     let hits = cache.stats().hits;
     let got = cache.dump(&sel).expect("cached dump");
     let want = direct.dump(&sel).expect("direct dump");
-    assert_eq!(cache.stats().hits, hits + 1, "answered from the cache");
+    assert_eq!(
+        cache.stats().hits,
+        hits + 1,
+        "answered from the cache, not: {:?}",
+        cache.stats().last_fallback
+    );
     assert_same("after changes", &want, &got);
     assert_not_above(&got, &want);
     let keys: std::collections::HashSet<_> = got.iter().map(|e| (e.orig, e.zone)).collect();
@@ -293,7 +308,10 @@ fn cache_lost_events_fall_back_then_resync() {
     };
     let cache = cache(&ns, cfg);
     let direct = ct(&ns);
+    // Silent, so that probing them sends no events into the tiny queue.
+    events_sysctl(&ns, 0);
     direct.create(&udp_entries(100, MARK, 81)).expect("create");
+    events_sysctl(&ns, 2);
     cache.watch(&sel, true).expect("watch");
     assert!(cache.wait_trusted(&sel, WARM));
     // One create call: the kernel emits 3000 NEW events inside our send.
@@ -314,7 +332,12 @@ fn cache_lost_events_fall_back_then_resync() {
     assert!(cache.wait_trusted(&sel, WARM), "resynced");
     let got = cache.dump(&sel).expect("cached dump");
     let want = direct.dump(&sel).expect("direct dump");
-    assert_eq!(cache.stats().hits, before.hits + 1, "from the cache again");
+    assert_eq!(
+        cache.stats().hits,
+        before.hits + 1,
+        "from the cache again, not: {:?}",
+        cache.stats().last_fallback
+    );
     assert_same("after resync", &want, &got);
 }
 
@@ -413,4 +436,58 @@ fn cache_unwatched_selectors_are_direct_and_unwatch_stops_tracking() {
         .expect("conntrack");
     let lines = String::from_utf8_lossy(&n.stdout).lines().count();
     assert_eq!(lines, 45);
+}
+
+#[test]
+fn cache_probe_tells_reporting_entries_from_silent_ones() {
+    let ns = Netns::new("cacheprobe");
+    let sel = Selector::mark(MARK);
+    let direct = ct(&ns);
+    // Under 0 no entry gets the event extension. (Under 2, the default, an
+    // entry gets it when a listener exists anywhere on the host at its
+    // creation, checked on 6.18: not deterministic with parallel tests.)
+    events_sysctl(&ns, 0);
+    let silent = udp_entries(40, MARK, 89);
+    direct.create(&silent).expect("create");
+    // Under 1 every entry gets the extension, listener or not.
+    events_sysctl(&ns, 1);
+    let loud = udp_entries(60, MARK, 90);
+    direct.create(&loud).expect("create");
+
+    let cache = cache(&ns, CacheConfig::default());
+    cache.watch(&sel, true).expect("watch");
+    assert!(cache.wait_trusted(&sel, WARM));
+    wait_for("probes", Duration::from_secs(10), || {
+        cache.stats().probes >= 100
+    });
+    // The probes changed nothing.
+    let want = direct.dump(&sel).expect("direct");
+    assert_eq!(want.len(), 100);
+    assert!(want
+        .iter()
+        .all(|e| e.mark == MARK && e.status == status::CONFIRMED));
+
+    // Only the 40 silent entries still need a lookup at Save.
+    let s0 = cache.stats();
+    let got = cache.dump(&sel).expect("cached");
+    assert_same("probed", &want, &got);
+    let s1 = cache.stats();
+    assert_eq!(s1.hits, s0.hits + 1);
+    assert_eq!(
+        s1.lookups - s0.lookups,
+        40,
+        "lookups of silent entries only"
+    );
+
+    // A proven entry reports its deletion; a silent one is caught by lookup.
+    conntrack(&ns, "-D", &loud[0], &[]);
+    conntrack(&ns, "-D", &silent[0], &[]);
+    let got = cache.dump(&sel).expect("cached");
+    assert_same("after deletes", &direct.dump(&sel).expect("direct"), &got);
+    assert_eq!(got.len(), 98);
+    assert_eq!(
+        cache.stats().lookups - s1.lookups,
+        40,
+        "39 silent left + the deleted one"
+    );
 }

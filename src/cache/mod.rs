@@ -135,6 +135,8 @@ pub struct CacheStats {
     pub unwatched: u64,
     /// Kernel lookups of single entries (at Save and in the background).
     pub lookups: u64,
+    /// No-op updates sent to find out which entries report events.
+    pub probes: u64,
     /// Times events were lost (ENOBUFS).
     pub losses: u64,
     /// Completed sync dumps (warm-up, refresh, resync).
@@ -142,6 +144,8 @@ pub struct CacheStats {
     /// Event messages read, and those skipped by the mark/id pre-filter.
     pub events_read: u64,
     pub events_skipped: u64,
+    /// Why the last fallback happened.
+    pub last_fallback: Option<&'static str>,
 }
 
 #[derive(Default)]
@@ -150,6 +154,7 @@ struct Counters {
     fallbacks: AtomicU64,
     unwatched: AtomicU64,
     lookups: AtomicU64,
+    probes: AtomicU64,
     losses: AtomicU64,
     syncs: AtomicU64,
     events_read: AtomicU64,
@@ -168,6 +173,7 @@ struct State {
     lookup_ns: u64,
     /// `nf_conntrack_events` read 0 last time: syncs are pointless.
     events_off: bool,
+    last_fallback: Option<&'static str>,
 }
 
 struct Shared {
@@ -192,6 +198,8 @@ pub struct CachedAccess {
 /// What Save-time lookups cost before we measured (a batched hash lookup in
 /// the kernel plus decoding the reply).
 const INITIAL_LOOKUP_NS: u64 = 5_000;
+/// Probes per batch; their UPDATE events are read before the next batch.
+const PROBE_BATCH: usize = 256;
 /// The event thread re-checks the sysctl and its timers at least this often.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -216,6 +224,7 @@ impl CachedAccess {
                     sysctl: None,
                     lookup_ns: INITIAL_LOOKUP_NS,
                     events_off: false,
+                    last_fallback: None,
                 }),
                 direct,
                 bg: Mutex::new(None),
@@ -241,10 +250,12 @@ impl CachedAccess {
             fallbacks: l(&c.fallbacks),
             unwatched: l(&c.unwatched),
             lookups: l(&c.lookups),
+            probes: l(&c.probes),
             losses: l(&c.losses),
             syncs: l(&c.syncs),
             events_read: l(&c.events_read),
             events_skipped: l(&c.events_skipped),
+            last_fallback: self.shared.lock().last_fallback,
         }
     }
 
@@ -399,29 +410,48 @@ impl Shared {
         let refs: Vec<&Entry> = probes.iter().collect();
         let t0 = Instant::now();
         let found = ct.get_entries(&refs)?;
-        let per = t0.elapsed().as_nanos() as u64 / probes.len() as u64;
-        // The last batch is the best predictor (the table and load change).
-        st.lookup_ns = per.max(1);
+        // The last sizeable batch predicts best (table and load change); a
+        // batch of a few is all syscall and wake-up latency.
+        if probes.len() >= 64 {
+            let per = t0.elapsed().as_nanos() as u64 / probes.len() as u64;
+            st.lookup_ns = per.max(1);
+        }
         bump(&self.counters.lookups, probes.len() as u64);
         st.tables.apply_lookups(sel, &keys, found, Instant::now());
         Ok(())
     }
 
-    /// The answer for a watched, trusted selector, or None when Save must
-    /// dump directly.
-    fn answer_cached(&self, sel: &Selector) -> Option<Vec<Entry>> {
+    /// The answer for a watched, trusted selector, or why Save must dump
+    /// directly.
+    fn answer_cached(&self, sel: &Selector) -> Result<Vec<Entry>, &'static str> {
         let mut st = self.lock();
-        if !self.pump(&mut st, self.config.drain_budget) {
-            return None;
+        let r = self.answer_locked(&mut st, sel);
+        if let Err(why) = r {
+            st.last_fallback = Some(why);
+            tracing::debug!(
+                mark = sel.mark,
+                why,
+                "conntrack cache not used for this dump"
+            );
+        }
+        r
+    }
+
+    fn answer_locked(&self, st: &mut State, sel: &Selector) -> Result<Vec<Entry>, &'static str> {
+        if !self.pump(st, self.config.drain_budget) {
+            return Err("events lost, off, or not caught up");
         }
         let now = Instant::now();
         let margin = self.config.verify_margin_secs;
-        let sc = st.tables.sels.get(sel)?;
+        let sc = st.tables.sels.get(sel).ok_or("not watched")?;
+        if !sc.trusted {
+            return Err("not warm or events lost since the last sync");
+        }
         let fresh = sc
             .synced_at
             .is_some_and(|t| now.saturating_duration_since(t) <= self.config.refresh_interval * 2);
-        if !sc.trusted || !fresh {
-            return None;
+        if !fresh {
+            return Err("refresh overdue");
         }
         let keys: Vec<Key> = sc
             .entries
@@ -433,15 +463,15 @@ impl Shared {
             let cost = Duration::from_nanos(st.lookup_ns.saturating_mul(keys.len() as u64));
             let dump_cost = sc.dump_cost.unwrap_or(Duration::MAX);
             if keys.len() > self.config.max_lookups || cost >= dump_cost {
-                return None;
+                return Err("lookups would cost more than a dump");
             }
-            if let Err(e) = self.lookup(&mut st, &self.direct, *sel, &keys) {
+            if let Err(e) = self.lookup(st, &self.direct, *sel, &keys) {
                 tracing::warn!(error = %e, "conntrack lookups at Save failed; dumping directly");
-                return None;
+                return Err("lookups failed");
             }
         }
         let now = Instant::now();
-        let sc = st.tables.sels.get(sel)?;
+        let sc = st.tables.sels.get(sel).ok_or("not watched")?;
         let mut out = Vec::with_capacity(sc.entries.len());
         for c in sc.entries.values() {
             let left = c.estimate(now);
@@ -451,7 +481,7 @@ impl Shared {
                 out.push(e);
             }
         }
-        Some(out)
+        Ok(out)
     }
 
     /// The event thread: reads events, runs syncs and background lookups.
@@ -470,6 +500,10 @@ impl Shared {
             match due {
                 Some(Job::Sync(sel)) => {
                     self.sync(sel);
+                    continue;
+                }
+                Some(Job::Probe(sel)) => {
+                    self.probe(sel);
                     continue;
                 }
                 Some(Job::Fix(sel, keys)) => {
@@ -518,6 +552,9 @@ impl Shared {
             if retry_ok && !st.events_off && (after_loss || refresh) {
                 return Some(Job::Sync(*sel));
             }
+            if sc.probe_pending {
+                return Some(Job::Probe(*sel));
+            }
             if fix.is_none() && !sc.fix.is_empty() {
                 let mut keys = std::mem::take(&mut sc.fix);
                 keys.sort_unstable();
@@ -529,6 +566,45 @@ impl Shared {
             }
         }
         fix
+    }
+
+    /// Sends a no-op update to every entry of `sel` that no event has
+    /// proven yet: those carrying the event extension answer with an UPDATE
+    /// event and need no lookup at Save any more. Runs outside the lock; the
+    /// events are applied by the next pump.
+    fn probe(&self, sel: Selector) {
+        let probes = self.lock().tables.take_probes(sel);
+        // One batch at a time, each followed by reading its UPDATE events, so
+        // the probes never overrun our own receive queue.
+        for chunk in probes.chunks(PROBE_BATCH) {
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let res = {
+                let bg = self.bg.lock().unwrap_or_else(|p| p.into_inner());
+                let refs: Vec<&Entry> = chunk.iter().collect();
+                match bg.as_ref() {
+                    Some(bg) => bg.touch_entries(&refs),
+                    None => return,
+                }
+            };
+            bump(&self.counters.probes, chunk.len() as u64);
+            let mut st = self.lock();
+            self.pump(&mut st, Duration::from_millis(200));
+            match res {
+                Ok(codes) => {
+                    for (e, c) in chunk.iter().zip(codes) {
+                        if c == libc::ENOENT {
+                            st.tables.gone(sel, e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "probing conntrack entries failed");
+                    return;
+                }
+            }
+        }
     }
 
     /// Dumps `sel` outside the lock and installs it with the events logged
@@ -582,6 +658,7 @@ impl Shared {
 
 enum Job {
     Sync(Selector),
+    Probe(Selector),
     Fix(Selector, Vec<Key>),
 }
 
@@ -616,7 +693,7 @@ impl ConntrackAccess for CachedAccess {
             bump(&self.shared.counters.unwatched, 1);
             return self.shared.direct.dump(sel);
         }
-        if let Some(v) = self.shared.answer_cached(sel) {
+        if let Ok(v) = self.shared.answer_cached(sel) {
             bump(&self.shared.counters.hits, 1);
             return Ok(v);
         }

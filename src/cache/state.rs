@@ -26,6 +26,9 @@ pub struct Cached {
     /// event extension: its DESTROY and mark changes will be reported. Entries
     /// only ever seen in dumps may predate every listener and stay silent.
     pub evented: bool,
+    /// A no-op update was sent to find out whether it reports events; if
+    /// it is still not `evented`, it is truly silent.
+    pub probed: bool,
     /// Labels, sequence adjustment and helper are known: false when first
     /// seen through an UPDATE (which carries only what changed) or when an
     /// UPDATE without labels leaves open whether labels were cleared.
@@ -84,6 +87,8 @@ pub struct SelCache {
     pub log: Option<Vec<(EventKind, Entry, Instant)>>,
     /// Keys found incomplete, for the background lookup.
     pub fix: Vec<Key>,
+    /// The last sync brought entries nobody has probed yet.
+    pub probe_pending: bool,
     /// How long the last sync dump took: what a direct dump costs.
     pub dump_cost: Option<std::time::Duration>,
     pub last_sync_error: Option<String>,
@@ -101,6 +106,7 @@ impl SelCache {
             lost_at: None,
             log: None,
             fix: Vec::new(),
+            probe_pending: false,
             dump_cost: None,
             last_sync_error: None,
             sync_failed_at: None,
@@ -244,7 +250,10 @@ impl Tables {
         for e in snapshot {
             let k = key(&e);
             // Still the same incarnation: what events proved about it holds.
-            let evented = old.get(&k).is_some_and(|c| c.evented && c.entry.id == e.id);
+            let same = old.get(&k).filter(|c| c.entry.id == e.id);
+            let evented = same.is_some_and(|c| c.evented);
+            let probed = same.is_some_and(|c| c.probed);
+            sc.probe_pending |= !evented && !probed;
             hold(&mut self.holders, id_of(&e), sel);
             fresh.insert(
                 k,
@@ -252,6 +261,7 @@ impl Tables {
                     entry: e,
                     seen: started,
                     evented,
+                    probed,
                     extras_known: true,
                 },
             );
@@ -262,6 +272,39 @@ impl Tables {
             apply_one(&mut self.holders, sel, sc, kind, &e, at);
         }
         true
+    }
+
+    /// Takes the entries of `sel` that still need a probe and marks them
+    /// probed.
+    pub fn take_probes(&mut self, sel: Selector) -> Vec<Entry> {
+        let Some(sc) = self.sels.get_mut(&sel) else {
+            return Vec::new();
+        };
+        sc.probe_pending = false;
+        sc.entries
+            .values_mut()
+            .filter(|c| !c.evented && !c.probed)
+            .map(|c| {
+                c.probed = true;
+                c.entry.clone()
+            })
+            .collect()
+    }
+
+    /// Drops a silent entry a probe found gone (the same incarnation only).
+    pub fn gone(&mut self, sel: Selector, e: &Entry) {
+        let Some(sc) = self.sels.get_mut(&sel) else {
+            return;
+        };
+        let k = key(e);
+        if sc
+            .entries
+            .get(&k)
+            .is_some_and(|c| c.entry.id == e.id && !c.evented)
+        {
+            sc.entries.remove(&k);
+            unhold(&mut self.holders, id_of(e), sel);
+        }
     }
 
     /// Applies kernel lookups (`None`: no such entry) for `sel`'s `keys`.
@@ -285,13 +328,14 @@ impl Tables {
                 continue; // left the selection without telling us
             }
             hold(&mut self.holders, id_of(&e), sel);
-            let evented = old.evented && old.entry.id == e.id;
+            let same = old.entry.id == e.id;
             sc.entries.insert(
                 *k,
                 Cached {
                     entry: e,
                     seen: now,
-                    evented,
+                    evented: same && old.evented,
+                    probed: same && old.probed,
                     extras_known: true,
                 },
             );
@@ -354,6 +398,7 @@ fn apply_one(
                         entry: e.clone(),
                         seen: now,
                         evented: true,
+                        probed: false,
                         // A NEW is complete but for protocol info a packet
                         // may not have reported; an UPDATE carries only
                         // what changed.
@@ -516,6 +561,7 @@ mod tests {
             entry: entry(1, 100, 1),
             seen: now,
             evented: true,
+            probed: false,
             extras_known: true,
         };
         assert_eq!(c.estimate(now), 1000);

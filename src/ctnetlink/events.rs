@@ -294,7 +294,31 @@ fn encode_get(m: &mut MsgBuf, e: &Entry, seq: u32) {
     m.end_msg();
 }
 
+/// A no-op update of `e`: `CTA_MARK` 0 under `CTA_MARK_MASK` 0 keeps the
+/// mark whatever it is now (new = (old & !0) ^ 0), so nothing changes and no
+/// concurrent mark change can be undone; without `NLM_F_CREATE` a missing
+/// entry is `ENOENT`, never created.
+fn encode_touch(m: &mut MsgBuf, e: &Entry, seq: u32) {
+    let family = if e.is_ipv6() { AF_INET6 } else { AF_INET };
+    m.begin_msg(IPCTNL_MSG_CT_NEW, NLM_F_REQUEST | NLM_F_ACK, seq, family);
+    if e.zone != 0 {
+        m.be16(CTA_ZONE, e.zone);
+    }
+    m.tuple(CTA_TUPLE_ORIG, &e.orig);
+    m.be32(CTA_MARK, 0);
+    m.be32(CTA_MARK_MASK, 0);
+    m.end_msg();
+}
+
 impl Ctnetlink {
+    /// Applies a no-op update to each entry. The kernel reports every
+    /// ctnetlink update as an UPDATE event *if the entry carries the event
+    /// extension*, so a listener learns which entries will report their
+    /// DESTROY. Returns the errno per entry (0, or `ENOENT` when gone).
+    pub fn touch_entries(&self, entries: &[&Entry]) -> Result<Vec<i32>, AccessError> {
+        self.batch("touch", entries, |m, e, seq| encode_touch(m, e, seq))
+    }
+
     /// A second handle on the same namespace with its own socket, so
     /// background work never queues behind (or in front of) this one's
     /// operations.
@@ -339,8 +363,8 @@ impl Ctnetlink {
                     }
                     match m.kind {
                         CT_NEW_TYPE => {
-                            let e = codec::decode_entry(m.payload)
-                                .map_err(|e| proto_err(op, e.0))?;
+                            let e =
+                                codec::decode_entry(m.payload).map_err(|e| proto_err(op, e.0))?;
                             got[idx] = Some(e);
                         }
                         NLMSG_ERROR => {
