@@ -215,7 +215,10 @@ fn measure_save_latency() {
         assert_eq!(r.created, 50_000);
     }
     for n in [1_000usize, 5_000, 20_000, 100_000] {
-        for silent in [false, true] {
+        // evented: made after the watch; probed: made before it but with the
+        // event extension (nf_conntrack_events=1, or any listener on the
+        // host at the time); silent: made without it.
+        for kind in ["evented", "probed", "silent"] {
             let ns = Netns::new("cmsave");
             let pop = population::generate(Spec {
                 noise: 0.0,
@@ -228,14 +231,32 @@ fn measure_save_latency() {
                 ..CacheConfig::default()
             };
             let cache = CachedAccess::new(ct(&ns), cfg).expect("cache");
-            if silent {
+            let sysctl = |v: u32| {
+                common::netns::run_ok(
+                    ns.cmd("sysctl")
+                        .arg("-qw")
+                        .arg(format!("net.netfilter.nf_conntrack_events={v}")),
+                );
+            };
+            if kind != "evented" {
+                sysctl(if kind == "probed" { 1 } else { 0 });
                 population::load(&ns.name, &pop);
+                sysctl(2);
             }
+            let t = Instant::now();
             cache.watch(&sel, true).expect("watch");
             assert!(cache.wait_trusted(&sel, Duration::from_secs(60)));
-            if !silent {
+            let warm = t.elapsed();
+            if kind == "evented" {
                 population::load(&ns.name, &pop);
+            } else {
+                let end = Instant::now() + Duration::from_secs(60);
+                while cache.stats().probes < pop.vm_count() as u64 && Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
+            let probe_done = t.elapsed();
+            let silent = kind;
             let (mut c, mut d) = (Vec::new(), Vec::new());
             let s0 = cache.stats();
             for _ in 0..5 {
@@ -249,13 +270,14 @@ fn measure_save_latency() {
             }
             let s1 = cache.stats();
             println!(
-                "MEASURE save N={n} {}: cached {:.1} ms, direct {:.1} ms (median of 5); hits {}, fallbacks {}, lookups {}",
-                if silent { "silent (older than the listener)" } else { "evented" },
+                "MEASURE save N={n} {silent}: cached {:.1} ms, direct {:.1} ms (median of 5); hits {}, fallbacks {}, lookups {}; warm-up {:.0} ms, probes done {:.0} ms",
                 median(c),
                 median(d),
                 s1.hits - s0.hits,
                 s1.fallbacks - s0.fallbacks,
                 s1.lookups - s0.lookups,
+                ms(warm),
+                ms(probe_done),
             );
         }
     }
