@@ -62,7 +62,8 @@
 //! change that shortens it comes with an event, so the estimate is a lower
 //! bound of the kernel's value, stale by at most the time since the last
 //! event or sync: **at most the refresh interval** (default 30 s) below the
-//! kernel's value. Exception: TCP's retransmission / unacknowledged-data
+//! kernel's value (up to twice that if a refresh runs late; beyond that Save
+//! dumps directly). Exception: TCP's retransmission / unacknowledged-data
 //! timeouts (300 s) shorten an ESTABLISHED entry without an event; such an
 //! entry can be reported with more time than it has until the next refresh.
 //! An entry whose estimate falls to `verify_margin` seconds or less is not
@@ -344,15 +345,16 @@ impl CachedAccess {
         }
         let sh = &self.shared;
         // Subscribed before anything is dumped, so nothing falls in the gap.
-        st.events = Some(EventSocket::open(&sh.direct, sh.config.event_rcvbuf)?);
-        st.sysctl = match EventsSysctl::open(&sh.direct) {
+        let events = EventSocket::open(&sh.direct, sh.config.event_rcvbuf)?;
+        let sysctl = match EventsSysctl::open(&sh.direct) {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!(error = %e, "nf_conntrack_events unreadable; assuming events are on");
                 None
             }
         };
-        *sh.bg.lock().unwrap_or_else(|p| p.into_inner()) = Some(sh.direct.reopen()?);
+        let bg = sh.direct.reopen()?;
+        *sh.bg.lock().unwrap_or_else(|p| p.into_inner()) = Some(bg);
         let shared = Arc::clone(&self.shared);
         let handle = std::thread::Builder::new()
             .name("ct-events".into())
@@ -361,6 +363,10 @@ impl CachedAccess {
                 op: "cache",
                 source: e,
             })?;
+        // Only now: a failure above leaves the cache unstarted, to be tried
+        // again by the next watch. The thread waits for our lock.
+        st.events = Some(events);
+        st.sysctl = sysctl;
         *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         Ok(())
     }
