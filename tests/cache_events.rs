@@ -16,7 +16,7 @@ use common::population::{self, Spec};
 use conntrack_vmstate::access::ConntrackAccess;
 use conntrack_vmstate::cache::{CacheConfig, CachedAccess};
 use conntrack_vmstate::ctnetlink::Ctnetlink;
-use conntrack_vmstate::entry::{proto, status, Entry, Selector, Tuple, L4};
+use conntrack_vmstate::entry::{proto, status, tcp_state, Entry, ProtoInfo, Selector, Tuple, L4};
 
 const MARK: u32 = 100;
 const WARM: Duration = Duration::from_secs(20);
@@ -71,7 +71,10 @@ fn filter_args(e: &Entry) -> Vec<String> {
     let L4::Ports { src, dst } = e.orig.l4 else {
         panic!("ports")
     };
+    let family = if e.is_ipv6() { "ipv6" } else { "ipv4" };
     vec![
+        "-f".into(),
+        family.into(),
         "-p".into(),
         p.into(),
         "-s".into(),
@@ -210,6 +213,14 @@ fn cache_follows_creates_updates_deletes_and_mark_moves() {
     conntrack(&ns, "-U", &evented[0], &["-t", "7777"]);
     conntrack(&ns, "-U", &evented[1], &["--label-add", "vm-last"]);
     conntrack(&ns, "-U", &evented[2], &["--mark", "555"]);
+    // TCP state and status changes.
+    let tcp: Vec<&Entry> = evented[8..]
+        .iter()
+        .filter(|e| e.orig.proto == proto::TCP)
+        .collect();
+    assert!(tcp.len() >= 2);
+    conntrack(&ns, "-U", tcp[0], &["--state", "FIN_WAIT"]);
+    conntrack(&ns, "-U", tcp[1], &["-u", "FIXED_TIMEOUT"]);
     // A silent entry leaving the mark sends nothing: the Save-time lookup
     // must catch it.
     conntrack(&ns, "-U", &silent[0], &["--mark", "556"]);
@@ -252,6 +263,14 @@ fn cache_follows_creates_updates_deletes_and_mark_moves() {
         .find(|e| e.orig == evented[0].orig)
         .expect("updated");
     assert!((7770..=7777).contains(&t.timeout), "timeout {}", t.timeout);
+    let f = got.iter().find(|e| e.orig == tcp[0].orig).expect("tcp");
+    assert!(
+        matches!(f.protoinfo, Some(ProtoInfo::Tcp { state, .. }) if state == tcp_state::FIN_WAIT),
+        "{:?}",
+        f.protoinfo
+    );
+    let a = got.iter().find(|e| e.orig == tcp[1].orig).expect("tcp");
+    assert_eq!(a.status & status::FIXED_TIMEOUT, status::FIXED_TIMEOUT);
     let l = got
         .iter()
         .find(|e| e.orig == evented[1].orig)
@@ -490,4 +509,59 @@ fn cache_probe_tells_reporting_entries_from_silent_ones() {
         40,
         "39 silent left + the deleted one"
     );
+}
+
+#[test]
+fn cache_stays_exact_under_churn_during_syncs() {
+    let ns = Netns::new("cachechurn");
+    let sel = Selector::mark(MARK);
+    let cfg = CacheConfig {
+        // Syncs back to back: events keep racing the dumps.
+        refresh_interval: Duration::from_millis(20),
+        ..CacheConfig::default()
+    };
+    let cache = cache(&ns, cfg);
+    let direct = ct(&ns);
+    let mut live = udp_entries(3000, MARK, 91);
+    direct.create(&live).expect("create");
+    cache.watch(&sel, true).expect("watch");
+    assert!(cache.wait_trusted(&sel, WARM));
+    let syncs = cache.stats().syncs;
+    let mut other = udp_entries(3000, 400, 92);
+    for round in 0..4u8 {
+        // For a while, in small steps while syncs run: delete ours, create
+        // ours and another mark's, move some of the other mark into ours.
+        let end = Instant::now() + Duration::from_millis(400);
+        let mut step = 0u8;
+        while Instant::now() < end && step < 10 {
+            let gone: Vec<Entry> = live.drain(..50).collect();
+            let r = direct.delete_entries(&gone).expect("delete");
+            assert_eq!(r.deleted, 50);
+            let mut fresh = udp_entries(50, MARK, 100 + round);
+            for e in &mut fresh {
+                e.orig.l4 = L4::Ports {
+                    src: 1000 + u16::from(step),
+                    dst: 53,
+                };
+                e.reply = e.orig.inverse();
+            }
+            direct.create(&fresh).expect("create");
+            live.extend(fresh);
+            let mut o: Vec<Entry> = other.drain(..20).collect();
+            direct.create(&o).expect("create other");
+            for e in &mut o[..2] {
+                conntrack(&ns, "-U", e, &["--mark", &MARK.to_string()]);
+                e.mark = MARK;
+                live.push(e.clone());
+            }
+            step += 1;
+        }
+        let got = cache.dump(&sel).expect("cached");
+        let want = direct.dump(&sel).expect("direct");
+        assert_eq!(want.len(), live.len());
+        assert_same(&format!("round {round}"), &want, &got);
+    }
+    let st = cache.stats();
+    assert!(st.syncs >= syncs + 4, "syncs ran meanwhile: {st:?}");
+    assert_eq!(st.hits, 4, "{:?}", st.last_fallback);
 }

@@ -62,8 +62,8 @@
 //! change that shortens it comes with an event, so the estimate is a lower
 //! bound of the kernel's value, stale by at most the time since the last
 //! event or sync: **at most the refresh interval** (default 30 s) below the
-//! kernel's value (up to twice that if a refresh runs late; beyond that Save
-//! dumps directly). Exception: TCP's retransmission / unacknowledged-data
+//! kernel's value (up to twice that plus 1 s if a refresh runs late; beyond
+//! that Save dumps directly). Exception: TCP's retransmission / unacknowledged-data
 //! timeouts (300 s) shorten an ESTABLISHED entry without an event; such an
 //! entry can be reported with more time than it has until the next refresh.
 //! An entry whose estimate falls to `verify_margin` seconds or less is not
@@ -242,6 +242,9 @@ pub struct CachedAccess {
 /// What Save-time lookups cost before we measured (a batched hash lookup in
 /// the kernel plus decoding the reply).
 const INITIAL_LOOKUP_NS: u64 = 5_000;
+/// How late a refresh may be (beyond twice the interval) before Save stops
+/// trusting the cache's timeouts.
+const OVERDUE_SLACK: Duration = Duration::from_secs(1);
 /// Probes per batch; their UPDATE events are read before the next batch.
 const PROBE_BATCH: usize = 256;
 /// The event thread re-checks the sysctl and its timers at least this often.
@@ -496,9 +499,11 @@ impl Shared {
         if !sc.trusted {
             return Err("not warm or events lost since the last sync");
         }
+        // Slack for a refresh dump in progress.
+        let limit = self.config.refresh_interval * 2 + OVERDUE_SLACK;
         let fresh = sc
             .synced_at
-            .is_some_and(|t| now.saturating_duration_since(t) <= self.config.refresh_interval * 2);
+            .is_some_and(|t| now.saturating_duration_since(t) <= limit);
         if !fresh {
             return Err("refresh overdue");
         }
@@ -625,7 +630,9 @@ impl Shared {
         let probes = self.lock().tables.take_probes(sel);
         // One batch at a time, each followed by reading its UPDATE events, so
         // the probes never overrun our own receive queue.
-        for chunk in probes.chunks(PROBE_BATCH) {
+        // An event costs about 1 KiB of the receive buffer (skb overhead).
+        let batch = (self.config.event_rcvbuf / 1024).clamp(1, PROBE_BATCH);
+        for chunk in probes.chunks(batch) {
             if self.stop.load(Ordering::SeqCst) {
                 return;
             }

@@ -197,6 +197,14 @@ impl Tables {
             sc.trusted = false;
             sc.epoch += 1;
             sc.lost_at = Some(now);
+            // A probe's answer may have been among the lost events: probe
+            // those entries again.
+            for c in sc.entries.values_mut() {
+                if c.probed && !c.evented {
+                    c.probed = false;
+                    sc.probe_pending = true;
+                }
+            }
         }
     }
 
