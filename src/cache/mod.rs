@@ -50,10 +50,11 @@
 //! * **Save** first reads every event already queued (so everything the
 //!   kernel reported before the call is applied), then answers from the
 //!   cache when the selector is trusted and its last sync is no older than
-//!   twice the refresh interval; otherwise it makes a direct dump, which is
-//!   exactly what the uncached access would do, so the fallback costs one
-//!   table walk plus at most `drain_budget` — well inside the daemon's Save
-//!   deadline.
+//!   twice the refresh interval plus 1 s; otherwise it makes a direct dump,
+//!   exactly what the uncached access does. Worst case for a Save: at most
+//!   `drain_budget` (50 ms) of catching up, lookups that were estimated
+//!   cheaper than a dump and then failed, and one direct dump — about twice
+//!   an uncached Save, far inside the daemon's Save deadline (seconds).
 //!
 //! # Remaining timeouts
 //! Events do not fire per packet, so a cached timeout is stored with the
@@ -63,9 +64,10 @@
 //! bound of the kernel's value, stale by at most the time since the last
 //! event or sync: **at most the refresh interval** (default 30 s) below the
 //! kernel's value (up to twice that plus 1 s if a refresh runs late; beyond
-//! that Save dumps directly). Exception: TCP's retransmission / unacknowledged-data
-//! timeouts (300 s) shorten an ESTABLISHED entry without an event; such an
-//! entry can be reported with more time than it has until the next refresh.
+//! that Save dumps directly). Exception: TCP's retransmission and
+//! unacknowledged-data timeouts (300 s) shorten an ESTABLISHED entry without
+//! an event; such an entry can be reported with more time than it has until
+//! the next refresh.
 //! An entry whose estimate falls to `verify_margin` seconds or less is not
 //! dropped (traffic may have refreshed it) but looked up at Save: the kernel
 //! says whether it still exists and with how much time; a dump would omit
@@ -96,13 +98,18 @@
 //!
 //!   | VM entries | direct dump | cached, proven entries | cached, silent entries |
 //!   |---:|---:|---:|---:|
-//!   | 1,000 | 24–44 ms | 0.1 ms | 2.4 ms (1k lookups) |
-//!   | 5,000 | 45–58 ms | 0.5–0.6 ms | 19 ms (5k lookups) |
-//!   | 20,000 | 73–96 ms | 6.7–7.2 ms | direct (lookups ≥ dump) |
-//!   | 100,000 | 172–247 ms | 10–18 ms | direct (lookups ≥ dump) |
+//!   | 1,000 | 24–84 ms | 0.1 ms | 2.4–6.8 ms (1k lookups) |
+//!   | 5,000 | 42–118 ms | 0.5–0.6 ms | 19–35 ms (5k lookups) |
+//!   | 20,000 | 73–116 ms | 6.7–7.2 ms | direct (lookups ≥ dump) |
+//!   | 100,000 | 172–346 ms | 10–18 ms | direct (lookups ≥ dump) |
 //!
-//!   Lookups cost ~4 µs per entry. Warm-up (subscribe + first dump) took
-//!   37–390 ms in the background; probing 100k pre-existing entries ~0.5 s.
+//!   (ranges over two runs.) Lookups cost 4–7 µs per entry. Warm-up
+//!   (subscribe + first dump) took 37–390 ms in the background; probing 100k
+//!   pre-existing entries ~0.5 s.
+//! * Per VM while idle: its cached entries (above) and one refresh dump per
+//!   `refresh_interval`, i.e. 24–350 ms of table walk per 30 s (0.1–1.2 % of
+//!   a core) on the host above; the event thread is shared by all VMs of the
+//!   namespace.
 //!   For the fast path, make VM entries carry the event extension: register
 //!   VMs when they start (the listener then exists while their connections
 //!   are made), or set `net.netfilter.nf_conntrack_events = 1` at boot.
