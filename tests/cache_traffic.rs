@@ -132,3 +132,42 @@ fn cache_tracks_packet_made_entries() {
     }
     drop(open);
 }
+
+/// Opened from inside the namespace (as the daemon or the sandboxed helper
+/// do with `Ctnetlink::open()`): no setns anywhere, and the
+/// `nf_conntrack_events` check reads this namespace's value.
+#[test]
+fn cache_opened_inside_its_namespace() {
+    let ns = Netns::new("cacheinside");
+    let sel = Selector::mark(MARK);
+    let cache = in_ns(&ns, || {
+        CachedAccess::new(Ctnetlink::open().expect("open"), CacheConfig::default()).expect("cache")
+    });
+    let direct = Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink");
+    in_ns(&ns, || cache.watch(&sel, true)).expect("watch");
+    assert!(cache.wait_trusted(&sel, Duration::from_secs(20)));
+    run_ok(ns.cmd("conntrack").args([
+        "-I", "-p", "udp", "-s", "10.3.0.1", "-d", "10.3.0.2", "--sport", "5", "--dport", "53",
+        "-t", "500", "-m", "100",
+    ]));
+    let got = cache.dump(&sel).expect("cached");
+    assert_eq!(got.len(), 1);
+    assert_eq!(cache.stats().hits, 1, "{:?}", cache.stats().last_fallback);
+    assert!(compare(
+        &direct.dump(&sel).expect("direct"),
+        &got,
+        Tolerance::exact_status(1)
+    )
+    .is_empty());
+    run_ok(
+        ns.cmd("sysctl")
+            .args(["-qw", "net.netfilter.nf_conntrack_events=0"]),
+    );
+    let got = cache.dump(&sel).expect("dump");
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        cache.stats().last_fallback,
+        Some("events lost, off, or not caught up"),
+        "the namespace's own sysctl was read"
+    );
+}

@@ -257,8 +257,18 @@ pub struct EventsSysctl {
 
 impl EventsSysctl {
     pub fn open(ct: &Ctnetlink) -> io::Result<EventsSysctl> {
-        let nsfd = ct.ns.as_raw_fd();
+        use std::os::unix::fs::MetadataExt;
         let path = "/proc/sys/net/netfilter/nf_conntrack_events";
+        let here = std::fs::metadata("/proc/thread-self/ns/net")?;
+        let there = ct.ns.metadata()?;
+        if here.ino() == there.ino() && here.dev() == there.dev() {
+            // No setns(2): it needs CAP_SYS_ADMIN, which the sandboxed
+            // helper does not have.
+            return Ok(EventsSysctl {
+                file: File::open(path)?,
+            });
+        }
+        let nsfd = ct.ns.as_raw_fd();
         let file = std::thread::scope(|s| {
             s.spawn(|| {
                 // SAFETY: setns on a valid nsfs descriptor affects only this thread.
