@@ -565,3 +565,69 @@ fn cache_stays_exact_under_churn_during_syncs() {
     assert!(st.syncs >= syncs + 4, "syncs ran meanwhile: {st:?}");
     assert_eq!(st.hits, 4, "{:?}", st.last_fallback);
 }
+
+#[test]
+fn cache_many_selectors_share_one_walk() {
+    let ns = Netns::new("cachemany");
+    let cfg = CacheConfig {
+        refresh_interval: Duration::from_millis(300),
+        ..CacheConfig::default()
+    };
+    let cache = cache(&ns, cfg);
+    let direct = ct(&ns);
+    let sels = [
+        Selector::mark(101),
+        Selector::mark(102),
+        Selector::mark(103),
+        // Marks 0x200..=0x2ff.
+        Selector {
+            mark: 0x200,
+            mark_mask: 0xffff_ff00,
+            zone: None,
+        },
+        Selector {
+            mark: 101,
+            mark_mask: u32::MAX,
+            zone: Some(7),
+        },
+    ];
+    for (i, m) in [101u32, 102, 103, 0x201, 0x2fe, 0x300].iter().enumerate() {
+        let mut es = udp_entries(100, *m, 100 + i as u8);
+        if *m == 101 {
+            for e in &mut es[..30] {
+                e.zone = 7;
+            }
+        }
+        direct.create(&es).expect("create");
+    }
+    for s in &sels {
+        cache.watch(s, true).expect("watch");
+    }
+    for s in &sels {
+        assert!(cache.wait_trusted(s, WARM));
+    }
+    let s0 = cache.stats();
+    std::thread::sleep(Duration::from_millis(1200));
+    // Changes while refreshes run.
+    direct.create(&udp_entries(10, 102, 120)).expect("create");
+    direct.create(&udp_entries(10, 0x2aa, 121)).expect("create");
+    let s1 = cache.stats();
+    assert!(s1.syncs >= s0.syncs + 10, "refreshes ran: {s1:?}");
+    assert!(
+        (s1.walks - s0.walks) * 2 <= s1.syncs - s0.syncs,
+        "selectors were refreshed together: {s1:?}"
+    );
+    let want_len = [100, 110, 100, 210, 30];
+    for (s, n) in sels.iter().zip(want_len) {
+        let got = cache.dump(s).expect("cached");
+        let want = direct.dump(s).expect("direct");
+        assert_eq!(want.len(), n, "{s:?}");
+        assert_same(&format!("{s:?}"), &want, &got);
+    }
+    assert_eq!(
+        cache.stats().hits,
+        s1.hits + 5,
+        "{:?}",
+        cache.stats().last_fallback
+    );
+}

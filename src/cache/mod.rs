@@ -106,10 +106,10 @@
 //!   (ranges over two runs.) Lookups cost 4–7 µs per entry. Warm-up
 //!   (subscribe + first dump) took 37–390 ms in the background; probing 100k
 //!   pre-existing entries ~0.5 s.
-//! * Per VM while idle: its cached entries (above) and one refresh dump per
-//!   `refresh_interval`, i.e. 24–350 ms of table walk per 30 s (0.1–1.2 % of
-//!   a core) on the host above; the event thread is shared by all VMs of the
-//!   namespace.
+//! * Per VM while idle: its cached entries (above) and its share of the
+//!   refresh walks: alone, 24–350 ms of table walk per 30 s (0.1–1.2 % of a
+//!   core) on the host above; with three or more VMs one shared walk. The
+//!   event thread is shared by all VMs of the namespace.
 //!   For the fast path, make VM entries carry the event extension: register
 //!   VMs when they start (the listener then exists while their connections
 //!   are made), or set `net.netfilter.nf_conntrack_events = 1` at boot.
@@ -122,9 +122,12 @@
 //!   like timeouts.
 //! * Probes are no-op updates of the VM's own entries; other listeners (e.g.
 //!   conntrackd) see one UPDATE event per probed entry.
-//! * Each refresh is one filtered dump per selector (a host-wide table walk,
-//!   tens of ms with a big host table): with many VMs raise
-//!   `refresh_interval`.
+//! * A refresh walks the host-wide table (tens to hundreds of ms with a big
+//!   host table). One selector due: one filtered dump. From three selectors
+//!   due or half-way to their refresh on: one unfiltered dump of the
+//!   namespace, split among them (selectors half-way are refreshed early,
+//!   which keeps them aligned), so the idle cost of many VMs is about one
+//!   walk per `refresh_interval / 2`, not one per VM.
 //! * `watch` fails (and the selector stays a direct dump) when the event
 //!   groups cannot be joined, e.g. without CAP_NET_ADMIN.
 
@@ -190,8 +193,10 @@ pub struct CacheStats {
     pub probes: u64,
     /// Times events were lost (ENOBUFS).
     pub losses: u64,
-    /// Completed sync dumps (warm-up, refresh, resync).
+    /// Selectors synced (warm-up, refresh, resync) ...
     pub syncs: u64,
+    /// ... and the table walks that took (one walk can sync a group).
+    pub walks: u64,
     /// Event messages read, and those skipped by the mark/id pre-filter.
     pub events_read: u64,
     pub events_skipped: u64,
@@ -208,6 +213,7 @@ struct Counters {
     probes: AtomicU64,
     losses: AtomicU64,
     syncs: AtomicU64,
+    walks: AtomicU64,
     events_read: AtomicU64,
     events_skipped: AtomicU64,
 }
@@ -249,6 +255,9 @@ pub struct CachedAccess {
 /// What Save-time lookups cost before we measured (a batched hash lookup in
 /// the kernel plus decoding the reply).
 const INITIAL_LOOKUP_NS: u64 = 5_000;
+/// From this many selectors due (or half-way) on, refresh them with one
+/// unfiltered walk instead of one filtered walk each.
+const COMBINE_MIN: usize = 3;
 /// How late a refresh may be (beyond twice the interval) before Save stops
 /// trusting the cache's timeouts.
 const OVERDUE_SLACK: Duration = Duration::from_secs(1);
@@ -307,6 +316,7 @@ impl CachedAccess {
             probes: l(&c.probes),
             losses: l(&c.losses),
             syncs: l(&c.syncs),
+            walks: l(&c.walks),
             events_read: l(&c.events_read),
             events_skipped: l(&c.events_skipped),
             last_fallback: self.shared.lock().last_fallback,
@@ -559,8 +569,8 @@ impl Shared {
                 (efd, due)
             };
             match due {
-                Some(Job::Sync(sel)) => {
-                    self.sync(sel);
+                Some(Job::Sync(sels)) => {
+                    self.sync(sels);
                     continue;
                 }
                 Some(Job::Probe(sel)) => {
@@ -581,21 +591,47 @@ impl Shared {
                 None => {}
             }
             let Some(efd) = efd else { return };
-            let wait = TICK
+            // Wake often enough to start refreshes on time.
+            let period = TICK.min(self.config.refresh_interval / 4);
+            let wait = period
                 .saturating_sub(tick_at.elapsed())
                 .max(Duration::from_millis(10));
             poll2(efd, self.wake.as_raw_fd(), wait);
-            if tick_at.elapsed() >= TICK {
+            if tick_at.elapsed() >= period {
                 tick_at = Instant::now();
             }
             drain_eventfd(self.wake.as_raw_fd());
         }
     }
 
+    /// The selectors to sync together with the due `first`: alone, unless
+    /// enough others are due or half-way to their refresh that one unfiltered
+    /// walk of the namespace beats one filtered walk each (every dump walks
+    /// the whole host table). Syncing the half-due early keeps them aligned.
+    fn sync_group(&self, t: &Tables, first: Selector, now: Instant) -> Vec<Selector> {
+        let half = self.config.refresh_interval / 2;
+        let mut group: Vec<Selector> = t
+            .sels
+            .iter()
+            .filter(|(_, sc)| sc.log.is_none())
+            .filter(|(_, sc)| {
+                sc.synced_at
+                    .is_none_or(|at| now.saturating_duration_since(at) >= half)
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        if group.len() < COMBINE_MIN {
+            return vec![first];
+        }
+        group.sort_by_key(|s| (s.mark, s.mark_mask, s.zone));
+        group
+    }
+
     fn next_job(&self, st: &mut State) -> Option<Job> {
         let now = Instant::now();
         let cfg = &self.config;
         let mut fix = None;
+        let mut due = None;
         for (sel, sc) in st.tables.sels.iter_mut() {
             if sc.log.is_some() {
                 continue;
@@ -611,7 +647,8 @@ impl Shared {
                 .synced_at
                 .is_none_or(|t| now.saturating_duration_since(t) >= cfg.refresh_interval);
             if retry_ok && !st.events_off && (after_loss || refresh) {
-                return Some(Job::Sync(*sel));
+                due = Some(*sel);
+                break;
             }
             if sc.probe_pending {
                 return Some(Job::Probe(*sel));
@@ -625,6 +662,15 @@ impl Shared {
                     fix = Some(Job::Fix(*sel, keys));
                 }
             }
+        }
+        if let Some(first) = due {
+            if let Some(Job::Fix(sel, keys)) = fix {
+                // Taken from the selector above: give them back.
+                if let Some(sc) = st.tables.sels.get_mut(&sel) {
+                    sc.fix.extend(keys);
+                }
+            }
+            return Some(Job::Sync(self.sync_group(&st.tables, first, now)));
         }
         fix
     }
@@ -670,57 +716,128 @@ impl Shared {
         }
     }
 
-    /// Dumps `sel` outside the lock and installs it with the events logged
-    /// meanwhile.
-    fn sync(&self, sel: Selector) {
-        let (epoch, started) = {
+    /// Dumps `sels` outside the lock (one filtered walk for one selector,
+    /// one unfiltered walk for a group) and installs each selector's part
+    /// with the events logged meanwhile.
+    fn sync(&self, sels: Vec<Selector>) {
+        let (epochs, started) = {
             let mut st = self.lock();
             self.pump(&mut st, Duration::from_millis(20));
-            let Some(sc) = st.tables.sels.get_mut(&sel) else {
-                return;
-            };
-            sc.log = Some(Vec::new());
-            (sc.epoch, Instant::now())
+            let mut epochs = Vec::with_capacity(sels.len());
+            for sel in &sels {
+                if let Some(sc) = st.tables.sels.get_mut(sel) {
+                    sc.log = Some(Vec::new());
+                    epochs.push((*sel, sc.epoch));
+                }
+            }
+            (epochs, Instant::now())
         };
-        let res = {
+        let res: Result<Vec<Vec<Entry>>, AccessError> = {
             let bg = self.bg.lock().unwrap_or_else(|p| p.into_inner());
-            match bg.as_ref() {
-                Some(bg) => bg.dump(&sel),
-                None => self.direct.dump(&sel),
+            let ct = bg.as_ref().unwrap_or(&self.direct);
+            match epochs.as_slice() {
+                [] => return,
+                [(sel, _)] => ct.dump(sel).map(|v| vec![v]),
+                many => {
+                    let idx = SelIndex::new(many.iter().map(|(s, _)| *s));
+                    ct.dump_where(|e| idx.matching(e).next().is_some())
+                        .map(|all| idx.distribute(all))
+                }
             }
         };
         let took = started.elapsed();
+        bump(&self.counters.walks, 1);
         let mut st = self.lock();
         let caught_up = self.pump(&mut st, Duration::from_millis(200));
         let now = Instant::now();
-        let Some(sc) = st.tables.sels.get_mut(&sel) else {
-            return;
-        };
         match res {
             Err(e) => {
-                sc.log = None;
-                sc.sync_failed_at = Some(now);
-                sc.last_sync_error = Some(e.to_string());
-                tracing::warn!(error = %e, mark = sel.mark, "conntrack cache sync failed");
-            }
-            Ok(snapshot) => {
-                let same_epoch = sc.epoch == epoch;
-                sc.dump_cost = Some(took);
-                sc.synced_at = Some(started);
-                sc.sync_failed_at = None;
-                sc.last_sync_error = None;
-                st.tables.install(sel, snapshot, started);
-                if let Some(sc) = st.tables.sels.get_mut(&sel) {
-                    sc.trusted = same_epoch && caught_up;
+                tracing::warn!(error = %e, "conntrack cache sync failed");
+                for (sel, _) in &epochs {
+                    if let Some(sc) = st.tables.sels.get_mut(sel) {
+                        sc.log = None;
+                        sc.sync_failed_at = Some(now);
+                        sc.last_sync_error = Some(e.to_string());
+                    }
                 }
-                bump(&self.counters.syncs, 1);
+            }
+            Ok(parts) => {
+                for ((sel, epoch), snapshot) in epochs.into_iter().zip(parts) {
+                    let Some(sc) = st.tables.sels.get_mut(&sel) else {
+                        continue;
+                    };
+                    let same_epoch = sc.epoch == epoch;
+                    // For a group this is the unfiltered walk: an upper bound
+                    // of the selector's own dump.
+                    sc.dump_cost = Some(took);
+                    sc.synced_at = Some(started);
+                    sc.sync_failed_at = None;
+                    sc.last_sync_error = None;
+                    st.tables.install(sel, snapshot, started);
+                    if let Some(sc) = st.tables.sels.get_mut(&sel) {
+                        sc.trusted = same_epoch && caught_up;
+                    }
+                    bump(&self.counters.syncs, 1);
+                }
             }
         }
     }
 }
 
+/// Which of a group of selectors an entry belongs to, without trying each.
+struct SelIndex {
+    sels: Vec<Selector>,
+    by_mark: std::collections::HashMap<u32, Vec<usize>>,
+    masked: Vec<usize>,
+}
+
+impl SelIndex {
+    fn new(sels: impl Iterator<Item = Selector>) -> SelIndex {
+        let sels: Vec<Selector> = sels.collect();
+        let mut by_mark: std::collections::HashMap<u32, Vec<usize>> = Default::default();
+        let mut masked = Vec::new();
+        for (i, s) in sels.iter().enumerate() {
+            if s.mark_mask == u32::MAX {
+                by_mark.entry(s.mark).or_default().push(i);
+            } else {
+                masked.push(i);
+            }
+        }
+        SelIndex {
+            sels,
+            by_mark,
+            masked,
+        }
+    }
+
+    fn matching<'a>(&'a self, e: &'a Entry) -> impl Iterator<Item = usize> + 'a {
+        self.by_mark
+            .get(&e.mark)
+            .into_iter()
+            .flatten()
+            .chain(self.masked.iter())
+            .copied()
+            .filter(move |&i| self.sels[i].matches(e))
+    }
+
+    /// One snapshot per selector, in the order given to `new`.
+    fn distribute(&self, all: Vec<Entry>) -> Vec<Vec<Entry>> {
+        let mut parts = vec![Vec::new(); self.sels.len()];
+        for e in all {
+            let hits: Vec<usize> = self.matching(&e).collect();
+            if let Some((&last, rest)) = hits.split_last() {
+                for &i in rest {
+                    parts[i].push(e.clone());
+                }
+                parts[last].push(e);
+            }
+        }
+        parts
+    }
+}
+
 enum Job {
-    Sync(Selector),
+    Sync(Vec<Selector>),
     Probe(Selector),
     Fix(Selector, Vec<Key>),
 }

@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 use super::codec::{self, attrs, MsgBuf};
 use super::consts::*;
 use super::socket::NlSocket;
-use super::{errno_err, io_err, proto_err, socket_in, Ctnetlink, BATCH, CT_NEW_TYPE};
+use super::{
+    errno_err, io_err, proto_err, socket_in, Ctnetlink, BATCH, CT_NEW_TYPE, DUMP_ATTEMPTS,
+};
 use crate::access::AccessError;
 use crate::entry::Entry;
 
@@ -327,6 +329,88 @@ impl Ctnetlink {
     /// DESTROY. Returns the errno per entry (0, or `ENOENT` when gone).
     pub fn touch_entries(&self, entries: &[&Entry]) -> Result<Vec<i32>, AccessError> {
         self.batch("touch", entries, |m, e, seq| encode_touch(m, e, seq))
+    }
+
+    /// One dump of the whole namespace (no kernel filter), keeping only the
+    /// entries `keep` accepts (and with time left): one table walk for many
+    /// selectors, without holding every other entry in memory. Restarted like
+    /// [`ConntrackAccess::dump`](crate::access::ConntrackAccess::dump) when
+    /// the kernel flags it interrupted or it overruns.
+    pub fn dump_where(&self, keep: impl Fn(&Entry) -> bool) -> Result<Vec<Entry>, AccessError> {
+        let op = "dump";
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        'restart: for _ in 0..DUMP_ATTEMPTS {
+            let sock = socket_in(&mut inner.sock, &self.ns, op)?;
+            inner.seq = inner.seq.wrapping_add(1);
+            let seq = inner.seq;
+            inner.wbuf.clear();
+            inner.wbuf.begin_msg(
+                IPCTNL_MSG_CT_GET,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                seq,
+                AF_UNSPEC,
+            );
+            inner.wbuf.end_msg();
+            sock.send(&inner.wbuf.buf).map_err(|e| io_err(op, e))?;
+            let mut kept = Vec::new();
+            let mut intr = false;
+            loop {
+                if let Err(e) = sock.recv(&mut inner.rbuf) {
+                    inner.sock = None;
+                    if e.raw_os_error() == Some(libc::ENOBUFS) {
+                        continue 'restart;
+                    }
+                    return Err(io_err(op, e));
+                }
+                let mut done = false;
+                for m in codec::messages(&inner.rbuf) {
+                    let m = m.map_err(|e| proto_err(op, e.0))?;
+                    if m.seq != seq {
+                        continue;
+                    }
+                    intr |= m.flags & NLM_F_DUMP_INTR != 0;
+                    match m.kind {
+                        CT_NEW_TYPE => {
+                            let e =
+                                codec::decode_entry(m.payload).map_err(|e| proto_err(op, e.0))?;
+                            if e.timeout > 0 && keep(&e) {
+                                kept.push(e);
+                            }
+                        }
+                        NLMSG_DONE => {
+                            done = true;
+                            if let Ok(code @ 1..) = codec::error_code(m.payload) {
+                                return Err(errno_err(op, code));
+                            }
+                        }
+                        NLMSG_ERROR => {
+                            let code =
+                                codec::error_code(m.payload).map_err(|e| proto_err(op, e.0))?;
+                            if code != 0 {
+                                return Err(errno_err(op, code));
+                            }
+                        }
+                        NLMSG_OVERRUN => {
+                            inner.sock = None;
+                            continue 'restart;
+                        }
+                        _ => {}
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+            if intr {
+                continue 'restart;
+            }
+            return Ok(kept);
+        }
+        Err(proto_err(
+            op,
+            format!("dump interrupted {DUMP_ATTEMPTS} times in a row"),
+        ))
     }
 
     /// A second handle on the same namespace with its own socket, so
