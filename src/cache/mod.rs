@@ -83,36 +83,36 @@
 //! before any socket filter runs. The user-space pre-filter reads two
 //! top-level attributes per event and decodes nothing else.
 //!
-//! # Measured (6.18, 2 shared vCPUs under load 5–8, release build;
-//! `tests/cache_measure.rs`, one-off)
+//! # Measured (6.18, 2 shared vCPUs, release build; `tests/cache_measure.rs`,
+//! one-off; ranges over three runs at load 2–8)
 //! * Memory: 562 B per cached entry (20k entries of the realistic mix: the
 //!   hash map at its load factor with key and `Entry`, 208 B, plus the id
 //!   index): ~2.7 MiB for a 5k-entry VM, ~54 MiB at 100k.
 //! * Event thread at 10k events/s (create + delete of another mark): 1.2 %
 //!   of one core (all skipped by the pre-filter, ~1.2 µs per event incl. the
-//!   `recv`); 1.8 % when they are the watched mark's. The kernel side, paid
-//!   by whoever changes conntrack while any listener exists: the creating
-//!   process spent 657 ms instead of 201 ms in 100k creates + deletes
-//!   (~4.6 µs per event), independent of any filter.
+//!   `recv`); 1.4–1.8 % when they are the watched mark's. The kernel side,
+//!   paid by whoever changes conntrack while any listener exists: the
+//!   creating process spent 258–657 ms instead of 137–201 ms in 100k
+//!   creates + deletes (+1.2–4.6 µs per event), whatever the filter.
 //! * Save (`dump`), another namespace holding 150k entries (median of 5):
 //!
 //!   | VM entries | direct dump | cached, proven entries | cached, silent entries |
 //!   |---:|---:|---:|---:|
-//!   | 1,000 | 24–84 ms | 0.1 ms | 2.4–6.8 ms (1k lookups) |
-//!   | 5,000 | 42–118 ms | 0.5–0.6 ms | 19–35 ms (5k lookups) |
-//!   | 20,000 | 73–116 ms | 6.7–7.2 ms | direct (lookups ≥ dump) |
-//!   | 100,000 | 172–346 ms | 10–18 ms | direct (lookups ≥ dump) |
+//!   | 1,000 | 16–84 ms | 0.1 ms | 2.2–6.8 ms (1k lookups) |
+//!   | 5,000 | 20–118 ms | 0.5–0.6 ms | 12–35 ms (5k lookups) |
+//!   | 20,000 | 48–116 ms | 3.3–7.2 ms | direct (lookups ≥ dump) |
+//!   | 100,000 | 166–346 ms | 10–18 ms | direct (lookups ≥ dump) |
 //!
-//!   (ranges over two runs.) Lookups cost 4–7 µs per entry. Warm-up
-//!   (subscribe + first dump) took 37–390 ms in the background; probing 100k
-//!   pre-existing entries ~0.5 s.
-//! * Per VM while idle: its cached entries (above) and its share of the
-//!   refresh walks: alone, 24–350 ms of table walk per 30 s (0.1–1.2 % of a
-//!   core) on the host above; with three or more VMs one shared walk. The
-//!   event thread is shared by all VMs of the namespace.
+//!   Lookups cost 2–7 µs per entry. Warm-up (subscribe + first dump) took
+//!   26–390 ms in the background; probing 100k pre-existing entries
+//!   0.3–0.5 s.
 //!   For the fast path, make VM entries carry the event extension: register
 //!   VMs when they start (the listener then exists while their connections
 //!   are made), or set `net.netfilter.nf_conntrack_events = 1` at boot.
+//! * Per VM while idle: its cached entries (above) and its share of the
+//!   refresh walks: alone, 16–350 ms of table walk per 30 s (0.05–1.2 % of a
+//!   core) on the host above; with three or more VMs one shared walk. The
+//!   event thread is shared by all VMs of the namespace.
 //!
 //! # Limits (documented, not hidden)
 //! * A silent entry of *another* mark that later moves into a watched mark
@@ -226,7 +226,8 @@ struct State {
     tables: Tables,
     events: Option<EventSocket>,
     sysctl: Option<EventsSysctl>,
-    /// Kernel lookup cost per entry (EWMA, ns), to choose lookups or a dump.
+    /// Kernel lookup cost per entry (ns) in the last sizeable batch, to
+    /// choose between lookups and a dump.
     lookup_ns: u64,
     /// `nf_conntrack_events` read 0 last time: syncs are pointless.
     events_off: bool,
@@ -769,12 +770,14 @@ impl Shared {
                     let same_epoch = sc.epoch == epoch;
                     // For a group this is the unfiltered walk: an upper bound
                     // of the selector's own dump.
-                    sc.dump_cost = Some(took);
-                    sc.synced_at = Some(started);
-                    sc.sync_failed_at = None;
-                    sc.last_sync_error = None;
-                    st.tables.install(sel, snapshot, started);
+                    if !st.tables.install(sel, snapshot, started) {
+                        continue;
+                    }
                     if let Some(sc) = st.tables.sels.get_mut(&sel) {
+                        sc.dump_cost = Some(took);
+                        sc.synced_at = Some(started);
+                        sc.sync_failed_at = None;
+                        sc.last_sync_error = None;
                         sc.trusted = same_epoch && caught_up;
                     }
                     bump(&self.counters.syncs, 1);

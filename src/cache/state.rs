@@ -243,13 +243,16 @@ impl Tables {
     }
 
     /// Replaces `sel`'s entries with a sync dump taken from `started`, then
-    /// replays the events logged meanwhile. Returns false when the selector
-    /// is gone.
+    /// replays the events logged meanwhile. Returns false (and changes
+    /// nothing) when the selector is gone or was unwatched and watched again
+    /// since the sync started: its log would miss events.
     pub fn install(&mut self, sel: Selector, snapshot: Vec<Entry>, started: Instant) -> bool {
         let Some(sc) = self.sels.get_mut(&sel) else {
             return false;
         };
-        let log = sc.log.take().unwrap_or_default();
+        let Some(log) = sc.log.take() else {
+            return false;
+        };
         let old = std::mem::take(&mut sc.entries);
         for c in old.values() {
             unhold(&mut self.holders, id_of(&c.entry), sel);
@@ -563,6 +566,16 @@ mod tests {
     }
 
     #[test]
+    fn a_sync_without_its_log_installs_nothing() {
+        let sel = Selector::mark(100);
+        let mut t = tables(sel);
+        let now = Instant::now();
+        // Unwatched and watched again while the dump ran: no log.
+        assert!(!t.install(sel, vec![entry(1, 100, 1)], now));
+        assert!(t.sels[&sel].entries.is_empty());
+    }
+
+    #[test]
     fn estimate_never_exceeds_the_kernel() {
         let now = Instant::now();
         let c = Cached {
@@ -585,6 +598,7 @@ mod tests {
         let mut t = tables(sel);
         let now = Instant::now();
         let (a, b, c) = (entry(1, 100, 1), entry(2, 100, 2), entry(3, 100, 3));
+        t.sels.get_mut(&sel).unwrap().log = Some(Vec::new());
         assert!(t.install(sel, vec![a.clone(), b.clone(), c.clone()], now));
         let keys = [key(&a), key(&b), key(&c)];
         let moved = Entry { mark: 7, ..c };
