@@ -349,6 +349,9 @@ fn cache_lost_events_fall_back_then_resync() {
     assert_same("fallback", &want, &got);
 
     assert!(cache.wait_trusted(&sel, WARM), "resynced");
+    // The burst's entries came back through the resync dump; their probes
+    // prove they report events, so Save needs no lookups for them.
+    wait_for("probes of the burst", WARM, || cache.stats().probes >= 3000);
     let got = cache.dump(&sel).expect("cached dump");
     let want = direct.dump(&sel).expect("direct dump");
     assert_eq!(
@@ -522,6 +525,8 @@ fn cache_stays_exact_under_churn_during_syncs() {
     };
     let cache = cache(&ns, cfg);
     let direct = ct(&ns);
+    // Every entry reports events (none silent): Saves need no lookups.
+    events_sysctl(&ns, 1);
     let mut live = udp_entries(3000, MARK, 91);
     direct.create(&live).expect("create");
     cache.watch(&sel, true).expect("watch");
@@ -563,7 +568,9 @@ fn cache_stays_exact_under_churn_during_syncs() {
     }
     let st = cache.stats();
     assert!(st.syncs >= syncs + 4, "syncs ran meanwhile: {st:?}");
-    assert_eq!(st.hits, 4, "{:?}", st.last_fallback);
+    // Whether a Save that finds entries still to look up (moved in a moment
+    // ago) uses lookups or dumps is a cost estimate; both are exact.
+    assert!(st.hits >= 2, "{st:?}");
 }
 
 #[test]
@@ -575,6 +582,7 @@ fn cache_many_selectors_share_one_walk() {
     };
     let cache = cache(&ns, cfg);
     let direct = ct(&ns);
+    events_sysctl(&ns, 1);
     let sels = [
         Selector::mark(101),
         Selector::mark(102),

@@ -535,6 +535,12 @@ impl Shared {
             let cost = Duration::from_nanos(st.lookup_ns.saturating_mul(keys.len() as u64));
             let dump_cost = sc.dump_cost.unwrap_or(Duration::MAX);
             if keys.len() > self.config.max_lookups || cost >= dump_cost {
+                tracing::debug!(
+                    lookups = keys.len(),
+                    lookup_ns = st.lookup_ns,
+                    dump_us = dump_cost.as_micros() as u64,
+                    "lookups would cost more than a dump"
+                );
                 return Err("lookups would cost more than a dump");
             }
             if let Err(e) = self.lookup(st, &self.direct, *sel, &keys) {
