@@ -94,7 +94,8 @@ fn conntrack(ns: &Netns, op: &str, e: &Entry, extra: &[&str]) {
     run_ok(&mut c);
 }
 
-/// Plain, un-NATed TCP/UDP entries of zone 0 (easy to address with conntrack(8)).
+/// Plain, un-NATed, unlabelled TCP/UDP entries of zone 0 (easy to address
+/// with conntrack(8), and every update below really changes them).
 fn plain(v: &[Entry]) -> Vec<Entry> {
     v.iter()
         .filter(|e| {
@@ -103,6 +104,7 @@ fn plain(v: &[Entry]) -> Vec<Entry> {
                 && e.orig.zone.is_none()
                 && !e.is_nat()
                 && e.status & status::FIXED_TIMEOUT == 0
+                && e.labels.is_none()
                 && e.timeout > 1000
         })
         .cloned()
