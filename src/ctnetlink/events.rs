@@ -16,10 +16,15 @@
 //! * Only entries that carry the event extension produce events at all. With
 //!   `net.netfilter.nf_conntrack_events = 2` (the default since 5.19, and
 //!   what 6.18 ships) the extension is attached at creation **only if a
-//!   listener exists in the namespace at that moment**: entries older than
-//!   the first listener never send UPDATE or DESTROY, not even when deleted
-//!   or expired (verified: `conntrack -D` of such an entry sends nothing).
-//!   With 1 every new entry gets it; with 0 none does.
+//!   ctnetlink listener exists at that moment** — anywhere on the host, not
+//!   only in the entry's namespace (verified on 6.18 with a listener in
+//!   another namespace). Entries made without it never send UPDATE or
+//!   DESTROY, not even when deleted or expired (verified: `conntrack -D` of
+//!   such an entry sends nothing). With 1 every new entry gets it; with 0
+//!   none does.
+//! * Any ctnetlink update of an entry, even one that changes nothing, is
+//!   reported as an UPDATE if the entry has the extension: a no-op update
+//!   ([`Ctnetlink::touch_entries`]) tells which entries will report.
 //! * Expiry produces DESTROY lazily, when the garbage collector or a lookup
 //!   finds the entry (seconds later); dumps and lookups already skip it.
 //!
