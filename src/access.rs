@@ -101,4 +101,15 @@ pub trait ConntrackAccess: Send + Sync {
     /// Delete exactly these entries (matched by original tuple, zone and
     /// mark), leaving anything else alone.
     fn delete_entries(&self, entries: &[Entry]) -> Result<DeleteReport, AccessError>;
+
+    /// Start (`on`) or stop keeping `sel`'s entries warm so a later
+    /// [`dump`](ConntrackAccess::dump) of it is served without walking the
+    /// kernel's table (the daemon calls it on Register / Unregister). Only a
+    /// hint: `dump` returns the same entries either way. Calls are counted
+    /// per selector (two watchers need two `false`). The default does
+    /// nothing; `crate::cache::CachedAccess` implements it.
+    fn watch(&self, sel: &Selector, on: bool) -> Result<(), AccessError> {
+        let _ = (sel, on);
+        Ok(())
+    }
 }

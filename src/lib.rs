@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod bus;
+pub mod cache;
 pub mod cli;
 pub mod ctnetlink;
 pub mod entry;

@@ -82,6 +82,7 @@
 
 mod codec;
 mod consts;
+mod events;
 mod socket;
 
 use std::fs::File;
@@ -92,6 +93,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 pub use codec::{decode_entry, DecodeError, SETTABLE_STATUS};
+pub use events::{
+    peek_mark_id, DrainStats, EventError, EventKind, EventSink, EventSocket, EventsSysctl,
+};
 
 use crate::access::{AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport};
 use crate::entry::{Entry, Selector};

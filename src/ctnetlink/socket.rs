@@ -18,6 +18,14 @@ pub struct NlSocket {
     fd: OwnedFd,
 }
 
+// The event listener (`events.rs`) needs the descriptor for group
+// membership, buffer sizing, poll(2) and non-blocking reads.
+impl AsRawFd for NlSocket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())

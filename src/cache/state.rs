@@ -1,0 +1,611 @@
+//! The cache's tables and the rules that merge events, dumps and lookups
+//! into them. No I/O here: everything is driven by [`super::CachedAccess`]
+//! under one mutex, which makes the ordering arguments below hold.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use crate::ctnetlink::{EventKind, EventSink};
+use crate::entry::{proto, Entry, Selector, Tuple, L4};
+
+/// An entry's identity among live entries: original tuple and zone (the
+/// kernel keeps these unique). `CTA_ID` tells incarnations apart.
+pub type Key = (Tuple, u16);
+
+pub fn key(e: &Entry) -> Key {
+    (e.orig, e.zone)
+}
+
+/// One cached entry.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    /// As last observed; `entry.timeout` is the remaining lifetime at `seen`.
+    pub entry: Entry,
+    pub seen: Instant,
+    /// An event arrived for this incarnation, so it carries the kernel's
+    /// event extension: its DESTROY and mark changes will be reported. Entries
+    /// only ever seen in dumps may predate every listener and stay silent.
+    pub evented: bool,
+    /// A no-op update was sent to find out whether it reports events; if
+    /// it is still not `evented`, it is truly silent.
+    pub probed: bool,
+    /// Labels, sequence adjustment and helper are known: false when first
+    /// seen through an UPDATE (which carries only what changed) or when an
+    /// UPDATE without labels leaves open whether labels were cleared.
+    pub extras_known: bool,
+}
+
+impl Cached {
+    /// Remaining seconds now, never more than the kernel would say for an
+    /// entry nobody refreshed: whole seconds elapsed are rounded up.
+    pub fn estimate(&self, now: Instant) -> u32 {
+        let el = now.saturating_duration_since(self.seen);
+        let secs = el.as_secs() + u64::from(el.subsec_nanos() > 0);
+        let secs = u32::try_from(secs).unwrap_or(u32::MAX);
+        self.entry.timeout.saturating_sub(secs)
+    }
+
+    /// Every attribute a dump would give is present.
+    pub fn complete(&self) -> bool {
+        self.extras_known && (self.entry.protoinfo.is_some() || !needs_protoinfo(&self.entry))
+    }
+
+    /// Whether a dump answered from the cache must first look this entry up
+    /// in the kernel: it might be gone without an event (silent entry), is
+    /// missing attributes, or is so close to expiry that the kernel may have
+    /// expired it already or traffic may have refreshed it.
+    pub fn needs_lookup(&self, now: Instant, margin_secs: u32) -> bool {
+        !self.evented || !self.complete() || self.estimate(now) <= margin_secs
+    }
+}
+
+/// Protocols whose tracker always has protocol info in a dump.
+fn needs_protoinfo(e: &Entry) -> bool {
+    match e.orig.proto {
+        proto::TCP | proto::SCTP => true,
+        // 6.16+ track DCCP generically (no ports, no protocol info).
+        proto::DCCP => matches!(e.orig.l4, L4::Ports { .. }),
+        _ => false,
+    }
+}
+
+/// One watched selector.
+#[derive(Debug)]
+pub struct SelCache {
+    pub watchers: u32,
+    pub entries: HashMap<Key, Cached>,
+    /// Warm and no event lost since the last completed sync.
+    pub trusted: bool,
+    /// Start of the last completed sync dump.
+    pub synced_at: Option<Instant>,
+    /// Bumped whenever events were lost: a sync that started in an earlier
+    /// epoch missed events and cannot make the cache trusted.
+    pub epoch: u64,
+    pub lost_at: Option<Instant>,
+    /// Events applied while a sync dump runs outside the lock, replayed on
+    /// top of its snapshot.
+    pub log: Option<Vec<(EventKind, Entry, Instant)>>,
+    /// Keys found incomplete, for the background lookup.
+    pub fix: Vec<Key>,
+    /// The last sync brought entries nobody has probed yet.
+    pub probe_pending: bool,
+    /// How long the last sync dump took: what a direct dump costs.
+    pub dump_cost: Option<std::time::Duration>,
+    pub last_sync_error: Option<String>,
+    pub sync_failed_at: Option<Instant>,
+}
+
+impl SelCache {
+    fn new() -> SelCache {
+        SelCache {
+            watchers: 0,
+            entries: HashMap::new(),
+            trusted: false,
+            synced_at: None,
+            epoch: 0,
+            lost_at: None,
+            log: None,
+            fix: Vec::new(),
+            probe_pending: false,
+            dump_cost: None,
+            last_sync_error: None,
+            sync_failed_at: None,
+        }
+    }
+}
+
+/// All watched selectors of one namespace and the indexes events need.
+#[derive(Debug, Default)]
+pub struct Tables {
+    pub sels: HashMap<Selector, SelCache>,
+    /// `CTA_ID` → selectors caching an entry with it: an event for an entry
+    /// that left the mark is still recognised (ids may collide; the key and
+    /// id are checked again before anything changes).
+    holders: HashMap<u32, Vec<Selector>>,
+    /// Selectors with a full mark mask, by mark (the common case).
+    by_mark: HashMap<u32, Vec<Selector>>,
+    /// Selectors with a partial mask.
+    masked: Vec<Selector>,
+    /// Event messages decoded and applied.
+    pub applied: u64,
+}
+
+fn id_of(e: &Entry) -> u32 {
+    e.id.unwrap_or(0)
+}
+
+fn hold(holders: &mut HashMap<u32, Vec<Selector>>, id: u32, sel: Selector) {
+    let v = holders.entry(id).or_default();
+    if !v.contains(&sel) {
+        v.push(sel);
+    }
+}
+
+fn unhold(holders: &mut HashMap<u32, Vec<Selector>>, id: u32, sel: Selector) {
+    if let Some(v) = holders.get_mut(&id) {
+        v.retain(|s| *s != sel);
+        if v.is_empty() {
+            holders.remove(&id);
+        }
+    }
+}
+
+impl Tables {
+    /// Adds one watcher; true when the selector is new (needs a sync).
+    pub fn watch(&mut self, sel: Selector) -> bool {
+        let sc = self.sels.entry(sel).or_insert_with(SelCache::new);
+        sc.watchers += 1;
+        let new = sc.watchers == 1;
+        if new {
+            self.reindex();
+        }
+        new
+    }
+
+    /// Drops one watcher; the last one drops the selector's entries.
+    pub fn unwatch(&mut self, sel: Selector) {
+        let Some(sc) = self.sels.get_mut(&sel) else {
+            return;
+        };
+        sc.watchers = sc.watchers.saturating_sub(1);
+        if sc.watchers == 0 {
+            if let Some(sc) = self.sels.remove(&sel) {
+                for c in sc.entries.values() {
+                    unhold(&mut self.holders, id_of(&c.entry), sel);
+                }
+            }
+            self.reindex();
+        }
+    }
+
+    fn reindex(&mut self) {
+        self.by_mark.clear();
+        self.masked.clear();
+        for s in self.sels.keys() {
+            if s.mark_mask == u32::MAX {
+                self.by_mark.entry(s.mark).or_default().push(*s);
+            } else {
+                self.masked.push(*s);
+            }
+        }
+    }
+
+    /// Every selector is untrusted from now on (events were lost, or event
+    /// delivery is off).
+    pub fn lost(&mut self, now: Instant) {
+        for sc in self.sels.values_mut() {
+            sc.trusted = false;
+            sc.epoch += 1;
+            sc.lost_at = Some(now);
+            // A probe's answer may have been among the lost events: probe
+            // those entries again.
+            for c in sc.entries.values_mut() {
+                if c.probed && !c.evented {
+                    c.probed = false;
+                    sc.probe_pending = true;
+                }
+            }
+        }
+    }
+
+    fn mark_watched(&self, mark: u32) -> bool {
+        self.by_mark.contains_key(&mark)
+            || self
+                .masked
+                .iter()
+                .any(|s| mark & s.mark_mask == s.mark & s.mark_mask)
+    }
+
+    /// Applies one event at `now` to every selector it can concern.
+    pub fn apply(&mut self, kind: EventKind, e: Entry, now: Instant) {
+        self.applied += 1;
+        let mut cands: Vec<Selector> = Vec::new();
+        if let Some(v) = self.by_mark.get(&e.mark) {
+            cands.extend(v.iter().copied());
+        }
+        cands.extend(self.masked.iter().copied().filter(|s| s.matches(&e)));
+        if let Some(v) = self.holders.get(&id_of(&e)) {
+            for s in v {
+                if !cands.contains(s) {
+                    cands.push(*s);
+                }
+            }
+        }
+        for sel in cands {
+            let Some(sc) = self.sels.get_mut(&sel) else {
+                continue;
+            };
+            if let Some(log) = sc.log.as_mut() {
+                log.push((kind, e.clone(), now));
+            }
+            apply_one(&mut self.holders, sel, sc, kind, &e, now);
+        }
+    }
+
+    /// Replaces `sel`'s entries with a sync dump taken from `started`, then
+    /// replays the events logged meanwhile. Returns false (and changes
+    /// nothing) when the selector is gone or was unwatched and watched again
+    /// since the sync started: its log would miss events.
+    pub fn install(&mut self, sel: Selector, snapshot: Vec<Entry>, started: Instant) -> bool {
+        let Some(sc) = self.sels.get_mut(&sel) else {
+            return false;
+        };
+        let Some(log) = sc.log.take() else {
+            return false;
+        };
+        let old = std::mem::take(&mut sc.entries);
+        for c in old.values() {
+            unhold(&mut self.holders, id_of(&c.entry), sel);
+        }
+        let mut fresh = HashMap::with_capacity(snapshot.len());
+        for e in snapshot {
+            let k = key(&e);
+            // Still the same incarnation: what events proved about it holds.
+            let same = old.get(&k).filter(|c| c.entry.id == e.id);
+            let evented = same.is_some_and(|c| c.evented);
+            let probed = same.is_some_and(|c| c.probed);
+            sc.probe_pending |= !evented && !probed;
+            hold(&mut self.holders, id_of(&e), sel);
+            fresh.insert(
+                k,
+                Cached {
+                    entry: e,
+                    seen: started,
+                    evented,
+                    probed,
+                    extras_known: true,
+                },
+            );
+        }
+        sc.entries = fresh;
+        sc.fix.clear();
+        for (kind, e, at) in log {
+            apply_one(&mut self.holders, sel, sc, kind, &e, at);
+        }
+        true
+    }
+
+    /// Takes the entries of `sel` that still need a probe and marks them
+    /// probed.
+    pub fn take_probes(&mut self, sel: Selector) -> Vec<Entry> {
+        let Some(sc) = self.sels.get_mut(&sel) else {
+            return Vec::new();
+        };
+        sc.probe_pending = false;
+        sc.entries
+            .values_mut()
+            .filter(|c| !c.evented && !c.probed)
+            .map(|c| {
+                c.probed = true;
+                c.entry.clone()
+            })
+            .collect()
+    }
+
+    /// Drops a silent entry a probe found gone (the same incarnation only).
+    pub fn gone(&mut self, sel: Selector, e: &Entry) {
+        let Some(sc) = self.sels.get_mut(&sel) else {
+            return;
+        };
+        let k = key(e);
+        if sc
+            .entries
+            .get(&k)
+            .is_some_and(|c| c.entry.id == e.id && !c.evented)
+        {
+            sc.entries.remove(&k);
+            unhold(&mut self.holders, id_of(e), sel);
+        }
+    }
+
+    /// Applies kernel lookups (`None`: no such entry) for `sel`'s `keys`.
+    pub fn apply_lookups(
+        &mut self,
+        sel: Selector,
+        keys: &[Key],
+        found: Vec<Option<Entry>>,
+        now: Instant,
+    ) {
+        let Some(sc) = self.sels.get_mut(&sel) else {
+            return;
+        };
+        for (k, got) in keys.iter().zip(found) {
+            let Some(old) = sc.entries.remove(k) else {
+                continue;
+            };
+            unhold(&mut self.holders, id_of(&old.entry), sel);
+            let Some(e) = got else { continue };
+            if !sel.matches(&e) {
+                continue; // left the selection without telling us
+            }
+            hold(&mut self.holders, id_of(&e), sel);
+            let same = old.entry.id == e.id;
+            sc.entries.insert(
+                *k,
+                Cached {
+                    entry: e,
+                    seen: now,
+                    evented: same && old.evented,
+                    probed: same && old.probed,
+                    extras_known: true,
+                },
+            );
+        }
+    }
+}
+
+impl EventSink for Tables {
+    fn wanted(&self, mark: u32, id: Option<u32>) -> bool {
+        self.mark_watched(mark) || self.holders.contains_key(&id.unwrap_or(0))
+    }
+
+    fn event(&mut self, kind: EventKind, entry: Entry) {
+        // Stamped per event: a long backlog must not age timeouts wrongly.
+        self.apply(kind, entry, Instant::now());
+    }
+}
+
+/// The merge rules for one selector.
+fn apply_one(
+    holders: &mut HashMap<u32, Vec<Selector>>,
+    sel: Selector,
+    sc: &mut SelCache,
+    kind: EventKind,
+    e: &Entry,
+    now: Instant,
+) {
+    let k = key(e);
+    match kind {
+        EventKind::Destroy => {
+            // Only this incarnation: a DESTROY of an older one replayed over
+            // a snapshot must not remove its successor.
+            if sc.entries.get(&k).is_some_and(|c| c.entry.id == e.id) {
+                sc.entries.remove(&k);
+                unhold(holders, id_of(e), sel);
+            }
+        }
+        EventKind::New | EventKind::Update => {
+            if !sel.matches(e) {
+                // Moved out of the selection (events arrive in order, so any
+                // cached incarnation with this key is older or this one).
+                if let Some(old) = sc.entries.remove(&k) {
+                    unhold(holders, id_of(&old.entry), sel);
+                }
+                return;
+            }
+            match sc.entries.get_mut(&k) {
+                Some(c) if c.entry.id == e.id => {
+                    merge(c, kind, e, now);
+                    if !c.complete() {
+                        sc.fix.push(k);
+                    }
+                }
+                other => {
+                    if let Some(old) = other {
+                        unhold(holders, id_of(&old.entry), sel);
+                    }
+                    hold(holders, id_of(e), sel);
+                    let c = Cached {
+                        entry: e.clone(),
+                        seen: now,
+                        evented: true,
+                        probed: false,
+                        // A NEW is complete but for protocol info a packet
+                        // may not have reported; an UPDATE carries only
+                        // what changed.
+                        extras_known: kind == EventKind::New,
+                    };
+                    if !c.complete() {
+                        sc.fix.push(k);
+                    }
+                    sc.entries.insert(k, c);
+                }
+            }
+        }
+    }
+}
+
+/// NEW/UPDATE of a cached incarnation: always-present attributes are taken
+/// from the event, the others kept unless the event carries them.
+fn merge(c: &mut Cached, kind: EventKind, e: &Entry, now: Instant) {
+    let old = &c.entry;
+    let mut n = e.clone();
+    n.protoinfo = e.protoinfo.or(old.protoinfo);
+    n.seq_adj_orig = e.seq_adj_orig.or(old.seq_adj_orig);
+    n.seq_adj_reply = e.seq_adj_reply.or(old.seq_adj_reply);
+    if e.labels.is_none() && old.labels.is_some() {
+        // Either nothing happened to the labels, or they were cleared (the
+        // kernel sends no CTA_LABELS for all-zero labels): ask the kernel.
+        n.labels = old.labels;
+        c.extras_known = false;
+    }
+    if kind == EventKind::New {
+        c.extras_known = true;
+    }
+    c.entry = n;
+    c.seen = now;
+    c.evented = true;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::ProtoInfo;
+    use std::time::Duration;
+
+    fn entry(port: u16, mark: u32, id: u32) -> Entry {
+        let orig = Tuple {
+            src: "10.1.0.1".parse().unwrap(),
+            dst: "10.2.0.1".parse().unwrap(),
+            proto: proto::TCP,
+            l4: L4::Ports {
+                src: port,
+                dst: 443,
+            },
+            zone: None,
+        };
+        Entry {
+            orig,
+            reply: orig.inverse(),
+            status: 0xe,
+            timeout: 1000,
+            mark,
+            zone: 0,
+            labels: None,
+            protoinfo: Some(ProtoInfo::Tcp {
+                state: 3,
+                wscale_orig: 7,
+                wscale_reply: 7,
+                flags_orig: 3,
+                flags_reply: 3,
+            }),
+            seq_adj_orig: None,
+            seq_adj_reply: None,
+            helper: None,
+            id: Some(id),
+        }
+    }
+
+    fn tables(sel: Selector) -> Tables {
+        let mut t = Tables::default();
+        assert!(t.watch(sel));
+        t
+    }
+
+    #[test]
+    fn destroy_during_sync_is_not_resurrected_by_the_snapshot() {
+        let sel = Selector::mark(100);
+        let mut t = tables(sel);
+        let now = Instant::now();
+        t.sels.get_mut(&sel).unwrap().log = Some(Vec::new());
+        // The dump saw the entry, then it was destroyed before the dump ended.
+        let a = entry(1, 100, 11);
+        t.apply(EventKind::Destroy, a.clone(), now);
+        assert!(t.install(sel, vec![a.clone(), entry(2, 100, 12)], now));
+        let sc = &t.sels[&sel];
+        assert!(!sc.entries.contains_key(&key(&a)));
+        assert_eq!(sc.entries.len(), 1);
+    }
+
+    #[test]
+    fn stale_destroy_spares_the_next_incarnation() {
+        let sel = Selector::mark(100);
+        let mut t = tables(sel);
+        let now = Instant::now();
+        t.sels.get_mut(&sel).unwrap().log = Some(Vec::new());
+        t.apply(EventKind::Destroy, entry(1, 100, 11), now);
+        // The snapshot already holds the successor with the same tuple.
+        assert!(t.install(sel, vec![entry(1, 100, 99)], now));
+        assert_eq!(t.sels[&sel].entries.len(), 1);
+    }
+
+    #[test]
+    fn partial_update_keeps_what_it_does_not_carry() {
+        let sel = Selector::mark(100);
+        let mut t = tables(sel);
+        let now = Instant::now();
+        let mut full = entry(1, 100, 11);
+        full.labels = Some([1; 16]);
+        t.apply(EventKind::New, full.clone(), now);
+        let sc = &t.sels[&sel];
+        assert!(sc.entries[&key(&full)].complete());
+        let mut upd = full.clone();
+        upd.protoinfo = None;
+        upd.labels = None;
+        upd.timeout = 50;
+        t.apply(EventKind::Update, upd, now);
+        let c = &t.sels[&sel].entries[&key(&full)];
+        assert_eq!(c.entry.protoinfo, full.protoinfo);
+        assert_eq!(c.entry.labels, full.labels);
+        assert_eq!(c.entry.timeout, 50);
+        // Cleared labels are indistinguishable from untouched ones.
+        assert!(!c.complete());
+    }
+
+    #[test]
+    fn mark_moves_in_and_out() {
+        let sel = Selector::mark(100);
+        let mut t = tables(sel);
+        let now = Instant::now();
+        let e = entry(1, 200, 11);
+        assert!(!t.wanted(200, Some(11)));
+        let moved_in = Entry {
+            mark: 100,
+            ..e.clone()
+        };
+        assert!(t.wanted(100, Some(11)));
+        t.apply(EventKind::Update, moved_in, now);
+        let c = &t.sels[&sel].entries[&key(&e)];
+        assert!(!c.extras_known, "first seen through an UPDATE");
+        assert_eq!(t.sels[&sel].fix.len(), 1);
+        // Its id is now known, so leaving the mark is recognised.
+        assert!(t.wanted(300, Some(11)));
+        t.apply(EventKind::Update, Entry { mark: 300, ..e }, now);
+        assert!(t.sels[&sel].entries.is_empty());
+        assert!(!t.wanted(300, Some(11)));
+    }
+
+    #[test]
+    fn a_sync_without_its_log_installs_nothing() {
+        let sel = Selector::mark(100);
+        let mut t = tables(sel);
+        let now = Instant::now();
+        // Unwatched and watched again while the dump ran: no log.
+        assert!(!t.install(sel, vec![entry(1, 100, 1)], now));
+        assert!(t.sels[&sel].entries.is_empty());
+    }
+
+    #[test]
+    fn estimate_never_exceeds_the_kernel() {
+        let now = Instant::now();
+        let c = Cached {
+            entry: entry(1, 100, 1),
+            seen: now,
+            evented: true,
+            probed: false,
+            extras_known: true,
+        };
+        assert_eq!(c.estimate(now), 1000);
+        assert_eq!(c.estimate(now + Duration::from_millis(1)), 999);
+        assert_eq!(c.estimate(now + Duration::from_secs(2000)), 0);
+        assert!(c.needs_lookup(now + Duration::from_secs(998), 2));
+        assert!(!c.needs_lookup(now + Duration::from_secs(997), 2));
+    }
+
+    #[test]
+    fn lookups_replace_drop_and_reselect() {
+        let sel = Selector::mark(100);
+        let mut t = tables(sel);
+        let now = Instant::now();
+        let (a, b, c) = (entry(1, 100, 1), entry(2, 100, 2), entry(3, 100, 3));
+        t.sels.get_mut(&sel).unwrap().log = Some(Vec::new());
+        assert!(t.install(sel, vec![a.clone(), b.clone(), c.clone()], now));
+        let keys = [key(&a), key(&b), key(&c)];
+        let moved = Entry { mark: 7, ..c };
+        t.apply_lookups(sel, &keys, vec![Some(a.clone()), None, Some(moved)], now);
+        let sc = &t.sels[&sel];
+        assert_eq!(sc.entries.len(), 1);
+        assert!(sc.entries.contains_key(&key(&a)));
+        assert!(!sc.entries[&key(&a)].evented);
+    }
+}
