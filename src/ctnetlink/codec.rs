@@ -699,24 +699,31 @@ pub fn encode_delete(m: &mut MsgBuf, e: &Entry, seq: u32) {
     m.end_msg();
 }
 
-/// A dump (`del == false`) or flush (`del == true`) request filtered by mark
-/// in the kernel, both address families at once.
-pub fn encode_filtered(m: &mut MsgBuf, seq: u32, mark: u32, mask: u32, del: bool) {
-    if del {
-        m.begin_msg(
-            IPCTNL_MSG_CT_DELETE,
-            NLM_F_REQUEST | NLM_F_ACK,
-            seq,
-            AF_UNSPEC,
-        );
-    } else {
-        m.begin_msg(
-            IPCTNL_MSG_CT_GET,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            seq,
-            AF_UNSPEC,
-        );
+/// A dump request for both address families at once, filtered by
+/// `(mark, mask)` in the kernel when given.
+pub fn encode_dump(m: &mut MsgBuf, seq: u32, mark_filter: Option<(u32, u32)>) {
+    m.begin_msg(
+        IPCTNL_MSG_CT_GET,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        AF_UNSPEC,
+    );
+    if let Some((mark, mask)) = mark_filter {
+        m.be32(CTA_MARK, mark);
+        m.be32(CTA_MARK_MASK, mask);
     }
+    m.end_msg();
+}
+
+/// A flush of every entry with `(ct.mark & mask) == mark`, both address
+/// families at once.
+pub fn encode_flush(m: &mut MsgBuf, seq: u32, mark: u32, mask: u32) {
+    m.begin_msg(
+        IPCTNL_MSG_CT_DELETE,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        AF_UNSPEC,
+    );
     m.be32(CTA_MARK, mark);
     m.be32(CTA_MARK_MASK, mask);
     m.end_msg();

@@ -39,10 +39,8 @@ use std::time::{Duration, Instant};
 
 use super::codec::{self, attrs, MsgBuf};
 use super::consts::*;
-use super::socket::NlSocket;
-use super::{
-    errno_err, io_err, proto_err, socket_in, Ctnetlink, BATCH, CT_NEW_TYPE, DUMP_ATTEMPTS,
-};
+use super::socket::{in_netns, setsockopt_int, NlSocket};
+use super::{errno_err, io_err, proto_err, socket_in, Ctnetlink, BATCH, CT_NEW_TYPE};
 use crate::access::AccessError;
 use crate::entry::Entry;
 
@@ -100,24 +98,6 @@ pub struct DrainStats {
 pub struct EventSocket {
     sock: NlSocket,
     buf: Vec<u8>,
-}
-
-fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) -> io::Result<()> {
-    // SAFETY: passes a pointer to a live i32 and its exact size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&v as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 impl EventSocket {
@@ -264,28 +244,8 @@ pub struct EventsSysctl {
 
 impl EventsSysctl {
     pub fn open(ct: &Ctnetlink) -> io::Result<EventsSysctl> {
-        use std::os::unix::fs::MetadataExt;
-        let path = "/proc/sys/net/netfilter/nf_conntrack_events";
-        let here = std::fs::metadata("/proc/thread-self/ns/net")?;
-        let there = ct.ns.metadata()?;
-        if here.ino() == there.ino() && here.dev() == there.dev() {
-            // No setns(2): it needs CAP_SYS_ADMIN, which the sandboxed
-            // helper does not have.
-            return Ok(EventsSysctl {
-                file: File::open(path)?,
-            });
-        }
-        let nsfd = ct.ns.as_raw_fd();
-        let file = std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns on a valid nsfs descriptor affects only this thread.
-                if unsafe { libc::setns(nsfd, libc::CLONE_NEWNET) } < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                File::open(path)
-            })
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
+        let file = in_netns(&ct.ns, || {
+            File::open("/proc/sys/net/netfilter/nf_conntrack_events")
         })?;
         Ok(EventsSysctl { file })
     }
@@ -342,80 +302,7 @@ impl Ctnetlink {
     /// [`ConntrackAccess::dump`](crate::access::ConntrackAccess::dump) when
     /// the kernel flags it interrupted or it overruns.
     pub fn dump_where(&self, keep: impl Fn(&Entry) -> bool) -> Result<Vec<Entry>, AccessError> {
-        let op = "dump";
-        let mut inner = self.lock();
-        let inner = &mut *inner;
-        'restart: for _ in 0..DUMP_ATTEMPTS {
-            let sock = socket_in(&mut inner.sock, &self.ns, op)?;
-            inner.seq = inner.seq.wrapping_add(1);
-            let seq = inner.seq;
-            inner.wbuf.clear();
-            inner.wbuf.begin_msg(
-                IPCTNL_MSG_CT_GET,
-                NLM_F_REQUEST | NLM_F_DUMP,
-                seq,
-                AF_UNSPEC,
-            );
-            inner.wbuf.end_msg();
-            sock.send(&inner.wbuf.buf).map_err(|e| io_err(op, e))?;
-            let mut kept = Vec::new();
-            let mut intr = false;
-            loop {
-                if let Err(e) = sock.recv(&mut inner.rbuf) {
-                    inner.sock = None;
-                    if e.raw_os_error() == Some(libc::ENOBUFS) {
-                        continue 'restart;
-                    }
-                    return Err(io_err(op, e));
-                }
-                let mut done = false;
-                for m in codec::messages(&inner.rbuf) {
-                    let m = m.map_err(|e| proto_err(op, e.0))?;
-                    if m.seq != seq {
-                        continue;
-                    }
-                    intr |= m.flags & NLM_F_DUMP_INTR != 0;
-                    match m.kind {
-                        CT_NEW_TYPE => {
-                            let e =
-                                codec::decode_entry(m.payload).map_err(|e| proto_err(op, e.0))?;
-                            if e.timeout > 0 && keep(&e) {
-                                kept.push(e);
-                            }
-                        }
-                        NLMSG_DONE => {
-                            done = true;
-                            if let Ok(code @ 1..) = codec::error_code(m.payload) {
-                                return Err(errno_err(op, code));
-                            }
-                        }
-                        NLMSG_ERROR => {
-                            let code =
-                                codec::error_code(m.payload).map_err(|e| proto_err(op, e.0))?;
-                            if code != 0 {
-                                return Err(errno_err(op, code));
-                            }
-                        }
-                        NLMSG_OVERRUN => {
-                            inner.sock = None;
-                            continue 'restart;
-                        }
-                        _ => {}
-                    }
-                }
-                if done {
-                    break;
-                }
-            }
-            if intr {
-                continue 'restart;
-            }
-            return Ok(kept);
-        }
-        Err(proto_err(
-            op,
-            format!("dump interrupted {DUMP_ATTEMPTS} times in a row"),
-        ))
+        self.walk("dump", None, keep)
     }
 
     /// A second handle on the same namespace with its own socket, so

@@ -201,33 +201,28 @@ impl Ctnetlink {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs a dump (or, with `del`, a flush) filtered by mark; calls `f` per
-    /// decoded entry.
-    fn dump_raw(
+    /// One dump of both address families (kernel-side mark filter when
+    /// given), keeping the entries with time left that `keep` accepts.
+    /// Restarted on a fresh socket when the kernel flags it interrupted or
+    /// it overruns; `keep` may therefore see an entry more than once, the
+    /// result holds only the last, complete walk.
+    fn walk(
         &self,
         op: &'static str,
-        sel: &Selector,
-        mut f: impl FnMut(Entry),
-    ) -> Result<(), AccessError> {
+        mark_filter: Option<(u32, u32)>,
+        mut keep: impl FnMut(&Entry) -> bool,
+    ) -> Result<Vec<Entry>, AccessError> {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        let mut attempt = 0;
-        'restart: loop {
-            attempt += 1;
-            if attempt > DUMP_ATTEMPTS {
-                return Err(proto_err(
-                    op,
-                    format!("dump interrupted {DUMP_ATTEMPTS} times in a row"),
-                ));
-            }
+        let mut out = Vec::new();
+        'restart: for _ in 0..DUMP_ATTEMPTS {
+            out.clear();
             let sock = socket_in(&mut inner.sock, &self.ns, op)?;
             inner.seq = inner.seq.wrapping_add(1);
             let seq = inner.seq;
             inner.wbuf.clear();
-            codec::encode_filtered(&mut inner.wbuf, seq, sel.mark, sel.mark_mask, false);
+            codec::encode_dump(&mut inner.wbuf, seq, mark_filter);
             sock.send(&inner.wbuf.buf).map_err(|e| io_err(op, e))?;
-            let mut pending: Vec<Entry> = Vec::new();
-            let mut first_err: Option<String> = None;
             let mut intr = false;
             loop {
                 if let Err(e) = sock.recv(&mut inner.rbuf) {
@@ -237,69 +232,32 @@ impl Ctnetlink {
                     }
                     return Err(io_err(op, e));
                 }
-                let mut done = false;
-                for m in codec::messages(&inner.rbuf) {
-                    let m = match m {
-                        Ok(m) => m,
-                        Err(e) => {
-                            first_err.get_or_insert(e.0);
-                            continue;
-                        }
-                    };
-                    if m.seq != seq {
-                        continue; // left over from an earlier, abandoned operation
-                    }
-                    if m.flags & NLM_F_DUMP_INTR != 0 {
-                        intr = true;
-                    }
-                    match m.kind {
-                        CT_NEW_TYPE => match codec::decode_entry(m.payload) {
-                            Ok(e) => {
-                                if !sel.matches(&e) {
-                                    self.user_filtered.fetch_add(1, Ordering::Relaxed);
-                                } else if e.timeout > 0 {
-                                    pending.push(e);
-                                }
-                            }
-                            Err(e) => {
-                                first_err.get_or_insert(e.0);
-                            }
-                        },
-                        NLMSG_DONE => {
-                            done = true;
-                            if let Ok(code) = codec::error_code(m.payload) {
-                                if code != 0 {
-                                    return Err(errno_err(op, code));
-                                }
-                            }
-                        }
-                        NLMSG_ERROR => {
-                            let code =
-                                codec::error_code(m.payload).map_err(|e| proto_err(op, e.0))?;
-                            if code != 0 {
-                                return Err(errno_err(op, code));
-                            }
-                        }
-                        NLMSG_OVERRUN => {
-                            inner.sock = None;
+                match walk_datagram(&inner.rbuf, seq, &mut out, &mut keep) {
+                    Ok(Walk::More { interrupted }) => intr |= interrupted,
+                    Ok(Walk::Done { interrupted }) => {
+                        if intr || interrupted {
                             continue 'restart;
                         }
-                        _ => {}
+                        return Ok(out);
+                    }
+                    Ok(Walk::Overrun) => {
+                        inner.sock = None;
+                        continue 'restart;
+                    }
+                    Err(e) => {
+                        // The rest of this dump may still be queued; a fresh
+                        // socket keeps it from answering the next request
+                        // (a second dump on a socket mid-dump is EBUSY).
+                        inner.sock = None;
+                        return Err(e.into_access(op));
                     }
                 }
-                if done {
-                    break;
-                }
             }
-            if let Some(detail) = first_err {
-                return Err(proto_err(op, detail));
-            }
-            if intr {
-                continue 'restart;
-            }
-            pending.into_iter().for_each(&mut f);
-            return Ok(());
         }
+        Err(proto_err(
+            op,
+            format!("dump interrupted {DUMP_ATTEMPTS} times in a row"),
+        ))
     }
 
     /// Sends `items` in batches, one acked request each, and returns the
@@ -355,7 +313,7 @@ impl Ctnetlink {
     /// Deletes every entry of the mark selection in one kernel-side walk.
     fn flush_by_mark(&self, sel: &Selector) -> Result<(), AccessError> {
         let codes = self.batch("flush", &[()], |m, _, seq| {
-            codec::encode_filtered(m, seq, sel.mark, sel.mark_mask, true)
+            codec::encode_flush(m, seq, sel.mark, sel.mark_mask)
         })?;
         match codes.first() {
             Some(0) | None => Ok(()),
@@ -377,11 +335,88 @@ fn socket_in<'a>(
         .ok_or_else(|| proto_err(op, "socket unavailable"))
 }
 
+/// Where a dump stands after one datagram.
+enum Walk {
+    More {
+        interrupted: bool,
+    },
+    Done {
+        interrupted: bool,
+    },
+    /// The kernel dropped part of the answer: start over.
+    Overrun,
+}
+
+/// A dump failure: a kernel errno, or an answer we could not parse.
+enum WalkError {
+    Errno(i32),
+    Malformed(String),
+}
+
+impl WalkError {
+    fn into_access(self, op: &'static str) -> AccessError {
+        match self {
+            WalkError::Errno(c) => errno_err(op, c),
+            WalkError::Malformed(d) => proto_err(op, d),
+        }
+    }
+}
+
+/// Handles the messages of one datagram of dump `seq`: decoded entries
+/// with time left that `keep` accepts go to `out`; messages of other
+/// sequence numbers (left over from an abandoned operation) are skipped.
+fn walk_datagram(
+    buf: &[u8],
+    seq: u32,
+    out: &mut Vec<Entry>,
+    keep: &mut impl FnMut(&Entry) -> bool,
+) -> Result<Walk, WalkError> {
+    let mut interrupted = false;
+    for m in codec::messages(buf) {
+        let m = m.map_err(|e| WalkError::Malformed(e.0))?;
+        if m.seq != seq {
+            continue;
+        }
+        interrupted |= m.flags & NLM_F_DUMP_INTR != 0;
+        match m.kind {
+            CT_NEW_TYPE => {
+                let e = codec::decode_entry(m.payload).map_err(|e| WalkError::Malformed(e.0))?;
+                // 0 s left: expired, the kernel just has not reaped it yet.
+                if e.timeout > 0 && keep(&e) {
+                    out.push(e);
+                }
+            }
+            NLMSG_DONE => {
+                // A dump that failed midway reports the errno in DONE.
+                if let Ok(code @ 1..) = codec::error_code(m.payload) {
+                    return Err(WalkError::Errno(code));
+                }
+                return Ok(Walk::Done { interrupted });
+            }
+            NLMSG_ERROR => {
+                let code = codec::error_code(m.payload).map_err(|e| WalkError::Malformed(e.0))?;
+                if code != 0 {
+                    return Err(WalkError::Errno(code));
+                }
+            }
+            NLMSG_OVERRUN => return Ok(Walk::Overrun),
+            _ => {}
+        }
+    }
+    Ok(Walk::More { interrupted })
+}
+
 impl ConntrackAccess for Ctnetlink {
     fn dump(&self, sel: &Selector) -> Result<Vec<Entry>, AccessError> {
-        let mut out = Vec::new();
-        self.dump_raw("dump", sel, |e| out.push(e))?;
-        Ok(out)
+        self.walk("dump", Some((sel.mark, sel.mark_mask)), |e| {
+            // The kernel filters the mark; the zone (and whatever an older
+            // kernel ignored) is selected here.
+            let m = sel.matches(e);
+            if !m {
+                self.user_filtered.fetch_add(1, Ordering::Relaxed);
+            }
+            m
+        })
     }
 
     fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {

@@ -34,7 +34,7 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn setsockopt_int(fd: i32, level: i32, name: i32, v: i32) -> io::Result<()> {
+pub(super) fn setsockopt_int(fd: i32, level: i32, name: i32, v: i32) -> io::Result<()> {
     // SAFETY: passes a pointer to a live i32 and its exact size.
     cvt(unsafe {
         libc::setsockopt(
@@ -101,24 +101,9 @@ impl NlSocket {
     }
 
     /// Opens a socket in the network namespace `ns` (an open nsfs file). The
-    /// calling thread never changes namespace: a short-lived thread does.
+    /// calling thread never changes namespace.
     pub fn open_in(ns: &File, timeout: Duration) -> io::Result<NlSocket> {
-        let here = std::fs::metadata("/proc/thread-self/ns/net")?;
-        let there = ns.metadata()?;
-        use std::os::unix::fs::MetadataExt;
-        if here.ino() == there.ino() && here.dev() == there.dev() {
-            return NlSocket::open(timeout);
-        }
-        let nsfd = ns.as_raw_fd();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns on a valid nsfs descriptor affects only this thread.
-                cvt(unsafe { libc::setns(nsfd, libc::CLONE_NEWNET) })?;
-                NlSocket::open(timeout)
-            })
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
-        })
+        in_netns(ns, || NlSocket::open(timeout))
     }
 
     pub fn send(&self, buf: &[u8]) -> io::Result<()> {
@@ -188,4 +173,31 @@ impl NlSocket {
             return Ok(());
         }
     }
+}
+
+/// Runs `f` in the network namespace `ns`: directly when the calling thread
+/// is already there (setns(2) needs CAP_SYS_ADMIN, which the sandboxed
+/// helper lacks), otherwise on a short-lived thread, so the caller never
+/// changes namespace. Sockets and /proc/sys/net files belong to the
+/// namespace they were opened in and keep it after `f` returns.
+pub(super) fn in_netns<T: Send>(
+    ns: &File,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
+    use std::os::unix::fs::MetadataExt;
+    let here = std::fs::metadata("/proc/thread-self/ns/net")?;
+    let there = ns.metadata()?;
+    if here.ino() == there.ino() && here.dev() == there.dev() {
+        return f();
+    }
+    let nsfd = ns.as_raw_fd();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a valid nsfs descriptor affects only this thread.
+            cvt(unsafe { libc::setns(nsfd, libc::CLONE_NEWNET) })?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
+    })
 }
