@@ -12,7 +12,7 @@ use super::{FlushArgs, FormatArg, InspectArgs, LoadArgs, SaveArgs};
 use crate::access::ConntrackAccess;
 use crate::ctnetlink::Ctnetlink;
 use crate::entry::{proto, status, tcp_state, Entry, ProtoInfo, Selector, Tuple, L4};
-use crate::format::{self, binary, EncodeOptions, Format};
+use crate::format::{self, binary, text, EncodeOptions, Format};
 
 /// Largest blob `load`/`inspect` read: the decoder's own ceiling on
 /// conntrack text, far above anything a 1 MiB binary blob can be.
@@ -205,35 +205,8 @@ pub fn flush(a: FlushArgs) -> anyhow::Result<()> {
 }
 
 fn proto_name(p: u8) -> &'static str {
-    match p {
-        proto::TCP => "tcp",
-        proto::UDP => "udp",
-        proto::UDPLITE => "udplite",
-        proto::ICMP => "icmp",
-        proto::ICMPV6 => "icmpv6",
-        proto::SCTP => "sctp",
-        proto::DCCP => "dccp",
-        proto::GRE => "gre",
-        _ => "unknown",
-    }
+    text::proto_name(p).unwrap_or("unknown")
 }
-
-const SCTP_STATES: [&str; 10] = [
-    "NONE",
-    "CLOSED",
-    "COOKIE_WAIT",
-    "COOKIE_ECHOED",
-    "ESTABLISHED",
-    "SHUTDOWN_SENT",
-    "SHUTDOWN_RECD",
-    "SHUTDOWN_ACK_SENT",
-    "HEARTBEAT_SENT",
-    "HEARTBEAT_ACKED",
-];
-const DCCP_STATES: [&str; 10] = [
-    "NONE", "REQUEST", "RESPOND", "PARTOPEN", "OPEN", "CLOSEREQ", "CLOSING", "TIMEWAIT", "IGNORE",
-    "INVALID",
-];
 
 fn state_name(e: &Entry) -> Option<String> {
     let pick = |names: &[&str], s: u8| {
@@ -244,8 +217,8 @@ fn state_name(e: &Entry) -> Option<String> {
     };
     match e.protoinfo? {
         ProtoInfo::Tcp { state, .. } => Some(pick(&tcp_state::NAMES, state)),
-        ProtoInfo::Sctp { state, .. } => Some(pick(&SCTP_STATES, state)),
-        ProtoInfo::Dccp { state, .. } => Some(pick(&DCCP_STATES, state)),
+        ProtoInfo::Sctp { state, .. } => Some(pick(&text::SCTP_STATES, state)),
+        ProtoInfo::Dccp { state, .. } => Some(pick(&text::DCCP_STATES, state)),
     }
 }
 

@@ -154,13 +154,7 @@ fn encode_binary(entries: &[Entry], limit: usize) -> Result<Encoded, FormatError
     // Blob order is priority order: the budget cut keeps a prefix, the
     // load path creates the most valuable first, and timeouts descend
     // within a class (small deltas).
-    let mut keyed: Vec<(u64, u32)> = entries
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| binary::representable(e))
-        .map(|(i, e)| (!priority::value_key(e), i as u32))
-        .collect();
-    keyed.sort_unstable();
+    let keyed = priority::ranked_keys(entries, binary::representable);
     let ranked: Vec<&Entry> = keyed.iter().map(|&(_, i)| &entries[i as usize]).collect();
     drop(keyed);
     let n = ranked.len();

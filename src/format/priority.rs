@@ -69,20 +69,35 @@ pub fn value_key(e: &Entry) -> u64 {
     ((value_class(e) as u64) << 32) | u64::from(e.timeout)
 }
 
+/// `(inverted value key, index)` of each entry `include` accepts, sorted:
+/// most valuable first, ties in input order. Sorting these 12-byte pairs
+/// instead of the entries keeps the sort cache-friendly.
+pub(crate) fn ranked_keys(entries: &[Entry], include: impl Fn(&Entry) -> bool) -> Vec<(u64, u32)> {
+    let mut keyed: Vec<(u64, u32)> = entries
+        .iter()
+        .zip(0u32..)
+        .filter(|(e, _)| include(e))
+        .map(|(e, i)| (!value_key(e), i))
+        .collect();
+    keyed.sort_unstable();
+    keyed
+}
+
 /// Indices of `entries`, most valuable first. Ties keep input order, so the
 /// result is deterministic.
 pub fn priority_order(entries: &[Entry]) -> Vec<usize> {
-    let mut keyed: Vec<(u64, u32)> = entries
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (!value_key(e), i as u32))
-        .collect();
-    keyed.sort_unstable();
-    keyed.into_iter().map(|(_, i)| i as usize).collect()
+    ranked_keys(entries, |_| true)
+        .into_iter()
+        .map(|(_, i)| i as usize)
+        .collect()
 }
 
 /// Reorders `entries` in place, most valuable first (what the load path
-/// creates first).
+/// creates first). A state blob already holds its entries in this order,
+/// so that case costs one pass and no allocation.
 pub fn sort_by_priority(entries: &mut [Entry]) {
+    if entries.is_sorted_by_key(|e| std::cmp::Reverse(value_key(e))) {
+        return;
+    }
     entries.sort_by_cached_key(|e| std::cmp::Reverse(value_key(e)));
 }

@@ -19,21 +19,8 @@ const STATUS_NAMES: [(u32, &str); 4] = [
     (status::EXPECTED, "EXPECTED"),
 ];
 
-/// conntrack-tools' TCP state names; index 9 (the kernel's SYN_SENT2) is
-/// printed as "LISTEN" by conntrack(8).
-const TCP_STATES: [&str; 10] = [
-    "NONE",
-    "SYN_SENT",
-    "SYN_RECV",
-    "ESTABLISHED",
-    "FIN_WAIT",
-    "CLOSE_WAIT",
-    "LAST_ACK",
-    "TIME_WAIT",
-    "CLOSE",
-    "LISTEN",
-];
-const SCTP_STATES: [&str; 8] = [
+/// SCTP states by number (`enum sctp_conntrack`), as conntrack(8) prints them.
+pub const SCTP_STATES: [&str; 10] = [
     "NONE",
     "CLOSED",
     "COOKIE_WAIT",
@@ -42,14 +29,29 @@ const SCTP_STATES: [&str; 8] = [
     "SHUTDOWN_SENT",
     "SHUTDOWN_RECD",
     "SHUTDOWN_ACK_SENT",
+    "HEARTBEAT_SENT",
+    "HEARTBEAT_ACKED",
 ];
-const DCCP_STATES: [&str; 10] = [
+/// The SCTP states the text carries by name: the heartbeat states are left
+/// out (written without `--state`, read back as NONE).
+const SCTP_TEXT_STATES: &[&str] = SCTP_STATES.split_at(8).0;
+/// DCCP states by number (`enum ct_dccp_states`).
+pub const DCCP_STATES: [&str; 10] = [
     "NONE", "REQUEST", "RESPOND", "PARTOPEN", "OPEN", "CLOSEREQ", "CLOSING", "TIMEWAIT", "IGNORE",
     "INVALID",
 ];
 
+/// conntrack(8)'s name of a TCP state: the kernel's names, except that it
+/// prints SYN_SENT2 as "LISTEN".
+fn tcp_text_name(state: u8) -> Option<&'static str> {
+    if state == tcp_state::SYN_SENT2 {
+        return Some("LISTEN");
+    }
+    tcp_state::NAMES.get(usize::from(state)).copied()
+}
+
 /// Protocols conntrack(8) knows by name, as it prints them.
-fn proto_name(p: u8) -> Option<&'static str> {
+pub fn proto_name(p: u8) -> Option<&'static str> {
     Some(match p {
         proto::TCP => "tcp",
         proto::UDP => "udp",
@@ -93,6 +95,12 @@ fn has_ports(p: u8) -> bool {
 /// --load-file` stops at the first refused line.
 pub fn line(e: &Entry) -> String {
     let mut s = String::with_capacity(200);
+    write_line(&mut s, e);
+    s
+}
+
+/// Appends [`line`]`(e)` to `s`.
+fn write_line(s: &mut String, e: &Entry) {
     let _ = write!(s, "-A -t {} -u ", e.timeout);
     let mut any = false;
     for (bit, name) in STATUS_NAMES {
@@ -156,7 +164,7 @@ pub fn line(e: &Entry) -> String {
         // conntrack(8) needs a TCP state to create; NONE stands in for an
         // absent or unnamed one.
         Some(ProtoInfo::Tcp { state, .. }) if p == proto::TCP => {
-            let n = TCP_STATES.get(state as usize).unwrap_or(&"NONE");
+            let n = tcp_text_name(state).unwrap_or("NONE");
             let _ = write!(s, " --state {n}");
         }
         _ if p == proto::TCP => s.push_str(" --state NONE"),
@@ -165,7 +173,7 @@ pub fn line(e: &Entry) -> String {
             vtag_orig,
             vtag_reply,
         }) if p == proto::SCTP => {
-            if let Some(n) = SCTP_STATES.get(state as usize) {
+            if let Some(n) = SCTP_TEXT_STATES.get(usize::from(state)) {
                 let _ = write!(s, " --state {n}");
             }
             let _ = write!(s, " --orig-vtag {vtag_orig} --reply-vtag {vtag_reply}");
@@ -179,7 +187,6 @@ pub fn line(e: &Entry) -> String {
         _ => {}
     }
     let _ = write!(s, " --mark {}", e.mark);
-    s
 }
 
 /// Lines most valuable first, each ending in `\n`, cut before the first
@@ -192,25 +199,31 @@ pub fn encode(entries: &[Entry], limit: usize) -> Result<Encoded, FormatError> {
             format: "conntrack-save",
         });
     }
-    let order = priority::priority_order(entries);
-    let mut out = Vec::with_capacity(limit.min(entries.len() * 200));
-    let mut kept = 0;
-    for i in order {
-        let l = line(&entries[i]);
-        if out.len() + l.len() + 1 > limit {
+    // Lines go straight into the output; the one that crosses the limit
+    // is cut off again.
+    let mut out = String::with_capacity(limit.min(entries.len().saturating_mul(200)));
+    let mut kept = 0usize;
+    for (_, i) in priority::ranked_keys(entries, |_| true) {
+        let Some(e) = entries.get(i as usize) else {
+            break;
+        };
+        let start = out.len();
+        write_line(&mut out, e);
+        out.push('\n');
+        if out.len() > limit {
+            out.truncate(start);
             break;
         }
-        out.extend_from_slice(l.as_bytes());
-        out.push(b'\n');
         kept += 1;
     }
+    let mut out = out.into_bytes();
     if out.is_empty() {
         out.extend_from_slice(&EMPTY_PAYLOAD);
     }
     Ok(Encoded {
         bytes: out,
         kept,
-        dropped: entries.len() - kept,
+        dropped: entries.len().saturating_sub(kept),
     })
 }
 
@@ -421,13 +434,10 @@ fn parse_labels(opt: &str, v: &str) -> Result<[u8; 16], String> {
 }
 
 fn state_num(names: &[&str], v: &str, what: &str) -> Result<u8, String> {
-    if v == "SYN_SENT2" && what == "TCP" {
-        return Ok(tcp_state::SYN_SENT2);
-    }
     names
         .iter()
         .position(|n| *n == v)
-        .map(|i| i as u8)
+        .and_then(|i| u8::try_from(i).ok())
         .ok_or_else(|| format!("--state: unknown {what} state {v:?}"))
 }
 
@@ -486,7 +496,12 @@ fn build(p: Parsed) -> Result<Entry, String> {
         proto::TCP => {
             let s = p.state.as_deref().ok_or("missing --state for tcp")?;
             Some(ProtoInfo::Tcp {
-                state: state_num(&TCP_STATES, s, "TCP")?,
+                // conntrack(8) prints SYN_SENT2 as LISTEN; take both.
+                state: if s == "LISTEN" {
+                    tcp_state::SYN_SENT2
+                } else {
+                    state_num(&tcp_state::NAMES, s, "TCP")?
+                },
                 wscale_orig: 0,
                 wscale_reply: 0,
                 flags_orig: 0,
@@ -496,7 +511,7 @@ fn build(p: Parsed) -> Result<Entry, String> {
         proto::SCTP if p.state.is_some() || p.vtag_orig.is_some() || p.vtag_reply.is_some() => {
             Some(ProtoInfo::Sctp {
                 state: match &p.state {
-                    Some(s) => state_num(&SCTP_STATES, s, "SCTP")?,
+                    Some(s) => state_num(SCTP_TEXT_STATES, s, "SCTP")?,
                     None => 0,
                 },
                 vtag_orig: p.vtag_orig.unwrap_or(0),
@@ -572,7 +587,7 @@ pub fn text_projection(e: &Entry) -> Entry {
     p.protoinfo = match e.protoinfo {
         _ if e.orig.proto == proto::TCP => Some(ProtoInfo::Tcp {
             state: match e.protoinfo {
-                Some(ProtoInfo::Tcp { state, .. }) if (state as usize) < TCP_STATES.len() => state,
+                Some(ProtoInfo::Tcp { state, .. }) if tcp_text_name(state).is_some() => state,
                 _ => 0,
             },
             wscale_orig: 0,
@@ -596,7 +611,7 @@ pub fn text_projection(e: &Entry) -> Entry {
             vtag_orig,
             vtag_reply,
         }) if e.orig.proto == proto::SCTP => Some(ProtoInfo::Sctp {
-            state: if (state as usize) < SCTP_STATES.len() {
+            state: if usize::from(state) < SCTP_TEXT_STATES.len() {
                 state
             } else {
                 0
