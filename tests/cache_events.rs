@@ -306,9 +306,17 @@ fn cache_timeouts_age_and_refresh() {
         e.timeout = 4;
     }
     direct.create(&es).expect("create");
+    let created = Instant::now();
     let syncs = cache.stats().syncs;
-    std::thread::sleep(Duration::from_millis(5500));
-    assert!(cache.stats().syncs >= syncs + 2, "periodic refresh ran");
+    // Bounded wait, not a fixed sleep: a starved CI runner may run the
+    // refresh late, which is no failure of the cache.
+    wait_for("two periodic refreshes", Duration::from_secs(30), || {
+        cache.stats().syncs >= syncs + 2
+    });
+    // The 4 s entries are gone from the kernel after 4 s (+ slack).
+    if let Some(rest) = Duration::from_millis(5500).checked_sub(created.elapsed()) {
+        std::thread::sleep(rest);
+    }
     let got = cache.dump(&sel).expect("cached dump");
     let want = direct.dump(&sel).expect("direct dump");
     assert_eq!(want.len(), 45, "the 4 s entries expired in the kernel");
@@ -563,16 +571,30 @@ fn cache_stays_exact_under_churn_during_syncs() {
             }
             step += 1;
         }
+        let before = cache.stats();
         let got = cache.dump(&sel).expect("cached");
+        let after = cache.stats();
         let want = direct.dump(&sel).expect("direct");
         assert_eq!(want.len(), live.len());
         assert_same(&format!("round {round}"), &want, &got);
+        // Whether a Save that finds entries still to look up (moved in a
+        // moment ago) uses lookups or dumps is a cost estimate from
+        // measured timings, so either may happen on a loaded machine; both
+        // are exact. Any other reason to bypass the cache is a failure.
+        assert_eq!(
+            after.hits + after.fallbacks,
+            before.hits + before.fallbacks + 1
+        );
+        if after.fallbacks > before.fallbacks {
+            assert_eq!(
+                after.last_fallback,
+                Some("lookups would cost more than a dump"),
+                "round {round}: {after:?}"
+            );
+        }
     }
     let st = cache.stats();
     assert!(st.syncs >= syncs + 4, "syncs ran meanwhile: {st:?}");
-    // Whether a Save that finds entries still to look up (moved in a moment
-    // ago) uses lookups or dumps is a cost estimate; both are exact.
-    assert!(st.hits >= 2, "{st:?}");
 }
 
 #[test]
