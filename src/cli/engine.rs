@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::{FlushArgs, FormatArg, InspectArgs, LoadArgs, SaveArgs};
+use super::{FlushArgs, InspectArgs, LoadArgs, SaveArgs};
 use crate::access::ConntrackAccess;
 use crate::ctnetlink::Ctnetlink;
 use crate::entry::{proto, status, tcp_state, Entry, ProtoInfo, Selector, Tuple, L4};
@@ -62,10 +62,7 @@ fn read_input(path: Option<&Path>) -> anyhow::Result<Vec<u8>> {
 
 pub fn save(a: SaveArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let format = match a.format {
-        FormatArg::Binary => Format::Binary,
-        FormatArg::ConntrackSave => Format::ConntrackSave,
-    };
+    let format = Format::from(a.format);
     let ct = Ctnetlink::open().context("save: opening conntrack netlink")?;
     let entries = ct
         .dump(&selector(a.mark, a.mark_mask, a.zone))

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use zbus::{Connection, OwnedVariant, Variant};
 
-use super::{FormatArg, ManagerArgs, RegisterArgs, StatusArgs, UnregisterArgs};
+use super::{ManagerArgs, RegisterArgs, StatusArgs, UnregisterArgs};
 use crate::bus::proxy::{Manager1Proxy, Vm1Proxy};
 use crate::bus::{MANAGER_NAME, OBJECT_ROOT, VM_INTERFACE};
 
@@ -53,6 +53,29 @@ fn is_shutting_down(e: &zbus::Error) -> bool {
 const RETRIES: usize = 5;
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
+/// Runs `call`, again after a pause while the daemon answers ShuttingDown
+/// (at most [`RETRIES`] more times).
+async fn with_retries<T>(mut call: impl AsyncFnMut() -> zbus::Result<T>) -> anyhow::Result<T> {
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Err(e) if is_shutting_down(&e) && attempt < RETRIES => {
+                attempt += 1;
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            r => return r.map_err(call_error),
+        }
+    }
+}
+
+/// A copy of call options (a `Variant` holding a descriptor cannot be
+/// cloned infallibly).
+fn clone_opts<'a>(
+    opts: &HashMap<&'a str, Variant<'a>>,
+) -> zbus::Result<HashMap<&'a str, Variant<'a>>> {
+    opts.iter().map(|(k, v)| Ok((*k, v.try_clone()?))).collect()
+}
+
 async fn vm_proxy<'a>(conn: &'a Connection, vm: &str) -> anyhow::Result<Vm1Proxy<'a>> {
     let path = crate::bus::vm_object_path(vm);
     Ok(Vm1Proxy::builder(conn)
@@ -82,27 +105,10 @@ pub fn register(a: RegisterArgs) -> anyhow::Result<()> {
             opts.insert("bus_address", Variant::from(b.as_str()));
         }
         if let Some(f) = a.format {
-            let name = match f {
-                FormatArg::Binary => "binary",
-                FormatArg::ConntrackSave => "conntrack-save",
-            };
-            opts.insert("format", Variant::from(name));
+            opts.insert("format", Variant::from(f.name()));
         }
         let m = Manager1Proxy::new(&conn).await?;
-        let mut attempt = 0;
-        let path = loop {
-            let o: HashMap<&str, Variant> = opts
-                .iter()
-                .map(|(k, v)| Ok((*k, v.try_clone()?)))
-                .collect::<zbus::Result<_>>()?;
-            match m.register(&a.vmid, o).await {
-                Err(e) if is_shutting_down(&e) && attempt < RETRIES => {
-                    attempt += 1;
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-                r => break r.map_err(call_error)?,
-            }
-        };
+        let path = with_retries(async || m.register(&a.vmid, clone_opts(&opts)?).await).await?;
         let vm = vm_proxy(&conn, &a.vmid).await?;
         let (id, bus) = (vm.id().await?, vm.bus_address().await?);
         println!(
@@ -158,20 +164,7 @@ pub fn unregister(a: UnregisterArgs) -> anyhow::Result<()> {
         if a.flush {
             opts.insert("flush", Variant::from(true));
         }
-        let mut attempt = 0;
-        loop {
-            let o: HashMap<&str, Variant> = opts
-                .iter()
-                .map(|(k, v)| Ok((*k, v.try_clone()?)))
-                .collect::<zbus::Result<_>>()?;
-            match m.unregister(&a.vmid, o).await {
-                Err(e) if is_shutting_down(&e) && attempt < RETRIES => {
-                    attempt += 1;
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-                r => break r.map_err(call_error)?,
-            }
-        }
+        with_retries(async || m.unregister(&a.vmid, clone_opts(&opts)?).await).await?;
         println!(
             "unregistered VM {}{}",
             a.vmid,

@@ -43,13 +43,42 @@ pub enum FormatArg {
     ConntrackSave,
 }
 
+impl FormatArg {
+    /// The name `--format` takes (also the daemon's `format` option).
+    pub fn name(self) -> &'static str {
+        match self {
+            FormatArg::Binary => "binary",
+            FormatArg::ConntrackSave => "conntrack-save",
+        }
+    }
+}
+
+impl From<FormatArg> for crate::format::Format {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Binary => crate::format::Format::Binary,
+            FormatArg::ConntrackSave => crate::format::Format::ConntrackSave,
+        }
+    }
+}
+
+/// A mark or mask in decimal or `0x` hexadecimal, as firewall rules and
+/// conntrack(8) write them.
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("{s:?} is not a 32-bit number (decimal or 0x hex): {e}"))
+}
+
 #[derive(Debug, Args)]
 pub struct SaveArgs {
     /// Save entries whose conntrack mark equals this (after --mark-mask).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_u32)]
     pub mark: u32,
     /// Mask applied to the entry's mark before comparing.
-    #[arg(long, default_value_t = u32::MAX)]
+    #[arg(long, default_value_t = u32::MAX, value_parser = parse_u32)]
     pub mark_mask: u32,
     /// Only entries of this conntrack zone.
     #[arg(long)]
@@ -84,10 +113,10 @@ pub struct InspectArgs {
 #[derive(Debug, Args)]
 pub struct FlushArgs {
     /// Delete entries whose conntrack mark equals this (after --mark-mask).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_u32)]
     pub mark: u32,
     /// Mask applied to the entry's mark before comparing.
-    #[arg(long, default_value_t = u32::MAX)]
+    #[arg(long, default_value_t = u32::MAX, value_parser = parse_u32)]
     pub mark_mask: u32,
     /// Only entries of this conntrack zone.
     #[arg(long)]
@@ -109,10 +138,10 @@ pub struct RegisterArgs {
     #[arg(long)]
     pub id: Option<String>,
     /// Conntrack mark of the VM's entries (default: VMID, when numeric).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_u32)]
     pub mark: Option<u32>,
     /// Mask applied to entries' marks before comparing.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_u32)]
     pub mark_mask: Option<u32>,
     /// Only entries of this conntrack zone.
     #[arg(long)]
@@ -166,5 +195,44 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Register(a) => manage::register(a),
         Command::Unregister(a) => manage::unregister(a),
         Command::Status(a) => manage::status(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_take_decimal_and_hex() {
+        let cli = Cli::try_parse_from([
+            "conntrack-vmstate",
+            "save",
+            "--mark",
+            "0x64",
+            "--mark-mask",
+            "0xFFFF",
+        ])
+        .expect("parses");
+        let Command::Save(a) = cli.command else {
+            panic!("not save: {cli:?}");
+        };
+        assert_eq!((a.mark, a.mark_mask), (100, 0xffff));
+        let cli = Cli::try_parse_from(["conntrack-vmstate", "flush", "--mark", "4294967295"])
+            .expect("parses");
+        let Command::Flush(a) = cli.command else {
+            panic!("not flush: {cli:?}");
+        };
+        assert_eq!((a.mark, a.mark_mask), (u32::MAX, u32::MAX));
+        for bad in ["0x1_0000_0000", "0x100000000", "4294967296", "ten", "0x"] {
+            let e = Cli::try_parse_from(["conntrack-vmstate", "save", "--mark", bad])
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                e.contains(&format!(
+                    "{bad:?} is not a 32-bit number (decimal or 0x hex)"
+                )),
+                "{bad}: {e}"
+            );
+        }
     }
 }
