@@ -116,6 +116,12 @@ fn wrong_magic() {
     let err = format::decode(&b).unwrap_err();
     assert!(matches!(err, FormatError::WrongMagic { .. }), "{err:?}");
     assert!(err.to_string().contains("wrong magic"), "{err}");
+    // The binary decoder checks the magic itself too (it is public).
+    let err = binary::decode(&b).unwrap_err();
+    assert!(
+        matches!(&err, FormatError::WrongMagic { found } if found == b"XXXX"),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -128,6 +128,22 @@ fn put_l4(sport: &mut Vec<u8>, dport: &mut Vec<u8>, l4: &L4) {
     }
 }
 
+/// The L4 fields in one column: the sport part, then the dport part (the
+/// reply tuple's layout).
+fn put_l4_inline(out: &mut Vec<u8>, l4: &L4) {
+    match *l4 {
+        L4::Ports { src, dst } => {
+            out.extend_from_slice(&src.to_be_bytes());
+            out.extend_from_slice(&dst.to_be_bytes());
+        }
+        L4::Icmp { id, kind, code } => {
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(&[kind, code]);
+        }
+        L4::None => {}
+    }
+}
+
 fn put_attr(out: &mut Vec<u8>, kind: u8, data: &[u8]) {
     out.push(kind);
     put_varint(out, data.len() as u64);
@@ -265,11 +281,7 @@ impl Columns {
             let r = &mut s[S_REPLY];
             put_addr(r, &e.reply.src);
             put_addr(r, &e.reply.dst);
-            let mut tmp = Vec::with_capacity(4);
-            let mut tmp2 = Vec::with_capacity(2);
-            put_l4(&mut tmp, &mut tmp2, &e.reply.l4);
-            r.extend_from_slice(&tmp);
-            r.extend_from_slice(&tmp2);
+            put_l4_inline(r, &e.reply.l4);
         }
         if attrs {
             let a = &mut s[S_ATTRS];
@@ -505,6 +517,11 @@ pub fn check_header(bytes: &[u8]) -> Result<Header, FormatError> {
             what: "state header",
             needed: HEADER_LEN,
             got: bytes.len(),
+        });
+    }
+    if bytes[..4] != MAGIC {
+        return Err(FormatError::WrongMagic {
+            found: bytes[..4].to_vec(),
         });
     }
     let major = bytes[4];
