@@ -422,7 +422,9 @@ fn draw(c: &mut Ctx, mark: u32, full_mix: bool) -> Gen {
         set_tcp(&mut g, &mut c.rng, v4.into());
         g.tcp_state = Some(tcp_state::TIME_WAIT);
         g.status = replied;
-        g.timeout = c.rng.range(30, 120) as u32;
+        // Real ones are at most 120 s; kept above SHORT_MIN for the same
+        // reason as the short-lived entries.
+        g.timeout = c.rng.range(SHORT_MIN, SHORT_MIN + 60) as u32;
     } else if r < 68.0 {
         set_tcp(&mut g, &mut c.rng, v4.into());
         g.tcp_state = Some(tcp_state::SYN_SENT);
@@ -437,7 +439,7 @@ fn draw(c: &mut Ctx, mark: u32, full_mix: bool) -> Gen {
         ];
         g.tcp_state = Some(s[c.rng.below(4) as usize]);
         g.status = replied;
-        g.timeout = c.rng.range(30, 3600) as u32;
+        g.timeout = c.rng.range(SHORT_MIN, 3600) as u32;
     } else if r < 80.0 {
         g.orig.proto = proto::UDP;
         g.orig.src = v4.into();
