@@ -43,17 +43,11 @@ impl Netns {
 
     /// Number of conntrack entries in this namespace (`conntrack -C` is global,
     /// so this counts a dump of both families).
+    /// A failing conntrack(8) panics: counting nothing would let a "nothing
+    /// was created" assertion pass without looking.
     pub fn conntrack_count(&self) -> usize {
-        let out = self
-            .cmd("conntrack")
-            .args(["-L", "-f", "ipv4"])
-            .output()
-            .expect("conntrack");
-        let out6 = self
-            .cmd("conntrack")
-            .args(["-L", "-f", "ipv6"])
-            .output()
-            .expect("conntrack");
+        let out = run_ok(self.cmd("conntrack").args(["-L", "-f", "ipv4"]));
+        let out6 = run_ok(self.cmd("conntrack").args(["-L", "-f", "ipv6"]));
         count_lines(&out) + count_lines(&out6)
     }
 }
