@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use super::codec::{self, attrs, MsgBuf};
 use super::consts::*;
-use super::socket::{in_netns, setsockopt_int, NlSocket};
-use super::{errno_err, io_err, proto_err, socket_in, Ctnetlink, BATCH, CT_NEW_TYPE};
+use super::socket::{in_netns, recv_datagram, setsockopt_int, NlSocket};
+use super::{errno_err, io_err, proto_err, Ctnetlink, CT_NEW_TYPE};
 use crate::access::AccessError;
 use crate::entry::Entry;
 
@@ -184,36 +184,16 @@ impl EventSocket {
 
 /// One datagram into `buf`; `Ok(false)` when nothing is queued.
 fn recv_nowait(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<bool> {
-    let cap = buf.capacity().max(1 << 16);
-    buf.clear();
-    buf.reserve(cap);
-    loop {
-        // SAFETY: writes at most `cap` bytes into buf's spare capacity.
-        let r = unsafe {
-            libc::recv(
-                fd,
-                buf.as_mut_ptr().cast(),
-                cap,
-                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Ok(false),
-                _ => return Err(e),
+    match recv_datagram(fd, buf, libc::MSG_DONTWAIT) {
+        Ok(n) => {
+            if n > buf.len() {
+                // An event never comes near 64 KiB; skip rather than misparse.
+                buf.clear();
             }
+            Ok(true)
         }
-        let n = r as usize;
-        if n > cap {
-            // An event never comes near 64 KiB; skip rather than misparse.
-            buf.clear();
-            return Ok(true);
-        }
-        // SAFETY: the kernel initialised the first n ≤ cap bytes.
-        unsafe { buf.set_len(n) };
-        return Ok(true);
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -318,58 +298,26 @@ impl Ctnetlink {
     /// expired; lookups skip expired entries as dumps do).
     pub fn get_entries(&self, keys: &[&Entry]) -> Result<Vec<Option<Entry>>, AccessError> {
         let op = "get";
-        let mut inner = self.lock();
-        let inner = &mut *inner;
-        let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(BATCH) {
-            let sock = socket_in(&mut inner.sock, &self.ns, op)?;
-            let base = inner.seq.wrapping_add(1);
-            inner.seq = inner.seq.wrapping_add(chunk.len() as u32);
-            inner.wbuf.clear();
-            for (i, e) in chunk.iter().enumerate() {
-                encode_get(&mut inner.wbuf, e, base.wrapping_add(i as u32));
-            }
-            sock.send(&inner.wbuf.buf).map_err(|e| io_err(op, e))?;
-            // Without NLM_F_ACK every request gets exactly one answer: the
-            // entry, or an error (ENOENT when there is none). Half the
-            // messages of acked requests.
-            let mut got: Vec<Option<Entry>> = vec![None; chunk.len()];
-            let mut answered = vec![false; chunk.len()];
-            let mut left = chunk.len();
-            while left > 0 {
-                if let Err(e) = sock.recv(&mut inner.rbuf) {
-                    inner.sock = None;
-                    return Err(io_err(op, e));
-                }
-                for m in codec::messages(&inner.rbuf) {
-                    let m = m.map_err(|e| proto_err(op, e.0))?;
-                    let idx = m.seq.wrapping_sub(base) as usize;
-                    if idx >= chunk.len() || answered[idx] {
-                        continue; // left over from an earlier, abandoned operation
+        // Without NLM_F_ACK every request gets exactly one answer: the
+        // entry, or an error (ENOENT when there is none). Half the messages
+        // of acked requests.
+        self.exchange(
+            op,
+            keys,
+            |m, e, seq| encode_get(m, e, seq),
+            |m| match m.kind {
+                CT_NEW_TYPE => codec::decode_entry(m.payload)
+                    .map(|e| Some(Some(e)))
+                    .map_err(|e| proto_err(op, e.0)),
+                NLMSG_ERROR => {
+                    match codec::error_code(m.payload).map_err(|e| proto_err(op, e.0))? {
+                        0 | libc::ENOENT => Ok(Some(None)),
+                        c => Err(errno_err(op, c)),
                     }
-                    match m.kind {
-                        CT_NEW_TYPE => {
-                            let e =
-                                codec::decode_entry(m.payload).map_err(|e| proto_err(op, e.0))?;
-                            got[idx] = Some(e);
-                        }
-                        NLMSG_ERROR => {
-                            let code =
-                                codec::error_code(m.payload).map_err(|e| proto_err(op, e.0))?;
-                            match code {
-                                0 | libc::ENOENT => {}
-                                c => return Err(errno_err(op, c)),
-                            }
-                        }
-                        _ => continue,
-                    }
-                    answered[idx] = true;
-                    left -= 1;
                 }
-            }
-            out.extend(got);
-        }
-        Ok(out)
+                _ => Ok(None),
+            },
+        )
     }
 }
 

@@ -260,17 +260,20 @@ impl Ctnetlink {
         ))
     }
 
-    /// Sends `items` in batches, one acked request each, and returns the
-    /// errno of every request (0 = success) in order.
-    fn batch<T>(
+    /// Sends `items` in batches of [`BATCH`] requests with consecutive
+    /// sequence numbers and collects exactly one answer per request, in
+    /// order. `answer` classifies each message of the batch: `Some` is the
+    /// answer to its request, `None` is no answer (skipped).
+    fn exchange<T, A>(
         &self,
         op: &'static str,
         items: &[T],
         encode: impl Fn(&mut MsgBuf, &T, u32),
-    ) -> Result<Vec<i32>, AccessError> {
+        mut answer: impl FnMut(NlMsg) -> Result<Option<A>, AccessError>,
+    ) -> Result<Vec<A>, AccessError> {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        let mut codes = Vec::with_capacity(items.len());
+        let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(BATCH) {
             let sock = socket_in(&mut inner.sock, &self.ns, op)?;
             let base = inner.seq.wrapping_add(1);
@@ -280,7 +283,7 @@ impl Ctnetlink {
                 encode(&mut inner.wbuf, it, base.wrapping_add(i as u32));
             }
             sock.send(&inner.wbuf.buf).map_err(|e| io_err(op, e))?;
-            let mut got: Vec<Option<i32>> = vec![None; chunk.len()];
+            let mut got: Vec<Option<A>> = chunk.iter().map(|_| None).collect();
             let mut left = chunk.len();
             while left > 0 {
                 if let Err(e) = sock.recv(&mut inner.rbuf) {
@@ -289,25 +292,42 @@ impl Ctnetlink {
                 }
                 for m in codec::messages(&inner.rbuf) {
                     let m: NlMsg = m.map_err(|e| proto_err(op, e.0))?;
-                    if m.kind != NLMSG_ERROR {
+                    // Another sequence number: left over from an earlier,
+                    // abandoned operation.
+                    let Some(slot @ None) = got.get_mut(m.seq.wrapping_sub(base) as usize) else {
                         continue;
-                    }
-                    let code = codec::error_code(m.payload).map_err(|e| proto_err(op, e.0))?;
-                    if code == libc::EPERM {
-                        // nfnetlink checks CAP_NET_ADMIN once per send and
-                        // answers only the first request: nothing else comes.
-                        return Err(AccessError::PermissionDenied { op });
-                    }
-                    let idx = m.seq.wrapping_sub(base) as usize;
-                    if let Some(slot @ None) = got.get_mut(idx) {
-                        *slot = Some(code);
+                    };
+                    if let Some(a) = answer(m)? {
+                        *slot = Some(a);
                         left -= 1;
                     }
                 }
             }
-            codes.extend(got.into_iter().map(|c| c.unwrap_or(0)));
+            out.extend(got.into_iter().flatten());
         }
-        Ok(codes)
+        Ok(out)
+    }
+
+    /// Sends `items` in batches, one acked request each, and returns the
+    /// errno of every request (0 = success) in order.
+    fn batch<T>(
+        &self,
+        op: &'static str,
+        items: &[T],
+        encode: impl Fn(&mut MsgBuf, &T, u32),
+    ) -> Result<Vec<i32>, AccessError> {
+        self.exchange(op, items, encode, |m| {
+            if m.kind != NLMSG_ERROR {
+                return Ok(None);
+            }
+            let code = codec::error_code(m.payload).map_err(|e| proto_err(op, e.0))?;
+            if code == libc::EPERM {
+                // nfnetlink checks CAP_NET_ADMIN once per send and answers
+                // only the first request: nothing else comes.
+                return Err(AccessError::PermissionDenied { op });
+            }
+            Ok(Some(code))
+        })
     }
 
     /// Deletes every entry of the mark selection in one kernel-side walk.

@@ -142,36 +142,42 @@ impl NlSocket {
     /// Receives one datagram into `buf` (resized to its length). Fails with
     /// `WouldBlock`/`TimedOut` after the receive timeout.
     pub fn recv(&self, buf: &mut Vec<u8>) -> io::Result<()> {
-        let cap = buf.capacity().max(1 << 16);
-        buf.clear();
-        buf.reserve(cap);
-        loop {
-            // SAFETY: writes at most `cap` bytes into buf's spare capacity.
-            let r = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    cap,
-                    libc::MSG_TRUNC,
-                )
-            };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            let n = r as usize;
-            if n > cap {
-                return Err(io::Error::other(format!(
-                    "netlink datagram of {n} bytes exceeds the {cap}-byte buffer"
-                )));
-            }
-            // SAFETY: the kernel initialised the first n ≤ cap bytes.
-            unsafe { buf.set_len(n) };
-            return Ok(());
+        let n = recv_datagram(self.fd.as_raw_fd(), buf, 0)?;
+        if n > buf.len() {
+            return Err(io::Error::other(format!(
+                "netlink datagram of {n} bytes exceeds the {}-byte buffer",
+                buf.len()
+            )));
         }
+        Ok(())
+    }
+}
+
+/// Receives one datagram into `buf` (at least 64 KiB of room) and returns
+/// its real length: larger than `buf.len()` when it did not fit and was
+/// cut (MSG_TRUNC), which the caller must not parse as complete.
+pub(super) fn recv_datagram(
+    fd: std::os::fd::RawFd,
+    buf: &mut Vec<u8>,
+    flags: libc::c_int,
+) -> io::Result<usize> {
+    let cap = buf.capacity().max(1 << 16);
+    buf.clear();
+    buf.reserve(cap);
+    loop {
+        // SAFETY: writes at most `cap` bytes into buf's spare capacity.
+        let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), cap, flags | libc::MSG_TRUNC) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let n = r as usize;
+        // SAFETY: the kernel initialised the first min(n, cap) bytes.
+        unsafe { buf.set_len(n.min(cap)) };
+        return Ok(n);
     }
 }
 

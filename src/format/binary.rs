@@ -29,7 +29,8 @@ pub const MAX_ENTRIES: usize = 2_000_000;
 /// status and timeout varints (other protocol, no ports).
 pub const MIN_RECORD_LEN: usize = 12;
 
-/// zstd level: level 1 measured best for downtime (see docs/benchmarks.md).
+/// zstd level: higher levels barely shrink the blob and cost migration
+/// downtime (docs/state-format.md, section 1).
 pub const ZSTD_LEVEL: i32 = 1;
 
 // Record flags byte.
