@@ -42,7 +42,7 @@ pub struct CreateReport {
     pub created: u64,
     pub existed: u64,
     pub refused: u64,
-    /// Up to a few (errno, count) pairs explaining refusals, for logs.
+    /// One (errno, count) pair per distinct errno of the refusals, for logs.
     pub refused_by_errno: Vec<(i32, u64)>,
 }
 
@@ -98,8 +98,10 @@ pub trait ConntrackAccess: Send + Sync {
     /// Delete every entry selected by `sel`; returns how many were deleted.
     fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError>;
 
-    /// Delete exactly these entries (matched by original tuple, zone and
-    /// mark), leaving anything else alone.
+    /// Delete exactly these entries, leaving anything else alone. An entry
+    /// is matched by original tuple and zone, and by its `CTA_ID` when it
+    /// has one, so a newer entry that reuses the tuple survives; the mark is
+    /// not checked (the kernel cannot match it on a single delete).
     fn delete_entries(&self, entries: &[Entry]) -> Result<DeleteReport, AccessError>;
 
     /// Start (`on`) or stop keeping `sel`'s entries warm so a later
