@@ -246,3 +246,94 @@ proptest::proptest! {
         let _ = decode_entry(&p);
     }
 }
+
+/// One raw netlink message, padded to 4 bytes as the kernel sends it.
+fn nlmsg(kind: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (NLMSG_HDRLEN + payload.len()) as u32;
+    let mut b = Vec::new();
+    b.extend_from_slice(&len.to_ne_bytes());
+    b.extend_from_slice(&kind.to_ne_bytes());
+    b.extend_from_slice(&flags.to_ne_bytes());
+    b.extend_from_slice(&seq.to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b.extend_from_slice(payload);
+    b.resize(codec::align4(b.len()), 0);
+    b
+}
+
+/// An entry message of a dump answer with sequence number `seq`.
+fn dumped(e: &Entry, seq: u32, flags: u16) -> Vec<u8> {
+    nlmsg(super::CT_NEW_TYPE, flags, seq, &payload(e))
+}
+
+fn errno_payload(errno: i32) -> Vec<u8> {
+    (-errno).to_ne_bytes().to_vec()
+}
+
+#[test]
+fn dump_datagrams_are_followed_to_done() {
+    use super::{walk_datagram, Walk, WalkError};
+    let e = sample();
+    let mut other = sample();
+    other.timeout = 0; // expired: dropped
+    let mut out = Vec::new();
+    let mut seen = 0;
+    let mut keep = |_: &Entry| {
+        seen += 1;
+        true
+    };
+    // Two entries of this dump, one of an abandoned earlier one (seq 6).
+    let mut d = dumped(&e, 7, NLM_F_MULTI);
+    d.extend(dumped(&e, 6, NLM_F_MULTI));
+    d.extend(dumped(&other, 7, NLM_F_MULTI));
+    assert!(matches!(
+        walk_datagram(&d, 7, &mut out, &mut keep),
+        Ok(Walk::More { interrupted: false })
+    ));
+    assert_eq!(out, vec![e.clone()]);
+    // The next datagram ends the dump; the kernel flagged it interrupted.
+    let mut d = dumped(&e, 7, NLM_F_MULTI | NLM_F_DUMP_INTR);
+    d.extend(nlmsg(NLMSG_DONE, NLM_F_MULTI, 7, &errno_payload(0)));
+    assert!(matches!(
+        walk_datagram(&d, 7, &mut out, &mut keep),
+        Ok(Walk::Done { interrupted: true })
+    ));
+    assert_eq!(out.len(), 2);
+    assert_eq!(seen, 2, "expired and foreign entries never reach `keep`");
+
+    // A dump that failed midway says so in DONE, or answers NLMSG_ERROR.
+    let d = nlmsg(NLMSG_DONE, NLM_F_MULTI, 7, &errno_payload(libc::EINTR));
+    assert!(matches!(
+        walk_datagram(&d, 7, &mut out, &mut |_| true),
+        Err(WalkError::Errno(libc::EINTR))
+    ));
+    let d = nlmsg(NLMSG_ERROR, 0, 7, &errno_payload(libc::EPERM));
+    assert!(matches!(
+        walk_datagram(&d, 7, &mut out, &mut |_| true),
+        Err(WalkError::Errno(libc::EPERM))
+    ));
+    // Errors of other requests are not ours.
+    let d = nlmsg(NLMSG_ERROR, 0, 3, &errno_payload(libc::EPERM));
+    assert!(matches!(
+        walk_datagram(&d, 7, &mut out, &mut |_| true),
+        Ok(Walk::More { .. })
+    ));
+    let d = nlmsg(NLMSG_OVERRUN, 0, 7, &[]);
+    assert!(matches!(
+        walk_datagram(&d, 7, &mut out, &mut |_| true),
+        Ok(Walk::Overrun)
+    ));
+    // A broken entry or header fails the dump with the decoder's detail.
+    let mut bad = dumped(&e, 7, NLM_F_MULTI);
+    bad.truncate(NLMSG_HDRLEN + 2);
+    bad[..4].copy_from_slice(&((NLMSG_HDRLEN + 2) as u32).to_ne_bytes());
+    match walk_datagram(&bad, 7, &mut out, &mut |_| true) {
+        Err(WalkError::Malformed(d)) => assert!(d.contains("nfgenmsg"), "{d}"),
+        _ => panic!("accepted a truncated entry"),
+    }
+    let d = nlmsg(NLMSG_DONE, 0, 7, &[]);
+    assert!(matches!(
+        walk_datagram(&d[..10], 7, &mut out, &mut |_| true),
+        Err(WalkError::Malformed(_))
+    ));
+}
