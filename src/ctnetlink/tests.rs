@@ -247,6 +247,9 @@ proptest::proptest! {
     }
 }
 
+/// Set on every message of a dump answer (the codec does not need it).
+const NLM_F_MULTI: u16 = 0x02;
+
 /// One raw netlink message, padded to 4 bytes as the kernel sends it.
 fn nlmsg(kind: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
     let len = (NLMSG_HDRLEN + payload.len()) as u32;
