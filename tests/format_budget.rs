@@ -54,6 +54,11 @@ fn limits_are_never_exceeded_on_many_sets() {
             assert_eq!(d.truncated, e.dropped > 0);
             assert_eq!(d.dropped, Some(e.dropped as u64));
             assert_kept_prefix(&v, &d.entries);
+            // Written in priority order (spec section 5), so the load path's
+            // sort_by_priority is a single check.
+            assert!(d
+                .entries
+                .is_sorted_by_key(|e| std::cmp::Reverse(format::priority::value_key(e))));
 
             let t = enc(&v, limit, Format::ConntrackSave);
             assert!(t.bytes.len() <= limit && !t.bytes.is_empty());
