@@ -77,7 +77,8 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("conntrack helper at {}", p.display()))?,
         ),
         None => {
-            let ct = conntrack_vmstate::ctnetlink::Ctnetlink::open().context("opening ctnetlink")?;
+            let ct =
+                conntrack_vmstate::ctnetlink::Ctnetlink::open().context("opening ctnetlink")?;
             if args.no_cache {
                 Arc::new(ct)
             } else {

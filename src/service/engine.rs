@@ -474,7 +474,7 @@ impl RestoreJob {
         report.complete_us = duration_us(self.start);
         report.timestamp_us = now_us();
         let replied = self.ctl.replied_us.load(Ordering::SeqCst);
-        report.duration_us = if tx.is_some() || replied == 0 {
+        report.duration_us = if replied == 0 {
             report.complete_us
         } else {
             replied

@@ -99,7 +99,10 @@ impl VmRuntime {
     }
 
     pub(crate) fn take_restore(&self) -> Option<Restore> {
-        self.restore.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.restore
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     pub(crate) fn set_restore(&self, r: Restore) {
