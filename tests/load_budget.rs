@@ -508,3 +508,72 @@ async fn second_load_and_unregister_stop_a_running_restore() {
     assert!(last.created < 20_000, "{last:?}");
     assert!(!engine.cancel_restore(&vm, "again").await);
 }
+
+/// Blobs in state format v1 are already written most valuable first; a
+/// legacy text payload (the Perl helper's, in its dump order) is not. Here
+/// its lines come least valuable first: the engine still creates the
+/// established flows first, and they are what is in before the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_text_in_reverse_order_is_created_most_valuable_first() {
+    let dst = Netns::new("lb-text");
+    let mut entries = assured(3000, 3);
+    for (i, e) in entries.iter_mut().enumerate().skip(1000) {
+        // A third closing, a third unreplied: less valuable classes.
+        if i < 2000 {
+            e.protoinfo = Some(ProtoInfo::Tcp {
+                state: tcp_state::TIME_WAIT,
+                wscale_orig: 0,
+                wscale_reply: 0,
+                flags_orig: 0,
+                flags_reply: 0,
+            });
+            e.timeout = 100;
+        } else {
+            e.status = status::CONFIRMED;
+            e.protoinfo = Some(ProtoInfo::Tcp {
+                state: tcp_state::SYN_SENT,
+                wscale_orig: 0,
+                wscale_reply: 0,
+                flags_orig: 0,
+                flags_reply: 0,
+            });
+            e.timeout = 100;
+        }
+    }
+    let mut order = priority::priority_order(&entries);
+    order.reverse();
+    let mut text = String::new();
+    for i in &order {
+        text.push_str(&format::text::line(&entries[*i]));
+        text.push('\n');
+    }
+    let least = key(&entries[order[0]]);
+    let access = Recording::new(&dst, Some(least));
+    let engine = Engine::new(
+        access.clone(),
+        Duration::from_secs(2),
+        Duration::from_millis(1),
+    );
+    let vm = vm();
+    engine.load(&vm, text.into_bytes()).await;
+    let interim = vm.last_load().unwrap();
+    access.release();
+    assert!(interim.pending, "{interim:?}");
+    let last = wait_complete(&vm, Duration::from_secs(60)).await;
+    assert_eq!((last.created, last.error.as_str()), (3000, ""), "{last:?}");
+
+    let value: std::collections::HashMap<(Tuple, u16), u64> = entries
+        .iter()
+        .map(|e| (key(e), priority::value_key(e)))
+        .collect();
+    let values: Vec<u64> = access.order().iter().map(|k| value[k]).collect();
+    assert_eq!(values.len(), 3000);
+    assert!(
+        values.windows(2).all(|w| w[0] >= w[1]),
+        "not created most valuable first"
+    );
+    let sync = interim.created_sync as usize;
+    assert!(sync > 0 && sync < 3000, "{interim:?}");
+    let assured_key = |v: u64| v >> 32 == priority::ValueClass::Assured as u64;
+    assert!(values[..sync.min(1000)].iter().all(|v| assured_key(*v)));
+}
