@@ -250,7 +250,11 @@ impl Engine {
         });
         let reply = tokio::time::timeout(self.load_budget + LOAD_OVERRUN_CAP, rx).await;
         let replied_us = duration_us(start).max(1);
-        ctl.replied_us.store(replied_us, Ordering::SeqCst);
+        // The restore thread recorded its answer time already unless the
+        // overrun cap answered for it.
+        let _ = ctl
+            .replied_us
+            .compare_exchange(0, replied_us, Ordering::SeqCst, Ordering::SeqCst);
         match reply {
             Ok(Ok(report)) if report.pending => log_reply(vm, &report),
             Ok(Ok(report)) => log_report("Load", vm, &report),
@@ -421,6 +425,12 @@ impl RestoreJob {
                 self.vm.set_last_load(interim.clone());
             }
         }
+        let _ = self.ctl.replied_us.compare_exchange(
+            0,
+            interim.duration_us.max(1),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
         let _ = tx.send(interim);
 
         while done < total {
