@@ -164,6 +164,8 @@ async fn save_load_and_flush_move_exactly_one_vms_entries() {
         assert_eq!(text(&last, "error"), "");
         assert_eq!((num(&last, "entries"), num(&last, "dropped"), num(&last, "bytes")), (6, 0, blob.len() as u64));
         assert!(num(&last, "timestamp") > 0 && num(&last, "duration_us") > 0);
+        // Right after Register the cache may still be warming up.
+        assert!(["cache", "dump"].contains(&text(&last, "source").as_str()), "{last:?}");
 
         dst_vs.load(Bytes::new(&blob)).await.expect("Load");
         let last = dst_vm.last_load().await.unwrap();
@@ -172,6 +174,10 @@ async fn save_load_and_flush_move_exactly_one_vms_entries() {
             (num(&last, "entries"), num(&last, "created"), num(&last, "existed"), num(&last, "refused")),
             (6, 6, 0, 0)
         );
+        // Six entries fit the budget: all before the answer, nothing pending.
+        assert_eq!(num(&last, "created_sync"), 6);
+        assert_eq!(last.get("pending").map(|v| bool::try_from(v.try_clone().unwrap()).unwrap()), Some(false));
+        assert_eq!(num(&last, "complete_us"), num(&last, "duration_us"));
         assert_eq!(dst.entries(100), src_100, "entries differ after Load");
         assert!(dst.entries(200).is_empty(), "another VM's entries moved");
 
