@@ -220,6 +220,25 @@ fn hostile_requests_do_not_touch_the_kernel_table() {
             victims[0].mark, victims[0].zone
         ))
     );
+    // The same tuples with our mark forged onto them: the kernel deletes by
+    // tuple and id and ignores the mark, so only the helper's own look at the
+    // table can refuse this.
+    let forged: Vec<_> = victims
+        .iter()
+        .map(|v| {
+            let mut f = v.clone();
+            f.mark = MARK;
+            f
+        })
+        .collect();
+    let r = h.raw(&Request::DeleteEntries(Selector::mark(MARK), forged));
+    assert_eq!(
+        r,
+        Response::DeleteReport(conntrack_vmstate::access::DeleteReport {
+            deleted: 0,
+            missing: victims.len() as u64,
+        })
+    );
     // Wiping everything with a zero mask, or the unmarked host entries.
     for sel in [
         Selector {

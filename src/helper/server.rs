@@ -14,8 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::wire::{self, Request, Response};
-use crate::access::ConntrackAccess;
-use crate::entry::Selector;
+use std::collections::HashMap;
+
+use crate::access::{AccessError, ConntrackAccess, DeleteReport};
+use crate::entry::{Entry, Selector, Tuple};
 
 /// Tunables of [`serve`].
 #[derive(Debug, Clone)]
@@ -149,7 +151,7 @@ fn execute(req: &Request, access: &dyn ConntrackAccess) -> Response {
         }),
         Request::Create(_, es) => access.create(es).map(Response::Created),
         Request::DeleteSelected(s) => access.delete_selected(s).map(Response::Deleted),
-        Request::DeleteEntries(_, es) => access.delete_entries(es).map(Response::DeleteReport),
+        Request::DeleteEntries(s, es) => delete_owned(access, s, es).map(Response::DeleteReport),
         Request::DumpSourced(s) => access.dump_sourced(s).map(|(mut es, src)| {
             es.retain(|e| s.matches(e));
             Response::SourcedEntries(src, es)
@@ -160,6 +162,39 @@ fn execute(req: &Request, access: &dyn ConntrackAccess) -> Response {
         )),
     };
     r.unwrap_or_else(|e| Response::Error(e.to_string()))
+}
+
+/// Deletes those of `requested` that the kernel itself files under `sel`.
+///
+/// The kernel deletes by tuple, zone and id and never checks the mark, so the
+/// mark a request claims proves nothing: a compromised daemon could name a
+/// host or other-VM connection's tuple under its own mark. The helper
+/// therefore looks at the table through the selector (a mark-filtered dump)
+/// and deletes only entries found there, by the kernel's own CTA_ID; the rest
+/// count as missing. A requested id that differs from the kernel's is a newer
+/// connection with the same tuple and is left alone as well.
+fn delete_owned(
+    access: &dyn ConntrackAccess,
+    sel: &Selector,
+    requested: &[Entry],
+) -> Result<DeleteReport, AccessError> {
+    let mut owned: HashMap<(Tuple, u16), Entry> = access
+        .dump(sel)?
+        .into_iter()
+        .filter(|e| sel.matches(e))
+        .map(|e| ((e.orig, e.zone), e))
+        .collect();
+    let mut targets = Vec::with_capacity(requested.len());
+    for want in requested {
+        match owned.remove(&(want.orig, want.zone)) {
+            Some(cur) if want.id.is_none() || want.id == cur.id => targets.push(cur),
+            _ => {}
+        }
+    }
+    let not_owned = (requested.len() - targets.len()) as u64;
+    let mut report = access.delete_entries(&targets)?;
+    report.missing += not_owned;
+    Ok(report)
 }
 
 /// The selectors one connection watches. Dropped with the connection, so a
