@@ -48,9 +48,10 @@ const CANCEL_WAIT: Duration = Duration::from_secs(5);
 /// How long `Unregister(flush)` waits for the deletions.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Returned only if even an empty state cannot be encoded (a broken build):
-/// a blob no decoder accepts, so a destination logs it and creates nothing,
-/// while QEMU still gets the non-empty answer that keeps the VM alive.
+/// Returned only if even an empty state cannot be encoded (a broken build).
+/// It is the Perl helper's "no entries" payload, which every decoder (ours
+/// and the Perl helper's) reads as an empty state, and QEMU still gets the
+/// non-empty answer that keeps the VM alive.
 const LAST_RESORT_BLOB: &[u8] = b"\0";
 
 /// Runs Save, Load and flush for registered VMs over one conntrack access.
