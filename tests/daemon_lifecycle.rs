@@ -220,10 +220,11 @@ async fn cli_register_status_unregister() {
         let _d = DaemonProc::start(DaemonOpts::new(&bus.address, state.path()), &client).await;
         let addr = bus.address.clone();
         tokio::task::block_in_place(|| {
-            let out = cli(&addr, &["register", "100", "--bus-address", &addr, "--mark-mask", "0xff", "--zone", "2"]);
-            // --mark-mask is parsed as a number by clap; hex is not accepted.
+            let out = cli(&addr, &["register", "100", "--bus-address", &addr, "--mark-mask", "0xfg", "--zone", "2"]);
+            // A malformed number is clap's usage error, before any bus call.
             assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-            let out = cli(&addr, &["register", "100", "--bus-address", &addr, "--mark-mask", "255", "--zone", "2", "--format", "conntrack-save"]);
+            // Marks and masks take decimal or 0x hex, as conntrack(8)'s do.
+            let out = cli(&addr, &["register", "100", "--bus-address", &addr, "--mark-mask", "0xff", "--zone", "2", "--format", "conntrack-save"]);
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             assert_eq!(
                 String::from_utf8_lossy(&out.stdout).trim(),
