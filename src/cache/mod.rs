@@ -550,7 +550,7 @@ impl Shared {
         }
         let now = Instant::now();
         let sc = st.tables.sels.get(sel).ok_or("not watched")?;
-        let mut out = Vec::with_capacity(sc.entries.len());
+        let mut out = crate::format::bigvec::with_capacity(sc.entries.len());
         for c in sc.entries.values() {
             let left = c.estimate(now);
             if left > 0 {
