@@ -709,10 +709,33 @@ fn migrate_once(hs: &mut Hosts, k: usize, vmstate: Option<&str>) -> Mig {
     let stream = hs.src.path().join(format!("stream{k}.bin"));
     let out = sq.migrate_to_file(&stream);
     assert_eq!(out.status, "completed", "migration: {}", out.query);
-    let t = Instant::now();
+    dq.execute(
+        "migrate-set-capabilities",
+        Some(serde_json::json!({"capabilities": [{"capability": "events", "state": true}]})),
+    )
+    .expect("destination events");
     let inc = dq.incoming_from_file(&stream);
-    let incoming = ms(t.elapsed());
     assert_eq!(inc, Incoming::Running, "destination: {}", dq.output());
+    // QEMU's own event timestamps: incoming MIGRATION "active" (stream
+    // starts being read) → RESUME (guest runs): reading the stream, Load,
+    // resuming.
+    let events = dq.qmp().take_events();
+    let at = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        events.iter().find(|e| pred(e)).and_then(|e| {
+            let ts = e.get("timestamp")?;
+            Some(
+                ts.get("seconds")?.as_f64()? * 1e3 + ts.get("microseconds")?.as_f64()? / 1e3,
+            )
+        })
+    };
+    let active = at(&|e| {
+        e["event"] == "MIGRATION" && e["data"]["status"] == "active"
+    });
+    let resume = at(&|e| e["event"] == "RESUME");
+    let incoming = match (active, resume) {
+        (Some(a), Some(r)) => r - a,
+        _ => panic!("destination events incomplete: {events:?}"),
+    };
     let _ = std::fs::remove_file(&stream);
     drop(sq);
     drop(dq);
@@ -729,8 +752,8 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
         "QEMU 7.2 (TCG, 32 MiB, bootless) in each host namespace, stream through a file \
          (`exec:cat`), fresh QEMUs per migration. *downtime* is what the source's \
          `query-migrate` reports (guest stop → end of the stream: includes Save, not the \
-         destination's Load); *incoming* is `migrate-incoming` → `running` on the destination, \
-         polled every 20 ms (includes Load). {reps} repetitions (fewer at 100k where said), \
+         destination's Load); *incoming* is the destination's MIGRATION \"active\" → RESUME \
+         event timestamps (reading the stream, Load, resume). {reps} repetitions (fewer at 100k where said), \
          median [min–max], ms.\n"
     );
     let cl = Client::new();
