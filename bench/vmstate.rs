@@ -118,7 +118,7 @@ fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -622,7 +622,8 @@ fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
             let t = Instant::now();
             let d = cs.dump(&Selector::mark(mark)).expect("direct");
             direct_t.push(ms(t.elapsed()));
-            assert_eq!(d.len(), n);
+            // TIME_WAIT entries (30–120 s) may expire during a long run.
+            assert!(d.len() * 100 >= n * 98, "direct dump: {} of {n}", d.len());
         }
         let last = vm.prop(&cl, "LastSave");
         vm.unregister(&cl);
@@ -641,8 +642,11 @@ fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
         for _ in 0..reps {
             let (t, b) = svm.save(&cl);
             ssave_t.push(t);
-            let got = format::decode(&b).expect("decode silent Save").entries.len();
-            assert_eq!(got, n, "silent Save");
+            let got = format::decode(&b)
+                .expect("decode silent Save")
+                .entries
+                .len();
+            assert!(got * 100 >= n * 98, "silent Save: {got} of {n}");
         }
         let slast = svm.prop(&cl, "LastSave");
         let kept = format::decode(&blob).expect("decode Save").entries.len();
@@ -674,8 +678,8 @@ fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
             let end = Instant::now() + Duration::from_secs(120);
             let rep = loop {
                 let r = dvm.prop(&cl, "LastLoad");
-                let fresh = get_u64(&r, "timestamp") != get_u64(&before, "timestamp")
-                    || before.is_empty();
+                let fresh =
+                    get_u64(&r, "timestamp") != get_u64(&before, "timestamp") || before.is_empty();
                 let pending = get_u64(&r, "pending").unwrap_or(0);
                 let done = r.contains_key("complete_us") || !r.contains_key("pending");
                 if fresh && pending == 0 && done {
@@ -758,14 +762,10 @@ fn migrate_once(hs: &mut Hosts, k: usize, vmstate: Option<&str>) -> Mig {
     let at = |pred: &dyn Fn(&serde_json::Value) -> bool| {
         events.iter().find(|e| pred(e)).and_then(|e| {
             let ts = e.get("timestamp")?;
-            Some(
-                ts.get("seconds")?.as_f64()? * 1e3 + ts.get("microseconds")?.as_f64()? / 1e3,
-            )
+            Some(ts.get("seconds")?.as_f64()? * 1e3 + ts.get("microseconds")?.as_f64()? / 1e3)
         })
     };
-    let active = at(&|e| {
-        e["event"] == "MIGRATION" && e["data"]["status"] == "active"
-    });
+    let active = at(&|e| e["event"] == "MIGRATION" && e["data"]["status"] == "active");
     let resume = at(&|e| e["event"] == "RESUME");
     let incoming = match (active, resume) {
         (Some(a), Some(r)) => r - a,
@@ -802,8 +802,16 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
         let mark = 900 + i as u32;
         let vm = register(&cl, &hs.src, &mark.to_string());
         let dvm = register(&cl, &hs.dst, &mark.to_string());
-        wait_vmstate_ids(&hs.src.bus.address, &[vm.id.as_str()], Duration::from_secs(30));
-        wait_vmstate_ids(&hs.dst.bus.address, &[dvm.id.as_str()], Duration::from_secs(30));
+        wait_vmstate_ids(
+            &hs.src.bus.address,
+            &[vm.id.as_str()],
+            Duration::from_secs(30),
+        );
+        wait_vmstate_ids(
+            &hs.dst.bus.address,
+            &[dvm.id.as_str()],
+            Duration::from_secs(30),
+        );
         std::thread::sleep(Duration::from_millis(500));
         create_all(&cs, &vm_entries(n, mark), "vm");
         std::thread::sleep(Duration::from_millis(1000));
@@ -913,7 +921,11 @@ fn main() {
             part_service(&hs, &ns_list, reps, others);
         }
         if want("migration") {
-            let mig_n: Vec<usize> = if a.quick { vec![5_000] } else { ns_list.clone() };
+            let mig_n: Vec<usize> = if a.quick {
+                vec![5_000]
+            } else {
+                ns_list.clone()
+            };
             part_migration(&mut hs, &mig_n, reps);
         }
     }
