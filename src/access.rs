@@ -82,6 +82,25 @@ pub struct DeleteReport {
     pub missing: u64,
 }
 
+/// Where the entries of a [`ConntrackAccess::dump_sourced`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DumpSource {
+    /// A walk of the kernel's table.
+    Kernel,
+    /// A warm cache (no table walk while the guest is stopped).
+    Cache,
+}
+
+impl DumpSource {
+    /// `dump` or `cache`, as `LastSave.source` reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DumpSource::Kernel => "dump",
+            DumpSource::Cache => "cache",
+        }
+    }
+}
+
 /// Conntrack table access for one network namespace.
 ///
 /// Implementations must be usable from several threads; every call is
@@ -111,5 +130,12 @@ pub trait ConntrackAccess: Send + Sync {
     fn watch(&self, sel: &Selector, on: bool) -> Result<(), AccessError> {
         let _ = (sel, on);
         Ok(())
+    }
+
+    /// [`dump`](ConntrackAccess::dump), also saying whether the entries came
+    /// from a cache or a table walk (for `LastSave.source`). The default
+    /// walks the table.
+    fn dump_sourced(&self, sel: &Selector) -> Result<(Vec<Entry>, DumpSource), AccessError> {
+        self.dump(sel).map(|es| (es, DumpSource::Kernel))
     }
 }

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use conntrack_vmstate::access::{
-    AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport,
+    AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport, DumpSource,
 };
 use conntrack_vmstate::entry::{proto, status, Entry, ProtoInfo, Selector, SeqAdj, Tuple, L4};
 use conntrack_vmstate::helper::wire::{self, Request, Response, WireError};
@@ -164,6 +164,7 @@ enum Call {
     Create(Vec<Entry>),
     DeleteSelected(Selector),
     DeleteEntries(Vec<Entry>),
+    Watch(Selector, bool),
 }
 
 /// An in-memory table that records every call; optionally slow or panicking
@@ -227,6 +228,10 @@ impl ConntrackAccess for Table {
         let before = t.len();
         t.retain(|e| !sel.matches(e));
         Ok((before - t.len()) as u64)
+    }
+    fn watch(&self, sel: &Selector, on: bool) -> Result<(), AccessError> {
+        self.calls.lock().unwrap().push(Call::Watch(*sel, on));
+        Ok(())
     }
     fn delete_entries(&self, entries: &[Entry]) -> Result<DeleteReport, AccessError> {
         self.calls
@@ -347,6 +352,9 @@ fn every_request_round_trips() {
         Request::Create(sel, entries.clone()),
         Request::DeleteEntries(Selector::mark(100), entries),
         Request::Create(Selector::mark(1), vec![]),
+        Request::Watch(sel, true),
+        Request::Watch(Selector::mark(7), false),
+        Request::DumpSourced(sel),
     ] {
         let f = wire::encode_request(&req);
         assert_eq!(
@@ -371,6 +379,9 @@ fn every_response_round_trips() {
             refused_by_errno: vec![(16, 2), (22, 1)],
         }),
         Response::Deleted(u64::MAX),
+        Response::Watching(3),
+        Response::SourcedEntries(DumpSource::Cache, vec![rich6(3)]),
+        Response::SourcedEntries(DumpSource::Kernel, vec![]),
         Response::DeleteReport(DeleteReport {
             deleted: 8,
             missing: 1,
@@ -976,4 +987,173 @@ fn concurrent_clients_are_served_concurrently() {
         "{:?}",
         t0.elapsed()
     );
+}
+
+fn watch_calls(t: &Table) -> Vec<(u32, bool)> {
+    t.calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Watch(s, on) => Some((s.mark, on)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn watch_frame(mark: u32, mask: u32, on: bool) -> Vec<u8> {
+    let sel = Selector {
+        mark,
+        mark_mask: mask,
+        zone: None,
+    };
+    wire::encode_request(&Request::Watch(sel, on))
+}
+
+/// Watch requests are validated like the others, bounded per connection and
+/// per helper, idempotent per connection, and every watch of a connection
+/// is dropped when it closes (a crashed daemon leaves nothing behind).
+#[test]
+fn watches_are_validated_bounded_and_dropped_with_their_connection() {
+    let table = Table::with(vec![]);
+    let srv = Server::start(
+        table.clone(),
+        ServerConfig {
+            max_watches_per_connection: 2,
+            max_watches: 3,
+            ..cfg_idle(60_000)
+        },
+    );
+    let mut a = srv.raw();
+    assert_eq!(
+        error_text(exchange(&mut a, &watch_frame(0, u32::MAX, true))),
+        "watch refused: selector mark 0x0/0xffffffff would select unmarked entries; refused"
+    );
+    assert_eq!(
+        error_text(exchange(&mut a, &watch_frame(5, 0, true))),
+        "watch refused: selector mark 0x5/0x0 would select unmarked entries; refused"
+    );
+    let mut bad = watch_frame(5, u32::MAX, true);
+    *bad.last_mut().unwrap() = 2;
+    assert!(
+        error_text(exchange(&mut a, &bad)).starts_with("malformed request: invalid watch flag 2")
+    );
+    assert!(watch_calls(&table).is_empty(), "{:?}", table.calls());
+
+    assert_eq!(
+        exchange(&mut a, &watch_frame(1, u32::MAX, true)),
+        Some(Response::Watching(1))
+    );
+    assert_eq!(
+        exchange(&mut a, &watch_frame(1, u32::MAX, true)),
+        Some(Response::Watching(1))
+    );
+    assert_eq!(
+        exchange(&mut a, &watch_frame(2, u32::MAX, true)),
+        Some(Response::Watching(2))
+    );
+    assert_eq!(
+        error_text(exchange(&mut a, &watch_frame(3, u32::MAX, true))),
+        "watch refused: this connection already watches 2 selectors (limit 2)"
+    );
+    let mut b = srv.raw();
+    assert_eq!(
+        exchange(&mut b, &watch_frame(3, u32::MAX, true)),
+        Some(Response::Watching(1))
+    );
+    assert_eq!(
+        error_text(exchange(&mut b, &watch_frame(4, u32::MAX, true))),
+        "watch refused: the helper already watches 3 selectors (limit 3)"
+    );
+    assert_eq!(
+        exchange(&mut b, &watch_frame(3, u32::MAX, false)),
+        Some(Response::Watching(0))
+    );
+    // Unwatching what this connection never watched changes nothing.
+    assert_eq!(
+        exchange(&mut b, &watch_frame(1, u32::MAX, false)),
+        Some(Response::Watching(0))
+    );
+    assert_eq!(
+        watch_calls(&table),
+        vec![(1, true), (2, true), (3, true), (3, false)]
+    );
+
+    drop(a);
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut w = watch_calls(&table);
+        if w.len() == 6 {
+            w[4..].sort();
+            assert_eq!(&w[4..], &[(1, false), (2, false)]);
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "watches of a closed connection kept: {w:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The freed room is usable again.
+    assert_eq!(
+        exchange(&mut b, &watch_frame(4, u32::MAX, true)),
+        Some(Response::Watching(1))
+    );
+}
+
+/// The client counts watches per selector and tells the helper only of the
+/// first and the last; its watch connection keeps an idle helper up; after
+/// the helper restarts, the client sends its watches again by itself.
+#[test]
+fn client_watches_survive_a_helper_restart_and_keep_it_up() {
+    let table = Table::with(vec![tcp4(100, 1)]);
+    let stop: &'static std::sync::atomic::AtomicBool =
+        Box::leak(Box::new(std::sync::atomic::AtomicBool::new(false)));
+    let mut srv = Server::start(
+        table.clone(),
+        ServerConfig {
+            stop: Some(stop),
+            ..cfg_idle(300)
+        },
+    );
+    let c = HelperClient::new(&srv.path).unwrap();
+    let (s100, s200) = (Selector::mark(100), Selector::mark(200));
+    c.watch(&s100, true).unwrap();
+    c.watch(&s100, true).unwrap();
+    c.watch(&s200, true).unwrap();
+    c.watch(&s200, false).unwrap();
+    assert_eq!(
+        watch_calls(&table),
+        vec![(100, true), (200, true), (200, false)]
+    );
+    assert_eq!(c.watched(), 1);
+    assert!(c.watch(&Selector::mark(0), true).is_err());
+    let (es, src) = c.dump_sourced(&s100).unwrap();
+    assert_eq!((es.len(), src), (1, DumpSource::Kernel));
+
+    std::thread::sleep(Duration::from_millis(900));
+    assert!(
+        !srv.handle.as_ref().unwrap().is_finished(),
+        "helper exited while watched"
+    );
+
+    // Stopped (its watches die with it), then started again.
+    stop.store(true, Ordering::SeqCst);
+    srv.wait_exit(Duration::from_secs(5));
+    let fresh = Table::with(vec![tcp4(100, 1)]);
+    srv.restart(fresh.clone(), cfg_idle(60_000));
+    let end = Instant::now() + Duration::from_secs(10);
+    while watch_calls(&fresh) != vec![(100, true)] {
+        assert!(
+            Instant::now() < end,
+            "watches not sent again: {:?}",
+            fresh.calls()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(c.watch_resends() >= 1);
+    // One more unwatch of the counted pair: still watched once.
+    c.watch(&s100, false).unwrap();
+    assert_eq!(watch_calls(&fresh), vec![(100, true)]);
+    c.watch(&s100, false).unwrap();
+    assert_eq!(watch_calls(&fresh), vec![(100, true), (100, false)]);
+    assert_eq!(c.watched(), 0);
 }

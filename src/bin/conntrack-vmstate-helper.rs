@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use conntrack_vmstate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport};
+use conntrack_vmstate::cache::{CacheConfig, CachedAccess};
 use conntrack_vmstate::ctnetlink::Ctnetlink;
+use conntrack_vmstate::entry::{Entry, Selector};
 use conntrack_vmstate::helper::{self, server, HelperArgs, ServerConfig};
 
 fn main() -> std::process::ExitCode {
@@ -77,7 +80,16 @@ fn run(args: HelperArgs, activated: std::io::Result<Option<UnixListener>>) -> an
         ),
     };
     handle_stop_signals()?;
-    let access = Ctnetlink::open().context("opening the conntrack netlink socket")?;
+    let ct = Ctnetlink::open().context("opening the conntrack netlink socket")?;
+    let access: Arc<dyn ConntrackAccess> = if args.no_cache {
+        Arc::new(NoWatch(ct))
+    } else {
+        let cfg = CacheConfig {
+            refresh_interval: Duration::from_secs(args.cache_refresh_secs),
+            ..CacheConfig::default()
+        };
+        Arc::new(CachedAccess::new(ct, cfg).context("starting the conntrack cache")?)
+    };
     let cfg = ServerConfig {
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         max_connections: args.max_connections.max(1),
@@ -85,7 +97,7 @@ fn run(args: HelperArgs, activated: std::io::Result<Option<UnixListener>>) -> an
         ..ServerConfig::default()
     };
     tracing::info!("serving conntrack requests");
-    let summary = helper::serve(listener, Arc::new(access), cfg).context("serving")?;
+    let summary = helper::serve(listener, access, cfg).context("serving")?;
     tracing::info!(
         connections = summary.connections,
         requests = summary.requests,
@@ -98,4 +110,28 @@ fn run(args: HelperArgs, activated: std::io::Result<Option<UnixListener>>) -> an
         }
     );
     Ok(())
+}
+
+/// `--no-cache`: the plain access, refusing watches so the daemon logs that
+/// its Saves dump directly.
+struct NoWatch(Ctnetlink);
+
+impl ConntrackAccess for NoWatch {
+    fn dump(&self, sel: &Selector) -> Result<Vec<Entry>, AccessError> {
+        self.0.dump(sel)
+    }
+    fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
+        self.0.create(entries)
+    }
+    fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError> {
+        self.0.delete_selected(sel)
+    }
+    fn delete_entries(&self, entries: &[Entry]) -> Result<DeleteReport, AccessError> {
+        self.0.delete_entries(entries)
+    }
+    fn watch(&self, _sel: &Selector, _on: bool) -> Result<(), AccessError> {
+        Err(AccessError::Helper(
+            "the helper runs with --no-cache".into(),
+        ))
+    }
 }

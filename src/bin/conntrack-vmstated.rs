@@ -9,7 +9,8 @@ use anyhow::Context;
 use clap::Parser;
 use conntrack_vmstate::access::ConntrackAccess;
 use conntrack_vmstate::bus::{self, DaemonConfig};
-use conntrack_vmstate::service::{DEFAULT_LOAD_DEADLINE_MS, DEFAULT_SAVE_DEADLINE_MS};
+use conntrack_vmstate::cache::{CacheConfig, CachedAccess};
+use conntrack_vmstate::service::{DEFAULT_LOAD_BUDGET_MS, DEFAULT_SAVE_DEADLINE_MS};
 
 /// Carries VMs' conntrack entries through QEMU live migration: a manager on
 /// D-Bus (org.conntrack_vmstate.Manager1) registers VMs, and for each one an
@@ -36,10 +37,22 @@ struct Args {
     /// every millisecond of Save is guest downtime.
     #[arg(long, value_name = "MS", default_value_t = DEFAULT_SAVE_DEADLINE_MS)]
     save_deadline_ms: u64,
-    /// Load answers QEMU after this long and finishes creating entries in the
-    /// background (LastLoad is updated when done).
-    #[arg(long, value_name = "MS", default_value_t = DEFAULT_LOAD_DEADLINE_MS)]
-    load_deadline_ms: u64,
+    /// Load creates the most valuable entries for this long, then answers
+    /// QEMU (the guest resumes) and creates the rest in the background;
+    /// LastLoad says when the restore is complete. (`--load-deadline-ms` is
+    /// the old name of the same knob.)
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_LOAD_BUDGET_MS, alias = "load-deadline-ms")]
+    load_budget_ms: u64,
+    /// How often the warm cache re-reads each registered VM's entries from
+    /// the kernel to refresh remaining timeouts: the staleness bound of the
+    /// timeouts Save reports. Ignored with --helper-socket (the helper keeps
+    /// the cache; see its own option).
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    cache_refresh_secs: u64,
+    /// Do not keep registered VMs' entries warm: every Save walks the
+    /// kernel's conntrack table. In-process mode only.
+    #[arg(long)]
+    no_cache: bool,
 }
 
 fn state_dir(arg: Option<PathBuf>) -> PathBuf {
@@ -64,14 +77,24 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("conntrack helper at {}", p.display()))?,
         ),
         None => {
-            Arc::new(conntrack_vmstate::ctnetlink::Ctnetlink::open().context("opening ctnetlink")?)
+            let ct =
+                conntrack_vmstate::ctnetlink::Ctnetlink::open().context("opening ctnetlink")?;
+            if args.no_cache {
+                Arc::new(ct)
+            } else {
+                let cfg = CacheConfig {
+                    refresh_interval: Duration::from_secs(args.cache_refresh_secs),
+                    ..CacheConfig::default()
+                };
+                Arc::new(CachedAccess::new(ct, cfg).context("starting the conntrack cache")?)
+            }
         }
     };
     let cfg = DaemonConfig {
         bus_address: args.bus_address,
         state_dir: state_dir(args.state_dir),
         save_deadline: Duration::from_millis(args.save_deadline_ms),
-        load_deadline: Duration::from_millis(args.load_deadline_ms),
+        load_budget: Duration::from_millis(args.load_budget_ms),
     };
     let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
     // Few worker threads suffice: conntrack work runs on the blocking pool.

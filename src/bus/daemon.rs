@@ -32,7 +32,9 @@ pub struct DaemonConfig {
     pub bus_address: Option<String>,
     pub state_dir: PathBuf,
     pub save_deadline: Duration,
-    pub load_deadline: Duration,
+    /// Load creates entries synchronously for this long, then answers QEMU
+    /// and creates the rest in the background.
+    pub load_budget: Duration,
 }
 
 /// Why the daemon could not start.
@@ -129,6 +131,9 @@ impl Shared {
                 if !serving {
                     self.serve(rt.clone(), true).await?;
                 }
+                if !rt.watching() {
+                    self.engine.watch(&rt, true).await;
+                }
                 tracing::info!(
                     VMID = %vm,
                     VMSTATE_ID = %rt.config.id,
@@ -143,6 +148,8 @@ impl Shared {
                     self.unserve(vm).await;
                     return Err(e.into());
                 }
+                // From now on Save is served from the warm cache.
+                self.engine.watch(&rt, true).await;
                 tracing::info!(
                     VMID = %vm,
                     VMSTATE_ID = %cfg.id,
@@ -179,6 +186,14 @@ impl Shared {
         };
         lock(&self.registry).remove(vm)?;
         self.unserve(vm).await;
+        let stopped = self
+            .engine
+            .cancel_restore(&rt, "the VM was unregistered")
+            .await;
+        if stopped {
+            tracing::info!(VMID = %vm, "Unregister of VM {vm}: stopped its running restore");
+        }
+        self.engine.watch(&rt, false).await;
         let (deleted, missing) = flushed.map_or((0, 0), |r| (r.deleted, r.missing));
         tracing::info!(
             VMID = %vm,
@@ -385,7 +400,7 @@ impl Daemon {
                 address: address.clone(),
                 source,
             })?;
-        let engine = Arc::new(Engine::new(access, cfg.save_deadline, cfg.load_deadline));
+        let engine = Arc::new(Engine::new(access, cfg.save_deadline, cfg.load_budget));
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::new(Store::new(&cfg.state_dir))),
             served: Mutex::new(HashMap::new()),
@@ -422,7 +437,8 @@ impl Daemon {
                 for c in cfgs {
                     let rt = lock(&shared.registry).insert_restored(c);
                     let (vm, id) = (rt.config.vm.clone(), rt.config.id.clone());
-                    let _ = shared.serve(rt, false).await;
+                    let _ = shared.serve(rt.clone(), false).await;
+                    shared.engine.watch(&rt, true).await;
                     tracing::info!(VMID = %vm, VMSTATE_ID = %id, "Restored registration of VM {vm}");
                 }
             }
@@ -477,6 +493,15 @@ impl Daemon {
         let vms: Vec<String> = lock(&self.shared.served).keys().cloned().collect();
         for vm in vms {
             self.shared.unserve(&vm).await;
+        }
+        // A restore still running would keep the process alive; its VM is
+        // registered again by the next instance, the entries made so far stay.
+        let all = lock(&self.shared.registry).all();
+        for rt in all {
+            self.shared
+                .engine
+                .cancel_restore(&rt, "conntrack-vmstated is stopping")
+                .await;
         }
         let _ = self.shared.manager.release_name(MANAGER_NAME).await;
     }

@@ -96,6 +96,28 @@ fn report_dict(r: Option<OpReport>) -> HashMap<String, OwnedVariant> {
     m
 }
 
+fn save_dict(r: Option<OpReport>) -> HashMap<String, OwnedVariant> {
+    let source = r.as_ref().map(|r| r.source.clone());
+    let mut m = report_dict(r);
+    if let Some(s) = source {
+        m.insert("source".into(), OwnedVariant::from(zbus::Str::from(s)));
+    }
+    m
+}
+
+fn load_dict(r: Option<OpReport>) -> HashMap<String, OwnedVariant> {
+    let extra = r
+        .as_ref()
+        .map(|r| (r.created_sync, r.complete_us, r.pending));
+    let mut m = report_dict(r);
+    if let Some((created_sync, complete_us, pending)) = extra {
+        m.insert("created_sync".into(), OwnedVariant::from(created_sync));
+        m.insert("complete_us".into(), OwnedVariant::from(complete_us));
+        m.insert("pending".into(), OwnedVariant::from(pending));
+    }
+    m
+}
+
 #[interface(name = "org.conntrack_vmstate.VM1")]
 impl Vm1 {
     #[zbus(property(emits_changed_signal = "const"))]
@@ -142,17 +164,19 @@ impl Vm1 {
     }
 
     /// entries, dropped, bytes, duration_us, error, timestamp (µs since the
-    /// epoch) of the last Save; empty before the first.
+    /// epoch), source (`cache` or `dump`) of the last Save; empty before the
+    /// first.
     #[zbus(property)]
     fn last_save(&self) -> HashMap<String, OwnedVariant> {
-        report_dict(self.rt.last_save())
+        save_dict(self.rt.last_save())
     }
 
-    /// entries, dropped, created, existed, refused, bytes, duration_us,
-    /// error, timestamp of the last Load; empty before the first.
+    /// entries, dropped, created, created_sync, existed, refused, bytes,
+    /// duration_us (to the answer), complete_us (to the full restore),
+    /// pending, error, timestamp of the last Load; empty before the first.
     #[zbus(property)]
     fn last_load(&self) -> HashMap<String, OwnedVariant> {
-        report_dict(self.rt.last_load())
+        load_dict(self.rt.last_load())
     }
 }
 

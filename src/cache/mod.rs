@@ -139,7 +139,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport};
+use crate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport, DumpSource};
 use crate::ctnetlink::{Ctnetlink, EventError, EventSocket, EventsSysctl};
 use crate::entry::{Entry, Selector};
 use state::{Key, Tables};
@@ -877,18 +877,23 @@ fn drain_eventfd(fd: i32) {
 
 impl ConntrackAccess for CachedAccess {
     fn dump(&self, sel: &Selector) -> Result<Vec<Entry>, AccessError> {
+        self.dump_sourced(sel).map(|(es, _)| es)
+    }
+
+    fn dump_sourced(&self, sel: &Selector) -> Result<(Vec<Entry>, DumpSource), AccessError> {
+        let direct = |s: &Shared| s.direct.dump(sel).map(|es| (es, DumpSource::Kernel));
         let watched = self.shared.lock().tables.sels.contains_key(sel);
         if !watched {
             bump(&self.shared.counters.unwatched, 1);
-            return self.shared.direct.dump(sel);
+            return direct(&self.shared);
         }
         if let Ok(v) = self.shared.answer_cached(sel) {
             bump(&self.shared.counters.hits, 1);
-            return Ok(v);
+            return Ok((v, DumpSource::Cache));
         }
         bump(&self.shared.counters.fallbacks, 1);
         self.shared.wake();
-        self.shared.direct.dump(sel)
+        direct(&self.shared)
     }
 
     fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {

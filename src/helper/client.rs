@@ -2,14 +2,19 @@
 //! requests to the sandboxed helper's socket.
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::wire::{self, op, Response};
-use crate::access::{AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport};
+use super::wire::{self, op, Request, Response};
+use crate::access::{
+    AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport, DumpSource,
+};
 use crate::entry::{Entry, Selector};
 
 /// Default bound of one request, connect to reply. Below the daemon's Save
@@ -40,7 +45,33 @@ pub struct HelperClient {
     path: PathBuf,
     timeout: Duration,
     pool: Mutex<Vec<UnixStream>>,
+    watches: Arc<WatchState>,
 }
+
+/// The watches the daemon asked for and the one connection that holds them
+/// in the helper (watches live as long as their connection).
+struct WatchState {
+    path: PathBuf,
+    timeout: Duration,
+    inner: Mutex<WatchInner>,
+    stop: AtomicBool,
+    /// Times the watches were sent again on a new connection.
+    resends: AtomicU64,
+    monitor: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+#[derive(Default)]
+struct WatchInner {
+    conn: Option<UnixStream>,
+    /// Watch calls per selector (the trait counts them); the helper is told
+    /// only of the first `true` and the last `false`.
+    counts: HashMap<Selector, u32>,
+}
+
+/// How often the monitor looks at the watch connection, and the longest
+/// wait between reconnect attempts while the helper is away.
+const MONITOR_TICK: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 /// How one attempt failed.
 enum Fail {
@@ -65,6 +96,14 @@ impl HelperClient {
             path: socket.to_owned(),
             timeout,
             pool: Mutex::new(Vec::new()),
+            watches: Arc::new(WatchState {
+                path: socket.to_owned(),
+                timeout,
+                inner: Mutex::new(WatchInner::default()),
+                stop: AtomicBool::new(false),
+                resends: AtomicU64::new(0),
+                monitor: Mutex::new(None),
+            }),
         };
         // Best effort: connecting now socket-activates the helper while the
         // daemon starts, and the open connection keeps it up while the daemon
@@ -79,6 +118,36 @@ impl HelperClient {
     /// The socket this client talks to.
     pub fn socket(&self) -> &Path {
         &self.path
+    }
+
+    /// How many times the watches were sent again to a restarted helper.
+    pub fn watch_resends(&self) -> u64 {
+        self.watches.resends.load(Ordering::Relaxed)
+    }
+
+    /// Selectors currently watched (as the daemon asked; the helper holds
+    /// them while the watch connection is up).
+    pub fn watched(&self) -> usize {
+        self.watches.lock().counts.len()
+    }
+
+    fn start_monitor(&self) {
+        let mut m = self
+            .watches
+            .monitor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if m.is_some() {
+            return;
+        }
+        let st = Arc::clone(&self.watches);
+        match std::thread::Builder::new()
+            .name("helper-watch".into())
+            .spawn(move || st.monitor())
+        {
+            Ok(h) => *m = Some(h),
+            Err(e) => tracing::warn!("cannot start the helper watch monitor: {e}"),
+        }
     }
 
     fn pooled(&self) -> Option<UnixStream> {
@@ -214,6 +283,196 @@ impl HelperClient {
     }
 }
 
+impl Drop for HelperClient {
+    fn drop(&mut self) {
+        self.watches.stop.store(true, Ordering::SeqCst);
+        let h = self
+            .watches
+            .monitor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = h {
+            let _ = h.join();
+        }
+    }
+}
+
+impl WatchState {
+    fn lock(&self) -> MutexGuard<'_, WatchInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One request/reply on the watch connection. Without a connection, or
+    /// when it turns out broken (helper restarted), a new one is opened and
+    /// every counted selector, this one included, is sent on it. A failed
+    /// exchange drops the connection: the helper then drops its watches too.
+    fn send(&self, g: &mut WatchInner, sel: Selector, on: bool) -> Result<(), AccessError> {
+        let res = match g.conn.as_mut() {
+            // No connection: the helper holds no watch of ours.
+            None if !on => return Ok(()),
+            None => return self.reconnect_for(g, sel),
+            Some(c) => self.exchange(c, &Request::Watch(sel, on)),
+        };
+        match res {
+            Ok(Response::Watching(_)) => Ok(()),
+            Ok(Response::Error(m)) => Err(refused("watch", m)),
+            Ok(r) => {
+                g.conn = None;
+                Err(unexpected("watch", &r))
+            }
+            Err(_) if on => self.reconnect_for(g, sel),
+            Err(e) => {
+                g.conn = None;
+                Err(AccessError::Helper(format!(
+                    "watch: helper connection failed: {e}"
+                )))
+            }
+        }
+    }
+
+    /// [`reconnect`](Self::reconnect), failing only for `sel`'s own refusal.
+    fn reconnect_for(&self, g: &mut WatchInner, sel: Selector) -> Result<(), AccessError> {
+        let refusals = self.reconnect(g)?;
+        self.resends
+            .fetch_add(u64::from(g.counts.len() > 1), Ordering::Relaxed);
+        let mut mine = Ok(());
+        for (s, m) in refusals {
+            if s == sel {
+                mine = Err(refused("watch", m));
+            } else {
+                tracing::warn!("helper refused a watch sent again: {m}");
+            }
+        }
+        mine
+    }
+
+    /// Opens a new watch connection and sends every counted selector on it.
+    /// Selectors the helper refuses stay counted (tried again on the next
+    /// reconnect) and are returned.
+    fn reconnect(&self, g: &mut WatchInner) -> Result<Vec<(Selector, String)>, AccessError> {
+        g.conn = None;
+        let mut c = UnixStream::connect(&self.path).map_err(|e| {
+            AccessError::Helper(format!(
+                "watch: cannot connect to the helper at {}: {e}",
+                self.path.display()
+            ))
+        })?;
+        let mut refusals = Vec::new();
+        let sels: Vec<Selector> = g.counts.keys().copied().collect();
+        for sel in sels {
+            match self.exchange(&mut c, &Request::Watch(sel, true)) {
+                Ok(Response::Watching(_)) => {}
+                Ok(Response::Error(m)) => refusals.push((sel, m)),
+                Ok(r) => return Err(unexpected("watch", &r)),
+                Err(e) => {
+                    return Err(AccessError::Helper(format!(
+                        "watch: helper connection failed: {e}"
+                    )))
+                }
+            }
+        }
+        g.conn = Some(c);
+        Ok(refusals)
+    }
+
+    fn exchange(&self, c: &mut UnixStream, req: &Request) -> io::Result<Response> {
+        c.set_write_timeout(Some(self.timeout))?;
+        c.set_read_timeout(Some(self.timeout))?;
+        c.write_all(&wire::encode_request(req))?;
+        let mut len = [0u8; 4];
+        c.read_exact(&mut len)?;
+        let n = u32::from_le_bytes(len) as usize;
+        if n > 1 << 16 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("watch reply of {n} bytes"),
+            ));
+        }
+        let mut buf = vec![0u8; n];
+        c.read_exact(&mut buf)?;
+        wire::decode_response(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Watches the watch connection: when the helper goes away (stopped,
+    /// restarted, crashed) the connection hangs up; then reconnect — which
+    /// socket-activates a new helper — and send the watches again, so Saves
+    /// are served from a warm cache again without anyone re-registering.
+    fn monitor(self: Arc<Self>) {
+        let mut backoff = MONITOR_TICK;
+        while !self.stop.load(Ordering::SeqCst) {
+            let probe = {
+                let g = self.lock();
+                if g.counts.is_empty() {
+                    None
+                } else {
+                    Some(g.conn.as_ref().and_then(|c| c.try_clone().ok()))
+                }
+            };
+            match probe {
+                None => std::thread::sleep(MONITOR_TICK),
+                Some(Some(c)) => {
+                    if hung_up(&c, MONITOR_TICK) {
+                        let mut g = self.lock();
+                        // Only if it is still the same connection.
+                        if g.conn.as_ref().is_some_and(|x| same_socket(x, &c)) {
+                            g.conn = None;
+                            tracing::info!("helper connection closed; sending the watches again");
+                        }
+                    }
+                    backoff = MONITOR_TICK;
+                }
+                Some(None) => {
+                    let mut g = self.lock();
+                    if g.conn.is_none() && !g.counts.is_empty() {
+                        match self.reconnect(&mut g) {
+                            Ok(refusals) => {
+                                self.resends.fetch_add(1, Ordering::Relaxed);
+                                tracing::info!(
+                                    watches = g.counts.len(),
+                                    refused = refusals.len(),
+                                    "watches sent again to the helper"
+                                );
+                                for (_, m) in refusals {
+                                    tracing::warn!("helper refused a watch sent again: {m}");
+                                }
+                            }
+                            Err(e) => {
+                                drop(g);
+                                tracing::debug!("helper not back yet: {e}");
+                                std::thread::sleep(backoff);
+                                backoff = (backoff * 2).min(RECONNECT_MAX);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Waits up to `wait` for the peer to hang up (it never sends unasked).
+fn hung_up(c: &UnixStream, wait: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: c.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, lives across the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) };
+    n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// Whether two handles are the same socket (one a clone of the other).
+fn same_socket(a: &UnixStream, b: &UnixStream) -> bool {
+    let ino = |s: &UnixStream| {
+        // SAFETY: fstat on a live descriptor into a zeroed struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        (unsafe { libc::fstat(s.as_raw_fd(), &mut st) } == 0).then_some(st.st_ino)
+    };
+    ino(a).is_some() && ino(a) == ino(b)
+}
+
 fn refused(op: &'static str, msg: String) -> AccessError {
     AccessError::Helper(format!("helper refused {op}: {msg}"))
 }
@@ -225,6 +484,8 @@ fn unexpected(op: &'static str, r: &Response) -> AccessError {
         Response::Created(_) => "create report",
         Response::Deleted(_) => "delete count",
         Response::DeleteReport(_) => "delete report",
+        Response::Watching(_) => "watch count",
+        Response::SourcedEntries(..) => "entries",
     };
     AccessError::Helper(format!("{op}: unexpected {kind} reply from the helper"))
 }
@@ -255,6 +516,69 @@ impl ConntrackAccess for HelperClient {
             Response::Error(m) => Err(refused("dump", m)),
             r => Err(unexpected("dump", &r)),
         }
+    }
+
+    fn dump_sourced(&self, sel: &Selector) -> Result<(Vec<Entry>, DumpSource), AccessError> {
+        let frame = wire::encode_request(&Request::DumpSourced(*sel));
+        match self.call("dump", &frame)? {
+            Response::SourcedEntries(src, es) => {
+                if let Some(e) = es.iter().find(|e| !sel.matches(e)) {
+                    return Err(self.protocol(
+                        "dump",
+                        &format!("entry with mark {:#x} outside the selector", e.mark),
+                    ));
+                }
+                Ok((es, src))
+            }
+            // A helper older than the opcode (e.g. during a package
+            // upgrade): a plain dump still answers the Save.
+            Response::Error(m) if m.contains("unknown opcode") => {
+                self.dump(sel).map(|es| (es, DumpSource::Kernel))
+            }
+            Response::Error(m) => Err(refused("dump", m)),
+            r => Err(unexpected("dump", &r)),
+        }
+    }
+
+    /// Watches live in the helper as long as one dedicated connection stays
+    /// open (pooled connections may be dropped any time); a monitor thread
+    /// re-sends them when the helper restarts.
+    fn watch(&self, sel: &Selector, on: bool) -> Result<(), AccessError> {
+        if on {
+            super::server::validate_selector(sel).map_err(|m| refused("watch", m))?;
+        }
+        let st = &self.watches;
+        let mut g = st.lock();
+        let res = if on {
+            let c = g.counts.entry(*sel).or_insert(0);
+            *c += 1;
+            if *c > 1 {
+                return Ok(());
+            }
+            let r = st.send(&mut g, *sel, true);
+            if r.is_err() {
+                // Not held by the helper: forget it, the caller knows.
+                g.counts.remove(sel);
+            }
+            r
+        } else {
+            match g.counts.get_mut(sel) {
+                None => return Ok(()),
+                Some(c) if *c > 1 => {
+                    *c -= 1;
+                    return Ok(());
+                }
+                Some(_) => {
+                    g.counts.remove(sel);
+                    st.send(&mut g, *sel, false)
+                }
+            }
+        };
+        drop(g);
+        if on && res.is_ok() {
+            self.start_monitor();
+        }
+        res
     }
 
     fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {

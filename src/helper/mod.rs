@@ -8,8 +8,11 @@
 //!   activated, mode 0600, owned by the daemon's user: only it can connect);
 //! * frames `u32 length (LE) | u8 version (1) | u8 opcode | body`;
 //! * requests Dump(selector), Create(selector, entries),
-//!   DeleteSelected(selector), DeleteEntries(selector, entries); one reply
-//!   per request, in order;
+//!   DeleteSelected(selector), DeleteEntries(selector, entries),
+//!   Watch(selector, on) and DumpSourced(selector); one reply per request,
+//!   in order. Watched selectors are kept warm by the helper's
+//!   [`crate::cache::CachedAccess`] while the watching connection is open;
+//!   the client re-sends them after a helper restart;
 //! * the helper validates every request before the kernel sees it: size and
 //!   count limits, a selector must select marked entries, and every entry of
 //!   Create/DeleteEntries must match the request's selector — so a daemon
@@ -46,4 +49,12 @@ pub struct HelperArgs {
     /// Connections served at once.
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
+    /// How often the warm cache re-reads each watched VM's entries from the
+    /// kernel to refresh remaining timeouts (the staleness bound of the
+    /// timeouts a Save reports).
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub cache_refresh_secs: u64,
+    /// Refuse Watch requests: every dump walks the kernel's table.
+    #[arg(long)]
+    pub no_cache: bool,
 }

@@ -34,6 +34,12 @@ pub struct ServerConfig {
     /// Set (e.g. by a SIGTERM handler) to stop: no new connections, requests
     /// in flight are answered, open connections are closed between requests.
     pub stop: Option<&'static AtomicBool>,
+    /// Selectors one connection may watch at once (Watch requests beyond it
+    /// are refused): the daemon watches one per registered VM.
+    pub max_watches_per_connection: usize,
+    /// Selectors watched at once over all connections: each costs the
+    /// cache's memory and a share of its refresh walks.
+    pub max_watches: usize,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +49,8 @@ impl Default for ServerConfig {
             max_connections: 64,
             frame_timeout: Duration::from_secs(30),
             stop: None,
+            max_watches_per_connection: 2048,
+            max_watches: 4096,
         }
     }
 }
@@ -67,6 +75,8 @@ struct Shared {
     start: Instant,
     requests: AtomicU64,
     rejected: AtomicU64,
+    /// Watches held by all connections.
+    watches: AtomicUsize,
 }
 
 impl Shared {
@@ -85,6 +95,8 @@ impl Shared {
 pub fn validate(req: &Request) -> Result<(), String> {
     let sel = match req {
         Request::Dump(s)
+        | Request::DumpSourced(s)
+        | Request::Watch(s, _)
         | Request::DeleteSelected(s)
         | Request::Create(s, _)
         | Request::DeleteEntries(s, _) => s,
@@ -138,12 +150,92 @@ fn execute(req: &Request, access: &dyn ConntrackAccess) -> Response {
         Request::Create(_, es) => access.create(es).map(Response::Created),
         Request::DeleteSelected(s) => access.delete_selected(s).map(Response::Deleted),
         Request::DeleteEntries(_, es) => access.delete_entries(es).map(Response::DeleteReport),
+        Request::DumpSourced(s) => access.dump_sourced(s).map(|(mut es, src)| {
+            es.retain(|e| s.matches(e));
+            Response::SourcedEntries(src, es)
+        }),
+        // Watches belong to a connection; only `connection` can run them.
+        Request::Watch(..) => Ok(Response::Error(
+            "watch refused: watches need a connection".into(),
+        )),
     };
     r.unwrap_or_else(|e| Response::Error(e.to_string()))
 }
 
+/// The selectors one connection watches. Dropped with the connection, so a
+/// daemon that exits or crashes never leaves the helper caching for it.
+struct Watches<'a> {
+    access: &'a dyn ConntrackAccess,
+    sh: &'a Shared,
+    max_per_connection: usize,
+    max_total: usize,
+    set: std::collections::HashSet<Selector>,
+}
+
+impl Watches<'_> {
+    fn run(&mut self, sel: Selector, on: bool) -> Response {
+        let n = |w: &Self| u32::try_from(w.set.len()).unwrap_or(u32::MAX);
+        if !on {
+            if self.set.remove(&sel) {
+                self.sh.watches.fetch_sub(1, Ordering::SeqCst);
+                if let Err(e) = self.access.watch(&sel, false) {
+                    return Response::Error(e.to_string());
+                }
+            }
+            return Response::Watching(n(self));
+        }
+        if self.set.contains(&sel) {
+            return Response::Watching(n(self));
+        }
+        if self.set.len() >= self.max_per_connection {
+            return Response::Error(format!(
+                "watch refused: this connection already watches {} selectors (limit {})",
+                self.set.len(),
+                self.max_per_connection
+            ));
+        }
+        // Reserve first, so concurrent connections cannot overshoot.
+        if self.sh.watches.fetch_add(1, Ordering::SeqCst) >= self.max_total {
+            self.sh.watches.fetch_sub(1, Ordering::SeqCst);
+            return Response::Error(format!(
+                "watch refused: the helper already watches {} selectors (limit {})",
+                self.max_total, self.max_total
+            ));
+        }
+        match self.access.watch(&sel, true) {
+            Ok(()) => {
+                self.set.insert(sel);
+                Response::Watching(n(self))
+            }
+            Err(e) => {
+                self.sh.watches.fetch_sub(1, Ordering::SeqCst);
+                Response::Error(e.to_string())
+            }
+        }
+    }
+}
+
+impl Drop for Watches<'_> {
+    fn drop(&mut self) {
+        for sel in std::mem::take(&mut self.set) {
+            self.sh.watches.fetch_sub(1, Ordering::SeqCst);
+            if let Err(e) = self.access.watch(&sel, false) {
+                tracing::warn!("dropping a watch of a closed connection: {e}");
+            }
+        }
+    }
+}
+
 /// Decodes, validates and runs one request payload; never panics outward.
 pub fn handle(payload: &[u8], access: &dyn ConntrackAccess) -> (Response, Option<&'static str>) {
+    handle_in(payload, access, None)
+}
+
+fn handle_in(
+    payload: &[u8],
+    access: &dyn ConntrackAccess,
+    mut watches: Option<&mut Watches<'_>>,
+) -> (Response, Option<&'static str>) {
     let req = match wire::decode_request(payload) {
         Ok(r) => r,
         Err(e) => return (Response::Error(format!("malformed request: {e}")), None),
@@ -157,7 +249,11 @@ pub fn handle(payload: &[u8], access: &dyn ConntrackAccess) -> (Response, Option
     }
     // The codec below is a large piece of code handling kernel input; a bug
     // in it must cost one reply, not the helper and every other connection.
-    match catch_unwind(AssertUnwindSafe(|| execute(&req, access))) {
+    let run = || match (&req, watches.as_deref_mut()) {
+        (Request::Watch(sel, on), Some(w)) => w.run(*sel, *on),
+        _ => execute(&req, access),
+    };
+    match catch_unwind(AssertUnwindSafe(run)) {
         Ok(resp) => (resp, Some(name)),
         Err(_) => (
             Response::Error(format!("{name} failed: internal error in the helper")),
@@ -181,6 +277,7 @@ pub fn serve(
         start: Instant::now(),
         requests: AtomicU64::new(0),
         rejected: AtomicU64::new(0),
+        watches: AtomicUsize::new(0),
     });
     let threads = Mutex::new(Vec::new());
     let mut connections = 0u64;
@@ -359,6 +456,13 @@ fn connection(
     s.set_read_timeout(Some(TICK))?;
     // A daemon that stops reading must not pin a helper thread forever.
     s.set_write_timeout(Some(cfg.frame_timeout))?;
+    let mut watches = Watches {
+        access,
+        sh,
+        max_per_connection: cfg.max_watches_per_connection,
+        max_total: cfg.max_watches,
+        set: Default::default(),
+    };
     loop {
         let payload = match read_request(&mut s, sh, cfg)? {
             Ok(Read0::Closed) => return Ok(()),
@@ -378,7 +482,7 @@ fn connection(
         sh.busy.fetch_add(1, Ordering::SeqCst);
         sh.touch();
         let t0 = Instant::now();
-        let (resp, name) = handle(&payload, access);
+        let (resp, name) = handle_in(&payload, access, Some(&mut watches));
         drop(payload);
         let mut out = wire::encode_response(&resp);
         if out.len() - 4 > wire::MAX_RESPONSE {

@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::access::{CreateReport, DeleteReport};
+use crate::access::{CreateReport, DeleteReport, DumpSource};
 use crate::entry::{Entry, ProtoInfo, Selector, SeqAdj, Tuple, L4};
 
 /// Protocol version carried in every frame. A peer speaking another version
@@ -35,12 +35,19 @@ pub mod op {
     pub const CREATE: u8 = 2;
     pub const DELETE_SELECTED: u8 = 3;
     pub const DELETE_ENTRIES: u8 = 4;
+    /// Added in protocol 1 without a version bump: a helper that predates
+    /// them answers `unknown opcode`, which the client treats as "no cache"
+    /// (watch) or retries as a plain Dump (dump-sourced).
+    pub const WATCH: u8 = 5;
+    pub const DUMP_SOURCED: u8 = 6;
     /// Replies have the high bit set.
     pub const R_ERROR: u8 = 0x80;
     pub const R_ENTRIES: u8 = 0x81;
     pub const R_CREATED: u8 = 0x82;
     pub const R_DELETED: u8 = 0x83;
     pub const R_DELETE_REPORT: u8 = 0x84;
+    pub const R_WATCHING: u8 = 0x85;
+    pub const R_SOURCED_ENTRIES: u8 = 0x86;
 }
 
 /// A request from the daemon. Create and DeleteEntries name the selector
@@ -52,6 +59,11 @@ pub enum Request {
     Create(Selector, Vec<Entry>),
     DeleteSelected(Selector),
     DeleteEntries(Selector, Vec<Entry>),
+    /// Start (`true`) or stop keeping the selector's entries warm in the
+    /// helper's cache, for as long as this connection stays open.
+    Watch(Selector, bool),
+    /// Dump, and say whether the cache or the kernel answered.
+    DumpSourced(Selector),
 }
 
 impl Request {
@@ -61,6 +73,8 @@ impl Request {
             Request::Create(..) => "create",
             Request::DeleteSelected(_) => "delete-selected",
             Request::DeleteEntries(..) => "delete-entries",
+            Request::Watch(..) => "watch",
+            Request::DumpSourced(_) => "dump",
         }
     }
 }
@@ -73,6 +87,9 @@ pub enum Response {
     Created(CreateReport),
     Deleted(u64),
     DeleteReport(DeleteReport),
+    /// Selectors this connection watches after a Watch request.
+    Watching(u32),
+    SourcedEntries(DumpSource, Vec<Entry>),
 }
 
 /// Why a frame could not be decoded. The text goes back to the peer.
@@ -297,6 +314,11 @@ pub fn encode_request(r: &Request) -> Vec<u8> {
         Request::DeleteSelected(s) => frame(op::DELETE_SELECTED, |w| put_selector(w, s)),
         Request::Create(s, es) => encode_batch(op::CREATE, s, es.iter()),
         Request::DeleteEntries(s, es) => encode_batch(op::DELETE_ENTRIES, s, es.iter()),
+        Request::Watch(s, on) => frame(op::WATCH, |w| {
+            put_selector(w, s);
+            w.u8(u8::from(*on));
+        }),
+        Request::DumpSourced(s) => frame(op::DUMP_SOURCED, |w| put_selector(w, s)),
     }
 }
 
@@ -340,6 +362,14 @@ pub fn encode_response(r: &Response) -> Vec<u8> {
         Response::DeleteReport(d) => frame(op::R_DELETE_REPORT, |w| {
             w.u64(d.deleted);
             w.u64(d.missing);
+        }),
+        Response::Watching(n) => frame(op::R_WATCHING, |w| w.u32(*n)),
+        Response::SourcedEntries(src, es) => frame(op::R_SOURCED_ENTRIES, |w| {
+            w.u8(match src {
+                DumpSource::Kernel => 0,
+                DumpSource::Cache => 1,
+            });
+            put_entries(w, es.iter())
         }),
     }
 }
@@ -605,6 +635,11 @@ pub fn decode_request(payload: &[u8]) -> Result<Request, WireError> {
             let s = get_selector(&mut r)?;
             Request::DeleteEntries(s, get_entries(&mut r, MAX_ENTRIES)?)
         }
+        op::WATCH => {
+            let s = get_selector(&mut r)?;
+            Request::Watch(s, r.flag("watch flag")?)
+        }
+        op::DUMP_SOURCED => Request::DumpSourced(get_selector(&mut r)?),
         other => return Err(WireError::Opcode(other)),
     };
     r.end()?;
@@ -642,6 +677,15 @@ pub fn decode_response(payload: &[u8]) -> Result<Response, WireError> {
             deleted: r.u64()?,
             missing: r.u64()?,
         }),
+        op::R_WATCHING => Response::Watching(r.u32()?),
+        op::R_SOURCED_ENTRIES => {
+            let src = match r.u8()? {
+                0 => DumpSource::Kernel,
+                1 => DumpSource::Cache,
+                v => return Err(r.invalid("dump source", v.into())),
+            };
+            Response::SourcedEntries(src, get_entries(&mut r, usize::MAX)?)
+        }
         other => return Err(WireError::Opcode(other)),
     };
     r.end()?;

@@ -4,14 +4,15 @@
 //! the journal. Conntrack work runs on tokio's blocking pool, never on the
 //! executor that answers property reads.
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
-use super::runtime::{now_us, OpReport, VmRuntime};
+use super::runtime::{now_us, OpReport, Restore, RestoreCtl, VmRuntime};
 use super::ServiceError;
-use crate::access::{AccessError, ConntrackAccess, DeleteReport};
+use crate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport, DumpSource};
 use crate::entry::Entry;
 use crate::format::{self, EncodeOptions, QEMU_LIMIT};
 
@@ -20,10 +21,29 @@ use crate::format::{self, EncodeOptions, QEMU_LIMIT};
 /// answering early with an empty state keeps the migration alive.
 pub const DEFAULT_SAVE_DEADLINE_MS: u64 = 2000;
 
-/// Default Load deadline: past it we answer QEMU (so the guest can resume
-/// well before QEMU's 25 s timeout) and let entry creation finish in the
-/// background; `LastLoad` is updated when it does.
-pub const DEFAULT_LOAD_DEADLINE_MS: u64 = 5000;
+/// Default Load budget: Load creates the most valuable entries for this
+/// long, answers QEMU (the guest resumes) and creates the rest in the
+/// background. Every millisecond of Load is guest downtime.
+pub const DEFAULT_LOAD_BUDGET_MS: u64 = 20;
+
+/// How far past its budget a Load may run before QEMU gets its answer
+/// anyway: one create call that hangs (a stuck helper is only cut off after
+/// its own 10 s) must not hold the guest. Normal batches cost a few ms.
+const LOAD_OVERRUN_CAP: Duration = Duration::from_millis(500);
+
+/// First synchronous batch: small, so the most valuable entries are in
+/// before the reply even when decoding used up the budget, and its cost
+/// sizes the next batches.
+const FIRST_BATCH: usize = 128;
+/// Bounds of later synchronous batches (sized to half the budget left).
+const MIN_BATCH: usize = 32;
+const MAX_SYNC_BATCH: usize = 4096;
+/// Background batches: large enough for full create speed, small enough
+/// that a cancel (new Load, Unregister) takes effect within a few ms.
+const BACKGROUND_BATCH: usize = 2048;
+/// How long a new Load or an Unregister waits for a running restore to stop
+/// (it stops after its current batch).
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
 /// How long `Unregister(flush)` waits for the deletions.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,7 +57,7 @@ const LAST_RESORT_BLOB: &[u8] = b"\0";
 pub struct Engine {
     access: Arc<dyn ConntrackAccess>,
     save_deadline: Duration,
-    load_deadline: Duration,
+    load_budget: Duration,
 }
 
 fn duration_us(start: Instant) -> u64 {
@@ -48,12 +68,40 @@ impl Engine {
     pub fn new(
         access: Arc<dyn ConntrackAccess>,
         save_deadline: Duration,
-        load_deadline: Duration,
+        load_budget: Duration,
     ) -> Engine {
         Engine {
             access,
             save_deadline,
-            load_deadline,
+            load_budget,
+        }
+    }
+
+    /// Starts (`on`) or stops keeping the VM's entries warm for Save. A
+    /// failure is logged, never fatal: Save then dumps directly.
+    pub async fn watch(&self, vm: &Arc<VmRuntime>, on: bool) {
+        if !on && !vm.set_watching(false) {
+            return;
+        }
+        let access = self.access.clone();
+        let sel = vm.config.selector();
+        let res = tokio::task::spawn_blocking(move || access.watch(&sel, on))
+            .await
+            .unwrap_or_else(|e| Err(AccessError::Helper(format!("watch task failed: {e}"))));
+        let c = &vm.config;
+        match res {
+            Ok(()) if on => {
+                vm.set_watching(true);
+                tracing::debug!(VMID = %c.vm, "watching the entries of VM {} for Save", c.vm);
+            }
+            Ok(()) => {}
+            Err(e) => tracing::warn!(
+                VMID = %c.vm,
+                VMSTATE_ID = %c.id,
+                "{} the warm cache for VM {} failed ({e}); Save dumps directly",
+                if on { "starting" } else { "stopping" },
+                c.vm
+            ),
         }
     }
 
@@ -67,22 +115,24 @@ impl Engine {
             limit: QEMU_LIMIT,
             format: vm.config.format.to_format(),
         };
-        let mut task: JoinHandle<Result<(Vec<Entry>, format::Encoded), String>> =
-            tokio::task::spawn_blocking(move || {
-                let entries = access.dump(&sel).map_err(|e| format!("dump failed: {e}"))?;
-                let enc = format::encode(&entries, &opts)
-                    .map_err(|e| format!("encoding {} entries failed: {e}", entries.len()))?;
-                Ok((entries, enc))
-            });
+        type Dumped = (Vec<Entry>, format::Encoded, DumpSource);
+        let mut task: JoinHandle<Result<Dumped, String>> = tokio::task::spawn_blocking(move || {
+            let (entries, source) = access
+                .dump_sourced(&sel)
+                .map_err(|e| format!("dump failed: {e}"))?;
+            let enc = format::encode(&entries, &opts)
+                .map_err(|e| format!("encoding {} entries failed: {e}", entries.len()))?;
+            Ok((entries, enc, source))
+        });
         let outcome = match tokio::time::timeout(self.save_deadline, &mut task).await {
-            Ok(Ok(Ok((entries, enc)))) => {
+            Ok(Ok(Ok((entries, enc, source)))) => {
                 if enc.bytes.is_empty() || enc.bytes.len() > QEMU_LIMIT {
                     Err(format!(
                         "encoder returned {} bytes, outside 1..={QEMU_LIMIT}",
                         enc.bytes.len()
                     ))
                 } else {
-                    Ok((entries, enc))
+                    Ok((entries, enc, source))
                 }
             }
             Ok(Ok(Err(reason))) => Err(reason),
@@ -97,8 +147,9 @@ impl Engine {
             }
         };
         let (bytes, report) = match outcome {
-            Ok((entries, enc)) => {
+            Ok((entries, enc, source)) => {
                 let report = OpReport {
+                    source: source.as_str().to_string(),
                     entries: enc.kept as u64,
                     dropped: enc.dropped as u64,
                     bytes: enc.bytes.len() as u64,
@@ -148,15 +199,24 @@ impl Engine {
         }
     }
 
-    /// Answers QEMU's `Load(data)`: validates the whole blob, then creates
-    /// its entries. Never fails; every problem ends up in `LastLoad`.
+    /// Answers QEMU's `Load(data)`: validates the whole blob, creates its
+    /// most valuable entries (priority order of the state format) until the
+    /// load budget has elapsed, answers, and creates the rest in the
+    /// background on the same access (`docs/downtime.md`). Never fails;
+    /// every problem ends up in `LastLoad`.
+    ///
+    /// A restore of an earlier Load that still runs is stopped first (after
+    /// its current batch), so two restores never interleave and `LastLoad`
+    /// describes this Load.
     pub async fn load(&self, vm: &Arc<VmRuntime>, data: Vec<u8>) {
         let start = Instant::now();
         let bytes = data.len() as u64;
+        self.cancel_restore(vm, "superseded by a newer Load").await;
         let refuse = |error: String| {
             let report = OpReport {
                 bytes,
                 duration_us: duration_us(start),
+                complete_us: duration_us(start),
                 error,
                 timestamp_us: now_us(),
                 ..OpReport::default()
@@ -173,68 +233,75 @@ impl Engine {
                 data.len()
             ));
         }
-        let access = self.access.clone();
-        let mut task: JoinHandle<OpReport> = tokio::task::spawn_blocking(move || {
-            let mut report = OpReport {
-                bytes,
-                ..OpReport::default()
-            };
-            // decode validates the whole blob first, so a bad one creates
-            // nothing at all.
-            match format::decode(&data) {
-                Err(e) => report.error = format!("invalid state, nothing loaded: {e}"),
-                Ok(decoded) => {
-                    report.entries = decoded.entries.len() as u64;
-                    report.dropped = decoded.dropped.unwrap_or(0);
-                    match access.create(&decoded.entries) {
-                        Ok(c) => {
-                            report.created = c.created;
-                            report.existed = c.existed;
-                            report.refused = c.refused;
-                            if c.refused > 0 {
-                                let why: Vec<String> = c
-                                    .refused_by_errno
-                                    .iter()
-                                    .map(|(errno, n)| {
-                                        format!(
-                                            "{n}× {}",
-                                            std::io::Error::from_raw_os_error(*errno)
-                                        )
-                                    })
-                                    .collect();
-                                tracing::info!(refused = %why.join(", "), "Load: refused entries skipped");
-                            }
-                        }
-                        Err(e) => report.error = format!("creating entries failed: {e}"),
-                    }
+        let ctl = Arc::new(RestoreCtl::default());
+        let (tx, rx) = tokio::sync::oneshot::channel::<OpReport>();
+        let job = RestoreJob {
+            access: self.access.clone(),
+            vm: vm.clone(),
+            ctl: ctl.clone(),
+            start,
+            budget: self.load_budget,
+            bytes,
+        };
+        let task = tokio::task::spawn_blocking(move || job.run(data, tx));
+        vm.set_restore(Restore {
+            ctl: ctl.clone(),
+            task,
+        });
+        let reply = tokio::time::timeout(self.load_budget + LOAD_OVERRUN_CAP, rx).await;
+        let replied_us = duration_us(start).max(1);
+        // The restore thread recorded its answer time already unless the
+        // overrun cap answered for it.
+        let _ = ctl
+            .replied_us
+            .compare_exchange(0, replied_us, Ordering::SeqCst, Ordering::SeqCst);
+        match reply {
+            Ok(Ok(report)) if report.pending => log_reply(vm, &report),
+            Ok(Ok(report)) => log_report("Load", vm, &report),
+            Ok(Err(_)) => refuse("load task failed before answering".into()),
+            Err(_) => {
+                let finished = lock(&ctl.finished);
+                if !*finished {
+                    let report = OpReport {
+                        bytes,
+                        duration_us: replied_us,
+                        pending: true,
+                        error: format!(
+                            "no entry batch finished within {} ms; answered QEMU, \
+                             LastLoad is updated when creation ends",
+                            (self.load_budget + LOAD_OVERRUN_CAP).as_millis()
+                        ),
+                        timestamp_us: now_us(),
+                        ..OpReport::default()
+                    };
+                    log_reply(vm, &report);
+                    vm.set_last_load(report);
                 }
             }
-            report
-        });
-        let finish = move |mut report: OpReport, vm: &VmRuntime| {
-            report.duration_us = duration_us(start);
-            report.timestamp_us = now_us();
-            log_report("Load", vm, &report);
-            vm.set_last_load(report);
-        };
-        match tokio::time::timeout(self.load_deadline, &mut task).await {
-            Ok(Ok(report)) => finish(report, vm),
-            Ok(Err(join)) => refuse(format!("load task failed: {join}")),
-            Err(_) => {
-                refuse(format!(
-                    "still creating entries after the {} ms load deadline; answered QEMU, \
-                     LastLoad is updated when creation ends",
-                    self.load_deadline.as_millis()
-                ));
-                let vm = vm.clone();
-                tokio::spawn(async move {
-                    match task.await {
-                        Ok(report) => finish(report, &vm),
-                        Err(join) => tracing::error!("load task failed: {join}"),
-                    }
-                });
-            }
         }
+    }
+
+    /// Stops the background restore of the VM's last Load, if one runs, and
+    /// waits (bounded) until it has: it stops after its current batch. The
+    /// entries it created stay. Returns whether one was running.
+    pub async fn cancel_restore(&self, vm: &Arc<VmRuntime>, reason: &str) -> bool {
+        let Some(r) = vm.take_restore() else {
+            return false;
+        };
+        if r.task.is_finished() {
+            return false;
+        }
+        *lock(&r.ctl.cancel_reason) = reason.to_string();
+        r.ctl.cancel.store(true, Ordering::SeqCst);
+        if tokio::time::timeout(CANCEL_WAIT, r.task).await.is_err() {
+            tracing::warn!(
+                VMID = %vm.config.vm,
+                "the restore of VM {} did not stop within {} s; it stops after its current batch",
+                vm.config.vm,
+                CANCEL_WAIT.as_secs()
+            );
+        }
+        true
     }
 
     /// Deletes exactly the entries the VM's last successful Save took
@@ -267,6 +334,237 @@ impl Engine {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One Load's decode and entry creation, on a blocking thread: the
+/// synchronous part (until the budget), then the reply, then the rest.
+struct RestoreJob {
+    access: Arc<dyn ConntrackAccess>,
+    vm: Arc<VmRuntime>,
+    ctl: Arc<RestoreCtl>,
+    start: Instant,
+    budget: Duration,
+    bytes: u64,
+}
+
+impl RestoreJob {
+    fn run(self, data: Vec<u8>, tx: tokio::sync::oneshot::Sender<OpReport>) {
+        let mut report = OpReport {
+            bytes: self.bytes,
+            ..OpReport::default()
+        };
+        // decode validates the whole blob first, so a bad one creates
+        // nothing at all.
+        let decoded = match format::decode(&data) {
+            Ok(d) => d,
+            Err(e) => {
+                report.error = format!("invalid state, nothing loaded: {e}");
+                return self.finish(report, Some(tx));
+            }
+        };
+        drop(data);
+        let mut entries = decoded.entries;
+        report.entries = entries.len() as u64;
+        report.dropped = decoded.dropped.unwrap_or(0);
+        // Most valuable first: what the guest would miss most is in before
+        // it resumes.
+        format::sort_by_priority(&mut entries);
+        let total = entries.len();
+        let deadline = self.start + self.budget;
+        let mut done = 0usize;
+        let mut totals = CreateReport::default();
+        let mut failed: Option<String> = None;
+        let mut batch = FIRST_BATCH;
+        while done < total {
+            if self.ctl.cancel.load(Ordering::SeqCst) {
+                failed = Some(self.cancelled(done, total));
+                break;
+            }
+            let n = batch.min(total - done);
+            let t = Instant::now();
+            match self.access.create(&entries[done..done + n]) {
+                Ok(c) => totals.merge(&c),
+                Err(e) => {
+                    failed = Some(format!(
+                        "creating entries failed after {done} of {total}: {e}"
+                    ));
+                    break;
+                }
+            }
+            done += n;
+            let now = Instant::now();
+            let Some(left) = deadline.checked_duration_since(now) else {
+                break;
+            };
+            // Size the next batch to half the budget left at the cost just
+            // measured; stop when even a small one would overrun.
+            let per_entry = (now - t).as_nanos().max(1) / n as u128;
+            if per_entry * MIN_BATCH as u128 > left.as_nanos() {
+                break;
+            }
+            batch = usize::try_from(left.as_nanos() / 2 / per_entry)
+                .unwrap_or(MAX_SYNC_BATCH)
+                .clamp(MIN_BATCH, MAX_SYNC_BATCH);
+        }
+        report.created_sync = totals.created;
+        if failed.is_some() || done == total {
+            Self::add_totals(&mut report, &totals);
+            report.error = failed.unwrap_or_default();
+            return self.finish(report, Some(tx));
+        }
+        let mut interim = report.clone();
+        Self::add_totals(&mut interim, &totals);
+        interim.pending = true;
+        interim.duration_us = duration_us(self.start);
+        interim.timestamp_us = now_us();
+        {
+            let finished = lock(&self.ctl.finished);
+            if !*finished {
+                self.vm.set_last_load(interim.clone());
+            }
+        }
+        let _ = self.ctl.replied_us.compare_exchange(
+            0,
+            interim.duration_us.max(1),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        let _ = tx.send(interim);
+
+        while done < total {
+            if self.ctl.cancel.load(Ordering::SeqCst) {
+                failed = Some(self.cancelled(done, total));
+                break;
+            }
+            let n = BACKGROUND_BATCH.min(total - done);
+            match self.access.create(&entries[done..done + n]) {
+                Ok(c) => totals.merge(&c),
+                Err(e) => {
+                    failed = Some(format!(
+                        "creating entries failed after {done} of {total}: {e}"
+                    ));
+                    break;
+                }
+            }
+            done += n;
+        }
+        Self::add_totals(&mut report, &totals);
+        report.error = failed.unwrap_or_default();
+        self.finish(report, None);
+    }
+
+    fn cancelled(&self, done: usize, total: usize) -> String {
+        format!(
+            "restore stopped after {done} of {total} entries: {}",
+            lock(&self.ctl.cancel_reason)
+        )
+    }
+
+    fn add_totals(report: &mut OpReport, c: &CreateReport) {
+        report.created = c.created;
+        report.existed = c.existed;
+        report.refused = c.refused;
+        if c.refused > 0 {
+            let why: Vec<String> = c
+                .refused_by_errno
+                .iter()
+                .map(|(errno, n)| format!("{n}× {}", std::io::Error::from_raw_os_error(*errno)))
+                .collect();
+            tracing::info!(refused = %why.join(", "), "Load: refused entries skipped");
+        }
+    }
+
+    /// Writes the final report. With `tx` (everything happened before the
+    /// reply) the answering side logs it; otherwise this logs the
+    /// completion of the background part.
+    fn finish(self, mut report: OpReport, tx: Option<tokio::sync::oneshot::Sender<OpReport>>) {
+        report.pending = false;
+        report.complete_us = duration_us(self.start);
+        report.timestamp_us = now_us();
+        let replied = self.ctl.replied_us.load(Ordering::SeqCst);
+        report.duration_us = if replied == 0 {
+            report.complete_us
+        } else {
+            replied
+        };
+        {
+            let mut finished = lock(&self.ctl.finished);
+            self.vm.set_last_load(report.clone());
+            *finished = true;
+        }
+        match tx {
+            Some(tx) => {
+                if let Err(report) = tx.send(report) {
+                    // The answer went out already (overrun cap).
+                    log_complete(&self.vm, &report);
+                }
+            }
+            None => log_complete(&self.vm, &report),
+        }
+    }
+}
+
+/// The journal line when QEMU gets its answer while entries are still being
+/// created.
+fn log_reply(vm: &VmRuntime, r: &OpReport) {
+    let c = &vm.config;
+    tracing::info!(
+        VMID = %c.vm,
+        VMSTATE_ID = %c.id,
+        ENTRIES = r.entries,
+        DROPPED = r.dropped,
+        CREATED = r.created,
+        CREATED_SYNC = r.created_sync,
+        EXISTED = r.existed,
+        REFUSED = r.refused,
+        BYTES = r.bytes,
+        DURATION_US = r.duration_us,
+        "Load of VM {} answered after {} µs: {} of {} entries created, the rest in the background{}",
+        c.vm,
+        r.duration_us,
+        r.created_sync,
+        r.entries,
+        if r.error.is_empty() { String::new() } else { format!(" ({})", r.error) }
+    );
+}
+
+/// The journal line when a background restore ends.
+fn log_complete(vm: &VmRuntime, r: &OpReport) {
+    let c = &vm.config;
+    if r.error.is_empty() {
+        tracing::info!(
+            VMID = %c.vm,
+            VMSTATE_ID = %c.id,
+            ENTRIES = r.entries,
+            CREATED = r.created,
+            CREATED_SYNC = r.created_sync,
+            EXISTED = r.existed,
+            REFUSED = r.refused,
+            DURATION_US = r.duration_us,
+            COMPLETE_US = r.complete_us,
+            "Load of VM {} complete after {} µs: {} created ({} before the answer), {} existed, {} refused of {} entries",
+            c.vm, r.complete_us, r.created, r.created_sync, r.existed, r.refused, r.entries
+        );
+    } else {
+        tracing::warn!(
+            VMID = %c.vm,
+            VMSTATE_ID = %c.id,
+            ENTRIES = r.entries,
+            CREATED = r.created,
+            CREATED_SYNC = r.created_sync,
+            EXISTED = r.existed,
+            REFUSED = r.refused,
+            DURATION_US = r.duration_us,
+            COMPLETE_US = r.complete_us,
+            ERROR = %r.error,
+            "Load of VM {} ended after {} µs: {}; {} created, {} existed, {} refused of {} entries",
+            c.vm, r.complete_us, r.error, r.created, r.existed, r.refused, r.entries
+        );
+    }
+}
+
 /// One journal line per Save/Load with the structured fields operators
 /// filter on (`journalctl VMID=100`).
 fn log_report(op: &str, vm: &VmRuntime, r: &OpReport) {
@@ -282,8 +580,10 @@ fn log_report(op: &str, vm: &VmRuntime, r: &OpReport) {
             REFUSED = r.refused,
             BYTES = r.bytes,
             DURATION_US = r.duration_us,
-            "{op} of VM {}: {} entries, {} dropped, {} created, {} existed, {} refused, {} bytes in {} µs",
-            c.vm, r.entries, r.dropped, r.created, r.existed, r.refused, r.bytes, r.duration_us
+            SOURCE = %r.source,
+            "{op} of VM {}: {} entries, {} dropped, {} created, {} existed, {} refused, {} bytes in {} µs{}",
+            c.vm, r.entries, r.dropped, r.created, r.existed, r.refused, r.bytes, r.duration_us,
+            if r.source.is_empty() { String::new() } else { format!(" from the {}", r.source) }
         );
     } else {
         tracing::warn!(

@@ -14,10 +14,10 @@ pub mod options;
 pub mod persist;
 pub mod runtime;
 
-pub use engine::{Engine, DEFAULT_LOAD_DEADLINE_MS, DEFAULT_SAVE_DEADLINE_MS};
+pub use engine::{Engine, DEFAULT_LOAD_BUDGET_MS, DEFAULT_SAVE_DEADLINE_MS};
 pub use options::{escape_path_element, parse_unregister, OptValue, SaveFormat, VmConfig};
 pub use persist::Store;
-pub use runtime::{OpReport, VmRuntime};
+pub use runtime::{OpReport, RestoreCtl, VmRuntime};
 
 /// Why a management request was refused. Every message names what to fix.
 #[derive(Debug, thiserror::Error)]

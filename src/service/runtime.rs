@@ -1,6 +1,7 @@
 //! Per-VM state the bus layer reads without ever waiting on a Save or Load.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
@@ -27,6 +28,17 @@ pub struct OpReport {
     pub error: String,
     /// Completion time, microseconds since the Unix epoch.
     pub timestamp_us: u64,
+    /// Save: where the entries came from, `cache` or `dump` (empty when
+    /// Save degraded). Load: empty.
+    pub source: String,
+    /// Load: entries created before the reply to QEMU (the most valuable
+    /// ones; the rest are created in the background).
+    pub created_sync: u64,
+    /// Load: time from the call to the end of the whole restore; 0 while
+    /// `pending`.
+    pub complete_us: u64,
+    /// Load: QEMU has its reply and entries are still being created.
+    pub pending: bool,
 }
 
 pub(crate) fn now_us() -> u64 {
@@ -46,6 +58,32 @@ pub struct VmRuntime {
     /// CTA_ID, so `Unregister(flush)` deletes exactly those and not entries
     /// created since with the same tuple.
     saved: Mutex<Vec<Entry>>,
+    /// The background part of the last Load, while it runs.
+    restore: Mutex<Option<Restore>>,
+    /// Whether a `watch(sel, true)` for this VM succeeded (and so needs its
+    /// `watch(sel, false)`).
+    watching: AtomicBool,
+}
+
+/// Control block of one Load's background restore.
+#[derive(Debug, Default)]
+pub struct RestoreCtl {
+    /// Set to stop the restore between two batches.
+    pub(crate) cancel: AtomicBool,
+    /// Why it was cancelled, for its final report.
+    pub(crate) cancel_reason: Mutex<String>,
+    /// Microseconds from the Load call to the reply to QEMU (0: not yet).
+    pub(crate) replied_us: AtomicU64,
+    /// Serializes LastLoad updates of this Load between the reply side and
+    /// the restore thread; true once the final report is written.
+    pub(crate) finished: Mutex<bool>,
+}
+
+/// A running background restore: its control block and thread.
+#[derive(Debug)]
+pub(crate) struct Restore {
+    pub(crate) ctl: Arc<RestoreCtl>,
+    pub(crate) task: tokio::task::JoinHandle<()>,
 }
 
 impl VmRuntime {
@@ -55,7 +93,39 @@ impl VmRuntime {
             last_save: watch::Sender::new(None),
             last_load: watch::Sender::new(None),
             saved: Mutex::new(Vec::new()),
+            restore: Mutex::new(None),
+            watching: AtomicBool::new(false),
         }
+    }
+
+    pub(crate) fn take_restore(&self) -> Option<Restore> {
+        self.restore
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    pub(crate) fn set_restore(&self, r: Restore) {
+        *self.restore.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
+    /// Whether a Load's background restore is still creating entries.
+    pub fn restore_running(&self) -> bool {
+        self.restore
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|r| !r.task.is_finished())
+    }
+
+    pub(crate) fn set_watching(&self, on: bool) -> bool {
+        self.watching.swap(on, Ordering::SeqCst)
+    }
+
+    /// Whether Save is expected to be served from the warm cache (the
+    /// access accepted the watch).
+    pub fn watching(&self) -> bool {
+        self.watching.load(Ordering::SeqCst)
     }
 
     pub fn last_save(&self) -> Option<OpReport> {
