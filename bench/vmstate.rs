@@ -27,7 +27,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use common::host::{wait_vmstate_ids, Host};
+use common::host::{wait_name, wait_vmstate_ids, Bus, Host, Proc, MANAGER_NAME};
 use common::netns::Netns;
 use common::population::{self, Spec};
 use common::qemu::{Incoming, Qemu, QemuOpts};
@@ -437,13 +437,17 @@ struct Vm {
 }
 
 fn register(cl: &Client, h: &Host, vm: &str) -> Vm {
+    register_on(cl, &h.bus.address, vm)
+}
+
+fn register_on(cl: &Client, bus: &str, vm: &str) -> Vm {
     cl.on(async {
-        let conn = zbus::connection::Builder::address(h.bus.address.as_str())
+        let conn = zbus::connection::Builder::address(bus)
             .build()
             .await
             .expect("connect");
         let m = Manager1Proxy::new(&conn).await.expect("manager");
-        let opts = HashMap::from([("bus_address", Variant::from(h.bus.address.as_str()))]);
+        let opts = HashMap::from([("bus_address", Variant::from(bus))]);
         let path = m.register(vm, opts).await.expect("Register");
         let v = Vm1Proxy::builder(&conn)
             .path(path.clone())
@@ -519,6 +523,10 @@ fn get_u64(m: &HashMap<String, OwnedVariant>, k: &str) -> Option<u64> {
         .or_else(|| i64::try_from(v).ok().map(|x| x.max(0) as u64))
 }
 
+fn get_bool(m: &HashMap<String, OwnedVariant>, k: &str) -> Option<bool> {
+    m.get(k).and_then(|v| bool::try_from(v).ok())
+}
+
 fn get_str(m: &HashMap<String, OwnedVariant>, k: &str) -> Option<String> {
     m.get(k).and_then(|v| String::try_from(v.clone()).ok())
 }
@@ -575,6 +583,16 @@ fn wait_count(c: &Ctnetlink, mark: u32, n: usize, what: &str) {
 struct Hosts {
     src: Host,
     dst: Host,
+    /// A second daemon in the source namespace with `--no-cache`, on its
+    /// own bus: Save as a direct dump, for comparison.
+    nocache: NoCache,
+}
+
+struct NoCache {
+    // Drop order: daemon, bus, directory.
+    _daemon: Proc,
+    bus: Bus,
+    _dir: tempfile::TempDir,
 }
 
 fn hosts(others: usize) -> Hosts {
@@ -585,7 +603,32 @@ fn hosts(others: usize) -> Hosts {
         create_all(&ct(&h.ns), &other_entries(others, seed), "others");
         h.start_daemon();
     }
-    Hosts { src, dst }
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("cvs-bsvnc-{}-", std::process::id()))
+        .tempdir()
+        .expect("tempdir");
+    let bus = Bus::start(dir.path());
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let mut cmd = src.ns.cmd(env!("CARGO_BIN_EXE_conntrack-vmstated"));
+    cmd.arg("--bus-address")
+        .arg(&bus.address)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--idle-timeout", "0", "--no-cache"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    let daemon = Proc::spawn("daemon-nocache", dir.path(), &mut cmd);
+    wait_name(&bus.address, MANAGER_NAME, Duration::from_secs(60));
+    Hosts {
+        src,
+        dst,
+        nocache: NoCache {
+            _daemon: daemon,
+            bus,
+            _dir: dir,
+        },
+    }
 }
 
 fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
@@ -607,6 +650,7 @@ fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
         // connections exist, so its entries send events.
         let mark = 300 + i as u32;
         let vm = register(&cl, &hs.src, &mark.to_string());
+        let ncvm = register_on(&cl, &hs.nocache.bus.address, &mark.to_string());
         std::thread::sleep(Duration::from_millis(500));
         let entries = vm_entries(n, mark);
         create_all(&cs, &entries, "vm");
@@ -614,11 +658,14 @@ fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
         // Direct dump, in-process, for reference (what an uncached Save does
         // before encoding).
         let (mut save_t, mut ssave_t, mut direct_t) = (Sample::new(), Sample::new(), Sample::new());
+        let mut nc_t = Sample::new();
         let mut blob = Vec::new();
         for _ in 0..reps {
             let (t, b) = vm.save(&cl);
             save_t.push(t);
             blob = b;
+            let (t, _) = ncvm.save(&cl);
+            nc_t.push(t);
             let t = Instant::now();
             let d = cs.dump(&Selector::mark(mark)).expect("direct");
             direct_t.push(ms(t.elapsed()));
@@ -626,7 +673,9 @@ fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
             assert!(d.len() * 100 >= n * 98, "direct dump: {} of {n}", d.len());
         }
         let last = vm.prop(&cl, "LastSave");
+        let nclast = ncvm.prop(&cl, "LastSave");
         vm.unregister(&cl);
+        ncvm.unregister(&cl);
         // One VM's entries at a time: 150k + 2 × 100k would pass the
         // kernel's nf_conntrack_max (262,144 here, read-only in a netns).
         cs.delete_selected(&Selector::mark(mark)).expect("flush");
@@ -651,10 +700,12 @@ fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
         let slast = svm.prop(&cl, "LastSave");
         let kept = format::decode(&blob).expect("decode Save").entries.len();
         save_rows.push(format!(
-            "| {} | {} ({}) | {} ({}) | {} | {} B, {} entries |",
+            "| {} | {} ({}) | {} ({}) | {} ({}) | {} | {} B, {} entries |",
             thousands(n),
             save_t.show(),
             get_str(&last, "source").unwrap_or_else(|| "–".into()),
+            nc_t.show(),
+            get_str(&nclast, "source").unwrap_or_else(|| "–".into()),
             ssave_t.show(),
             get_str(&slast, "source").unwrap_or_else(|| "–".into()),
             direct_t.show(),
@@ -680,15 +731,15 @@ fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
                 let r = dvm.prop(&cl, "LastLoad");
                 let fresh =
                     get_u64(&r, "timestamp") != get_u64(&before, "timestamp") || before.is_empty();
-                let pending = get_u64(&r, "pending").unwrap_or(0);
-                let done = r.contains_key("complete_us") || !r.contains_key("pending");
-                if fresh && pending == 0 && done {
+                let pending = get_bool(&r, "pending").unwrap_or(false);
+                if fresh && !pending {
                     break r;
                 }
                 assert!(Instant::now() < end, "Load not complete: {r:?}");
                 std::thread::sleep(Duration::from_millis(5));
             };
             let full = get_u64(&rep, "complete_us")
+                .filter(|&us| us > 0)
                 .or_else(|| get_u64(&rep, "duration_us"))
                 .map(|us| us as f64 / 1e3)
                 .unwrap_or_else(|| ms(t0.elapsed()));
@@ -712,8 +763,8 @@ fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
         cd.delete_selected(&Selector::mark(mark)).expect("flush");
     }
     println!("### Save (`org.qemu.VMState1.Save` on the VM's connection)\n");
-    println!("| N | Save, registered before the entries existed (LastSave source) | Save, entries older than any listener (\"silent\") (source) | direct dump in-process, no encode, no D-Bus | blob |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!("| N | Save, warm cache, registered before the entries existed (LastSave source) | Save, daemon with `--no-cache` (source) | Save, warm cache, entries older than any listener (\"silent\") (source) | direct dump in-process, no encode, no D-Bus | blob |");
+    println!("|---:|---:|---:|---:|---:|---:|");
     for r in save_rows {
         println!("{r}");
     }
@@ -837,7 +888,7 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
             loop {
                 arrived = cd.dump(&Selector::mark(mark)).expect("dump").len();
                 let r = dvm.prop(&cl, "LastLoad");
-                if get_u64(&r, "pending").unwrap_or(0) == 0 || Instant::now() > end {
+                if !get_bool(&r, "pending").unwrap_or(false) || Instant::now() > end {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
