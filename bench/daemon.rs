@@ -1,7 +1,8 @@
 //! Daemon benchmark (issue 3): Register round trip, idle RSS, RSS with many
 //! VMs registered, and Save of a VM's entries measured as a D-Bus call, on a
 //! private dbus-daemon with conntrack-vmstated inside a throw-away network
-//! namespace populated by `demo/population` + `conntrack -R`.
+//! namespace populated by `demo/population` + `conntrack -R` after the VM
+//! is registered (the warm cache sees the entries being created).
 //!
 //!   cargo build --release --bins --examples
 //!   sudo target/release/examples/daemon-bench [--entries 5000] [--vms 500]
@@ -100,20 +101,6 @@ async fn main() -> anyhow::Result<()> {
     {
         bail!("ip netns add failed (run as root)");
     }
-    let pop = dir.path().join("pop.txt");
-    let out = Command::new(root.join("demo/population"))
-        .args(["100", &a.entries.to_string()])
-        .output()?;
-    std::fs::write(&pop, &out.stdout)?;
-    let st = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "conntrack", "-R"])
-        .arg(&pop)
-        .stderr(Stdio::null())
-        .status()?;
-    if !st.success() {
-        bail!("conntrack -R failed");
-    }
-
     // dbus-daemon's built-in limit is 256 connections per user (also on
     // Debian's system bus); one connection per VM needs more for 500 VMs.
     let conf = dir.path().join("bus.conf");
@@ -188,7 +175,25 @@ async fn main() -> anyhow::Result<()> {
         m.unregister(&vm, HashMap::new()).await?;
     }
 
+    // Registered before its entries exist, as a VM is registered when it
+    // starts: Save is then served by the warm cache (LastSave source).
     let path = m.register("100", opts()).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pop = dir.path().join("pop.txt");
+    let out = Command::new(root.join("demo/population"))
+        .args(["100", &a.entries.to_string()])
+        .output()?;
+    std::fs::write(&pop, &out.stdout)?;
+    let st = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "conntrack", "-R"])
+        .arg(&pop)
+        .stderr(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("conntrack -R failed");
+    }
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let vm = Vm1Proxy::builder(&conn).path(path).build().await?;
     let vs = VmState1Proxy::builder(&conn)
         .destination(vm.unique_name().await?)

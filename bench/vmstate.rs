@@ -673,6 +673,7 @@ fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
             assert!(d.len() * 100 >= n * 98, "direct dump: {} of {n}", d.len());
         }
         let last = vm.prop(&cl, "LastSave");
+        let daemon_us = get_u64(&last, "duration_us").unwrap_or(0);
         let nclast = ncvm.prop(&cl, "LastSave");
         vm.unregister(&cl);
         ncvm.unregister(&cl);
@@ -700,10 +701,11 @@ fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
         let slast = svm.prop(&cl, "LastSave");
         let kept = format::decode(&blob).expect("decode Save").entries.len();
         save_rows.push(format!(
-            "| {} | {} ({}) | {} ({}) | {} ({}) | {} | {} B, {} entries |",
+            "| {} | {} ({}, last {:.1} in the daemon) | {} ({}) | {} ({}) | {} | {} B, {} entries |",
             thousands(n),
             save_t.show(),
             get_str(&last, "source").unwrap_or_else(|| "–".into()),
+            daemon_us as f64 / 1e3,
             nc_t.show(),
             get_str(&nclast, "source").unwrap_or_else(|| "–".into()),
             ssave_t.show(),
@@ -870,7 +872,7 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
         let (mut none_d, mut none_i) = (Sample::new(), Sample::new());
         let (mut svc_d, mut svc_i) = (Sample::new(), Sample::new());
         let (mut ct_save, mut ct_load) = (Sample::new(), Sample::new());
-        let mut arrived = 0;
+        let (mut arrived, mut saved) = (0, 0);
         let mut totals = Sample::new();
         for _ in 0..reps {
             k += 1;
@@ -879,20 +881,25 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
             none_i.push(m.incoming);
             k += 1;
             cd.delete_selected(&Selector::mark(mark)).expect("flush");
+            let before = dvm.prop(&cl, "LastLoad");
             let m = migrate_once(hs, k, Some(&vm.id));
             svc_d.push(m.downtime);
             svc_i.push(m.incoming);
             totals.push(m.total);
-            // Load may finish in the background after the reply.
+            // Load may finish in the background after the reply: wait for
+            // this migration's report to be complete, then count.
             let end = Instant::now() + Duration::from_secs(60);
             loop {
-                arrived = cd.dump(&Selector::mark(mark)).expect("dump").len();
                 let r = dvm.prop(&cl, "LastLoad");
-                if !get_bool(&r, "pending").unwrap_or(false) || Instant::now() > end {
+                let fresh = get_u64(&r, "timestamp") != get_u64(&before, "timestamp");
+                if fresh && !get_bool(&r, "pending").unwrap_or(false) {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                assert!(Instant::now() < end, "Load not complete: {r:?}");
+                std::thread::sleep(Duration::from_millis(20));
             }
+            arrived = cd.dump(&Selector::mark(mark)).expect("dump").len();
+            saved = get_u64(&vm.prop(&cl, "LastSave"), "entries").unwrap_or(0) as usize;
             // The Perl helper's pipeline, conntrack(8) timed alone: `-L -o
             // save` on the source inside Save, `--load-file` of the payload
             // on the destination inside Load.
@@ -908,7 +915,7 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
         let added_src = svc_d.median() - none_d.median();
         let added_dst = svc_i.median() - none_i.median();
         rows.push(format!(
-            "| {} | {} | {} / {} | {} / {} | {:+.0} / {:+.0} = {:+.0} | {} / {} | {:+.0} | {} |",
+            "| {} | {} | {} / {} | {} / {} | {:+.0} / {:+.0} = {:+.0} | {} / {} | {:+.0} | {} / {} |",
             thousands(n),
             reps,
             none_d.show(),
@@ -921,6 +928,7 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
             ct_save.show(),
             ct_load.show(),
             ct_save.median() + ct_load.median(),
+            thousands(saved),
             thousands(arrived),
         ));
         vm.unregister(&cl);
@@ -928,7 +936,7 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
         cs.delete_selected(&Selector::mark(mark)).expect("flush");
         cd.delete_selected(&Selector::mark(mark)).expect("flush");
     }
-    println!("| N | reps | no dbus-vmstate: downtime / incoming | with conntrack-vmstated: downtime / incoming | added by the service (medians): source + destination | conntrack(8) pipeline: `-L -o save` / `--load-file` | added by conntrack(8) (sum of medians) | entries on the destination after our migration |");
+    println!("| N | reps | no dbus-vmstate: downtime / incoming | with conntrack-vmstated: downtime / incoming | added by the service (medians): source + destination | conntrack(8) pipeline: `-L -o save` / `--load-file` | added by conntrack(8) (sum of medians) | entries saved / on the destination after our migration (last rep) |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         println!("{r}");
