@@ -632,7 +632,10 @@ fn hosts(others: usize) -> Hosts {
 }
 
 fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
-    println!("## Issue 5: Save and Load as D-Bus calls, host table with {others} other entries\n");
+    println!(
+        "## Issue 5: Save and Load as D-Bus calls, host table with {} other entries\n",
+        thousands(others)
+    );
     println!(
         "Two hosts (namespaces), each with {} entries of 20 other marks, its own dbus-daemon and \
          conntrack-vmstated (release). Client: zbus, timing around the method call. {reps} \
