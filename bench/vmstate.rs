@@ -130,6 +130,23 @@ fn thousands(n: usize) -> String {
 /// exec` in between: the Perl helper runs in the host's namespace already)
 /// and returns its wall time including process start, and its output.
 fn conntrack_in(ns: &Netns, args: &[&str]) -> (f64, Output) {
+    let (wall, _, out) = conntrack_cpu(ns, args);
+    (wall, out)
+}
+
+/// CPU time (user + system, ms) of `who` (RUSAGE_THREAD or RUSAGE_CHILDREN).
+fn cpu_ms(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage writes into the struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(who, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// As [`conntrack_in`], also returning the process's CPU time (user +
+/// system, kernel netlink work included): reaped children's rusage grows by
+/// exactly this process, the only child reaped meanwhile.
+fn conntrack_cpu(ns: &Netns, args: &[&str]) -> (f64, f64, Output) {
     let f = File::open(ns.path()).expect("open netns");
     let fd = f.as_raw_fd();
     let mut c = Command::new("conntrack");
@@ -143,16 +160,18 @@ fn conntrack_in(ns: &Netns, args: &[&str]) -> (f64, Output) {
             Ok(())
         });
     }
+    let c0 = cpu_ms(libc::RUSAGE_CHILDREN);
     let t = Instant::now();
     let out = c.output().expect("spawn conntrack");
     let el = ms(t.elapsed());
+    let cpu = cpu_ms(libc::RUSAGE_CHILDREN) - c0;
     drop(f);
     assert!(
         out.status.success(),
         "conntrack {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    (el, out)
+    (el, cpu, out)
 }
 
 fn ct(ns: &Netns) -> Ctnetlink {
@@ -228,14 +247,18 @@ fn part_codec(ns_list: &[usize], reps: usize) {
 
         // Dumps, interleaved so that drift on the shared machine hits all.
         let (mut ours, mut save, mut list) = (Sample::new(), Sample::new(), Sample::new());
+        let (mut ours_cpu, mut save_cpu) = (Sample::new(), Sample::new());
         let mut entries = Vec::new();
         let mut save_out = Vec::new();
         for _ in 0..reps {
+            let c0 = cpu_ms(libc::RUSAGE_THREAD);
             let t = Instant::now();
             entries = cs.dump(&sel).expect("dump");
             ours.push(ms(t.elapsed()));
-            let (t, o) = conntrack_in(&src, &["-L", "-m", &mark, "-o", "save"]);
+            ours_cpu.push(cpu_ms(libc::RUSAGE_THREAD) - c0);
+            let (t, c, o) = conntrack_cpu(&src, &["-L", "-m", &mark, "-o", "save"]);
             save.push(t);
+            save_cpu.push(c);
             save_out = o.stdout;
             let (t, _) = conntrack_in(&src, &["-L", "-m", &mark]);
             list.push(t);
@@ -244,14 +267,17 @@ fn part_codec(ns_list: &[usize], reps: usize) {
         let save_lines = save_out.split(|&b| b == b'\n').filter(|l| !l.is_empty());
         assert_eq!(save_lines.count(), n, "conntrack -o save lines");
         dump_rows.push(format!(
-            "| {} | {} | {} | {} | {:.1}× / {:.1}× | {:.0}k |",
+            "| {} | {} | {} | {} | {:.1}× / {:.1}× | {:.0}k | {} / {} ({:.1}×) |",
             thousands(n),
             ours.show(),
             save.show(),
             list.show(),
             save.median() / ours.median(),
             list.median() / ours.median(),
-            n as f64 / ours.median()
+            n as f64 / ours.median(),
+            num(ours_cpu.median()),
+            num(save_cpu.median()),
+            save_cpu.median() / ours_cpu.median(),
         ));
 
         // Encode (records + zstd + checksum) and decode, in-process.
@@ -354,8 +380,8 @@ fn part_codec(ns_list: &[usize], reps: usize) {
         cs.delete_selected(&everything()).expect("flush");
     }
     println!("### Dump of the VM's entries (mark filter in the kernel)\n");
-    println!("| N | ours (ctnetlink → `Vec<Entry>`) | `conntrack -L -m N -o save` | `conntrack -L -m N` | conntrack(8) ÷ ours (save / default) | ours, entries/s |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| N | ours (ctnetlink → `Vec<Entry>`) | `conntrack -L -m N -o save` | `conntrack -L -m N` | conntrack(8) ÷ ours (save / default) | ours, entries/s | CPU ms (user + sys, medians): ours / `-o save` |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for r in dump_rows {
         println!("{r}");
     }
@@ -844,8 +870,7 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
          (`exec:cat`), fresh QEMUs per migration. *downtime* is what the source's \
          `query-migrate` reports (guest stop → end of the stream: includes Save, not the \
          destination's Load); *incoming* is the destination's MIGRATION \"active\" → RESUME \
-         event timestamps (reading the stream, Load, resume). {reps} repetitions (fewer at 100k where said), \
-         median [min–max], ms.\n"
+         event timestamps (reading the stream, Load, resume). {reps} repetitions, median [min–max], ms.\n"
     );
     let cl = Client::new();
     let cs = ct(&hs.src.ns);
@@ -854,7 +879,6 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
     let mut k = 0;
     for (i, &n) in ns_list.iter().enumerate() {
         eprintln!("migration: N = {n}");
-        let reps = if n >= 100_000 { reps.min(3) } else { reps };
         let mark = 900 + i as u32;
         let vm = register(&cl, &hs.src, &mark.to_string());
         let dvm = register(&cl, &hs.dst, &mark.to_string());
