@@ -31,6 +31,9 @@ struct Args {
     /// Repetitions of each timed call.
     #[arg(long, default_value_t = 50)]
     iterations: usize,
+    /// Extra argument for conntrack-vmstated (repeatable), e.g. --no-cache.
+    #[arg(long, allow_hyphen_values = true)]
+    daemon_arg: Vec<String>,
 }
 
 /// Kills by PID (TERM, then KILL after 5 s) on drop.
@@ -142,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
                 "--state-dir",
             ])
             .arg(&state)
+            .args(&a.daemon_arg)
             .env("RUST_LOG", "warn")
             .stderr(Stdio::null())
             .spawn()?,
