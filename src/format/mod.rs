@@ -131,8 +131,9 @@ const MAX_CUT_ATTEMPTS: usize = 12;
 const GENEROUS_RATIO: usize = 5;
 
 /// Up to `limit / LIKELY_FITS_BYTES` entries the whole set is expected to
-/// fit (the realistic mix takes 7.5–10 B/entry).
-const LIKELY_FITS_BYTES: usize = 6;
+/// fit (the realistic mix takes 7.5–10 B/entry; a wrong guess costs one
+/// more column build, ~7 ms at 130k entries).
+const LIKELY_FITS_BYTES: usize = 8;
 
 /// The largest `k` in `0..=n` with `fits(k)`, given that `fits(0)` holds
 /// and `fits` is true up to some point and false after it.
