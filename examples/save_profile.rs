@@ -53,6 +53,7 @@ fn main() {
         .enumerate()
         .map(|(i, e)| ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), e))
         .collect();
+    let mut scan = Stat::default();
     let (mut copy, mut enc, mut dec, mut free) = (
         Stat::default(),
         Stat::default(),
@@ -61,6 +62,9 @@ fn main() {
     );
     let mut bytes = 0;
     for _ in 0..9 {
+        // A pass that only reads each entry (the cache's lookup check).
+        let stale = scan.time(|| map.values().filter(|e| e.timeout <= 2).count());
+        assert!(stale <= n);
         let entries = copy.time(|| {
             let mut v: Vec<Entry> = bigvec::with_capacity(map.len());
             v.extend(map.values().cloned());
@@ -73,7 +77,8 @@ fn main() {
         free.time(|| drop((entries, d)));
     }
     println!(
-        "N {n}: blob {bytes} B | copy out of map {} | encode {} | decode {} | free both {} (ms wall / CPU, medians of 9)",
+        "N {n}: blob {bytes} B | scan map {} | copy out of map {} | encode {} | decode {} | free both {} (ms wall / CPU, medians of 9)",
+        scan.show(),
         copy.show(),
         enc.show(),
         dec.show(),
