@@ -427,6 +427,7 @@ fn prefetch(e: &Entry) {
             _mm_prefetch::<_MM_HINT_T0>(p);
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128));
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(std::mem::size_of::<Entry>() - 1));
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
