@@ -126,7 +126,7 @@ fn migrate(src: &mut Host, dst: &mut Host) -> (Outgoing, Incoming) {
     (out, inc)
 }
 
-/// Load answers QEMU after its budget (20 ms) and creates the rest of the
+/// Load answers QEMU after its budget (15 ms) and creates the rest of the
 /// entries in the background (docs/downtime.md): waits (bounded) until no
 /// VM of `h` has a restore pending, so the destination's table is final.
 fn wait_restores(h: &Host) {

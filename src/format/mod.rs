@@ -4,6 +4,8 @@
 
 use crate::entry::Entry;
 
+#[doc(hidden)]
+pub mod bigvec;
 pub mod binary;
 pub mod priority;
 #[doc(hidden)]
@@ -128,6 +130,11 @@ const MAX_CUT_ATTEMPTS: usize = 12;
 /// on the realistic mix); only used to skip hopeless first attempts.
 const GENEROUS_RATIO: usize = 5;
 
+/// Up to `limit / LIKELY_FITS_BYTES` entries the whole set is expected to
+/// fit (the realistic mix takes 7.5–10 B/entry; a wrong guess costs one
+/// more column build, ~7 ms at 130k entries).
+const LIKELY_FITS_BYTES: usize = 8;
+
 /// The largest `k` in `0..=n` with `fits(k)`, given that `fits(0)` holds
 /// and `fits` is true up to some point and false after it.
 fn partition_point(n: usize, fits: impl Fn(usize) -> bool) -> usize {
@@ -154,11 +161,35 @@ fn encode_binary(entries: &[Entry], limit: usize) -> Result<Encoded, FormatError
     // Blob order is priority order: the budget cut keeps a prefix, the
     // load path creates the most valuable first, and timeouts descend
     // within a class (small deltas).
-    let keyed = priority::ranked_keys(entries, binary::representable);
-    let ranked: Vec<&Entry> = keyed.iter().map(|&(_, i)| &entries[i as usize]).collect();
-    drop(keyed);
+    let ranked: Vec<&Entry> = priority::ranked_indices(entries, binary::representable)
+        .into_iter()
+        .map(|i| &entries[i as usize])
+        .collect();
     let n = ranked.len();
     let total = entries.len();
+    // The common case is that everything fits: then the columns are built
+    // once without the per-entry prefix lengths the cut search needs (44
+    // bytes of fresh memory per entry) and compressed once. Only when the
+    // whole set is too big are they built again with prefixes; beyond
+    // `limit / LIKELY_FITS_BYTES` entries that is expected, so prefixes are
+    // recorded from the start.
+    // A whole-set attempt that did not fit is kept: the search below
+    // starts from it instead of compressing it again.
+    let mut too_big_whole: Option<Vec<u8>> = None;
+    if n.saturating_mul(LIKELY_FITS_BYTES) <= limit {
+        let mut whole = binary::Encoder::whole(&ranked)?;
+        if whole.raw_len(n) <= limit.saturating_mul(GENEROUS_RATIO) {
+            let b = whole.blob(n, total - n)?;
+            if b.len() <= limit {
+                return Ok(Encoded {
+                    bytes: b,
+                    kept: n,
+                    dropped: total - n,
+                });
+            }
+            too_big_whole = Some(b);
+        }
+    }
     let mut enc = binary::Encoder::new(&ranked)?;
     // First attempt: everything, unless the raw size shows it cannot fit
     // even at a generous compression ratio; then the largest prefix whose
@@ -169,7 +200,10 @@ fn encode_binary(entries: &[Entry], limit: usize) -> Result<Encoded, FormatError
     } else {
         partition_point(n, |k| enc.raw_len(k) <= plausible)
     };
-    let b = enc.blob(first, total - first)?;
+    let b = match too_big_whole {
+        Some(b) if first == n => b,
+        _ => enc.blob(first, total - first)?,
+    };
     if first == n && b.len() <= limit {
         return Ok(Encoded {
             bytes: b,

@@ -203,7 +203,7 @@ pub fn encode(entries: &[Entry], limit: usize) -> Result<Encoded, FormatError> {
     // is cut off again.
     let mut out = String::with_capacity(limit.min(entries.len().saturating_mul(200)));
     let mut kept = 0usize;
-    for (_, i) in priority::ranked_keys(entries, |_| true) {
+    for i in priority::ranked_indices(entries, |_| true) {
         let Some(e) = entries.get(i as usize) else {
             break;
         };

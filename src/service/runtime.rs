@@ -152,8 +152,15 @@ impl VmRuntime {
         self.last_load.send_replace(Some(r));
     }
 
-    pub(crate) fn set_saved(&self, entries: Vec<Entry>) {
-        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = entries;
+    /// Replaces the saved entries; returns the previous ones, so that the
+    /// caller can free them off the downtime path (100k entries take
+    /// 2-4 ms to free).
+    #[must_use]
+    pub(crate) fn set_saved(&self, entries: Vec<Entry>) -> Vec<Entry> {
+        std::mem::replace(
+            &mut *self.saved.lock().unwrap_or_else(|p| p.into_inner()),
+            entries,
+        )
     }
 
     /// The entries the last successful Save took.
@@ -161,7 +168,8 @@ impl VmRuntime {
         self.saved.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub(crate) fn clear_saved(&self) {
-        self.saved.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    #[must_use]
+    pub(crate) fn clear_saved(&self) -> Vec<Entry> {
+        std::mem::take(&mut *self.saved.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }

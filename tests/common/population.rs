@@ -69,6 +69,11 @@ pub struct Population {
     pub vm_keys: HashSet<(Tuple, u16)>,
     /// Marks used by the noise entries.
     pub noise_marks: Vec<u32>,
+    /// Every VM entry (all of the above) as our codec creates it, for
+    /// benchmarks that populate a namespace without conntrack(8).
+    pub vm_entries: Vec<Entry>,
+    /// Every noise entry as our codec creates it.
+    pub noise_entries: Vec<Entry>,
 }
 
 impl Population {
@@ -588,6 +593,7 @@ pub fn generate(spec: Spec) -> Population {
         let mut o = g.orig;
         o.zone = g.orig_zone;
         pop.vm_keys.insert((o, g.zone));
+        pop.vm_entries.push(g.entry());
         if g.wscale.is_some() {
             pop.direct.push(g.entry());
             pop.direct_lines.push(g.line());
@@ -611,6 +617,7 @@ pub fn generate(spec: Spec) -> Population {
             continue;
         }
         pop.noise_lines.push(g.line());
+        pop.noise_entries.push(g.entry());
         made += 1;
     }
     pop

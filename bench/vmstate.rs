@@ -1,0 +1,1018 @@
+//! The project benchmark (issues 2 and 5): our ctnetlink codec, state format
+//! and service next to conntrack(8), measured in the same run on the same
+//! throw-away network namespaces. Run it with `bench/run` (see
+//! bench/README.md); it prints Markdown tables on stdout.
+//!
+//!   cargo bench --bench vmstate -- [--quick] [--part codec|service|migration]…
+//!
+//! (the binary only runs when given `--bench`, as cargo bench does:
+//! `cargo test --all-targets` runs bench targets too).
+//!
+//! A `[[bench]]` target (harness = false, test = false) rather than an
+//! example: it reuses the test harness in tests/common (namespaces, buses,
+//! daemons and QEMU processes stopped by PID, namespaces deleted on drop),
+//! which needs the `CARGO_BIN_EXE_*` paths cargo only gives tests and
+//! benches. It is not part of the shipped package.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write as _;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use common::host::{wait_name, wait_vmstate_ids, Bus, Host, Proc, MANAGER_NAME};
+use common::netns::Netns;
+use common::population::{self, Spec};
+use common::qemu::{Incoming, Qemu, QemuOpts};
+use conntrack_vmstate::access::ConntrackAccess;
+use conntrack_vmstate::bus::proxy::{Manager1Proxy, Vm1Proxy, VmState1Proxy};
+use conntrack_vmstate::ctnetlink::Ctnetlink;
+use conntrack_vmstate::entry::{Entry, Selector};
+use conntrack_vmstate::format::{self, EncodeOptions, Format, QEMU_LIMIT};
+use zbus::{OwnedVariant, Variant};
+
+#[derive(Parser)]
+struct Args {
+    /// N = 1k and 5k only, 3 repetitions, fewer migrations (≤ 2 min).
+    #[arg(long)]
+    quick: bool,
+    /// Parts to run (default: all).
+    #[arg(long, value_parser = ["codec", "service", "migration"])]
+    part: Vec<String>,
+    /// Repetitions per measurement (default 5, quick 3).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Entries of other marks on the service/migration hosts.
+    #[arg(long, default_value_t = 150_000)]
+    others: usize,
+    /// Passed by cargo bench; without it (cargo test) nothing runs.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+const MARK: u32 = 100;
+
+/// median [min–max] of a sample.
+struct Sample(Vec<f64>);
+
+impl Sample {
+    fn new() -> Sample {
+        Sample(Vec::new())
+    }
+    fn push(&mut self, v: f64) {
+        self.0.push(v);
+    }
+    fn sorted(&self) -> Vec<f64> {
+        let mut v = self.0.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
+    }
+    fn median(&self) -> f64 {
+        let v = self.sorted();
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        }
+    }
+    fn show(&self) -> String {
+        let v = self.sorted();
+        match v.len() {
+            0 => "–".into(),
+            1 => num(v[0]),
+            _ => format!(
+                "{} [{}–{}]",
+                num(self.median()),
+                num(v[0]),
+                num(v[v.len() - 1])
+            ),
+        }
+    }
+}
+
+fn num(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Runs conntrack(8) directly inside `ns` (setns before exec, no `ip netns
+/// exec` in between: the Perl helper runs in the host's namespace already)
+/// and returns its wall time including process start, and its output.
+fn conntrack_in(ns: &Netns, args: &[&str]) -> (f64, Output) {
+    let (wall, _, out) = conntrack_cpu(ns, args);
+    (wall, out)
+}
+
+/// CPU time (user + system, ms) of `who` (RUSAGE_THREAD or RUSAGE_CHILDREN).
+fn cpu_ms(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage writes into the struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(who, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// As [`conntrack_in`], also returning the process's CPU time (user +
+/// system, kernel netlink work included): reaped children's rusage grows by
+/// exactly this process, the only child reaped meanwhile.
+fn conntrack_cpu(ns: &Netns, args: &[&str]) -> (f64, f64, Output) {
+    let f = File::open(ns.path()).expect("open netns");
+    let fd = f.as_raw_fd();
+    let mut c = Command::new("conntrack");
+    c.args(args).stdin(Stdio::null());
+    // SAFETY: setns(2) is async-signal-safe; fd stays open until after spawn.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let c0 = cpu_ms(libc::RUSAGE_CHILDREN);
+    let t = Instant::now();
+    let out = c.output().expect("spawn conntrack");
+    let el = ms(t.elapsed());
+    let cpu = cpu_ms(libc::RUSAGE_CHILDREN) - c0;
+    drop(f);
+    assert!(
+        out.status.success(),
+        "conntrack {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (el, cpu, out)
+}
+
+fn ct(ns: &Netns) -> Ctnetlink {
+    Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink in netns")
+}
+
+fn everything() -> Selector {
+    Selector {
+        mark: 0,
+        mark_mask: 0,
+        zone: None,
+    }
+}
+
+/// The Perl helper's payload from real conntrack(8) output: every `-o save`
+/// line with ` --mark N` appended.
+fn perl_payload(save: &[u8], mark: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(save.len() + save.len() / 16);
+    for l in save.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        out.extend_from_slice(l);
+        writeln!(out, " --mark {mark}").expect("vec write");
+    }
+    out
+}
+
+/// Lines of `payload` (whole lines) that fit in QEMU's 1 MiB.
+fn lines_in_limit(payload: &[u8]) -> usize {
+    let mut used = 0;
+    let mut n = 0;
+    for l in payload.split_inclusive(|&b| b == b'\n') {
+        if used + l.len() > QEMU_LIMIT {
+            break;
+        }
+        used += l.len();
+        n += 1;
+    }
+    n
+}
+
+fn create_all(c: &Ctnetlink, entries: &[Entry], what: &str) {
+    for chunk in entries.chunks(50_000) {
+        let r = c.create(chunk).expect("create");
+        assert_eq!(
+            r.created + r.existed,
+            chunk.len() as u64,
+            "{what}: not all created: {r:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- issue 2
+
+fn part_codec(ns_list: &[usize], reps: usize) {
+    println!("## Issue 2: codec and state format vs conntrack(8)\n");
+    println!(
+        "Each N: the realistic mix of VM mark {MARK} plus 20 % entries of other marks in a \
+         fresh namespace (created with our codec); {reps} repetitions, median [min–max], ms.\n"
+    );
+    let mut dump_rows = Vec::new();
+    let mut fmt_rows = Vec::new();
+    let mut size_rows = Vec::new();
+    let mut create_rows = Vec::new();
+    for &n in ns_list {
+        eprintln!("codec: N = {n}");
+        let pop = population::generate(Spec::new(n, MARK, 11 + n as u64));
+        let src = Netns::new("bcsrc");
+        population::enable_labels(&src.name);
+        let cs = ct(&src);
+        create_all(&cs, &pop.vm_entries, "vm");
+        create_all(&cs, &pop.noise_entries, "noise");
+        let sel = Selector::mark(MARK);
+        let mark = MARK.to_string();
+
+        // Dumps, interleaved so that drift on the shared machine hits all.
+        let (mut ours, mut save, mut list) = (Sample::new(), Sample::new(), Sample::new());
+        let (mut ours_cpu, mut save_cpu) = (Sample::new(), Sample::new());
+        let mut entries = Vec::new();
+        let mut save_out = Vec::new();
+        for _ in 0..reps {
+            let c0 = cpu_ms(libc::RUSAGE_THREAD);
+            let t = Instant::now();
+            entries = cs.dump(&sel).expect("dump");
+            ours.push(ms(t.elapsed()));
+            ours_cpu.push(cpu_ms(libc::RUSAGE_THREAD) - c0);
+            let (t, c, o) = conntrack_cpu(&src, &["-L", "-m", &mark, "-o", "save"]);
+            save.push(t);
+            save_cpu.push(c);
+            save_out = o.stdout;
+            let (t, _) = conntrack_in(&src, &["-L", "-m", &mark]);
+            list.push(t);
+        }
+        assert_eq!(entries.len(), n, "our dump");
+        let save_lines = save_out.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+        assert_eq!(save_lines.count(), n, "conntrack -o save lines");
+        dump_rows.push(format!(
+            "| {} | {} | {} | {} | {:.1}× / {:.1}× | {:.0}k | {} / {} ({:.1}×) |",
+            thousands(n),
+            ours.show(),
+            save.show(),
+            list.show(),
+            save.median() / ours.median(),
+            list.median() / ours.median(),
+            n as f64 / ours.median(),
+            num(ours_cpu.median()),
+            num(save_cpu.median()),
+            save_cpu.median() / ours_cpu.median(),
+        ));
+
+        // Encode (records + zstd + checksum) and decode, in-process.
+        let unlimited = EncodeOptions {
+            limit: usize::MAX,
+            format: Format::Binary,
+        };
+        let (mut enc_t, mut enc1m_t, mut dec_t) = (Sample::new(), Sample::new(), Sample::new());
+        let mut blob = Vec::new();
+        let mut kept_1m = 0;
+        let mut bytes_1m = 0;
+        for _ in 0..reps.max(5) {
+            let t = Instant::now();
+            let e = format::encode(&entries, &unlimited).expect("encode");
+            enc_t.push(ms(t.elapsed()));
+            blob = e.bytes;
+            let t = Instant::now();
+            let e = format::encode(&entries, &EncodeOptions::default()).expect("encode 1 MiB");
+            enc1m_t.push(ms(t.elapsed()));
+            kept_1m = e.kept;
+            bytes_1m = e.bytes.len();
+            let t = Instant::now();
+            let d = format::decode(&blob).expect("decode");
+            dec_t.push(ms(t.elapsed()));
+            assert_eq!(d.entries.len(), n);
+        }
+        fmt_rows.push(format!(
+            "| {} | {} | {} | {} | {:.1} M/s |",
+            thousands(n),
+            enc_t.show(),
+            enc1m_t.show(),
+            dec_t.show(),
+            n as f64 / dec_t.median() / 1e3
+        ));
+
+        // Sizes: ours, our emitter of the Perl format, real conntrack output.
+        let perl = perl_payload(&save_out, MARK);
+        let ours_text = format::encode(
+            &entries,
+            &EncodeOptions {
+                limit: usize::MAX,
+                format: Format::ConntrackSave,
+            },
+        )
+        .expect("text");
+        let ours_text_1m = format::encode(
+            &entries,
+            &EncodeOptions {
+                limit: QEMU_LIMIT,
+                format: Format::ConntrackSave,
+            },
+        )
+        .expect("text 1 MiB");
+        size_rows.push(format!(
+            "| {} | {} | {:.2} | {} ({} B) | {:.1} | {} | {:.1} | {} |",
+            thousands(n),
+            thousands(blob.len()),
+            blob.len() as f64 / n as f64,
+            thousands(kept_1m),
+            thousands(bytes_1m),
+            perl.len() as f64 / n as f64,
+            thousands(lines_in_limit(&perl)),
+            ours_text.bytes.len() as f64 / n as f64,
+            thousands(ours_text_1m.kept),
+        ));
+
+        // Create into an empty namespace: ours from the dump, conntrack(8)
+        // --load-file of the Perl payload (its `-o save` lines carry no
+        // labels, so no line trips 1.4.7's --label-add crash).
+        let dst = Netns::new("bcdst");
+        population::enable_labels(&dst.name);
+        let cd = ct(&dst);
+        let file = tempfile::NamedTempFile::new().expect("tempfile");
+        std::fs::write(file.path(), &perl).expect("write payload");
+        let path = file.path().display().to_string();
+        let (mut oc, mut cc) = (Sample::new(), Sample::new());
+        let (mut ours_made, mut theirs_made) = (0, 0);
+        for _ in 0..reps {
+            cd.delete_selected(&everything()).expect("flush");
+            let t = Instant::now();
+            let r = cd.create(&entries).expect("create");
+            oc.push(ms(t.elapsed()));
+            ours_made = r.created;
+            cd.delete_selected(&everything()).expect("flush");
+            let (t, _) = conntrack_in(&dst, &["--load-file", &path]);
+            cc.push(t);
+            theirs_made = cd.dump(&sel).expect("count").len();
+        }
+        create_rows.push(format!(
+            "| {} | {} | {:.0}k | {} | {:.0}k | {} / {} |",
+            thousands(n),
+            oc.show(),
+            n as f64 / oc.median(),
+            cc.show(),
+            n as f64 / cc.median(),
+            thousands(ours_made as usize),
+            thousands(theirs_made),
+        ));
+        cd.delete_selected(&everything()).expect("flush");
+        cs.delete_selected(&everything()).expect("flush");
+    }
+    println!("### Dump of the VM's entries (mark filter in the kernel)\n");
+    println!("| N | ours (ctnetlink → `Vec<Entry>`) | `conntrack -L -m N -o save` | `conntrack -L -m N` | conntrack(8) ÷ ours (save / default) | ours, entries/s | CPU ms (user + sys, medians): ours / `-o save` |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for r in dump_rows {
+        println!("{r}");
+    }
+    println!("\nconntrack(8) times are whole processes (spawn included, stdout read into memory), started directly inside the namespace.\n");
+    println!("### Encode and decode (state format v1, in-process)\n");
+    println!("| N | encode + compress, no limit | encode to 1 MiB (with cut search) | validate + decode | decode rate |");
+    println!("|---:|---:|---:|---:|---:|");
+    for r in fmt_rows {
+        println!("{r}");
+    }
+    println!("\n### Size: bytes per entry and entries in 1 MiB (1,048,576 B)\n");
+    println!("| N | our blob, B | our B/entry | ours: kept in 1 MiB | Perl payload (real `-o save` + ` --mark N`) B/entry | Perl: lines in 1 MiB | our ConntrackSave emitter B/entry | emitter: kept in 1 MiB |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in size_rows {
+        println!("{r}");
+    }
+    // Capacity beyond the largest N: the same mix, in memory only (the
+    // entries as created, no kernel round trip), cut to 1 MiB.
+    let big = population::generate(Spec {
+        n: 250_000,
+        mark: MARK,
+        seed: 99,
+        noise: 0.0,
+    })
+    .vm_entries;
+    let e = format::encode(&big, &EncodeOptions::default()).expect("encode 250k");
+    let t = format::encode(
+        &big,
+        &EncodeOptions {
+            limit: QEMU_LIMIT,
+            format: Format::ConntrackSave,
+        },
+    )
+    .expect("text 250k");
+    println!(
+        "\nCapacity: of 250,000 entries of the mix (in memory, not dumped), our 1 MiB blob keeps **{}** ({} B, {:.2} B/entry); the Perl format keeps {}.",
+        thousands(e.kept),
+        thousands(e.bytes.len()),
+        e.bytes.len() as f64 / e.kept as f64,
+        thousands(t.kept)
+    );
+    println!("\n### Create into an empty namespace\n");
+    println!("| N | ours (batched ctnetlink) ms | ours entries/s | `conntrack --load-file` (Perl payload) ms | conntrack(8) entries/s | created: ours / conntrack(8) |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for r in create_rows {
+        println!("{r}");
+    }
+    println!("\nconntrack(8)'s `-o save` carries no labels (and no wscale), so its payload has none and its `--load-file` creates fewer attributes than ours; labels also make conntrack 1.4.7 `--load-file` crash, which is moot here.\n");
+}
+
+// ------------------------------------------------------------- issue 5
+
+/// Blocking D-Bus calls from the benchmark's own thread.
+struct Client {
+    rt: tokio::runtime::Runtime,
+}
+
+impl Client {
+    fn new() -> Client {
+        Client {
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio"),
+        }
+    }
+    fn on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.rt.block_on(f)
+    }
+}
+
+/// A VM registered with one host's daemon, and proxies to its objects.
+struct Vm {
+    conn: zbus::Connection,
+    name: String,
+    id: String,
+    path: zbus::OwnedObjectPath,
+    unique: String,
+}
+
+fn register(cl: &Client, h: &Host, vm: &str) -> Vm {
+    register_on(cl, &h.bus.address, vm)
+}
+
+fn register_on(cl: &Client, bus: &str, vm: &str) -> Vm {
+    cl.on(async {
+        let conn = zbus::connection::Builder::address(bus)
+            .build()
+            .await
+            .expect("connect");
+        let m = Manager1Proxy::new(&conn).await.expect("manager");
+        let opts = HashMap::from([("bus_address", Variant::from(bus))]);
+        let path = m.register(vm, opts).await.expect("Register");
+        let v = Vm1Proxy::builder(&conn)
+            .path(path.clone())
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .expect("vm proxy");
+        Vm {
+            unique: v.unique_name().await.expect("UniqueName"),
+            id: v.id().await.expect("Id"),
+            conn,
+            name: vm.to_owned(),
+            path,
+        }
+    })
+}
+
+impl Vm {
+    fn save(&self, cl: &Client) -> (f64, Vec<u8>) {
+        cl.on(async {
+            let vs = VmState1Proxy::builder(&self.conn)
+                .destination(self.unique.as_str())
+                .build()
+                .await
+                .expect("vmstate proxy");
+            let t = Instant::now();
+            let b = vs.save().await.expect("Save");
+            (ms(t.elapsed()), b.into_vec())
+        })
+    }
+    fn load(&self, cl: &Client, blob: &[u8]) -> f64 {
+        cl.on(async {
+            let vs = VmState1Proxy::builder(&self.conn)
+                .destination(self.unique.as_str())
+                .build()
+                .await
+                .expect("vmstate proxy");
+            let t = Instant::now();
+            vs.load(serde_bytes::Bytes::new(blob)).await.expect("Load");
+            ms(t.elapsed())
+        })
+    }
+    fn prop(&self, cl: &Client, which: &str) -> HashMap<String, OwnedVariant> {
+        cl.on(async {
+            let v = Vm1Proxy::builder(&self.conn)
+                .path(self.path.clone())
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+                .expect("vm proxy");
+            if which == "LastSave" {
+                v.last_save().await.expect("LastSave")
+            } else {
+                v.last_load().await.expect("LastLoad")
+            }
+        })
+    }
+    fn unregister(self, cl: &Client) {
+        cl.on(async {
+            let m = Manager1Proxy::new(&self.conn).await.expect("manager");
+            m.unregister(&self.name, HashMap::new())
+                .await
+                .expect("Unregister");
+        })
+    }
+}
+
+fn get_u64(m: &HashMap<String, OwnedVariant>, k: &str) -> Option<u64> {
+    let v = m.get(k)?;
+    u64::try_from(v)
+        .ok()
+        .or_else(|| u32::try_from(v).ok().map(u64::from))
+        .or_else(|| i64::try_from(v).ok().map(|x| x.max(0) as u64))
+}
+
+fn get_bool(m: &HashMap<String, OwnedVariant>, k: &str) -> Option<bool> {
+    m.get(k).and_then(|v| bool::try_from(v).ok())
+}
+
+fn get_str(m: &HashMap<String, OwnedVariant>, k: &str) -> Option<String> {
+    m.get(k).and_then(|v| String::try_from(v.clone()).ok())
+}
+
+/// `others` entries of 20 other marks, as the rest of a busy host.
+fn other_entries(others: usize, seed: u64) -> Vec<Entry> {
+    let pop = population::generate(Spec {
+        n: others,
+        mark: 7,
+        seed,
+        noise: 0.0,
+    });
+    pop.vm_entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut e)| {
+            e.mark = 7000 + (i % 20) as u32;
+            e
+        })
+        .collect()
+}
+
+fn vm_entries(n: usize, mark: u32) -> Vec<Entry> {
+    population::generate(Spec {
+        n,
+        mark,
+        seed: 1000 + u64::from(mark),
+        noise: 0.0,
+    })
+    .vm_entries
+}
+
+fn sysctl_events(ns: &Netns, v: u32) {
+    common::netns::run_ok(
+        ns.cmd("sysctl")
+            .arg("-qw")
+            .arg(format!("net.netfilter.nf_conntrack_events={v}")),
+    );
+}
+
+/// Waits (bounded) until `mark` has `n` entries in the namespace.
+fn wait_count(c: &Ctnetlink, mark: u32, n: usize, what: &str) {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = c.dump(&Selector::mark(mark)).expect("dump").len();
+        if got == n {
+            return;
+        }
+        assert!(Instant::now() < end, "{what}: {got} of {n} entries");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Hosts {
+    src: Host,
+    dst: Host,
+    /// A second daemon in the source namespace with `--no-cache`, on its
+    /// own bus: Save as a direct dump, for comparison.
+    nocache: NoCache,
+}
+
+struct NoCache {
+    // Drop order: daemon, bus, directory.
+    _daemon: Proc,
+    bus: Bus,
+    _dir: tempfile::TempDir,
+}
+
+fn hosts(others: usize) -> Hosts {
+    let mut src = Host::new("bsvsrc");
+    let mut dst = Host::new("bsvdst");
+    for (h, seed) in [(&mut src, 1u64), (&mut dst, 2)] {
+        population::enable_labels(&h.ns.name);
+        create_all(&ct(&h.ns), &other_entries(others, seed), "others");
+        h.start_daemon();
+    }
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("cvs-bsvnc-{}-", std::process::id()))
+        .tempdir()
+        .expect("tempdir");
+    let bus = Bus::start(dir.path());
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let mut cmd = src.ns.cmd(env!("CARGO_BIN_EXE_conntrack-vmstated"));
+    cmd.arg("--bus-address")
+        .arg(&bus.address)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--idle-timeout", "0", "--no-cache"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    let daemon = Proc::spawn("daemon-nocache", dir.path(), &mut cmd);
+    wait_name(&bus.address, MANAGER_NAME, Duration::from_secs(60));
+    Hosts {
+        src,
+        dst,
+        nocache: NoCache {
+            _daemon: daemon,
+            bus,
+            _dir: dir,
+        },
+    }
+}
+
+fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
+    println!(
+        "## Issue 5: Save and Load as D-Bus calls, host table with {} other entries\n",
+        thousands(others)
+    );
+    println!(
+        "Two hosts (namespaces), each with {} entries of 20 other marks, its own dbus-daemon and \
+         conntrack-vmstated (release). Client: zbus, timing around the method call. {reps} \
+         repetitions, median [min–max], ms.\n",
+        thousands(others)
+    );
+    let cl = Client::new();
+    let cs = ct(&hs.src.ns);
+    let cd = ct(&hs.dst.ns);
+    let mut save_rows = Vec::new();
+    let mut load_rows = Vec::new();
+    for (i, &n) in ns_list.iter().enumerate() {
+        eprintln!("service: N = {n}");
+        // Realistic case: registered (cache warm) before the VM's
+        // connections exist, so its entries send events.
+        let mark = 300 + i as u32;
+        let vm = register(&cl, &hs.src, &mark.to_string());
+        let ncvm = register_on(&cl, &hs.nocache.bus.address, &mark.to_string());
+        std::thread::sleep(Duration::from_millis(500));
+        let entries = vm_entries(n, mark);
+        create_all(&cs, &entries, "vm");
+        std::thread::sleep(Duration::from_millis(1000));
+        // Direct dump, in-process, for reference (what an uncached Save does
+        // before encoding).
+        let (mut save_t, mut ssave_t, mut direct_t) = (Sample::new(), Sample::new(), Sample::new());
+        let mut nc_t = Sample::new();
+        let mut blob = Vec::new();
+        for _ in 0..reps {
+            let (t, b) = vm.save(&cl);
+            save_t.push(t);
+            blob = b;
+            let (t, _) = ncvm.save(&cl);
+            nc_t.push(t);
+            let t = Instant::now();
+            let d = cs.dump(&Selector::mark(mark)).expect("direct");
+            direct_t.push(ms(t.elapsed()));
+            // TIME_WAIT entries (30–120 s) may expire during a long run.
+            assert!(d.len() * 100 >= n * 98, "direct dump: {} of {n}", d.len());
+        }
+        let last = vm.prop(&cl, "LastSave");
+        let daemon_us = get_u64(&last, "duration_us").unwrap_or(0);
+        let nclast = ncvm.prop(&cl, "LastSave");
+        vm.unregister(&cl);
+        ncvm.unregister(&cl);
+        // One VM's entries at a time: 150k + 2 × 100k would pass the
+        // kernel's nf_conntrack_max (262,144 here, read-only in a netns).
+        cs.delete_selected(&Selector::mark(mark)).expect("flush");
+        // Silent case: entries made without the event extension
+        // (nf_conntrack_events = 0 while they are created, like entries
+        // made before any listener existed), registered afterwards.
+        let smark = 600 + i as u32;
+        sysctl_events(&hs.src.ns, 0);
+        create_all(&cs, &vm_entries(n, smark), "silent vm");
+        sysctl_events(&hs.src.ns, 2);
+        let svm = register(&cl, &hs.src, &smark.to_string());
+        std::thread::sleep(Duration::from_millis(1500));
+        for _ in 0..reps {
+            let (t, b) = svm.save(&cl);
+            ssave_t.push(t);
+            let got = format::decode(&b)
+                .expect("decode silent Save")
+                .entries
+                .len();
+            assert!(got * 100 >= n * 98, "silent Save: {got} of {n}");
+        }
+        let slast = svm.prop(&cl, "LastSave");
+        let kept = format::decode(&blob).expect("decode Save").entries.len();
+        save_rows.push(format!(
+            "| {} | {} ({}, last {:.1} in the daemon) | {} ({}) | {} ({}) | {} | {} B, {} entries |",
+            thousands(n),
+            save_t.show(),
+            get_str(&last, "source").unwrap_or_else(|| "–".into()),
+            daemon_us as f64 / 1e3,
+            nc_t.show(),
+            get_str(&nclast, "source").unwrap_or_else(|| "–".into()),
+            ssave_t.show(),
+            get_str(&slast, "source").unwrap_or_else(|| "–".into()),
+            direct_t.show(),
+            thousands(blob.len()),
+            thousands(kept),
+        ));
+        svm.unregister(&cl);
+        cs.delete_selected(&Selector::mark(smark)).expect("flush");
+
+        // Load on the destination: reply, then full restore (LastLoad).
+        let dvm = register(&cl, &hs.dst, &mark.to_string());
+        let (mut reply_t, mut full_t) = (Sample::new(), Sample::new());
+        let mut sync_n = String::from("–");
+        for _ in 0..reps {
+            cd.delete_selected(&Selector::mark(mark)).expect("flush");
+            let before = dvm.prop(&cl, "LastLoad");
+            let t0 = Instant::now();
+            let t = dvm.load(&cl, &blob);
+            reply_t.push(t);
+            // Bounded wait for the report of this Load to be complete.
+            let end = Instant::now() + Duration::from_secs(120);
+            let rep = loop {
+                let r = dvm.prop(&cl, "LastLoad");
+                let fresh =
+                    get_u64(&r, "timestamp") != get_u64(&before, "timestamp") || before.is_empty();
+                let pending = get_bool(&r, "pending").unwrap_or(false);
+                if fresh && !pending {
+                    break r;
+                }
+                assert!(Instant::now() < end, "Load not complete: {r:?}");
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            let full = get_u64(&rep, "complete_us")
+                .filter(|&us| us > 0)
+                .or_else(|| get_u64(&rep, "duration_us"))
+                .map(|us| us as f64 / 1e3)
+                .unwrap_or_else(|| ms(t0.elapsed()));
+            full_t.push(full.max(t));
+            if let Some(s) = get_u64(&rep, "created_sync") {
+                sync_n = thousands(s as usize);
+            }
+            let made = get_u64(&rep, "created").unwrap_or(0) as usize;
+            assert_eq!(made, kept, "Load created {made} of {kept}: {rep:?}");
+        }
+        wait_count(&cd, mark, kept, "restored");
+        load_rows.push(format!(
+            "| {} | {} | {} | {} | {:.0}k |",
+            thousands(kept),
+            reply_t.show(),
+            sync_n,
+            full_t.show(),
+            kept as f64 / full_t.median(),
+        ));
+        dvm.unregister(&cl);
+        cd.delete_selected(&Selector::mark(mark)).expect("flush");
+    }
+    println!("### Save (`org.qemu.VMState1.Save` on the VM's connection)\n");
+    println!("| N | Save, warm cache, registered before the entries existed (LastSave source) | Save, daemon with `--no-cache` (source) | Save, warm cache, entries older than any listener (\"silent\") (source) | direct dump in-process, no encode, no D-Bus | blob |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for r in save_rows {
+        println!("{r}");
+    }
+    println!("\n### Load (`org.qemu.VMState1.Load` of that blob into the destination)\n");
+    println!("| entries | Load reply | created before the reply | full restore (LastLoad) | full restore entries/s |");
+    println!("|---:|---:|---:|---:|---:|");
+    for r in load_rows {
+        println!("{r}");
+    }
+    println!();
+}
+
+// ------------------------------------------------------------ migration
+
+struct Mig {
+    downtime: f64,
+    total: f64,
+    incoming: f64,
+}
+
+/// One migration src → dst through a stream file, fresh QEMUs each time.
+/// `vmstate`: Ids of the dbus-vmstate objects (None: no object at all).
+fn migrate_once(hs: &mut Hosts, k: usize, vmstate: Option<&str>) -> Mig {
+    let mk = |h: &Host, incoming: bool| QemuOpts {
+        vmstate: vmstate.map(|id| (h.bus.address.clone(), Some(id.to_owned()))),
+        incoming,
+    };
+    let so = mk(&hs.src, false);
+    let dopt = mk(&hs.dst, true);
+    let mut sq = Qemu::start(hs.src.path(), &format!("q{k}s"), Some(&hs.src.ns), &so);
+    let mut dq = Qemu::start(hs.dst.path(), &format!("q{k}d"), Some(&hs.dst.ns), &dopt);
+    let stream = hs.src.path().join(format!("stream{k}.bin"));
+    let out = sq.migrate_to_file(&stream);
+    assert_eq!(out.status, "completed", "migration: {}", out.query);
+    dq.execute(
+        "migrate-set-capabilities",
+        Some(serde_json::json!({"capabilities": [{"capability": "events", "state": true}]})),
+    )
+    .expect("destination events");
+    let inc = dq.incoming_from_file(&stream);
+    assert_eq!(inc, Incoming::Running, "destination: {}", dq.output());
+    // QEMU's own event timestamps: incoming MIGRATION "active" (stream
+    // starts being read) → RESUME (guest runs): reading the stream, Load,
+    // resuming.
+    let events = dq.qmp().take_events();
+    let at = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        events.iter().find(|e| pred(e)).and_then(|e| {
+            let ts = e.get("timestamp")?;
+            Some(ts.get("seconds")?.as_f64()? * 1e3 + ts.get("microseconds")?.as_f64()? / 1e3)
+        })
+    };
+    let active = at(&|e| e["event"] == "MIGRATION" && e["data"]["status"] == "active");
+    let resume = at(&|e| e["event"] == "RESUME");
+    let incoming = match (active, resume) {
+        (Some(a), Some(r)) => r - a,
+        _ => panic!("destination events incomplete: {events:?}"),
+    };
+    let _ = std::fs::remove_file(&stream);
+    drop(sq);
+    drop(dq);
+    Mig {
+        downtime: out.downtime_ms.unwrap_or(0) as f64,
+        total: out.total_ms.unwrap_or(0) as f64,
+        incoming,
+    }
+}
+
+fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
+    println!("## Issue 5: QEMU-reported downtime of a real migration\n");
+    println!(
+        "QEMU 7.2 (TCG, 32 MiB, bootless) in each host namespace, stream through a file \
+         (`exec:cat`), fresh QEMUs per migration. *downtime* is what the source's \
+         `query-migrate` reports (guest stop → end of the stream: includes Save, not the \
+         destination's Load); *incoming* is the destination's MIGRATION \"active\" → RESUME \
+         event timestamps (reading the stream, Load, resume). {reps} repetitions, median [min–max], ms.\n"
+    );
+    let cl = Client::new();
+    let cs = ct(&hs.src.ns);
+    let cd = ct(&hs.dst.ns);
+    let mut rows = Vec::new();
+    let mut k = 0;
+    for (i, &n) in ns_list.iter().enumerate() {
+        eprintln!("migration: N = {n}");
+        let mark = 900 + i as u32;
+        let vm = register(&cl, &hs.src, &mark.to_string());
+        let dvm = register(&cl, &hs.dst, &mark.to_string());
+        wait_vmstate_ids(
+            &hs.src.bus.address,
+            &[vm.id.as_str()],
+            Duration::from_secs(30),
+        );
+        wait_vmstate_ids(
+            &hs.dst.bus.address,
+            &[dvm.id.as_str()],
+            Duration::from_secs(30),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        create_all(&cs, &vm_entries(n, mark), "vm");
+        std::thread::sleep(Duration::from_millis(1000));
+        let mark_s = mark.to_string();
+        let (mut none_d, mut none_i) = (Sample::new(), Sample::new());
+        let (mut svc_d, mut svc_i) = (Sample::new(), Sample::new());
+        let (mut ct_save, mut ct_load) = (Sample::new(), Sample::new());
+        let (mut arrived, mut saved) = (0, 0);
+        let mut totals = Sample::new();
+        for _ in 0..reps {
+            k += 1;
+            let m = migrate_once(hs, k, None);
+            none_d.push(m.downtime);
+            none_i.push(m.incoming);
+            k += 1;
+            cd.delete_selected(&Selector::mark(mark)).expect("flush");
+            let before = dvm.prop(&cl, "LastLoad");
+            let m = migrate_once(hs, k, Some(&vm.id));
+            svc_d.push(m.downtime);
+            svc_i.push(m.incoming);
+            totals.push(m.total);
+            // Load may finish in the background after the reply: wait for
+            // this migration's report to be complete, then count.
+            let end = Instant::now() + Duration::from_secs(60);
+            loop {
+                let r = dvm.prop(&cl, "LastLoad");
+                let fresh = get_u64(&r, "timestamp") != get_u64(&before, "timestamp");
+                if fresh && !get_bool(&r, "pending").unwrap_or(false) {
+                    break;
+                }
+                assert!(Instant::now() < end, "Load not complete: {r:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            arrived = cd.dump(&Selector::mark(mark)).expect("dump").len();
+            saved = get_u64(&vm.prop(&cl, "LastSave"), "entries").unwrap_or(0) as usize;
+            // The Perl helper's pipeline, conntrack(8) timed alone: `-L -o
+            // save` on the source inside Save, `--load-file` of the payload
+            // on the destination inside Load.
+            let (t, o) = conntrack_in(&hs.src.ns, &["-L", "-m", &mark_s, "-o", "save"]);
+            ct_save.push(t);
+            let file = tempfile::NamedTempFile::new().expect("tempfile");
+            std::fs::write(file.path(), perl_payload(&o.stdout, mark)).expect("payload");
+            cd.delete_selected(&Selector::mark(mark)).expect("flush");
+            let path = file.path().display().to_string();
+            let (t, _) = conntrack_in(&hs.dst.ns, &["--load-file", &path]);
+            ct_load.push(t);
+        }
+        let added_src = svc_d.median() - none_d.median();
+        let added_dst = svc_i.median() - none_i.median();
+        rows.push(format!(
+            "| {} | {} | {} / {} | {} / {} | {:+.0} / {:+.0} = {:+.0} | {} / {} | {:+.0} | {} / {} |",
+            thousands(n),
+            reps,
+            none_d.show(),
+            none_i.show(),
+            svc_d.show(),
+            svc_i.show(),
+            added_src,
+            added_dst,
+            added_src + added_dst,
+            ct_save.show(),
+            ct_load.show(),
+            ct_save.median() + ct_load.median(),
+            thousands(saved),
+            thousands(arrived),
+        ));
+        vm.unregister(&cl);
+        dvm.unregister(&cl);
+        cs.delete_selected(&Selector::mark(mark)).expect("flush");
+        cd.delete_selected(&Selector::mark(mark)).expect("flush");
+    }
+    println!("| N | reps | no dbus-vmstate: downtime / incoming | with conntrack-vmstated: downtime / incoming | added by the service (medians): source + destination | conntrack(8) pipeline: `-L -o save` / `--load-file` | added by conntrack(8) (sum of medians) | entries saved / on the destination after our migration (last rep) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!("{r}");
+    }
+    println!("\nThe conntrack(8) pipeline is not run inside a migration: its two commands are timed on the same hosts and entries and their medians added to the no-dbus-vmstate migration (the Perl helper runs exactly these inside Save and Load, plus its own D-Bus marshalling, measured at ~1–2.5 s per MiB in measured-baselines.md §5, not added here).\n");
+}
+
+fn main() {
+    let a = Args::parse();
+    // `cargo test --all-targets` runs bench targets too, without --bench:
+    // the benchmark takes minutes and needs root, so it only runs when
+    // cargo bench (or bench/run) asks for it.
+    if !a.bench {
+        eprintln!("vmstate bench: not run (run `bench/run` or `cargo bench --bench vmstate`)");
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("vmstate bench: run as root (network namespaces, conntrack)");
+        std::process::exit(1);
+    }
+    let reps = a.reps.unwrap_or(if a.quick { 3 } else { 5 });
+    let ns_list: Vec<usize> = if a.quick {
+        vec![1_000, 5_000]
+    } else {
+        vec![1_000, 5_000, 20_000, 100_000]
+    };
+    let all = a.part.is_empty();
+    let want = |p: &str| all || a.part.iter().any(|x| x == p);
+    let others = if a.quick {
+        a.others.min(30_000)
+    } else {
+        a.others
+    };
+    if want("codec") {
+        part_codec(&ns_list, reps);
+    }
+    if want("service") || want("migration") {
+        eprintln!("hosts: {others} other entries each");
+        let mut hs = hosts(others);
+        if want("service") {
+            part_service(&hs, &ns_list, reps, others);
+        }
+        if want("migration") {
+            let mig_n: Vec<usize> = if a.quick {
+                vec![5_000]
+            } else {
+                ns_list.clone()
+            };
+            part_migration(&mut hs, &mig_n, reps);
+        }
+    }
+}
