@@ -235,6 +235,9 @@ async fn save_answers_at_deadline_while_the_helper_hangs() {
 
         let pid = nix::unistd::Pid::from_raw(helper.pid() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        // kill(2) returns before every thread has stopped; on a loaded
+        // machine a request sent right away could still be served.
+        wait_all_threads_stopped(helper.pid());
         let t = Instant::now();
         let blob = vs.save().await.expect("Save never fails").into_vec();
         let took = t.elapsed();
@@ -270,4 +273,27 @@ async fn save_answers_at_deadline_while_the_helper_hangs() {
     })
     .await
     .expect("test timed out");
+}
+
+/// Waits (bounded) until every thread of `pid` is in the stopped state.
+fn wait_all_threads_stopped(pid: u32) {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("helper tasks");
+        let all_stopped = tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|s| {
+                    // The state follows the parenthesised command name.
+                    s.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.trim_start().chars().next())
+                })
+                .is_some_and(|c| c == 'T' || c == 't')
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < end, "helper {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
