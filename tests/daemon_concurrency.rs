@@ -244,14 +244,14 @@ async fn slow_load_answers_at_deadline_and_finishes_in_background() {
             get_str(&interim, "error"),
             "no entry batch finished within 1000 ms; answered QEMU, LastLoad is updated when creation ends"
         );
-        assert_eq!(bool::try_from(interim["pending"].try_clone().unwrap()).unwrap(), true);
+        assert!(bool::try_from(interim["pending"].try_clone().unwrap()).unwrap());
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             let last = vm1.last_load().await.unwrap();
             if get_str(&last, "error").is_empty() {
                 let n = |k: &str| u64::try_from(last[k].try_clone().unwrap()).unwrap();
                 assert_eq!((n("entries"), n("created"), n("created_sync")), (1, 1, 1));
-                assert_eq!(bool::try_from(last["pending"].try_clone().unwrap()).unwrap(), false);
+                assert!(!bool::try_from(last["pending"].try_clone().unwrap()).unwrap());
                 // The answer went out at the cap, the restore ended later.
                 assert!(n("duration_us") < n("complete_us"), "{last:?}");
                 break;

@@ -112,8 +112,12 @@ fn load_dict(r: Option<OpReport>) -> HashMap<String, OwnedVariant> {
     let mut m = report_dict(r);
     if let Some((created_sync, complete_us, pending)) = extra {
         m.insert("created_sync".into(), OwnedVariant::from(created_sync));
-        m.insert("complete_us".into(), OwnedVariant::from(complete_us));
         m.insert("pending".into(), OwnedVariant::from(pending));
+        // Absent while pending: a reader that waits for the key never takes
+        // an interim report for the final one.
+        if !pending {
+            m.insert("complete_us".into(), OwnedVariant::from(complete_us));
+        }
     }
     m
 }
@@ -172,8 +176,9 @@ impl Vm1 {
     }
 
     /// entries, dropped, created, created_sync, existed, refused, bytes,
-    /// duration_us (to the answer), complete_us (to the full restore),
-    /// pending, error, timestamp of the last Load; empty before the first.
+    /// duration_us (to the answer), complete_us (to the full restore; absent
+    /// while pending), pending, error, timestamp of the last Load; empty
+    /// before the first.
     #[zbus(property)]
     fn last_load(&self) -> HashMap<String, OwnedVariant> {
         load_dict(self.rt.last_load())

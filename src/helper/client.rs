@@ -440,7 +440,11 @@ impl WatchState {
                             Err(e) => {
                                 drop(g);
                                 tracing::debug!("helper not back yet: {e}");
-                                std::thread::sleep(backoff);
+                                // In ticks, so dropping the client is prompt.
+                                let until = Instant::now() + backoff;
+                                while Instant::now() < until && !self.stop.load(Ordering::SeqCst) {
+                                    std::thread::sleep(MONITOR_TICK);
+                                }
                                 backoff = (backoff * 2).min(RECONNECT_MAX);
                             }
                         }
