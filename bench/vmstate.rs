@@ -174,6 +174,22 @@ fn conntrack_cpu(ns: &Netns, args: &[&str]) -> (f64, f64, Output) {
     (el, cpu, out)
 }
 
+/// A dump of an empty namespace: the fixed, host-wide cost of every dump
+/// (ctnetlink walks the hash table shared by all namespaces), which shows
+/// how full the rest of the machine's conntrack table is right now.
+fn walk_cost(reps: usize) -> Sample {
+    let ns = Netns::new("bcempty");
+    let c = ct(&ns);
+    let mut s = Sample::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        let d = c.dump(&Selector::mark(MARK)).expect("empty dump");
+        s.push(ms(t.elapsed()));
+        assert!(d.is_empty());
+    }
+    s
+}
+
 fn ct(ns: &Netns) -> Ctnetlink {
     Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink in netns")
 }
@@ -237,6 +253,7 @@ fn part_codec(ns_list: &[usize], reps: usize) {
     for &n in ns_list {
         eprintln!("codec: N = {n}");
         let pop = population::generate(Spec::new(n, MARK, 11 + n as u64));
+        let empty = walk_cost(reps);
         let src = Netns::new("bcsrc");
         population::enable_labels(&src.name);
         let cs = ct(&src);
@@ -267,8 +284,9 @@ fn part_codec(ns_list: &[usize], reps: usize) {
         let save_lines = save_out.split(|&b| b == b'\n').filter(|l| !l.is_empty());
         assert_eq!(save_lines.count(), n, "conntrack -o save lines");
         dump_rows.push(format!(
-            "| {} | {} | {} | {} | {:.1}× / {:.1}× | {:.0}k | {} / {} ({:.1}×) |",
+            "| {} | {} | {} | {} | {} | {:.1}× / {:.1}× | {:.0}k | {} / {} ({:.1}×) |",
             thousands(n),
+            empty.show(),
             ours.show(),
             save.show(),
             list.show(),
@@ -380,8 +398,8 @@ fn part_codec(ns_list: &[usize], reps: usize) {
         cs.delete_selected(&everything()).expect("flush");
     }
     println!("### Dump of the VM's entries (mark filter in the kernel)\n");
-    println!("| N | ours (ctnetlink → `Vec<Entry>`) | `conntrack -L -m N -o save` | `conntrack -L -m N` | conntrack(8) ÷ ours (save / default) | ours, entries/s | CPU ms (user + sys, medians): ours / `-o save` |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| N | empty-namespace dump (host-wide walk, before) | ours (ctnetlink → `Vec<Entry>`) | `conntrack -L -m N -o save` | `conntrack -L -m N` | conntrack(8) ÷ ours (save / default) | ours, entries/s | CPU ms (user + sys, medians): ours / `-o save` |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in dump_rows {
         println!("{r}");
     }
@@ -667,6 +685,10 @@ fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
          conntrack-vmstated (release). Client: zbus, timing around the method call. {reps} \
          repetitions, median [min–max], ms.\n",
         thousands(others)
+    );
+    println!(
+        "Dump of an empty namespace with these hosts up (host-wide walk): {} ms.\n",
+        walk_cost(reps).show()
     );
     let cl = Client::new();
     let cs = ct(&hs.src.ns);
