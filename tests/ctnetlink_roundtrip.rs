@@ -228,9 +228,7 @@ fn comparisons_fail_on_missing_attributes() {
             .delete_entries(std::slice::from_ref(mine))
             .expect("delete");
         assert_eq!(gone.deleted, 1, "{what}");
-        let r = b
-            .create(std::slice::from_ref(&bad))
-            .expect("create damaged");
+        let r = create_after_delete(&b, &bad);
         assert_eq!(r.created, 1, "{what}: {r:?}");
         let diffs = cross_check(&src.name, &dst.name, MARK);
         assert!(!diffs.is_empty(), "cross-check missed a changed {what}");
@@ -245,17 +243,32 @@ fn comparisons_fail_on_missing_attributes() {
                 .deleted,
             1
         );
-        assert_eq!(
-            b.create(std::slice::from_ref(&good))
-                .expect("restore")
-                .created,
-            1
-        );
+        let r = create_after_delete(&b, &good);
+        assert_eq!(r.created, 1, "{what} restore: {r:?}");
         assert!(
             cross_check(&src.name, &dst.name, MARK).is_empty(),
             "{what} not restored"
         );
     }
+}
+
+/// Creates `e` where an entry with the same original tuple was deleted a
+/// moment ago. Seen on 6.18 (about 1 run in 8 on a loaded machine): swapping
+/// a NAT'ed entry for a plain one with the same tuple right after the delete
+/// is refused with EINVAL while the old entry's NAT binding is still being
+/// torn down; a moment later the same request succeeds. Migrations never do
+/// this (they create into a table that never held the entry), so the test
+/// retries, bounded, instead of asserting on the kernel's teardown timing.
+fn create_after_delete(b: &Ctnetlink, e: &Entry) -> CreateReport {
+    let mut r = b.create(std::slice::from_ref(e)).expect("create");
+    for _ in 0..20 {
+        if r.refused_by_errno != [(libc::EINVAL, 1)] {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        r = b.create(std::slice::from_ref(e)).expect("create");
+    }
+    r
 }
 
 #[test]
