@@ -21,52 +21,8 @@ async fn capless_daemon_saves_and_flushes_through_the_helper() {
         let ns = Netns::new("helper");
         let bus = TestBus::new("helper");
         let state = scratch_dir("helper-state");
-        let sock = state.path().join("helper.sock");
-        let _helper = Proc::spawn(
-            "helper",
-            state.path(),
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &ns.name,
-                    env!("CARGO_BIN_EXE_conntrack-vmstate-helper"),
-                ])
-                .arg("--listen")
-                .arg(&sock)
-                .args(["--idle-timeout", "0"]),
-        );
-        let end = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            assert!(Instant::now() < end, "helper socket never appeared");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        for i in 0..5 {
-            ns.run(
-                "conntrack",
-                &[
-                    "-I",
-                    "-s",
-                    &format!("10.9.0.{i}"),
-                    "-d",
-                    "192.0.2.1",
-                    "-p",
-                    "tcp",
-                    "--sport",
-                    "1234",
-                    "--dport",
-                    "22",
-                    "--state",
-                    "ESTABLISHED",
-                    "-t",
-                    "600",
-                    "-u",
-                    "SEEN_REPLY,ASSURED",
-                    "--mark",
-                    "100",
-                ],
-            );
-        }
+        let (sock, _helper) = start_helper(&ns, state.path()).await;
+        insert_vm100_tcp(&ns, 5);
         ns.run(
             "conntrack",
             &[
@@ -153,52 +109,8 @@ async fn save_answers_at_deadline_while_the_helper_hangs() {
         let ns = Netns::new("helper-hang");
         let bus = TestBus::new("helper-hang");
         let state = scratch_dir("helper-hang-state");
-        let sock = state.path().join("helper.sock");
-        let helper = Proc::spawn(
-            "helper",
-            state.path(),
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &ns.name,
-                    env!("CARGO_BIN_EXE_conntrack-vmstate-helper"),
-                ])
-                .arg("--listen")
-                .arg(&sock)
-                .args(["--idle-timeout", "0"]),
-        );
-        let end = Instant::now() + Duration::from_secs(20);
-        while !sock.exists() {
-            assert!(Instant::now() < end, "helper socket never appeared");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        for i in 0..3 {
-            ns.run(
-                "conntrack",
-                &[
-                    "-I",
-                    "-s",
-                    &format!("10.9.0.{i}"),
-                    "-d",
-                    "192.0.2.1",
-                    "-p",
-                    "tcp",
-                    "--sport",
-                    "1234",
-                    "--dport",
-                    "22",
-                    "--state",
-                    "ESTABLISHED",
-                    "-t",
-                    "600",
-                    "-u",
-                    "SEEN_REPLY,ASSURED",
-                    "--mark",
-                    "100",
-                ],
-            );
-        }
+        let (sock, helper) = start_helper(&ns, state.path()).await;
+        insert_vm100_tcp(&ns, 3);
         let client = bus.connect().await;
         let mut o = DaemonOpts::new(&bus.address, state.path());
         o.extra
@@ -295,5 +207,61 @@ fn wait_all_threads_stopped(pid: u32) {
         }
         assert!(Instant::now() < end, "helper {pid} did not stop");
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts the real helper inside `ns`, listening in `dir`; returns its socket
+/// once it exists.
+async fn start_helper(ns: &Netns, dir: &std::path::Path) -> (std::path::PathBuf, Proc) {
+    let sock = dir.join("helper.sock");
+    let helper = Proc::spawn(
+        "helper",
+        dir,
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                env!("CARGO_BIN_EXE_conntrack-vmstate-helper"),
+            ])
+            .arg("--listen")
+            .arg(&sock)
+            .args(["--idle-timeout", "0"]),
+    );
+    let end = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < end, "helper socket never appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (sock, helper)
+}
+
+/// `n` established TCP entries of VM mark 100, made with conntrack(8).
+fn insert_vm100_tcp(ns: &Netns, n: usize) {
+    for i in 0..n {
+        ns.run(
+            "conntrack",
+            &[
+                "-I",
+                "-s",
+                &format!("10.9.0.{i}"),
+                "-d",
+                "192.0.2.1",
+                "-p",
+                "tcp",
+                "--sport",
+                "1234",
+                "--dport",
+                "22",
+                "--state",
+                "ESTABLISHED",
+                "-t",
+                "600",
+                "-u",
+                "SEEN_REPLY,ASSURED",
+                "--mark",
+                "100",
+            ],
+        );
     }
 }
