@@ -9,16 +9,21 @@ use crate::entry::{Entry, ProtoInfo, SeqAdj, Tuple, L4};
 pub const MAGIC: [u8; 4] = *b"CTVS";
 pub const MAJOR: u8 = 1;
 pub const MINOR: u8 = 0;
+/// Minor version of a segmented blob (v1.1; only the SEGMENTS flag is new).
+pub const MINOR_SEGMENTS: u8 = 1;
 pub const HEADER_LEN: usize = 32;
 
 /// Header flag: the sender dropped entries to fit its byte budget.
 pub const FLAG_TRUNCATED: u16 = 1 << 0;
 /// Header flag: the payload is one zstd frame.
 pub const FLAG_ZSTD: u16 = 1 << 1;
-/// Flags a v1.0 decoder understands. Unknown bits 0–7 are informational and
+/// Header flag (required, v1.1): the payload is a segment table and
+/// independently coded segments (`docs/state-format.md` §1.1).
+pub const FLAG_SEGMENTS: u16 = 1 << 8;
+/// Flags this decoder understands. Unknown bits 0–7 are informational and
 /// ignored; unknown bits 8–15 change the meaning of the payload and are an
 /// error.
-const KNOWN_FLAGS: u16 = FLAG_TRUNCATED | FLAG_ZSTD;
+const KNOWN_FLAGS: u16 = FLAG_TRUNCATED | FLAG_ZSTD | FLAG_SEGMENTS;
 const REQUIRED_FLAG_MASK: u16 = 0xff00;
 
 /// Ceiling on the decompressed payload a decoder accepts (64 MiB).
@@ -228,7 +233,8 @@ impl Columns {
         std::array::from_fn(|i| self.offsets[k * STREAMS + i])
     }
 
-    fn push(&mut self, e: &Entry) {
+    /// Appends `e` with `timeout` seconds left (its own field is ignored).
+    fn push(&mut self, e: &Entry, timeout: u32) {
         let default_mark = self.default_mark;
         let s = &mut self.s;
         let v6 = e.orig.src.is_ipv6();
@@ -302,9 +308,9 @@ impl Columns {
         // descend and the deltas are small.
         put_varint(
             &mut s[S_TIMEOUT],
-            zigzag(i64::from(e.timeout) - i64::from(self.prev_timeout)),
+            zigzag(i64::from(timeout) - i64::from(self.prev_timeout)),
         );
-        self.prev_timeout = e.timeout;
+        self.prev_timeout = timeout;
         if !reply_implied {
             let r = &mut s[S_REPLY];
             put_addr(r, &e.reply.src);
@@ -434,6 +440,10 @@ fn prefetch(e: &Entry) {
     let _ = e;
 }
 
+/// An entry to encode and the seconds it has left (which the encoder
+/// writes instead of `entry.timeout`).
+pub type View<'a> = (&'a Entry, u32);
+
 /// Encodes entries given in priority order; any prefix can then be turned
 /// into a complete blob.
 pub struct Encoder {
@@ -442,18 +452,78 @@ pub struct Encoder {
     cctx: zstd::bulk::Compressor<'static>,
 }
 
+fn compressor() -> Result<zstd::bulk::Compressor<'static>, FormatError> {
+    zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(|e| FormatError::Compression(e.to_string()))
+}
+
+/// Builds the columns of `views` in order.
+fn build_columns(views: &[View], default_mark: u32, prefixes: bool) -> Columns {
+    let mut cols = Columns::new(default_mark, views.len(), prefixes);
+    for (i, (e, t)) in views.iter().enumerate() {
+        // Priority order visits entries in random memory order; fetch
+        // a few ahead so the cache misses overlap.
+        if let Some((ahead, _)) = views.get(i + PREFETCH_AHEAD) {
+            prefetch(ahead);
+        }
+        cols.push(e, *t);
+    }
+    cols
+}
+
+/// Compresses a raw payload; `None` when compression would not shrink it.
+fn compress(
+    cctx: &mut zstd::bulk::Compressor<'static>,
+    raw: &[u8],
+) -> Result<Option<Vec<u8>>, FormatError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let z = cctx
+        .compress(raw)
+        .map_err(|e| FormatError::Compression(e.to_string()))?;
+    Ok((z.len() < raw.len()).then_some(z))
+}
+
+/// The 32-byte header followed by `payload`, checksummed.
+fn assemble(h: &Header, parts: &[&[u8]]) -> Vec<u8> {
+    let payload_len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(HEADER_LEN + payload_len);
+    out.extend_from_slice(&MAGIC);
+    out.push(MAJOR);
+    out.push(h.minor);
+    out.extend_from_slice(&h.flags.to_le_bytes());
+    out.extend_from_slice(&h.count.to_le_bytes());
+    out.extend_from_slice(&h.dropped.to_le_bytes());
+    out.extend_from_slice(&h.default_mark.to_le_bytes());
+    out.extend_from_slice(&h.raw_len.to_le_bytes());
+    out.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    let mut crc = crc32c::crc32c(&out);
+    for p in parts {
+        crc = crc32c::crc32c_append(crc, p);
+    }
+    out.extend_from_slice(&crc.to_le_bytes());
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+fn dropped_u32(dropped: usize) -> u32 {
+    dropped.min(u32::MAX as usize) as u32
+}
+
 impl Encoder {
-    /// Builds the columns of `entries` (representable, in the order the blob
+    /// Builds the columns of `views` (representable, in the order the blob
     /// will hold them); [`blob`](Self::blob) then takes any prefix.
-    pub fn new(entries: &[&Entry]) -> Result<Self, FormatError> {
-        Self::build(entries, true)
+    pub fn new(views: &[View]) -> Result<Self, FormatError> {
+        Self::build(views, true)
     }
 
     /// Like [`new`](Self::new), but [`blob`](Self::blob) and
     /// [`raw_len`](Self::raw_len) take only all entries or none: cheaper
     /// when everything is expected to fit.
-    pub fn whole(entries: &[&Entry]) -> Result<Self, FormatError> {
-        Self::build(entries, false)
+    pub fn whole(views: &[View]) -> Result<Self, FormatError> {
+        Self::build(views, false)
     }
 
     /// Whether any prefix can be taken.
@@ -461,22 +531,9 @@ impl Encoder {
         self.cols.prefixes
     }
 
-    fn build(entries: &[&Entry], prefixes: bool) -> Result<Self, FormatError> {
-        let cctx = zstd::bulk::Compressor::new(ZSTD_LEVEL)
-            .map_err(|e| FormatError::Compression(e.to_string()))?;
-        let mut cols = Columns::new(
-            default_mark(entries.iter().copied()),
-            entries.len(),
-            prefixes,
-        );
-        for (i, e) in entries.iter().enumerate() {
-            // Priority order visits entries in random memory order; fetch
-            // a few ahead so the cache misses overlap.
-            if let Some(ahead) = entries.get(i + PREFETCH_AHEAD) {
-                prefetch(ahead);
-            }
-            cols.push(e);
-        }
+    fn build(views: &[View], prefixes: bool) -> Result<Self, FormatError> {
+        let cctx = compressor()?;
+        let cols = build_columns(views, default_mark(views.iter().map(|v| v.0)), prefixes);
         Ok(Encoder {
             cols,
             raw: Vec::new(),
@@ -510,36 +567,113 @@ impl Encoder {
         if k > 0 {
             self.cols.write_raw(k, &mut self.raw);
         }
-        let compressed;
-        let (flags, payload): (u16, &[u8]) = if self.raw.is_empty() {
-            (0, &self.raw)
-        } else {
-            compressed = self
-                .cctx
-                .compress(&self.raw)
-                .map_err(|e| FormatError::Compression(e.to_string()))?;
-            if compressed.len() < self.raw.len() {
-                (FLAG_ZSTD, &compressed)
-            } else {
-                (0, &self.raw)
-            }
+        let z = compress(&mut self.cctx, &self.raw)?;
+        let (flags, payload): (u16, &[u8]) = match &z {
+            Some(z) => (FLAG_ZSTD, z),
+            None => (0, &self.raw),
         };
-        let flags = flags | if dropped > 0 { FLAG_TRUNCATED } else { 0 };
-        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-        out.extend_from_slice(&MAGIC);
-        out.push(MAJOR);
-        out.push(MINOR);
-        out.extend_from_slice(&flags.to_le_bytes());
-        out.extend_from_slice(&(k as u32).to_le_bytes());
-        out.extend_from_slice(&(dropped.min(u32::MAX as usize) as u32).to_le_bytes());
-        out.extend_from_slice(&self.cols.default_mark.to_le_bytes());
-        out.extend_from_slice(&(self.raw.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&out), payload);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(payload);
-        Ok(out)
+        let h = Header {
+            minor: MINOR,
+            flags: flags | if dropped > 0 { FLAG_TRUNCATED } else { 0 },
+            count: k as u32,
+            dropped: dropped_u32(dropped),
+            default_mark: self.cols.default_mark,
+            raw_len: self.raw.len() as u32,
+            payload_len: 0,
+        };
+        Ok(assemble(&h, &[payload]))
     }
+}
+
+/// Fewest entries per segment: below this a second thread costs more than
+/// it saves and the smaller zstd context costs ratio.
+pub const MIN_SEGMENT_ENTRIES: usize = 16_384;
+/// Most segments one blob may hold (the decoder's ceiling).
+pub const MAX_SEGMENTS: usize = 16;
+/// Bytes of one segment table row: count, raw_len, stored_len (u32 each).
+const SEGMENT_ENTRY_LEN: usize = 12;
+
+/// How many segments [`encode_segmented`] uses for `n` entries on this
+/// machine: one per CPU (at most 4) while each keeps at least
+/// [`MIN_SEGMENT_ENTRIES`].
+pub fn default_segments(n: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    cpus.min(4).min(n / MIN_SEGMENT_ENTRIES).max(1)
+}
+
+/// Encodes all of `views` (priority order) as one blob in `segments`
+/// independent parts built and compressed in parallel (Save is migration
+/// downtime and the guest is stopped, so the CPUs are free). One segment
+/// gives the plain v1.0 layout. Layout: `docs/state-format.md` §1.1.
+pub fn encode_segmented(
+    views: &[View],
+    segments: usize,
+    dropped: usize,
+) -> Result<Vec<u8>, FormatError> {
+    let segments = segments.clamp(1, MAX_SEGMENTS).min(views.len().max(1));
+    if segments == 1 {
+        let n = views.len();
+        return Encoder::whole(views)?.blob(n, dropped);
+    }
+    let default_mark = default_mark(views.iter().map(|v| v.0));
+    // Balanced: the first `len % segments` segments take one entry more.
+    let (base, extra) = (views.len() / segments, views.len() % segments);
+    let mut chunks = Vec::with_capacity(segments);
+    let mut rest = views;
+    for i in 0..segments {
+        let (c, r) = rest.split_at(base + usize::from(i < extra));
+        chunks.push(c);
+        rest = r;
+    }
+    // Segments are always compressed: at MIN_SEGMENT_ENTRIES and more,
+    // real entries always shrink.
+    let work = |part: &[View]| -> Result<(usize, usize, Vec<u8>), FormatError> {
+        let cols = build_columns(part, default_mark, false);
+        let mut raw = Vec::new();
+        cols.write_raw(part.len(), &mut raw);
+        let z = compressor()?
+            .compress(&raw)
+            .map_err(|e| FormatError::Compression(e.to_string()))?;
+        Ok((part.len(), raw.len(), z))
+    };
+    let parts: Vec<Result<_, FormatError>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = chunks[1..]
+            .iter()
+            .map(|&c| sc.spawn(move || work(c)))
+            .collect();
+        let first = chunks[0];
+        let mut out = vec![work(first)];
+        for h in handles {
+            out.push(h.join().unwrap_or_else(|_| {
+                Err(FormatError::Compression(
+                    "segment encoder thread panicked".into(),
+                ))
+            }));
+        }
+        out
+    });
+    let parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let mut table = Vec::with_capacity(1 + SEGMENT_ENTRY_LEN * parts.len());
+    table.push(parts.len() as u8);
+    let mut raw_total = 0usize;
+    for (count, raw_len, body) in &parts {
+        table.extend_from_slice(&(*count as u32).to_le_bytes());
+        table.extend_from_slice(&(*raw_len as u32).to_le_bytes());
+        table.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        raw_total += raw_len;
+    }
+    let h = Header {
+        minor: MINOR_SEGMENTS,
+        flags: FLAG_SEGMENTS | FLAG_ZSTD | if dropped > 0 { FLAG_TRUNCATED } else { 0 },
+        count: views.len() as u32,
+        dropped: dropped_u32(dropped),
+        default_mark,
+        raw_len: raw_total as u32,
+        payload_len: 0,
+    };
+    let mut refs: Vec<&[u8]> = vec![&table];
+    refs.extend(parts.iter().map(|p| p.2.as_slice()));
+    Ok(assemble(&h, &refs))
 }
 
 /// Header fields of a v1 blob.
@@ -631,7 +765,7 @@ pub fn check_header(bytes: &[u8]) -> Result<Header, FormatError> {
             raw_len: h.raw_len,
         });
     }
-    if h.flags & FLAG_ZSTD == 0 && h.raw_len != h.payload_len {
+    if h.flags & (FLAG_ZSTD | FLAG_SEGMENTS) == 0 && h.raw_len != h.payload_len {
         return Err(FormatError::Corrupt(format!(
             "uncompressed payload is {} bytes but the header declares {}",
             h.payload_len, h.raw_len
@@ -642,32 +776,154 @@ pub fn check_header(bytes: &[u8]) -> Result<Header, FormatError> {
 
 /// Decodes a v1 blob completely; any defect anywhere fails the whole blob.
 pub fn decode(bytes: &[u8]) -> Result<(Header, Vec<Entry>), FormatError> {
+    let (h, mut segs) = decode_segments(bytes)?;
+    if segs.len() == 1 {
+        return Ok((h, segs.pop().unwrap_or_default()));
+    }
+    let mut out = super::bigvec::with_capacity(h.count as usize);
+    for s in segs {
+        out.extend(s);
+    }
+    Ok((h, out))
+}
+
+/// Decodes a v1 blob completely into its segments, in blob order (one for
+/// an unsegmented blob), decoding segments in parallel; any defect anywhere
+/// fails the whole blob.
+pub fn decode_segments(bytes: &[u8]) -> Result<(Header, Vec<Vec<Entry>>), FormatError> {
     let h = check_header(bytes)?;
     let payload = &bytes[HEADER_LEN..];
-    let decompressed;
-    let raw: &[u8] = if h.flags & FLAG_ZSTD != 0 {
-        // Bounded: the output buffer is exactly the declared size, which
-        // was checked against MAX_RAW_LEN; a frame that inflates beyond it
-        // fails instead of allocating.
-        decompressed = zstd::bulk::decompress(payload, h.raw_len as usize).map_err(|e| {
-            FormatError::Decompress {
-                declared: h.raw_len,
-                detail: e.to_string(),
-            }
-        })?;
-        if decompressed.len() != h.raw_len as usize {
-            return Err(FormatError::Corrupt(format!(
-                "payload decompressed to {} bytes, header declares {}",
-                decompressed.len(),
-                h.raw_len
-            )));
+    if h.flags & FLAG_SEGMENTS == 0 {
+        let raw = inflate(payload, h.raw_len, h.flags)?;
+        let entries = decode_raw(&raw, h.count as usize, h.default_mark)?;
+        return Ok((h, vec![entries]));
+    }
+    let segs = segment_table(&h, payload)?;
+    let decoded: Vec<Result<Vec<Entry>, FormatError>> = std::thread::scope(|sc| {
+        let one = |(i, s): (usize, &Segment)| {
+            let body = &payload[s.at..s.at + s.stored_len];
+            inflate(body, s.raw_len as u32, h.flags)
+                .and_then(|raw| decode_raw(&raw, s.count, h.default_mark))
+                .map_err(|e| in_segment(i, e))
+        };
+        let handles: Vec<_> = segs
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|x| sc.spawn(move || one(x)))
+            .collect();
+        let mut out = Vec::with_capacity(segs.len());
+        out.push(one((0, &segs[0])));
+        for h in handles {
+            out.push(h.join().unwrap_or_else(|_| {
+                Err(FormatError::Corrupt("segment decoder thread panicked".into()))
+            }));
         }
-        &decompressed
-    } else {
-        payload
+        out
+    });
+    let segs = decoded.into_iter().collect::<Result<Vec<_>, _>>()?;
+    Ok((h, segs))
+}
+
+/// One row of a segment table, with where its body starts in the payload.
+struct Segment {
+    count: usize,
+    raw_len: usize,
+    stored_len: usize,
+    at: usize,
+}
+
+/// Parses and checks the segment table against the header: the counts, raw
+/// and stored lengths must add up exactly, before anything is allocated.
+fn segment_table(h: &Header, payload: &[u8]) -> Result<Vec<Segment>, FormatError> {
+    let corrupt = |m: String| Err(FormatError::Corrupt(m));
+    let Some(&n) = payload.first() else {
+        return corrupt("segmented payload without a segment table".into());
     };
-    let entries = decode_raw(raw, h.count as usize, h.default_mark)?;
-    Ok((h, entries))
+    let n = n as usize;
+    if n == 0 || n > MAX_SEGMENTS {
+        return corrupt(format!(
+            "segment table declares {n} segments (1..={MAX_SEGMENTS})"
+        ));
+    }
+    let table_len = 1 + SEGMENT_ENTRY_LEN * n;
+    if payload.len() < table_len {
+        return corrupt(format!(
+            "segment table of {n} segments needs {table_len} bytes, payload has {}",
+            payload.len()
+        ));
+    }
+    let mut segs = Vec::with_capacity(n);
+    let (mut count, mut raw, mut at) = (0u64, 0u64, table_len);
+    for i in 0..n {
+        let row = 1 + SEGMENT_ENTRY_LEN * i;
+        let s = Segment {
+            count: le32(payload, row) as usize,
+            raw_len: le32(payload, row + 4) as usize,
+            stored_len: le32(payload, row + 8) as usize,
+            at,
+        };
+        if s.count == 0 {
+            return corrupt(format!("segment {i} holds no entries"));
+        }
+        if s.count.saturating_mul(MIN_RECORD_LEN) > s.raw_len {
+            return corrupt(format!(
+                "segment {i}: {} entries cannot fit in {} bytes",
+                s.count, s.raw_len
+            ));
+        }
+        if h.flags & FLAG_ZSTD == 0 && s.stored_len != s.raw_len {
+            return corrupt(format!(
+                "segment {i}: stored raw, {} bytes, but declares {}",
+                s.stored_len, s.raw_len
+            ));
+        }
+        count += s.count as u64;
+        raw += s.raw_len as u64;
+        at = at.saturating_add(s.stored_len);
+        segs.push(s);
+    }
+    if count != u64::from(h.count) || raw != u64::from(h.raw_len) || at != payload.len() {
+        return corrupt(format!(
+            "segment table adds up to {count} entries, {raw} raw and {at} payload bytes; \
+             the header declares {}, {} and {}",
+            h.count,
+            h.raw_len,
+            payload.len()
+        ));
+    }
+    Ok(segs)
+}
+
+fn in_segment(i: usize, e: FormatError) -> FormatError {
+    match e {
+        FormatError::Corrupt(m) => FormatError::Corrupt(format!("segment {i}: {m}")),
+        other => other,
+    }
+}
+
+/// The raw payload of `stored` (decompressed when `flags` say zstd),
+/// exactly `raw_len` bytes.
+fn inflate(stored: &[u8], raw_len: u32, flags: u16) -> Result<std::borrow::Cow<'_, [u8]>, FormatError> {
+    if flags & FLAG_ZSTD == 0 {
+        return Ok(std::borrow::Cow::Borrowed(stored));
+    }
+    // Bounded: the output buffer is exactly the declared size, which was
+    // checked against MAX_RAW_LEN; a frame that inflates beyond it fails
+    // instead of allocating.
+    let raw = zstd::bulk::decompress(stored, raw_len as usize).map_err(|e| {
+        FormatError::Decompress {
+            declared: raw_len,
+            detail: e.to_string(),
+        }
+    })?;
+    if raw.len() != raw_len as usize {
+        return Err(FormatError::Corrupt(format!(
+            "payload decompressed to {} bytes, header declares {raw_len}",
+            raw.len()
+        )));
+    }
+    Ok(std::borrow::Cow::Owned(raw))
 }
 
 struct Reader<'a> {
@@ -1052,7 +1308,7 @@ fn decode_one(
 pub fn debug_stream_sizes(entries: &[&Entry]) -> Vec<(&'static str, usize, usize)> {
     let mut c = Columns::new(default_mark(entries.iter().copied()), entries.len(), false);
     for e in entries {
-        c.push(e);
+        c.push(e, e.timeout);
     }
     c.s.iter()
         .enumerate()

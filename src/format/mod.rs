@@ -12,6 +12,7 @@ pub mod priority;
 pub mod synth;
 pub mod text;
 
+pub use binary::View;
 pub use priority::{priority_order, sort_by_priority, value_class, ValueClass};
 
 /// QEMU's per-helper limit on the `Save()` payload.
@@ -117,8 +118,29 @@ pub struct Decoded {
 /// entries ([`priority_order`]) when they do not all fit.
 pub fn encode(entries: &[Entry], opts: &EncodeOptions) -> Result<Encoded, FormatError> {
     match opts.format {
-        Format::Binary => encode_binary(entries, opts.limit),
+        Format::Binary => {
+            let views: Vec<View> = entries.iter().map(|e| (e, e.timeout)).collect();
+            encode_binary(&views, opts.limit)
+        }
         Format::ConntrackSave => text::encode(entries, opts.limit),
+    }
+}
+
+/// [`encode`] for entries held elsewhere (the warm cache's tables), each
+/// with the seconds it has left: nothing is copied for the binary format.
+pub fn encode_views(views: &[View], opts: &EncodeOptions) -> Result<Encoded, FormatError> {
+    match opts.format {
+        Format::Binary => encode_binary(views, opts.limit),
+        Format::ConntrackSave => {
+            let entries: Vec<Entry> = views
+                .iter()
+                .map(|(e, t)| Entry {
+                    timeout: *t,
+                    ..(*e).clone()
+                })
+                .collect();
+            text::encode(&entries, opts.limit)
+        }
     }
 }
 
@@ -150,7 +172,7 @@ fn partition_point(n: usize, fits: impl Fn(usize) -> bool) -> usize {
     lo
 }
 
-fn encode_binary(entries: &[Entry], limit: usize) -> Result<Encoded, FormatError> {
+fn encode_binary(views: &[View], limit: usize) -> Result<Encoded, FormatError> {
     if limit < binary::HEADER_LEN {
         return Err(FormatError::LimitTooSmall {
             limit,
@@ -161,34 +183,33 @@ fn encode_binary(entries: &[Entry], limit: usize) -> Result<Encoded, FormatError
     // Blob order is priority order: the budget cut keeps a prefix, the
     // load path creates the most valuable first, and timeouts descend
     // within a class (small deltas).
-    let ranked: Vec<&Entry> = priority::ranked_indices(entries, binary::representable)
-        .into_iter()
-        .map(|i| &entries[i as usize])
+    let total = views.len();
+    let representable: Vec<View> = views
+        .iter()
+        .copied()
+        .filter(|(e, _)| binary::representable(e))
         .collect();
+    let ranked = priority::rank_views(&representable);
+    drop(representable);
     let n = ranked.len();
-    let total = entries.len();
     // The common case is that everything fits: then the columns are built
-    // once without the per-entry prefix lengths the cut search needs (44
-    // bytes of fresh memory per entry) and compressed once. Only when the
-    // whole set is too big are they built again with prefixes; beyond
-    // `limit / LIKELY_FITS_BYTES` entries that is expected, so prefixes are
-    // recorded from the start.
-    // A whole-set attempt that did not fit is kept: the search below
-    // starts from it instead of compressing it again.
-    let mut too_big_whole: Option<Vec<u8>> = None;
+    // without the per-entry prefix lengths the cut search needs (44 bytes of
+    // fresh memory per entry), in segments built and compressed in parallel.
+    // Only when the whole set is too big are they built again with
+    // prefixes; beyond `limit / LIKELY_FITS_BYTES` entries that is expected,
+    // so prefixes are recorded from the start.
+    // The size of a whole-set attempt that did not fit seeds the search.
+    let mut too_big_whole: Option<usize> = None;
     if n.saturating_mul(LIKELY_FITS_BYTES) <= limit {
-        let mut whole = binary::Encoder::whole(&ranked)?;
-        if whole.raw_len(n) <= limit.saturating_mul(GENEROUS_RATIO) {
-            let b = whole.blob(n, total - n)?;
-            if b.len() <= limit {
-                return Ok(Encoded {
-                    bytes: b,
-                    kept: n,
-                    dropped: total - n,
-                });
-            }
-            too_big_whole = Some(b);
+        let b = binary::encode_segmented(&ranked, binary::default_segments(n), total - n)?;
+        if b.len() <= limit {
+            return Ok(Encoded {
+                bytes: b,
+                kept: n,
+                dropped: total - n,
+            });
         }
+        too_big_whole = Some(b.len());
     }
     let mut enc = binary::Encoder::new(&ranked)?;
     // First attempt: everything, unless the raw size shows it cannot fit
@@ -200,29 +221,36 @@ fn encode_binary(entries: &[Entry], limit: usize) -> Result<Encoded, FormatError
     } else {
         partition_point(n, |k| enc.raw_len(k) <= plausible)
     };
-    let b = match too_big_whole {
-        Some(b) if first == n => b,
-        _ => enc.blob(first, total - first)?,
+    let (first_len, b) = match too_big_whole {
+        Some(len) if first == n => (len, None),
+        _ => {
+            let b = enc.blob(first, total - first)?;
+            (b.len(), Some(b))
+        }
     };
-    if first == n && b.len() <= limit {
-        return Ok(Encoded {
-            bytes: b,
-            kept: n,
-            dropped: total - n,
-        });
-    }
+    let b = match b {
+        Some(b) if first == n && b.len() <= limit => {
+            return Ok(Encoded {
+                bytes: b,
+                kept: n,
+                dropped: total - n,
+            })
+        }
+        other => other,
+    };
     let h = binary::HEADER_LEN as f64;
     let room = (limit - binary::HEADER_LEN) as f64;
     // Invariant: `lo` entries fit (0 always does), `hi` entries do not.
     let (mut lo, mut hi) = (0usize, n);
     let mut best: Option<Vec<u8>> = None;
-    let used = (b.len() as f64 - h).max(1.0);
+    let used = (first_len as f64 - h).max(1.0);
     let mut guess = (first as f64 * room / used * 0.997) as usize;
-    if b.len() <= limit {
-        lo = first;
-        best = Some(b);
-    } else {
-        hi = first;
+    match b {
+        Some(b) if b.len() <= limit => {
+            lo = first;
+            best = Some(b);
+        }
+        _ => hi = first,
     }
     for _ in 0..MAX_CUT_ATTEMPTS {
         if hi - lo <= 1 {

@@ -29,7 +29,14 @@ pub enum ValueClass {
 
 /// The value class of one entry.
 pub fn value_class(e: &Entry) -> ValueClass {
-    if e.timeout <= ABOUT_TO_EXPIRE_SECS || e.status & status::EXPECTED != 0 {
+    value_class_at(e, e.timeout)
+}
+
+/// The value class of `e` if `timeout` seconds were left (the warm cache
+/// encodes its entries with the remaining time at Save, without copying
+/// them to change the field).
+pub fn value_class_at(e: &Entry, timeout: u32) -> ValueClass {
+    if timeout <= ABOUT_TO_EXPIRE_SECS || e.status & status::EXPECTED != 0 {
         return ValueClass::Worthless;
     }
     if is_closing(e) {
@@ -66,7 +73,12 @@ fn is_closing(e: &Entry) -> bool {
 /// (the longest-idle entry of a class has the least time left and goes
 /// first).
 pub fn value_key(e: &Entry) -> u64 {
-    ((value_class(e) as u64) << 32) | u64::from(e.timeout)
+    value_key_at(e, e.timeout)
+}
+
+/// [`value_key`] with `timeout` seconds left.
+pub fn value_key_at(e: &Entry, timeout: u32) -> u64 {
+    ((value_class_at(e, timeout) as u64) << 32) | u64::from(timeout)
 }
 
 /// Bits of a value key: class (3) above a 32-bit timeout.
@@ -89,7 +101,7 @@ pub(crate) fn ranked_indices(entries: &[Entry], include: impl Fn(&Entry) -> bool
             .filter(|(e, _)| include(e))
             .map(|(e, i)| (inv(e) << INDEX_BITS) | i)
             .collect();
-        packed.sort_unstable();
+        radix_sort_keys(&mut packed);
         let mask = (1u64 << INDEX_BITS) - 1;
         return packed.into_iter().map(|p| (p & mask) as u32).collect();
     }
@@ -101,6 +113,70 @@ pub(crate) fn ranked_indices(entries: &[Entry], include: impl Fn(&Entry) -> bool
         .collect();
     keyed.sort_unstable();
     keyed.into_iter().map(|(_, i)| i).collect()
+}
+
+/// Sorts packed `key << INDEX_BITS | index` values by their key bits only,
+/// keeping input order among equal keys: an LSD radix sort in three passes
+/// of 12 bits, a few times faster than a comparison sort at 100k entries
+/// (that time is migration downtime).
+fn radix_sort_keys(v: &mut Vec<u64>) {
+    const DIGIT: u32 = 12;
+    const BUCKETS: usize = 1 << DIGIT;
+    if v.len() < 4096 {
+        // Equal keys keep their order: the index bits are in input order.
+        v.sort_unstable();
+        return;
+    }
+    let mut tmp = vec![0u64; v.len()];
+    let mut shift = INDEX_BITS;
+    while shift < 64 {
+        let mut count = vec![0usize; BUCKETS + 1];
+        for &x in v.iter() {
+            count[((x >> shift) as usize & (BUCKETS - 1)) + 1] += 1;
+        }
+        // A pass where every value has the same digit changes nothing.
+        if count.contains(&v.len()) {
+            shift += DIGIT;
+            continue;
+        }
+        for i in 1..=BUCKETS {
+            count[i] += count[i - 1];
+        }
+        for &x in v.iter() {
+            let d = (x >> shift) as usize & (BUCKETS - 1);
+            tmp[count[d]] = x;
+            count[d] += 1;
+        }
+        std::mem::swap(v, &mut tmp);
+        shift += DIGIT;
+    }
+}
+
+/// `views` (entry, seconds left) reordered most valuable first, ties in
+/// input order: the same order [`priority_order`] gives entries whose
+/// timeout field holds the seconds left.
+pub fn rank_views<'a>(views: &[(&'a Entry, u32)]) -> Vec<(&'a Entry, u32)> {
+    if views.len() >= (1usize << INDEX_BITS) {
+        let mut keyed: Vec<(u64, usize)> = views
+            .iter()
+            .enumerate()
+            .map(|(i, (e, t))| (!value_key_at(e, *t), i))
+            .collect();
+        keyed.sort_unstable();
+        return keyed.into_iter().map(|(_, i)| views[i]).collect();
+    }
+    let inv = |e: &Entry, t: u32| (!value_key_at(e, t)) & ((1u64 << KEY_BITS) - 1);
+    let mut packed: Vec<u64> = views
+        .iter()
+        .zip(0u64..)
+        .map(|((e, t), i)| (inv(e, *t) << INDEX_BITS) | i)
+        .collect();
+    radix_sort_keys(&mut packed);
+    let mask = (1u64 << INDEX_BITS) - 1;
+    packed
+        .into_iter()
+        .map(|p| views[(p & mask) as usize])
+        .collect()
 }
 
 /// Indices of `entries`, most valuable first. Ties keep input order, so the
