@@ -3,6 +3,7 @@
 //! the packaged setup, the sandboxed helper that holds CAP_NET_ADMIN.
 
 use crate::entry::{Entry, Selector};
+use crate::format::{self, EncodeOptions, Encoded, FormatError};
 
 /// Why a conntrack operation failed as a whole (per-entry refusals are not
 /// errors; they are counted in [`CreateReport`]).
@@ -22,6 +23,23 @@ pub enum AccessError {
     Helper(String),
     #[error("conntrack {op} did not finish within {ms} ms")]
     Timeout { op: &'static str, ms: u64 },
+    #[error("encoding {entries} entries failed: {source}")]
+    Encode {
+        entries: usize,
+        #[source]
+        source: FormatError,
+    },
+}
+
+/// What [`ConntrackAccess::save_state`] made of a selector's entries.
+#[derive(Debug, Clone)]
+pub struct SavedState {
+    /// The state for QEMU, within the options' byte limit.
+    pub encoded: Encoded,
+    pub source: DumpSource,
+    /// `CTA_ID` of every dumped entry, also those dropped for space: what
+    /// a flush after the migration deletes ([`ConntrackAccess::delete_saved`]).
+    pub ids: Vec<u32>,
 }
 
 /// What happened to one entry given to [`ConntrackAccess::create`].
@@ -139,5 +157,38 @@ pub trait ConntrackAccess: Send + Sync {
     /// walks the table.
     fn dump_sourced(&self, sel: &Selector) -> Result<(Vec<Entry>, DumpSource), AccessError> {
         self.dump(sel).map(|es| (es, DumpSource::Kernel))
+    }
+
+    /// Save's whole job: the selected entries, encoded within `opts`. The
+    /// default dumps and encodes; the warm cache encodes from its tables
+    /// without copying them, and the helper client has the helper do it,
+    /// so only the encoded state crosses its socket.
+    fn save_state(&self, sel: &Selector, opts: &EncodeOptions) -> Result<SavedState, AccessError> {
+        let (entries, source) = self.dump_sourced(sel)?;
+        let encoded = format::encode(&entries, opts).map_err(|source| AccessError::Encode {
+            entries: entries.len(),
+            source,
+        })?;
+        Ok(SavedState {
+            encoded,
+            source,
+            ids: entries.iter().filter_map(|e| e.id).collect(),
+        })
+    }
+
+    /// Deletes the entries of `sel` whose `CTA_ID` is in `ids` (a
+    /// [`SavedState`]'s), leaving entries created since and other selectors'
+    /// alone. `missing` counts ids no longer found under `sel`.
+    fn delete_saved(&self, sel: &Selector, ids: &[u32]) -> Result<DeleteReport, AccessError> {
+        let wanted: std::collections::HashSet<u32> = ids.iter().copied().collect();
+        let mut found: Vec<Entry> = self.dump(sel)?;
+        found.retain(|e| e.id.is_some_and(|id| wanted.contains(&id)));
+        let mut r = if found.is_empty() {
+            DeleteReport::default()
+        } else {
+            self.delete_entries(&found)?
+        };
+        r.missing += (wanted.len() as u64).saturating_sub(found.len() as u64);
+        Ok(r)
     }
 }

@@ -90,7 +90,11 @@ fn encode_uses_segments_for_large_states_and_keeps_the_budget() {
     assert_eq!(enc.kept + enc.dropped, v.len());
     let flags = u16::from_le_bytes([enc.bytes[6], enc.bytes[7]]);
     let want_segments = binary::default_segments(enc.kept) > 1 && enc.dropped == 0;
-    assert_eq!(flags & binary::FLAG_SEGMENTS != 0, want_segments, "{flags:#x}");
+    assert_eq!(
+        flags & binary::FLAG_SEGMENTS != 0,
+        want_segments,
+        "{flags:#x}"
+    );
     let dec = format::decode(&enc.bytes).unwrap();
     assert_eq!(dec.entries.len(), enc.kept);
     assert_eq!(dec.entries, expected(v)[..enc.kept]);
@@ -113,10 +117,7 @@ fn segment_table_must_add_up() {
     b[33..37].copy_from_slice(&(c + 1).to_le_bytes());
     reseal(&mut b);
     let m = corrupt_text(&b);
-    assert!(
-        m.starts_with("segment table adds up to 301 entries"),
-        "{m}"
-    );
+    assert!(m.starts_with("segment table adds up to 301 entries"), "{m}");
     // Raw length of segment 1 changed.
     let mut b = good.clone();
     let r = le32(&b, 33 + 12 + 4);
@@ -132,7 +133,10 @@ fn segment_table_must_add_up() {
     reseal(&mut b);
     let err = format::decode(&b).unwrap_err();
     assert!(
-        matches!(err, FormatError::Decompress { .. } | FormatError::Corrupt(_)),
+        matches!(
+            err,
+            FormatError::Decompress { .. } | FormatError::Corrupt(_)
+        ),
         "{err:?}"
     );
 }

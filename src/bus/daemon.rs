@@ -178,7 +178,7 @@ impl Shared {
         // The saved entries live in memory only: after a daemon restart (or
         // a Save that fell back to an empty state) there is nothing to flush,
         // and the log says so rather than claiming a flush.
-        let had_saved = !rt.saved().is_empty();
+        let had_saved = rt.saved_len() > 0;
         let flushed = if flush {
             Some(self.engine.flush(&rt).await?)
         } else {

@@ -139,9 +139,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport, DumpSource};
+use crate::access::{
+    AccessError, ConntrackAccess, CreateReport, DeleteReport, DumpSource, SavedState,
+};
 use crate::ctnetlink::{Ctnetlink, EventError, EventSocket, EventsSysctl};
 use crate::entry::{Entry, Selector};
+use crate::format::{self, EncodeOptions, View};
 use state::{Key, Tables};
 
 /// Tunables of a [`CachedAccess`].
@@ -494,8 +497,27 @@ impl Shared {
     /// The answer for a watched, trusted selector, or why Save must dump
     /// directly.
     fn answer_cached(&self, sel: &Selector) -> Result<Vec<Entry>, &'static str> {
+        self.with_answer(sel, |views, _| {
+            let mut out = crate::format::bigvec::with_capacity(views.len());
+            out.extend(views.iter().map(|(e, left)| Entry {
+                timeout: *left,
+                ..(*e).clone()
+            }));
+            out
+        })
+    }
+
+    /// Runs `f` under the lock on the entries of a watched, trusted
+    /// selector, as they are in the tables (no copy: ~20 MB at 100k entries
+    /// would cost Save milliseconds), each with the seconds it has left now,
+    /// and their `CTA_ID`s; or says why Save must dump directly.
+    fn with_answer<R>(
+        &self,
+        sel: &Selector,
+        f: impl FnOnce(&[View], Vec<u32>) -> R,
+    ) -> Result<R, &'static str> {
         let mut st = self.lock();
-        let r = self.answer_locked(&mut st, sel);
+        let r = self.answer_locked(&mut st, sel, f);
         if let Err(why) = r {
             st.last_fallback = Some(why);
             tracing::debug!(
@@ -507,7 +529,12 @@ impl Shared {
         r
     }
 
-    fn answer_locked(&self, st: &mut State, sel: &Selector) -> Result<Vec<Entry>, &'static str> {
+    fn answer_locked<R>(
+        &self,
+        st: &mut State,
+        sel: &Selector,
+        f: impl FnOnce(&[View], Vec<u32>) -> R,
+    ) -> Result<R, &'static str> {
         if !self.pump(st, self.config.drain_budget) {
             return Err("events lost, off, or not caught up");
         }
@@ -526,27 +553,27 @@ impl Shared {
             return Err("refresh overdue");
         }
         // One pass over the map both finds the entries to look up and
-        // copies the others out: when nothing needs a lookup (the usual
-        // case), that copy is the answer and the map (~28 MB at 100k
-        // entries) is walked once instead of twice.
+        // collects the others: when nothing needs a lookup (the usual case),
+        // that is the answer and the map (~28 MB at 100k entries) is walked
+        // once instead of twice.
         let mut keys: Vec<Key> = Vec::new();
-        let mut out = crate::format::bigvec::with_capacity(sc.entries.len());
+        let mut views: Vec<View> = Vec::with_capacity(sc.entries.len());
+        let mut ids: Vec<u32> = Vec::with_capacity(sc.entries.len());
         for (k, c) in &sc.entries {
             if c.needs_lookup(now, margin) {
                 keys.push(*k);
             } else if keys.is_empty() {
                 let left = c.estimate(now);
                 if left > 0 {
-                    let mut e = c.entry.clone();
-                    e.timeout = left;
-                    out.push(e);
+                    views.push((&c.entry, left));
+                    ids.extend(c.entry.id);
                 }
             }
         }
         if keys.is_empty() {
-            return Ok(out);
+            return Ok(f(&views, ids));
         }
-        drop(out);
+        drop((views, ids));
         {
             let cost = Duration::from_nanos(st.lookup_ns.saturating_mul(keys.len() as u64));
             let dump_cost = sc.dump_cost.unwrap_or(Duration::MAX);
@@ -566,16 +593,16 @@ impl Shared {
         }
         let now = Instant::now();
         let sc = st.tables.sels.get(sel).ok_or("not watched")?;
-        let mut out = crate::format::bigvec::with_capacity(sc.entries.len());
+        let mut views: Vec<View> = Vec::with_capacity(sc.entries.len());
+        let mut ids: Vec<u32> = Vec::with_capacity(sc.entries.len());
         for c in sc.entries.values() {
             let left = c.estimate(now);
             if left > 0 {
-                let mut e = c.entry.clone();
-                e.timeout = left;
-                out.push(e);
+                views.push((&c.entry, left));
+                ids.extend(c.entry.id);
             }
         }
-        Ok(out)
+        Ok(f(&views, ids))
     }
 
     /// The event thread: reads events, runs syncs and background lookups.
@@ -910,6 +937,40 @@ impl ConntrackAccess for CachedAccess {
         bump(&self.shared.counters.fallbacks, 1);
         self.shared.wake();
         direct(&self.shared)
+    }
+
+    fn save_state(&self, sel: &Selector, opts: &EncodeOptions) -> Result<SavedState, AccessError> {
+        let watched = self.shared.lock().tables.sels.contains_key(sel);
+        if watched {
+            // Encoding under the lock holds back the event thread for those
+            // milliseconds; its events queue in the socket meanwhile.
+            let r = self.shared.with_answer(sel, |views, ids| {
+                format::encode_views(views, opts)
+                    .map(|encoded| SavedState {
+                        encoded,
+                        source: DumpSource::Cache,
+                        ids,
+                    })
+                    .map_err(|source| AccessError::Encode {
+                        entries: views.len(),
+                        source,
+                    })
+            });
+            if let Ok(saved) = r {
+                bump(&self.shared.counters.hits, 1);
+                return saved;
+            }
+            bump(&self.shared.counters.fallbacks, 1);
+            self.shared.wake();
+        } else {
+            bump(&self.shared.counters.unwatched, 1);
+        }
+        self.shared.direct.save_state(sel, opts)
+    }
+
+    fn delete_saved(&self, sel: &Selector, ids: &[u32]) -> Result<DeleteReport, AccessError> {
+        // The kernel's own view decides what is still there.
+        self.shared.direct.delete_saved(sel, ids)
     }
 
     fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {

@@ -816,7 +816,9 @@ pub fn decode_segments(bytes: &[u8]) -> Result<(Header, Vec<Vec<Entry>>), Format
         out.push(one((0, &segs[0])));
         for h in handles {
             out.push(h.join().unwrap_or_else(|_| {
-                Err(FormatError::Corrupt("segment decoder thread panicked".into()))
+                Err(FormatError::Corrupt(
+                    "segment decoder thread panicked".into(),
+                ))
             }));
         }
         out
@@ -904,19 +906,22 @@ fn in_segment(i: usize, e: FormatError) -> FormatError {
 
 /// The raw payload of `stored` (decompressed when `flags` say zstd),
 /// exactly `raw_len` bytes.
-fn inflate(stored: &[u8], raw_len: u32, flags: u16) -> Result<std::borrow::Cow<'_, [u8]>, FormatError> {
+fn inflate(
+    stored: &[u8],
+    raw_len: u32,
+    flags: u16,
+) -> Result<std::borrow::Cow<'_, [u8]>, FormatError> {
     if flags & FLAG_ZSTD == 0 {
         return Ok(std::borrow::Cow::Borrowed(stored));
     }
     // Bounded: the output buffer is exactly the declared size, which was
     // checked against MAX_RAW_LEN; a frame that inflates beyond it fails
     // instead of allocating.
-    let raw = zstd::bulk::decompress(stored, raw_len as usize).map_err(|e| {
-        FormatError::Decompress {
+    let raw =
+        zstd::bulk::decompress(stored, raw_len as usize).map_err(|e| FormatError::Decompress {
             declared: raw_len,
             detail: e.to_string(),
-        }
-    })?;
+        })?;
     if raw.len() != raw_len as usize {
         return Err(FormatError::Corrupt(format!(
             "payload decompressed to {} bytes, header declares {raw_len}",

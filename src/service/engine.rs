@@ -12,8 +12,7 @@ use tokio::task::JoinHandle;
 
 use super::runtime::{now_us, OpReport, Restore, RestoreCtl, VmRuntime};
 use super::ServiceError;
-use crate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport, DumpSource};
-use crate::entry::Entry;
+use crate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport, SavedState};
 use crate::format::{self, EncodeOptions, QEMU_LIMIT};
 
 /// Default Save deadline. QEMU waits 25 s and every millisecond of Save is
@@ -119,24 +118,21 @@ impl Engine {
             limit: QEMU_LIMIT,
             format: vm.config.format.to_format(),
         };
-        type Dumped = (Vec<Entry>, format::Encoded, DumpSource);
-        let mut task: JoinHandle<Result<Dumped, String>> = tokio::task::spawn_blocking(move || {
-            let (entries, source) = access
-                .dump_sourced(&sel)
-                .map_err(|e| format!("dump failed: {e}"))?;
-            let enc = format::encode(&entries, &opts)
-                .map_err(|e| format!("encoding {} entries failed: {e}", entries.len()))?;
-            Ok((entries, enc, source))
-        });
+        let mut task: JoinHandle<Result<SavedState, String>> =
+            tokio::task::spawn_blocking(move || {
+                access
+                    .save_state(&sel, &opts)
+                    .map_err(|e| format!("saving the entries failed: {e}"))
+            });
         let outcome = match tokio::time::timeout(self.save_deadline, &mut task).await {
-            Ok(Ok(Ok((entries, enc, source)))) => {
-                if enc.bytes.is_empty() || enc.bytes.len() > QEMU_LIMIT {
+            Ok(Ok(Ok(saved))) => {
+                let len = saved.encoded.bytes.len();
+                if len == 0 || len > QEMU_LIMIT {
                     Err(format!(
-                        "encoder returned {} bytes, outside 1..={QEMU_LIMIT}",
-                        enc.bytes.len()
+                        "encoder returned {len} bytes, outside 1..={QEMU_LIMIT}"
                     ))
                 } else {
-                    Ok((entries, enc, source))
+                    Ok(saved)
                 }
             }
             Ok(Ok(Err(reason))) => Err(reason),
@@ -151,9 +147,10 @@ impl Engine {
             }
         };
         let (bytes, report) = match outcome {
-            Ok((entries, enc, source)) => {
+            Ok(saved) => {
+                let enc = saved.encoded;
                 let report = OpReport {
-                    source: source.as_str().to_string(),
+                    source: saved.source.as_str().to_string(),
                     entries: enc.kept as u64,
                     dropped: enc.dropped as u64,
                     bytes: enc.bytes.len() as u64,
@@ -164,7 +161,7 @@ impl Engine {
                 // Every dumped entry, also those dropped for space, is the
                 // VM's state on this host; a flush after the migration
                 // removes all of it.
-                free_later(vm.set_saved(entries));
+                vm.set_saved(saved.ids);
                 (enc.bytes, report)
             }
             Err(reason) => {
@@ -175,7 +172,7 @@ impl Engine {
                         format!("{reason}; encoding an empty state failed too ({e}), sent a 1-byte placeholder"),
                     ),
                 };
-                free_later(vm.clear_saved());
+                vm.clear_saved();
                 let report = OpReport {
                     bytes: bytes.len() as u64,
                     duration_us: duration_us(start),
@@ -311,12 +308,13 @@ impl Engine {
     /// Deletes exactly the entries the VM's last successful Save took
     /// (matched with their CTA_ID), for `Unregister(flush)` on the source.
     pub async fn flush(&self, vm: &Arc<VmRuntime>) -> Result<DeleteReport, ServiceError> {
-        let entries = vm.saved();
-        if entries.is_empty() {
+        let ids = vm.saved();
+        if ids.is_empty() {
             return Ok(DeleteReport::default());
         }
         let access = self.access.clone();
-        let task = tokio::task::spawn_blocking(move || access.delete_entries(&entries));
+        let sel = vm.config.selector();
+        let task = tokio::task::spawn_blocking(move || access.delete_saved(&sel, &ids));
         let res = match tokio::time::timeout(FLUSH_TIMEOUT, task).await {
             Ok(Ok(r)) => r,
             Ok(Err(join)) => Err(AccessError::Helper(format!("flush task failed: {join}"))),
@@ -327,7 +325,7 @@ impl Engine {
         };
         match res {
             Ok(r) => {
-                drop(vm.clear_saved());
+                vm.clear_saved();
                 Ok(r)
             }
             Err(source) => Err(ServiceError::Flush {
@@ -335,15 +333,6 @@ impl Engine {
                 source,
             }),
         }
-    }
-}
-
-/// Frees a large vector on a blocking thread instead of inside Save: a
-/// repeated Save (a retried migration) replaces the previous 100k saved
-/// entries, and freeing them costs milliseconds of downtime.
-fn free_later(v: Vec<Entry>) {
-    if v.len() >= 1024 {
-        drop(tokio::task::spawn_blocking(move || drop(v)));
     }
 }
 

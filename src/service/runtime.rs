@@ -7,7 +7,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 use super::options::VmConfig;
-use crate::entry::Entry;
 
 /// Outcome of one Save or Load, exported as `LastSave` / `LastLoad`.
 /// Fields that do not apply to the operation stay 0.
@@ -57,7 +56,8 @@ pub struct VmRuntime {
     /// The entries the last successful Save dumped, with their host-local
     /// CTA_ID, so `Unregister(flush)` deletes exactly those and not entries
     /// created since with the same tuple.
-    saved: Mutex<Vec<Entry>>,
+    /// `CTA_ID`s of the entries the last successful Save took.
+    saved: Mutex<Vec<u32>>,
     /// The background part of the last Load, while it runs.
     restore: Mutex<Option<Restore>>,
     /// Whether a `watch(sel, true)` for this VM succeeded (and so needs its
@@ -152,24 +152,22 @@ impl VmRuntime {
         self.last_load.send_replace(Some(r));
     }
 
-    /// Replaces the saved entries; returns the previous ones, so that the
-    /// caller can free them off the downtime path (100k entries take
-    /// 2-4 ms to free).
-    #[must_use]
-    pub(crate) fn set_saved(&self, entries: Vec<Entry>) -> Vec<Entry> {
-        std::mem::replace(
-            &mut *self.saved.lock().unwrap_or_else(|p| p.into_inner()),
-            entries,
-        )
+    /// Replaces the `CTA_ID`s of the saved entries.
+    pub(crate) fn set_saved(&self, ids: Vec<u32>) {
+        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = ids;
     }
 
-    /// The entries the last successful Save took.
-    pub fn saved(&self) -> Vec<Entry> {
+    /// `CTA_ID`s of the entries the last successful Save took.
+    pub fn saved(&self) -> Vec<u32> {
         self.saved.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    #[must_use]
-    pub(crate) fn clear_saved(&self) -> Vec<Entry> {
-        std::mem::take(&mut *self.saved.lock().unwrap_or_else(|p| p.into_inner()))
+    /// How many entries the last successful Save took.
+    pub fn saved_len(&self) -> usize {
+        self.saved.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub(crate) fn clear_saved(&self) {
+        self.saved.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
