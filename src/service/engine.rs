@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use super::runtime::{now_us, OpReport, Restore, RestoreCtl, VmRuntime};
 use super::ServiceError;
 use crate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport, SavedState};
+use crate::entry::Entry;
 use crate::format::{self, EncodeOptions, QEMU_LIMIT};
 
 /// Default Save deadline. QEMU waits 25 s and every millisecond of Save is
@@ -120,9 +121,10 @@ impl Engine {
         };
         let mut task: JoinHandle<Result<SavedState, String>> =
             tokio::task::spawn_blocking(move || {
-                access
-                    .save_state(&sel, &opts)
-                    .map_err(|e| format!("saving the entries failed: {e}"))
+                access.save_state(&sel, &opts).map_err(|e| match e {
+                    AccessError::Encode { .. } => e.to_string(),
+                    e => format!("dump failed: {e}"),
+                })
             });
         let outcome = match tokio::time::timeout(self.save_deadline, &mut task).await {
             Ok(Ok(Ok(saved))) => {
@@ -336,6 +338,40 @@ impl Engine {
     }
 }
 
+/// Consecutive batches of up to `n` entries across a decoded state's parts,
+/// in order (a batch never spans two parts).
+struct Batches<'a> {
+    parts: &'a [Vec<Entry>],
+    part: usize,
+    at: usize,
+    total: usize,
+}
+
+impl<'a> Batches<'a> {
+    fn new(parts: &'a [Vec<Entry>]) -> Self {
+        Batches {
+            parts,
+            part: 0,
+            at: 0,
+            total: parts.iter().map(Vec::len).sum(),
+        }
+    }
+
+    fn next(&mut self, n: usize) -> Option<&'a [Entry]> {
+        while let Some(p) = self.parts.get(self.part) {
+            if self.at < p.len() {
+                let end = p.len().min(self.at + n.max(1));
+                let s = &p[self.at..end];
+                self.at = end;
+                return Some(s);
+            }
+            self.part += 1;
+            self.at = 0;
+        }
+        None
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -359,7 +395,7 @@ impl RestoreJob {
         };
         // decode validates the whole blob first, so a bad one creates
         // nothing at all.
-        let decoded = match format::decode(&data) {
+        let mut decoded = match format::decode_parts(&data) {
             Ok(d) => d,
             Err(e) => {
                 report.error = format!("invalid state, nothing loaded: {e}");
@@ -367,26 +403,26 @@ impl RestoreJob {
             }
         };
         drop(data);
-        let mut entries = decoded.entries;
-        report.entries = entries.len() as u64;
+        report.entries = decoded.len() as u64;
         report.dropped = decoded.dropped.unwrap_or(0);
         // Most valuable first: what the guest would miss most is in before
         // it resumes.
-        format::sort_by_priority(&mut entries);
-        let total = entries.len();
+        decoded.sort_by_priority();
+        let mut rest = Batches::new(&decoded.parts);
+        let total = rest.total;
         let deadline = self.start + self.budget;
         let mut done = 0usize;
         let mut totals = CreateReport::default();
         let mut failed: Option<String> = None;
         let mut batch = FIRST_BATCH;
-        while done < total {
+        while let Some(chunk) = rest.next(batch) {
             if self.ctl.cancel.load(Ordering::SeqCst) {
                 failed = Some(self.cancelled(done, total));
                 break;
             }
-            let n = batch.min(total - done);
+            let n = chunk.len();
             let t = Instant::now();
-            match self.access.create(&entries[done..done + n]) {
+            match self.access.create(chunk) {
                 Ok(c) => totals.merge(&c),
                 Err(e) => {
                     failed = Some(format!(
@@ -435,13 +471,13 @@ impl RestoreJob {
         );
         let _ = tx.send(interim);
 
-        while done < total {
+        while let Some(chunk) = rest.next(BACKGROUND_BATCH) {
             if self.ctl.cancel.load(Ordering::SeqCst) {
                 failed = Some(self.cancelled(done, total));
                 break;
             }
-            let n = BACKGROUND_BATCH.min(total - done);
-            match self.access.create(&entries[done..done + n]) {
+            let n = chunk.len();
+            match self.access.create(chunk) {
                 Ok(c) => totals.merge(&c),
                 Err(e) => {
                     failed = Some(format!(
