@@ -4,6 +4,7 @@
 //! bench/README.md); it prints Markdown tables on stdout.
 //!
 //!   cargo bench --bench vmstate -- [--quick] [--part codec|service|migration]…
+//!       [--n N]… [--reps R] [--others N] [--helper]
 //!
 //! (the binary only runs when given `--bench`, as cargo bench does:
 //! `cargo test --all-targets` runs bench targets too).
@@ -52,12 +53,44 @@ struct Args {
     /// Entries of other marks on the service/migration hosts.
     #[arg(long, default_value_t = 150_000)]
     others: usize,
+    /// Entry counts of the VM (repeatable) for every part, instead of 1k,
+    /// 5k, 20k, 100k (quick: 1k, 5k; the quick migration part: 5k).
+    #[arg(long = "n", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    n: Vec<u64>,
+    /// Service and migration parts: each host's daemon in the packaged
+    /// configuration, without any capability, reaching conntrack through a
+    /// conntrack-vmstate-helper (CAP_NET_ADMIN only) in the host namespace.
+    #[arg(long)]
+    helper: bool,
     /// Passed by cargo bench; without it (cargo test) nothing runs.
     #[arg(long, hide = true)]
     bench: bool,
 }
 
 const MARK: u32 = 100;
+
+/// How each host's conntrack-vmstated reaches conntrack.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// As root inside the host namespace, netlink (and the warm cache) in
+    /// the daemon's own process.
+    InProcess,
+    /// As packaged: the daemon holds no capability and sends every
+    /// conntrack operation to conntrack-vmstate-helper (which keeps the warm
+    /// cache) over its unix socket.
+    Helper,
+}
+
+impl Setup {
+    fn label(self) -> &'static str {
+        match self {
+            Setup::InProcess => "daemon: in-process netlink (root)",
+            Setup::Helper => {
+                "daemon: capability-less, via conntrack-vmstate-helper (packaged setup)"
+            }
+        }
+    }
+}
 
 /// median [min–max] of a sample.
 struct Sample(Vec<f64>);
@@ -624,6 +657,34 @@ fn wait_count(c: &Ctnetlink, mark: u32, n: usize, what: &str) {
     }
 }
 
+/// One sentence for the text above a table.
+fn setup_sentence(setup: Setup) -> &'static str {
+    match setup {
+        Setup::InProcess => {
+            "each daemon runs as root inside its host namespace and does netlink (and keeps \
+             its warm cache) in its own process"
+        }
+        Setup::Helper => {
+            "each daemon runs without any capability (setpriv: empty bounding set) with \
+             `--helper-socket`, and a conntrack-vmstate-helper with only CAP_NET_ADMIN, \
+             started inside the host namespace, does every conntrack operation and keeps the \
+             warm cache, as the Debian package runs them (without the systemd sandboxing)"
+        }
+    }
+}
+
+/// Panics with the logs if a host's daemon or helper has exited: a crash
+/// during the run would otherwise show up only as slow or empty results.
+fn check_alive(hs: &mut Hosts) {
+    for h in [&mut hs.src, &mut hs.dst] {
+        for p in [h.daemon.as_mut(), h.helper.as_mut()].into_iter().flatten() {
+            if let Some(s) = p.try_wait() {
+                panic!("{} of {} exited {s}: {}", p.name, h.name, p.output());
+            }
+        }
+    }
+}
+
 struct Hosts {
     src: Host,
     dst: Host,
@@ -639,13 +700,81 @@ struct NoCache {
     _dir: tempfile::TempDir,
 }
 
-fn hosts(others: usize) -> Hosts {
+/// The helper keeps only CAP_NET_ADMIN, as units/conntrack-vmstate-helper.service
+/// grants (AmbientCapabilities=, CapabilityBoundingSet=). It stays uid 0
+/// (its socket lives in the host's root-owned temp dir): uid 0's exec gets
+/// exactly the inheritable and bounding capabilities, here that one.
+const HELPER_PRIVS: &[&str] = &[
+    "setpriv",
+    "--inh-caps=-all,+net_admin",
+    "--bounding-set=-all,+net_admin",
+    "--",
+];
+
+/// The daemon holds no capability at all (the packaged unit's empty
+/// CapabilityBoundingSet=). uid 0 only so that it can reach the root-owned
+/// temp dir, bus and helper socket, as its own user reaches its own on a
+/// real host; without CAP_NET_ADMIN the kernel refuses it ctnetlink.
+const DAEMON_PRIVS: &[&str] = &[
+    "setpriv",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+    "--no-new-privs",
+    "--",
+];
+
+const CAP_NET_ADMIN: u64 = 1 << 12;
+
+/// (CapPrm, CapEff) of a running process.
+fn caps(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("no {k} in /proc/{pid}/status"))
+    };
+    (field("CapPrm:"), field("CapEff:"))
+}
+
+/// Asserts that `p` is the binary itself (setpriv and `ip netns exec`
+/// exec'd into it) and holds exactly `want` as permitted and effective
+/// capabilities: the table must not claim a configuration that did not run.
+fn assert_caps(p: &Proc, binary: &str, want: u64) {
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", p.pid())).unwrap_or_default();
+    // comm is cut to 15 bytes.
+    let head = &binary[..binary.len().min(15)];
+    assert_eq!(comm.trim_end(), head, "{} (PID {})", p.name, p.pid());
+    let (prm, eff) = caps(p.pid());
+    assert!(
+        prm == want && eff == want,
+        "{} (PID {}): CapPrm {prm:#x}, CapEff {eff:#x}, expected {want:#x}",
+        p.name,
+        p.pid()
+    );
+}
+
+fn hosts(others: usize, setup: Setup) -> Hosts {
     let mut src = Host::new("bsvsrc");
     let mut dst = Host::new("bsvdst");
     for (h, seed) in [(&mut src, 1u64), (&mut dst, 2)] {
         population::enable_labels(&h.ns.name);
         create_all(&ct(&h.ns), &other_entries(others, seed), "others");
-        h.start_daemon();
+        match setup {
+            Setup::InProcess => h.start_daemon(),
+            Setup::Helper => {
+                let sock = h.start_helper(HELPER_PRIVS);
+                let bus = h.bus.address.clone();
+                let sock = sock.display().to_string();
+                h.start_daemon_with(&bus, DAEMON_PRIVS, &["--helper-socket", &sock]);
+                let helper = h.helper.as_ref().expect("helper started");
+                assert_caps(helper, "conntrack-vmstate-helper", CAP_NET_ADMIN);
+                let daemon = h.daemon.as_ref().expect("daemon started");
+                assert_caps(daemon, "conntrack-vmstated", 0);
+            }
+        }
     }
     let dir = tempfile::Builder::new()
         .prefix(&format!("cvs-bsvnc-{}-", std::process::id()))
@@ -675,16 +804,18 @@ fn hosts(others: usize) -> Hosts {
     }
 }
 
-fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
+fn part_service(hs: &mut Hosts, ns_list: &[usize], reps: usize, others: usize, setup: Setup) {
     println!(
-        "## Issue 5: Save and Load as D-Bus calls, host table with {} other entries\n",
-        thousands(others)
+        "## Issue 5: Save and Load as D-Bus calls, host table with {} other entries ({})\n",
+        thousands(others),
+        setup.label()
     );
     println!(
         "Two hosts (namespaces), each with {} entries of 20 other marks, its own dbus-daemon and \
-         conntrack-vmstated (release). Client: zbus, timing around the method call. {reps} \
+         conntrack-vmstated (release); {}. Client: zbus, timing around the method call. {reps} \
          repetitions, median [min–max], ms.\n",
-        thousands(others)
+        thousands(others),
+        setup_sentence(setup)
     );
     println!(
         "Dump of an empty namespace with these hosts up (host-wide walk): {} ms.\n",
@@ -815,13 +946,20 @@ fn part_service(hs: &Hosts, ns_list: &[usize], reps: usize, others: usize) {
         dvm.unregister(&cl);
         cd.delete_selected(&Selector::mark(mark)).expect("flush");
     }
-    println!("### Save (`org.qemu.VMState1.Save` on the VM's connection)\n");
-    println!("| N | Save, warm cache, registered before the entries existed (LastSave source) | Save, daemon with `--no-cache` (source) | Save, warm cache, entries older than any listener (\"silent\") (source) | direct dump in-process, no encode, no D-Bus | blob |");
+    check_alive(hs);
+    println!(
+        "### Save (`org.qemu.VMState1.Save` on the VM's connection; {})\n",
+        setup.label()
+    );
+    println!("| N | Save, warm cache, registered before the entries existed (LastSave source) | Save, daemon with `--no-cache`, always in-process (source) | Save, warm cache, entries older than any listener (\"silent\") (source) | direct dump in-process, no encode, no D-Bus | blob |");
     println!("|---:|---:|---:|---:|---:|---:|");
     for r in save_rows {
         println!("{r}");
     }
-    println!("\n### Load (`org.qemu.VMState1.Load` of that blob into the destination)\n");
+    println!(
+        "\n### Load (`org.qemu.VMState1.Load` of that blob into the destination; {})\n",
+        setup.label()
+    );
     println!("| entries | Load reply | created before the reply | full restore (LastLoad) | full restore entries/s |");
     println!("|---:|---:|---:|---:|---:|");
     for r in load_rows {
@@ -885,14 +1023,26 @@ fn migrate_once(hs: &mut Hosts, k: usize, vmstate: Option<&str>) -> Mig {
     }
 }
 
-fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
-    println!("## Issue 5: QEMU-reported downtime of a real migration\n");
+fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize, setup: Setup) {
+    println!(
+        "## Issue 5: QEMU-reported downtime of a real migration ({})\n",
+        setup.label()
+    );
     println!(
         "QEMU 7.2 (TCG, 32 MiB, bootless) in each host namespace, stream through a file \
-         (`exec:cat`), fresh QEMUs per migration. *downtime* is what the source's \
+         (`exec:cat`), fresh QEMUs per migration; {}. *downtime* is what the source's \
          `query-migrate` reports (guest stop → end of the stream: includes Save, not the \
          destination's Load); *incoming* is the destination's MIGRATION \"active\" → RESUME \
-         event timestamps (reading the stream, Load, resume). {reps} repetitions, median [min–max], ms.\n"
+         event timestamps (reading the stream, Load, resume). *Save* and *Load reply* are the \
+         daemons' own LastSave / LastLoad `duration_us` of the same migrations (call received → \
+         answer sent), the part of the added time spent in conntrack-vmstated{}; the rest is \
+         QEMU, D-Bus and the stream. {reps} repetitions, median [min–max], ms.\n",
+        setup_sentence(setup),
+        if setup == Setup::Helper {
+            " and its helper"
+        } else {
+            ""
+        }
     );
     let cl = Client::new();
     let cs = ct(&hs.src.ns);
@@ -922,6 +1072,8 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
         let (mut svc_d, mut svc_i) = (Sample::new(), Sample::new());
         let (mut ct_save, mut ct_load) = (Sample::new(), Sample::new());
         let (mut arrived, mut saved) = (0, 0);
+        let (mut our_save, mut our_load) = (Sample::new(), Sample::new());
+        let mut save_source = String::from("–");
         let mut totals = Sample::new();
         for _ in 0..reps {
             k += 1;
@@ -931,6 +1083,7 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
             k += 1;
             cd.delete_selected(&Selector::mark(mark)).expect("flush");
             let before = dvm.prop(&cl, "LastLoad");
+            let before_save = vm.prop(&cl, "LastSave");
             let m = migrate_once(hs, k, Some(&vm.id));
             svc_d.push(m.downtime);
             svc_i.push(m.incoming);
@@ -938,17 +1091,32 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
             // Load may finish in the background after the reply: wait for
             // this migration's report to be complete, then count.
             let end = Instant::now() + Duration::from_secs(60);
-            loop {
+            let load = loop {
                 let r = dvm.prop(&cl, "LastLoad");
                 let fresh = get_u64(&r, "timestamp") != get_u64(&before, "timestamp");
                 if fresh && !get_bool(&r, "pending").unwrap_or(false) {
-                    break;
+                    break r;
                 }
                 assert!(Instant::now() < end, "Load not complete: {r:?}");
                 std::thread::sleep(Duration::from_millis(20));
-            }
+            };
             arrived = cd.dump(&Selector::mark(mark)).expect("dump").len();
-            saved = get_u64(&vm.prop(&cl, "LastSave"), "entries").unwrap_or(0) as usize;
+            let save = vm.prop(&cl, "LastSave");
+            assert_ne!(
+                get_u64(&save, "timestamp"),
+                get_u64(&before_save, "timestamp"),
+                "no Save recorded for this migration: {save:?}"
+            );
+            saved = get_u64(&save, "entries").unwrap_or(0) as usize;
+            let us = |r: &HashMap<String, OwnedVariant>, what: &str| {
+                get_u64(r, "duration_us")
+                    .unwrap_or_else(|| panic!("{what} without duration_us: {r:?}"))
+            };
+            our_save.push(us(&save, "LastSave") as f64 / 1e3);
+            // duration_us of a Load is the time to its reply (complete_us
+            // is the full restore, which may end after the guest resumed).
+            our_load.push(us(&load, "LastLoad") as f64 / 1e3);
+            save_source = get_str(&save, "source").unwrap_or_else(|| "–".into());
             // The Perl helper's pipeline, conntrack(8) timed alone: `-L -o
             // save` on the source inside Save, `--load-file` of the payload
             // on the destination inside Load.
@@ -964,7 +1132,7 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
         let added_src = svc_d.median() - none_d.median();
         let added_dst = svc_i.median() - none_i.median();
         rows.push(format!(
-            "| {} | {} | {} / {} | {} / {} | {:+.0} / {:+.0} = {:+.0} | {} / {} | {:+.0} | {} / {} |",
+            "| {} | {} | {} / {} | {} / {} | {:+.0} / {:+.0} = {:+.0} | {} ({}) / {} | {:+.0} / {:+.0} | {} / {} | {:+.0} | {} / {} |",
             thousands(n),
             reps,
             none_d.show(),
@@ -974,6 +1142,11 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
             added_src,
             added_dst,
             added_src + added_dst,
+            our_save.show(),
+            save_source,
+            our_load.show(),
+            added_src - our_save.median(),
+            added_dst - our_load.median(),
             ct_save.show(),
             ct_load.show(),
             ct_save.median() + ct_load.median(),
@@ -985,12 +1158,39 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize) {
         cs.delete_selected(&Selector::mark(mark)).expect("flush");
         cd.delete_selected(&Selector::mark(mark)).expect("flush");
     }
-    println!("| N | reps | no dbus-vmstate: downtime / incoming | with conntrack-vmstated: downtime / incoming | added by the service (medians): source + destination | conntrack(8) pipeline: `-L -o save` / `--load-file` | added by conntrack(8) (sum of medians) | entries saved / on the destination after our migration (last rep) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    check_alive(hs);
+    println!("| N | reps | no dbus-vmstate: downtime / incoming | with conntrack-vmstated: downtime / incoming | added by the service (medians): source + destination | of which in our daemon: Save `duration_us` (LastSave source, last rep) / Load reply `duration_us` | rest, QEMU + D-Bus (added − ours, medians): source / destination | conntrack(8) pipeline: `-L -o save` / `--load-file` | added by conntrack(8) (sum of medians) | entries saved / on the destination after our migration (last rep) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         println!("{r}");
     }
     println!("\nThe conntrack(8) pipeline is not run inside a migration: its two commands are timed on the same hosts and entries and their medians added to the no-dbus-vmstate migration (the Perl helper runs exactly these inside Save and Load, plus its own D-Bus marshalling, measured at ~1–2.5 s per MiB in measured-baselines.md §5, not added here).\n");
+}
+
+/// Every namespace's table is bounded by the host-wide nf_conntrack_max
+/// (read-only inside a namespace): the codec part holds N + 20 %, a host N +
+/// the other marks' entries. Refuse up front instead of failing a create
+/// half-way through the run.
+fn check_table_room(ns_list: &[usize], others: usize, hosts: bool) -> Result<(), String> {
+    let path = "/proc/sys/net/netfilter/nf_conntrack_max";
+    let max: usize = std::fs::read_to_string(path)
+        .map_err(|e| format!("{path}: {e} (is nf_conntrack loaded?)"))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("{path}: {e}"))?;
+    let n = ns_list.iter().copied().max().unwrap_or(0);
+    let need = if hosts {
+        (n + n / 5).max(n + others)
+    } else {
+        n + n / 5
+    };
+    if need > max {
+        return Err(format!(
+            "N = {n} needs {need} conntrack entries in one namespace (N + 20 % for the codec \
+             part, N + --others {others} on a host); nf_conntrack_max is {max}"
+        ));
+    }
+    Ok(())
 }
 
 fn main() {
@@ -1007,7 +1207,12 @@ fn main() {
         std::process::exit(1);
     }
     let reps = a.reps.unwrap_or(if a.quick { 3 } else { 5 });
-    let ns_list: Vec<usize> = if a.quick {
+    let mut chosen: Vec<usize> = a.n.iter().map(|&n| n as usize).collect();
+    chosen.sort_unstable();
+    chosen.dedup();
+    let ns_list: Vec<usize> = if !chosen.is_empty() {
+        chosen.clone()
+    } else if a.quick {
         vec![1_000, 5_000]
     } else {
         vec![1_000, 5_000, 20_000, 100_000]
@@ -1019,22 +1224,31 @@ fn main() {
     } else {
         a.others
     };
+    let setup = if a.helper {
+        Setup::Helper
+    } else {
+        Setup::InProcess
+    };
+    if let Err(e) = check_table_room(&ns_list, others, want("service") || want("migration")) {
+        eprintln!("vmstate bench: {e}");
+        std::process::exit(2);
+    }
     if want("codec") {
         part_codec(&ns_list, reps);
     }
     if want("service") || want("migration") {
-        eprintln!("hosts: {others} other entries each");
-        let mut hs = hosts(others);
+        eprintln!("hosts: {others} other entries each; {}", setup.label());
+        let mut hs = hosts(others, setup);
         if want("service") {
-            part_service(&hs, &ns_list, reps, others);
+            part_service(&mut hs, &ns_list, reps, others, setup);
         }
         if want("migration") {
-            let mig_n: Vec<usize> = if a.quick {
+            let mig_n: Vec<usize> = if a.quick && chosen.is_empty() {
                 vec![5_000]
             } else {
                 ns_list.clone()
             };
-            part_migration(&mut hs, &mig_n, reps);
+            part_migration(&mut hs, &mig_n, reps, setup);
         }
     }
 }

@@ -266,10 +266,12 @@ async fn connect(bus_address: &str) -> zbus::Result<zbus::Connection> {
 pub const MANAGER_NAME: &str = "org.conntrack_vmstate.Manager1";
 
 /// One simulated host. Fields drop in declaration order: QEMU, then the
-/// daemon, then the bus, then the namespace, then the directory.
+/// daemon, then its conntrack helper, then the bus, then the namespace,
+/// then the directory.
 pub struct Host {
     pub qemu: Option<Qemu>,
     pub daemon: Option<Proc>,
+    pub helper: Option<Proc>,
     pub bus: Bus,
     pub ns: Netns,
     pub dir: tempfile::TempDir,
@@ -289,6 +291,7 @@ impl Host {
         Host {
             qemu: None,
             daemon: None,
+            helper: None,
             bus,
             name: ns.name.clone(),
             ns,
@@ -345,6 +348,46 @@ impl Host {
             std::thread::sleep(Duration::from_millis(25));
         }
         self.daemon = Some(p);
+    }
+
+    /// Starts conntrack-vmstate-helper inside this host's namespace,
+    /// listening on `<dir>/helper.sock`, behind `wrap` (e.g. setpriv to keep
+    /// only CAP_NET_ADMIN, as the packaged unit does). Returns the socket
+    /// path once the helper accepts connections.
+    pub fn start_helper(&mut self, wrap: &[&str]) -> PathBuf {
+        let sock = self.path().join("helper.sock");
+        let helper = env!("CARGO_BIN_EXE_conntrack-vmstate-helper");
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = self.ns.cmd(first);
+                c.args(rest).arg(helper);
+                c
+            }
+            None => self.ns.cmd(helper),
+        };
+        cmd.arg("--listen")
+            .arg(&sock)
+            .args(["--idle-timeout", "0"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        let mut p = Proc::spawn("helper", self.dir.path(), &mut cmd);
+        let end = Instant::now() + WAIT;
+        // A connection rather than the file: bind() creates the file before
+        // listen(). The helper takes a connection closed without a request
+        // as a normal end.
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            if let Some(s) = p.try_wait() {
+                panic!("conntrack-vmstate-helper exited {s}: {}", p.output());
+            }
+            assert!(
+                Instant::now() < end,
+                "helper not listening after {WAIT:?}: {}",
+                p.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.helper = Some(p);
+        sock
     }
 
     pub fn start_daemon(&mut self) {
