@@ -19,7 +19,10 @@ fn expected(mut v: Vec<Entry>) -> Vec<Entry> {
 }
 
 fn ranked(v: &[Entry]) -> Vec<format::View<'_>> {
-    let views: Vec<format::View> = v.iter().map(|e| (e, e.timeout)).collect();
+    let views: Vec<format::View> = v
+        .iter()
+        .map(|e| (format::Rec::Full(e), e.timeout))
+        .collect();
     format::priority::rank_views(&views)
 }
 
@@ -49,7 +52,7 @@ proptest! {
     #[test]
     fn any_segment_count_round_trips(v in prop::collection::vec(entry(), 1..80), segs in 1usize..6) {
         let r = ranked(&v);
-        let b = binary::encode_segmented(&r, segs, 0).unwrap();
+        let b = binary::encode_segmented(&r, segs, 0, binary::views_default_mark(&r)).unwrap();
         let dec = format::decode(&b).unwrap();
         prop_assert_eq!(dec.entries, expected(v.clone()));
         let (h, parts) = binary::decode_segments(&b).unwrap();
@@ -63,8 +66,8 @@ proptest! {
 fn realistic_mix_in_segments_round_trips_with_the_same_size() {
     let v = format::synth::population(60_000, 7, 4242);
     let r = ranked(&v);
-    let one = binary::encode_segmented(&r, 1, 0).unwrap();
-    let three = binary::encode_segmented(&r, 3, 0).unwrap();
+    let one = binary::encode_segmented(&r, 1, 0, binary::views_default_mark(&r)).unwrap();
+    let three = binary::encode_segmented(&r, 3, 0, binary::views_default_mark(&r)).unwrap();
     assert_eq!((one[5], three[5]), (binary::MINOR, binary::MINOR_SEGMENTS));
     // Fresh delta state and zstd context per segment cost little.
     assert!(
@@ -103,7 +106,11 @@ fn encode_uses_segments_for_large_states_and_keeps_the_budget() {
 /// A two-segment blob of small entries for the table checks.
 fn two_segments() -> Vec<u8> {
     let v = format::synth::population(300, 9, 4242);
-    let b = binary::encode_segmented(&ranked(&v), 2, 0).unwrap();
+    let b = {
+        let r = ranked(&v);
+        binary::encode_segmented(&r, 2, 0, binary::views_default_mark(&r))
+    }
+    .unwrap();
     assert_eq!(b[32], 2);
     b
 }
@@ -160,7 +167,11 @@ fn segment_counts_out_of_range_are_refused() {
     assert!(m.starts_with("segment "), "{m}");
     // A table longer than the whole payload.
     let v = format::synth::population(40, 9, 4242);
-    let mut b = binary::encode_segmented(&ranked(&v), 2, 0).unwrap();
+    let mut b = {
+        let r = ranked(&v);
+        binary::encode_segmented(&r, 2, 0, binary::views_default_mark(&r))
+    }
+    .unwrap();
     b.truncate(32 + 1 + 12);
     b[24..28].copy_from_slice(&13u32.to_le_bytes());
     reseal(&mut b);
@@ -187,7 +198,11 @@ fn a_defect_inside_one_segment_fails_the_whole_blob_and_names_it() {
     // Re-compress segment 1 with one column byte damaged: the table and
     // checksum are right, the records are not.
     let v = format::synth::population(300, 10, 4242);
-    let b = binary::encode_segmented(&ranked(&v), 2, 0).unwrap();
+    let b = {
+        let r = ranked(&v);
+        binary::encode_segmented(&r, 2, 0, binary::views_default_mark(&r))
+    }
+    .unwrap();
     let (c0, r0, s0) = (le32(&b, 33), le32(&b, 37), le32(&b, 41));
     let (c1, r1, s1) = (le32(&b, 45), le32(&b, 49), le32(&b, 53));
     let body1 = &b[57 + s0 as usize..57 + (s0 + s1) as usize];
@@ -217,4 +232,63 @@ fn segments_flag_is_required_so_a_v1_0_reader_refuses_it() {
     let flags = u16::from_le_bytes([b[6], b[7]]);
     assert_eq!(flags & binary::FLAG_SEGMENTS, binary::FLAG_SEGMENTS);
     assert_eq!(b[4..6], [1, binary::MINOR_SEGMENTS]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// The warm cache encodes most entries from their compact form: that
+    /// must give exactly the bytes the full entries give, in any segment
+    /// count, and the compact form must exist only for entries it can
+    /// carry whole.
+    #[test]
+    fn compact_records_encode_exactly_like_full_entries(
+        v in prop::collection::vec(entry(), 1..80),
+        segs in 1usize..4,
+    ) {
+        let compact: Vec<Option<format::Compact>> = v.iter().map(format::Compact::of).collect();
+        for (e, c) in v.iter().zip(&compact) {
+            if let Some(c) = c {
+                let mut want = e.clone();
+                want.id = None;
+                prop_assert_eq!(c.to_entry(e.timeout), want);
+                prop_assert_eq!(
+                    c.value_key_at(e.timeout),
+                    format::priority::value_key_at(e, e.timeout)
+                );
+            }
+        }
+        let full: Vec<format::View> = v.iter().map(|e| (format::Rec::Full(e), e.timeout)).collect();
+        let fast: Vec<format::View> = v
+            .iter()
+            .zip(&compact)
+            .map(|(e, c)| match c {
+                Some(c) => (format::Rec::Fast(c), e.timeout),
+                None => (format::Rec::Full(e), e.timeout),
+            })
+            .collect();
+        let (rf, rc) = (format::priority::rank_views(&full), format::priority::rank_views(&fast));
+        let mark = binary::views_default_mark(&rf);
+        prop_assert_eq!(mark, binary::views_default_mark(&rc));
+        let a = binary::encode_segmented(&rf, segs, 0, mark).unwrap();
+        let b = binary::encode_segmented(&rc, segs, 0, mark).unwrap();
+        prop_assert_eq!(a, b);
+        let opts = EncodeOptions::default();
+        prop_assert_eq!(
+            format::encode_views(&full, &opts).unwrap().bytes,
+            format::encode_views(&fast, &opts).unwrap().bytes
+        );
+    }
+}
+
+#[test]
+fn most_of_the_realistic_mix_has_a_compact_form_and_nat_does_not() {
+    let v = format::synth::population(2_000, 11, 4242);
+    let n = v.iter().filter(|e| format::Compact::of(e).is_some()).count();
+    assert!(n * 10 >= v.len() * 7, "{n} of {}", v.len());
+    for e in &v {
+        if e.reply != e.orig.inverse() || e.labels.is_some() || e.zone != 0 {
+            assert_eq!(format::Compact::of(e), None, "{e:?}");
+        }
+    }
 }

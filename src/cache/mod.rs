@@ -132,6 +132,7 @@
 //!   groups cannot be joined, e.g. without CAP_NET_ADMIN.
 
 mod state;
+mod table;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -144,7 +145,7 @@ use crate::access::{
 };
 use crate::ctnetlink::{Ctnetlink, EventError, EventSocket, EventsSysctl};
 use crate::entry::{Entry, Selector};
-use crate::format::{self, EncodeOptions, View};
+use crate::format::{self, EncodeOptions, Rec, View};
 use state::{Key, Tables};
 
 /// Tunables of a [`CachedAccess`].
@@ -219,6 +220,15 @@ struct Counters {
     walks: AtomicU64,
     events_read: AtomicU64,
     events_skipped: AtomicU64,
+}
+
+/// How Save encodes a cached entry: from its compact form when it has one
+/// (no access to the entry itself).
+fn rec<'a>(c: &'a state::Cached, h: &'a table::Hot) -> Rec<'a> {
+    match &h.compact {
+        Some(x) => Rec::Fast(x),
+        None => Rec::Full(&c.entry),
+    }
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -499,10 +509,7 @@ impl Shared {
     fn answer_cached(&self, sel: &Selector) -> Result<Vec<Entry>, &'static str> {
         self.with_answer(sel, |views, _| {
             let mut out = crate::format::bigvec::with_capacity(views.len());
-            out.extend(views.iter().map(|(e, left)| Entry {
-                timeout: *left,
-                ..(*e).clone()
-            }));
+            out.extend(views.iter().map(|(r, left)| r.to_entry(*left)));
             out
         })
     }
@@ -559,14 +566,14 @@ impl Shared {
         let mut keys: Vec<Key> = Vec::new();
         let mut views: Vec<View> = Vec::with_capacity(sc.entries.len());
         let mut ids: Vec<u32> = Vec::with_capacity(sc.entries.len());
-        for (k, c) in &sc.entries {
-            if c.needs_lookup(now, margin) {
-                keys.push(*k);
+        for (c, h) in sc.entries.with_hot() {
+            if h.needs_lookup(now, margin) {
+                keys.push(state::key(&c.entry));
             } else if keys.is_empty() {
-                let left = c.estimate(now);
+                let left = h.estimate(now);
                 if left > 0 {
-                    views.push((&c.entry, left));
-                    ids.extend(c.entry.id);
+                    views.push((rec(c, h), left));
+                    ids.extend(h.id);
                 }
             }
         }
@@ -595,11 +602,11 @@ impl Shared {
         let sc = st.tables.sels.get(sel).ok_or("not watched")?;
         let mut views: Vec<View> = Vec::with_capacity(sc.entries.len());
         let mut ids: Vec<u32> = Vec::with_capacity(sc.entries.len());
-        for c in sc.entries.values() {
-            let left = c.estimate(now);
+        for (c, h) in sc.entries.with_hot() {
+            let left = h.estimate(now);
             if left > 0 {
-                views.push((&c.entry, left));
-                ids.extend(c.entry.id);
+                views.push((rec(c, h), left));
+                ids.extend(h.id);
             }
         }
         Ok(f(&views, ids))

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use super::table::EntryTable;
 use crate::ctnetlink::{EventKind, EventSink};
 use crate::entry::{proto, Entry, Selector, Tuple, L4};
 
@@ -36,27 +37,20 @@ pub struct Cached {
 }
 
 impl Cached {
-    /// Remaining seconds now, never more than the kernel would say for an
-    /// entry nobody refreshed: whole seconds elapsed are rounded up.
-    pub fn estimate(&self, now: Instant) -> u32 {
-        let el = now.saturating_duration_since(self.seen);
-        let secs = el.as_secs() + u64::from(el.subsec_nanos() > 0);
-        let secs = u32::try_from(secs).unwrap_or(u32::MAX);
-        self.entry.timeout.saturating_sub(secs)
-    }
-
     /// Every attribute a dump would give is present.
     pub fn complete(&self) -> bool {
         self.extras_known && (self.entry.protoinfo.is_some() || !needs_protoinfo(&self.entry))
     }
+}
 
-    /// Whether a dump answered from the cache must first look this entry up
-    /// in the kernel: it might be gone without an event (silent entry), is
-    /// missing attributes, or is so close to expiry that the kernel may have
-    /// expired it already or traffic may have refreshed it.
-    pub fn needs_lookup(&self, now: Instant, margin_secs: u32) -> bool {
-        !self.evented || !self.complete() || self.estimate(now) <= margin_secs
-    }
+/// Seconds left at `now` of an entry that had `timeout` left at `seen`:
+/// whole seconds elapsed are rounded up, so never more than the kernel
+/// would say for an entry nobody refreshed.
+pub fn estimate(timeout: u32, seen: Instant, now: Instant) -> u32 {
+    let el = now.saturating_duration_since(seen);
+    let secs = el.as_secs() + u64::from(el.subsec_nanos() > 0);
+    let secs = u32::try_from(secs).unwrap_or(u32::MAX);
+    timeout.saturating_sub(secs)
 }
 
 /// Protocols whose tracker always has protocol info in a dump.
@@ -73,7 +67,7 @@ fn needs_protoinfo(e: &Entry) -> bool {
 #[derive(Debug)]
 pub struct SelCache {
     pub watchers: u32,
-    pub entries: HashMap<Key, Cached>,
+    pub entries: EntryTable,
     /// Warm and no event lost since the last completed sync.
     pub trusted: bool,
     /// Start of the last completed sync dump.
@@ -99,7 +93,7 @@ impl SelCache {
     fn new() -> SelCache {
         SelCache {
             watchers: 0,
-            entries: HashMap::new(),
+            entries: EntryTable::default(),
             trusted: false,
             synced_at: None,
             epoch: 0,
@@ -199,12 +193,14 @@ impl Tables {
             sc.lost_at = Some(now);
             // A probe's answer may have been among the lost events: probe
             // those entries again.
-            for c in sc.entries.values_mut() {
+            let mut reprobe = false;
+            sc.entries.modify_all(|c| {
                 if c.probed && !c.evented {
                     c.probed = false;
-                    sc.probe_pending = true;
+                    reprobe = true;
                 }
-            }
+            });
+            sc.probe_pending |= reprobe;
         }
     }
 
@@ -257,7 +253,7 @@ impl Tables {
         for c in old.values() {
             unhold(&mut self.holders, id_of(&c.entry), sel);
         }
-        let mut fresh = HashMap::with_capacity(snapshot.len());
+        let mut fresh = EntryTable::with_capacity(snapshot.len());
         for e in snapshot {
             let k = key(&e);
             // Still the same incarnation: what events proved about it holds.
@@ -292,14 +288,14 @@ impl Tables {
             return Vec::new();
         };
         sc.probe_pending = false;
-        sc.entries
-            .values_mut()
-            .filter(|c| !c.evented && !c.probed)
-            .map(|c| {
+        let mut out = Vec::new();
+        sc.entries.modify_all(|c| {
+            if !c.evented && !c.probed {
                 c.probed = true;
-                c.entry.clone()
-            })
-            .collect()
+                out.push(c.entry.clone());
+            }
+        });
+        out
     }
 
     /// Drops a silent entry a probe found gone (the same incarnation only).
@@ -393,16 +389,22 @@ fn apply_one(
                 }
                 return;
             }
-            match sc.entries.get_mut(&k) {
-                Some(c) if c.entry.id == e.id => {
-                    merge(c, kind, e, now);
-                    if !c.complete() {
+            let same = sc.entries.get(&k).map(|c| c.entry.id == e.id);
+            match same {
+                Some(true) => {
+                    let complete = sc.entries.modify(&k, |c| {
+                        merge(c, kind, e, now);
+                        c.complete()
+                    });
+                    if complete == Some(false) {
                         sc.fix.push(k);
                     }
                 }
                 other => {
-                    if let Some(old) = other {
-                        unhold(holders, id_of(&old.entry), sel);
+                    if other.is_some() {
+                        if let Some(old) = sc.entries.get(&k) {
+                            unhold(holders, id_of(&old.entry), sel);
+                        }
                     }
                     hold(holders, id_of(e), sel);
                     let c = Cached {
@@ -578,18 +580,10 @@ mod tests {
     #[test]
     fn estimate_never_exceeds_the_kernel() {
         let now = Instant::now();
-        let c = Cached {
-            entry: entry(1, 100, 1),
-            seen: now,
-            evented: true,
-            probed: false,
-            extras_known: true,
-        };
-        assert_eq!(c.estimate(now), 1000);
-        assert_eq!(c.estimate(now + Duration::from_millis(1)), 999);
-        assert_eq!(c.estimate(now + Duration::from_secs(2000)), 0);
-        assert!(c.needs_lookup(now + Duration::from_secs(998), 2));
-        assert!(!c.needs_lookup(now + Duration::from_secs(997), 2));
+        assert_eq!(estimate(1000, now, now), 1000);
+        assert_eq!(estimate(1000, now, now + Duration::from_millis(1)), 999);
+        assert_eq!(estimate(1000, now, now + Duration::from_secs(2000)), 0);
+        assert_eq!(estimate(1000, now + Duration::from_secs(5), now), 1000);
     }
 
     #[test]

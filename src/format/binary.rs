@@ -176,6 +176,141 @@ fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
+/// What a record's attribute list holds.
+enum Attrs<'a> {
+    None,
+    /// Only a mark other than the blob's default.
+    MarkOnly(u32),
+    /// Whatever the entry has (see `Columns::push`).
+    Of(&'a Entry),
+}
+
+fn tcp_bytes(e: &Entry) -> Option<[u8; 5]> {
+    match e.protoinfo {
+        Some(ProtoInfo::Tcp {
+            state,
+            wscale_orig,
+            wscale_reply,
+            flags_orig,
+            flags_reply,
+        }) => Some([state, wscale_orig, wscale_reply, flags_orig, flags_reply]),
+        _ => None,
+    }
+}
+
+/// An entry whose record is fully described by a few fields: reply tuple
+/// implied (no NAT), no zone, labels, SCTP/DCCP info, sequence adjustment or
+/// helper — the great majority of a VM's entries. The warm cache keeps one
+/// next to each such entry, so that Save reads ~60 bytes per entry instead
+/// of the whole ~230-byte entry (Save is memory-bound: the tables are cold
+/// by the time QEMU asks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Compact {
+    pub orig: Tuple,
+    pub status: u32,
+    pub mark: u32,
+    tcp: Option<[u8; 5]>,
+    /// The priority class while more than ABOUT_TO_EXPIRE_SECS are left.
+    class: u8,
+}
+
+impl Compact {
+    /// The compact form of `e`, when it has one.
+    pub fn of(e: &Entry) -> Option<Compact> {
+        let simple = e.zone == 0
+            && e.orig.zone.is_none()
+            && e.labels.is_none()
+            && matches!(e.protoinfo, None | Some(ProtoInfo::Tcp { .. }))
+            && e.seq_adj_orig.is_none()
+            && e.seq_adj_reply.is_none()
+            && e.helper.is_none()
+            && representable(e)
+            && e.reply == e.orig.inverse();
+        simple.then(|| Compact {
+            orig: e.orig,
+            status: e.status,
+            mark: e.mark,
+            tcp: tcp_bytes(e),
+            class: super::priority::value_class_at(e, u32::MAX) as u8,
+        })
+    }
+
+    /// [`super::priority::value_key_at`] of the entry with `timeout` left.
+    pub fn value_key_at(&self, timeout: u32) -> u64 {
+        let class = if timeout <= super::priority::ABOUT_TO_EXPIRE_SECS {
+            0
+        } else {
+            self.class
+        };
+        (u64::from(class) << 32) | u64::from(timeout)
+    }
+
+    /// The entry this stands for, with `timeout` left and no id.
+    pub fn to_entry(&self, timeout: u32) -> Entry {
+        Entry {
+            orig: self.orig,
+            reply: self.orig.inverse(),
+            status: self.status,
+            timeout,
+            mark: self.mark,
+            zone: 0,
+            labels: None,
+            protoinfo: self.tcp.map(|t| ProtoInfo::Tcp {
+                state: t[0],
+                wscale_orig: t[1],
+                wscale_reply: t[2],
+                flags_orig: t[3],
+                flags_reply: t[4],
+            }),
+            seq_adj_orig: None,
+            seq_adj_reply: None,
+            helper: None,
+            id: None,
+        }
+    }
+}
+
+/// An entry to encode: the entry itself, or its [`Compact`] form.
+#[derive(Debug, Clone, Copy)]
+pub enum Rec<'a> {
+    Full(&'a Entry),
+    Fast(&'a Compact),
+}
+
+impl Rec<'_> {
+    pub fn mark(&self) -> u32 {
+        match self {
+            Rec::Full(e) => e.mark,
+            Rec::Fast(c) => c.mark,
+        }
+    }
+
+    pub fn value_key_at(&self, timeout: u32) -> u64 {
+        match self {
+            Rec::Full(e) => super::priority::value_key_at(e, timeout),
+            Rec::Fast(c) => c.value_key_at(timeout),
+        }
+    }
+
+    pub fn representable(&self) -> bool {
+        match self {
+            Rec::Full(e) => representable(e),
+            Rec::Fast(_) => true,
+        }
+    }
+
+    /// The entry, with `timeout` left (cloned or rebuilt).
+    pub fn to_entry(&self, timeout: u32) -> Entry {
+        match self {
+            Rec::Full(e) => Entry {
+                timeout,
+                ..(*e).clone()
+            },
+            Rec::Fast(c) => c.to_entry(timeout),
+        }
+    }
+}
+
 /// Column buffers of one encoding, optionally with each stream's length
 /// after every entry so that any prefix can be assembled without
 /// re-encoding.
@@ -233,77 +368,95 @@ impl Columns {
         std::array::from_fn(|i| self.offsets[k * STREAMS + i])
     }
 
-    /// Appends `e` with `timeout` seconds left (its own field is ignored).
-    fn push(&mut self, e: &Entry, timeout: u32) {
-        let default_mark = self.default_mark;
+    /// Appends `r` with `timeout` seconds left (its own field is ignored).
+    fn push(&mut self, r: Rec, timeout: u32) {
+        match r {
+            Rec::Full(e) => {
+                let reply_implied = e.reply == e.orig.inverse();
+                let attrs = e.mark != self.default_mark
+                    || e.zone != 0
+                    || e.orig.zone.is_some()
+                    || (!reply_implied && e.reply.zone.is_some())
+                    || e.labels.is_some()
+                    || matches!(
+                        e.protoinfo,
+                        Some(ProtoInfo::Sctp { .. } | ProtoInfo::Dccp { .. })
+                    )
+                    || e.seq_adj_orig.is_some()
+                    || e.seq_adj_reply.is_some()
+                    || e.helper.is_some();
+                self.push_core(
+                    &e.orig,
+                    e.status,
+                    timeout,
+                    tcp_bytes(e),
+                    (!reply_implied).then_some(&e.reply),
+                    if attrs { Attrs::Of(e) } else { Attrs::None },
+                );
+            }
+            Rec::Fast(c) => {
+                let attrs = if c.mark != self.default_mark {
+                    Attrs::MarkOnly(c.mark)
+                } else {
+                    Attrs::None
+                };
+                self.push_core(&c.orig, c.status, timeout, c.tcp, None, attrs);
+            }
+        }
+    }
+
+    /// One record: `reply` is `None` when it is `orig.inverse()`.
+    fn push_core(
+        &mut self,
+        orig: &Tuple,
+        status: u32,
+        timeout: u32,
+        tcp: Option<[u8; 5]>,
+        reply: Option<&Tuple>,
+        attrs: Attrs,
+    ) {
         let s = &mut self.s;
-        let v6 = e.orig.src.is_ipv6();
-        let reply_implied = e.reply == e.orig.inverse();
-        let attrs = e.mark != default_mark
-            || e.zone != 0
-            || e.orig.zone.is_some()
-            || (!reply_implied && e.reply.zone.is_some())
-            || e.labels.is_some()
-            || matches!(
-                e.protoinfo,
-                Some(ProtoInfo::Sctp { .. } | ProtoInfo::Dccp { .. })
-            )
-            || e.seq_adj_orig.is_some()
-            || e.seq_adj_reply.is_some()
-            || e.helper.is_some();
-        let mut flags = l4_kind(&e.orig.l4) << R_L4_SHIFT;
+        let v6 = orig.src.is_ipv6();
+        let mut flags = l4_kind(&orig.l4) << R_L4_SHIFT;
         if v6 {
             flags |= R_IPV6;
         }
         // The local side of a VM's flows repeats; keeping it in one column
         // and the peer in the other lets zstd erase the local side.
         let near = &mut self.last_near[usize::from(v6)];
-        let swap = *near == Some(e.orig.dst) && *near != Some(e.orig.src);
+        let swap = *near == Some(orig.dst) && *near != Some(orig.src);
         let (n_addr, f_addr) = if swap {
             flags |= R_SWAP;
-            (&e.orig.dst, &e.orig.src)
+            (&orig.dst, &orig.src)
         } else {
-            (&e.orig.src, &e.orig.dst)
+            (&orig.src, &orig.dst)
         };
         let near_same = *near == Some(*n_addr);
         *near = Some(*n_addr);
         if near_same {
             flags |= R_NEAR_SAME;
         }
-        if !reply_implied {
+        if reply.is_some() {
             flags |= R_REPLY;
         }
-        if attrs {
+        if !matches!(attrs, Attrs::None) {
             flags |= R_ATTRS;
         }
-        if let Some(ProtoInfo::Tcp {
-            state,
-            wscale_orig,
-            wscale_reply,
-            flags_orig,
-            flags_reply,
-        }) = e.protoinfo
-        {
+        if let Some(t) = tcp {
             flags |= R_TCPINFO;
-            s[S_TCPINFO].extend_from_slice(&[
-                state,
-                wscale_orig,
-                wscale_reply,
-                flags_orig,
-                flags_reply,
-            ]);
+            s[S_TCPINFO].extend_from_slice(&t);
         }
         s[S_FLAGS].push(flags);
-        s[S_PROTO].push(e.orig.proto);
+        s[S_PROTO].push(orig.proto);
         if !near_same {
             put_addr(&mut s[S_NEAR], n_addr);
         }
         put_addr(&mut s[S_FAR], f_addr);
         {
             let (a, b) = s.split_at_mut(S_DPORT);
-            put_l4(&mut a[S_SPORT], &mut b[0], &e.orig.l4);
+            put_l4(&mut a[S_SPORT], &mut b[0], &orig.l4);
         }
-        put_varint(&mut s[S_STATUS], u64::from(e.status));
+        put_varint(&mut s[S_STATUS], u64::from(status));
         // Entries arrive in priority order, so within a class timeouts
         // descend and the deltas are small.
         put_varint(
@@ -311,66 +464,73 @@ impl Columns {
             zigzag(i64::from(timeout) - i64::from(self.prev_timeout)),
         );
         self.prev_timeout = timeout;
-        if !reply_implied {
-            let r = &mut s[S_REPLY];
-            put_addr(r, &e.reply.src);
-            put_addr(r, &e.reply.dst);
-            put_l4_inline(r, &e.reply.l4);
+        if let Some(r) = reply {
+            let out = &mut s[S_REPLY];
+            put_addr(out, &r.src);
+            put_addr(out, &r.dst);
+            put_l4_inline(out, &r.l4);
         }
-        if attrs {
-            let a = &mut s[S_ATTRS];
-            if e.mark != default_mark {
-                put_attr(a, ATTR_MARK, &e.mark.to_le_bytes());
+        let a = &mut s[S_ATTRS];
+        match attrs {
+            Attrs::None => {}
+            Attrs::MarkOnly(mark) => {
+                put_attr(a, ATTR_MARK, &mark.to_le_bytes());
+                a.push(ATTR_END);
             }
-            if e.zone != 0 {
-                put_attr(a, ATTR_ZONE, &e.zone.to_le_bytes());
-            }
-            if let Some(z) = e.orig.zone {
-                put_attr(a, ATTR_ORIG_ZONE, &z.to_le_bytes());
-            }
-            if !reply_implied {
-                if let Some(z) = e.reply.zone {
-                    put_attr(a, ATTR_REPLY_ZONE, &z.to_le_bytes());
+            Attrs::Of(e) => {
+                if e.mark != self.default_mark {
+                    put_attr(a, ATTR_MARK, &e.mark.to_le_bytes());
                 }
-            }
-            if let Some(l) = &e.labels {
-                put_attr(a, ATTR_LABELS, l);
-            }
-            match e.protoinfo {
-                Some(ProtoInfo::Sctp {
-                    state,
-                    vtag_orig,
-                    vtag_reply,
-                }) => {
-                    let mut b = [0u8; 9];
-                    b[0] = state;
-                    b[1..5].copy_from_slice(&vtag_orig.to_le_bytes());
-                    b[5..9].copy_from_slice(&vtag_reply.to_le_bytes());
-                    put_attr(a, ATTR_SCTP, &b);
+                if e.zone != 0 {
+                    put_attr(a, ATTR_ZONE, &e.zone.to_le_bytes());
                 }
-                Some(ProtoInfo::Dccp {
-                    state,
-                    role,
-                    handshake_seq,
-                }) => {
-                    let mut b = [0u8; 10];
-                    b[0] = state;
-                    b[1] = role;
-                    b[2..10].copy_from_slice(&handshake_seq.to_le_bytes());
-                    put_attr(a, ATTR_DCCP, &b);
+                if let Some(z) = e.orig.zone {
+                    put_attr(a, ATTR_ORIG_ZONE, &z.to_le_bytes());
                 }
-                _ => {}
+                if reply.is_some() {
+                    if let Some(z) = e.reply.zone {
+                        put_attr(a, ATTR_REPLY_ZONE, &z.to_le_bytes());
+                    }
+                }
+                if let Some(l) = &e.labels {
+                    put_attr(a, ATTR_LABELS, l);
+                }
+                match e.protoinfo {
+                    Some(ProtoInfo::Sctp {
+                        state,
+                        vtag_orig,
+                        vtag_reply,
+                    }) => {
+                        let mut b = [0u8; 9];
+                        b[0] = state;
+                        b[1..5].copy_from_slice(&vtag_orig.to_le_bytes());
+                        b[5..9].copy_from_slice(&vtag_reply.to_le_bytes());
+                        put_attr(a, ATTR_SCTP, &b);
+                    }
+                    Some(ProtoInfo::Dccp {
+                        state,
+                        role,
+                        handshake_seq,
+                    }) => {
+                        let mut b = [0u8; 10];
+                        b[0] = state;
+                        b[1] = role;
+                        b[2..10].copy_from_slice(&handshake_seq.to_le_bytes());
+                        put_attr(a, ATTR_DCCP, &b);
+                    }
+                    _ => {}
+                }
+                if let Some(sa) = &e.seq_adj_orig {
+                    put_attr(a, ATTR_SEQ_ADJ_ORIG, &seq_adj_bytes(sa));
+                }
+                if let Some(sa) = &e.seq_adj_reply {
+                    put_attr(a, ATTR_SEQ_ADJ_REPLY, &seq_adj_bytes(sa));
+                }
+                if let Some(h) = &e.helper {
+                    put_attr(a, ATTR_HELPER, h.as_bytes());
+                }
+                a.push(ATTR_END);
             }
-            if let Some(sa) = &e.seq_adj_orig {
-                put_attr(a, ATTR_SEQ_ADJ_ORIG, &seq_adj_bytes(sa));
-            }
-            if let Some(sa) = &e.seq_adj_reply {
-                put_attr(a, ATTR_SEQ_ADJ_REPLY, &seq_adj_bytes(sa));
-            }
-            if let Some(h) = &e.helper {
-                put_attr(a, ATTR_HELPER, h.as_bytes());
-            }
-            a.push(ATTR_END);
         }
         self.n += 1;
         if self.prefixes {
@@ -405,12 +565,16 @@ impl Columns {
 /// The most common mark, by majority vote (exact when one mark holds more
 /// than half the entries, which is the per-VM case; any value is correct).
 pub fn default_mark<'a>(entries: impl Iterator<Item = &'a Entry>) -> u32 {
+    default_mark_of(entries.map(|e| e.mark))
+}
+
+fn default_mark_of(marks: impl Iterator<Item = u32>) -> u32 {
     let (mut cand, mut n) = (0u32, 0usize);
-    for e in entries {
+    for mark in marks {
         if n == 0 {
-            cand = e.mark;
+            cand = mark;
             n = 1;
-        } else if e.mark == cand {
+        } else if mark == cand {
             n += 1;
         } else {
             n -= 1;
@@ -442,7 +606,23 @@ fn prefetch(e: &Entry) {
 
 /// An entry to encode and the seconds it has left (which the encoder
 /// writes instead of `entry.timeout`).
-pub type View<'a> = (&'a Entry, u32);
+pub type View<'a> = (Rec<'a>, u32);
+
+#[inline(always)]
+fn prefetch_compact(c: &Compact) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = (c as *const Compact).cast::<i8>();
+        // SAFETY: a prefetch is only a hint (see `prefetch`).
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(std::mem::size_of::<Compact>() - 1));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = c;
+}
 
 /// Encodes entries given in priority order; any prefix can then be turned
 /// into a complete blob.
@@ -463,9 +643,12 @@ fn build_columns(views: &[View], default_mark: u32, prefixes: bool) -> Columns {
         // Priority order visits entries in random memory order; fetch
         // a few ahead so the cache misses overlap.
         if let Some((ahead, _)) = views.get(i + PREFETCH_AHEAD) {
-            prefetch(ahead);
+            match ahead {
+                Rec::Full(e) => prefetch(e),
+                Rec::Fast(c) => prefetch_compact(c),
+            }
         }
-        cols.push(e, *t);
+        cols.push(*e, *t);
     }
     cols
 }
@@ -515,15 +698,15 @@ fn dropped_u32(dropped: usize) -> u32 {
 impl Encoder {
     /// Builds the columns of `views` (representable, in the order the blob
     /// will hold them); [`blob`](Self::blob) then takes any prefix.
-    pub fn new(views: &[View]) -> Result<Self, FormatError> {
-        Self::build(views, true)
+    pub fn new(views: &[View], default_mark: u32) -> Result<Self, FormatError> {
+        Self::build(views, default_mark, true)
     }
 
     /// Like [`new`](Self::new), but [`blob`](Self::blob) and
     /// [`raw_len`](Self::raw_len) take only all entries or none: cheaper
     /// when everything is expected to fit.
-    pub fn whole(views: &[View]) -> Result<Self, FormatError> {
-        Self::build(views, false)
+    pub fn whole(views: &[View], default_mark: u32) -> Result<Self, FormatError> {
+        Self::build(views, default_mark, false)
     }
 
     /// Whether any prefix can be taken.
@@ -531,9 +714,9 @@ impl Encoder {
         self.cols.prefixes
     }
 
-    fn build(views: &[View], prefixes: bool) -> Result<Self, FormatError> {
+    fn build(views: &[View], default_mark: u32, prefixes: bool) -> Result<Self, FormatError> {
         let cctx = compressor()?;
-        let cols = build_columns(views, default_mark(views.iter().map(|v| v.0)), prefixes);
+        let cols = build_columns(views, default_mark, prefixes);
         Ok(Encoder {
             cols,
             raw: Vec::new(),
@@ -601,6 +784,12 @@ pub fn default_segments(n: usize) -> usize {
     cpus.min(4).min(n / MIN_SEGMENT_ENTRIES).max(1)
 }
 
+/// The most common mark of `views` ([`default_mark`]), for callers of
+/// [`encode_segmented`] and [`Encoder`] that did not get it while ranking.
+pub fn views_default_mark(views: &[View]) -> u32 {
+    default_mark_of(views.iter().map(|v| v.0.mark()))
+}
+
 /// Encodes all of `views` (priority order) as one blob in `segments`
 /// independent parts built and compressed in parallel (Save is migration
 /// downtime and the guest is stopped, so the CPUs are free). One segment
@@ -609,13 +798,13 @@ pub fn encode_segmented(
     views: &[View],
     segments: usize,
     dropped: usize,
+    default_mark: u32,
 ) -> Result<Vec<u8>, FormatError> {
     let segments = segments.clamp(1, MAX_SEGMENTS).min(views.len().max(1));
     if segments == 1 {
         let n = views.len();
-        return Encoder::whole(views)?.blob(n, dropped);
+        return Encoder::whole(views, default_mark)?.blob(n, dropped);
     }
-    let default_mark = default_mark(views.iter().map(|v| v.0));
     // Balanced: the first `len % segments` segments take one entry more.
     let (base, extra) = (views.len() / segments, views.len() % segments);
     let mut chunks = Vec::with_capacity(segments);
@@ -1313,7 +1502,7 @@ fn decode_one(
 pub fn debug_stream_sizes(entries: &[&Entry]) -> Vec<(&'static str, usize, usize)> {
     let mut c = Columns::new(default_mark(entries.iter().copied()), entries.len(), false);
     for e in entries {
-        c.push(e, e.timeout);
+        c.push(Rec::Full(e), e.timeout);
     }
     c.s.iter()
         .enumerate()

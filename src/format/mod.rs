@@ -12,7 +12,7 @@ pub mod priority;
 pub mod synth;
 pub mod text;
 
-pub use binary::View;
+pub use binary::{Compact, Rec, View};
 pub use priority::{priority_order, sort_by_priority, value_class, ValueClass};
 
 /// QEMU's per-helper limit on the `Save()` payload.
@@ -159,7 +159,10 @@ impl DecodedParts {
 pub fn encode(entries: &[Entry], opts: &EncodeOptions) -> Result<Encoded, FormatError> {
     match opts.format {
         Format::Binary => {
-            let views: Vec<View> = entries.iter().map(|e| (e, e.timeout)).collect();
+            let views: Vec<View> = entries
+                .iter()
+                .map(|e| (binary::Rec::Full(e), e.timeout))
+                .collect();
             encode_binary(&views, opts.limit)
         }
         Format::ConntrackSave => text::encode(entries, opts.limit),
@@ -172,13 +175,7 @@ pub fn encode_views(views: &[View], opts: &EncodeOptions) -> Result<Encoded, For
     match opts.format {
         Format::Binary => encode_binary(views, opts.limit),
         Format::ConntrackSave => {
-            let entries: Vec<Entry> = views
-                .iter()
-                .map(|(e, t)| Entry {
-                    timeout: *t,
-                    ..(*e).clone()
-                })
-                .collect();
+            let entries: Vec<Entry> = views.iter().map(|(r, t)| r.to_entry(*t)).collect();
             text::encode(&entries, opts.limit)
         }
     }
@@ -224,7 +221,7 @@ fn encode_binary(views: &[View], limit: usize) -> Result<Encoded, FormatError> {
     // load path creates the most valuable first, and timeouts descend
     // within a class (small deltas).
     let total = views.len();
-    let ranked = priority::rank_views_where(views, binary::representable);
+    let (ranked, mark) = priority::rank_and_mark(views, |r| r.representable());
     let n = ranked.len();
     // The common case is that everything fits: then the columns are built
     // without the per-entry prefix lengths the cut search needs (44 bytes of
@@ -235,7 +232,7 @@ fn encode_binary(views: &[View], limit: usize) -> Result<Encoded, FormatError> {
     // The size of a whole-set attempt that did not fit seeds the search.
     let mut too_big_whole: Option<usize> = None;
     if n.saturating_mul(LIKELY_FITS_BYTES) <= limit {
-        let b = binary::encode_segmented(&ranked, binary::default_segments(n), total - n)?;
+        let b = binary::encode_segmented(&ranked, binary::default_segments(n), total - n, mark)?;
         if b.len() <= limit {
             return Ok(Encoded {
                 bytes: b,
@@ -245,7 +242,7 @@ fn encode_binary(views: &[View], limit: usize) -> Result<Encoded, FormatError> {
         }
         too_big_whole = Some(b.len());
     }
-    let mut enc = binary::Encoder::new(&ranked)?;
+    let mut enc = binary::Encoder::new(&ranked, mark)?;
     // First attempt: everything, unless the raw size shows it cannot fit
     // even at a generous compression ratio; then the largest prefix whose
     // raw size could (saves compressing a table that is far too big).

@@ -4,6 +4,7 @@
 //! the load path (it creates the most valuable entries first, so a partial
 //! load still restores what matters). See `docs/state-format.md`, "Priority".
 
+use super::binary::{Rec, View};
 use crate::entry::{proto, status, tcp_state, Entry, ProtoInfo};
 
 /// Entries with at most this many seconds left are "about to expire": by
@@ -155,39 +156,66 @@ fn radix_sort_keys(v: &mut Vec<u64>) {
 /// `views` (entry, seconds left) reordered most valuable first, ties in
 /// input order: the same order [`priority_order`] gives entries whose
 /// timeout field holds the seconds left.
-pub fn rank_views<'a>(views: &[(&'a Entry, u32)]) -> Vec<(&'a Entry, u32)> {
+pub fn rank_views<'a>(views: &[View<'a>]) -> Vec<View<'a>> {
     rank_views_where(views, |_| true)
 }
 
-/// [`rank_views`] of the views whose entry `include` accepts (one pass over
-/// the entries for both: at 100k they are ~20 MB the CPU cache cannot hold).
-pub fn rank_views_where<'a>(
-    views: &[(&'a Entry, u32)],
-    include: impl Fn(&Entry) -> bool,
-) -> Vec<(&'a Entry, u32)> {
+/// [`rank_views`] of the views `include` accepts.
+pub fn rank_views_where<'a>(views: &[View<'a>], include: impl Fn(&Rec) -> bool) -> Vec<View<'a>> {
+    rank_and_mark(views, include).0
+}
+
+/// [`rank_views_where`], and the most common mark of the ranked views
+/// (`binary::default_mark`), found in the same pass: one pass over the
+/// entries in their storage order for both, instead of a second one in
+/// priority order, i.e. at random (at 100k entries the tables are more than
+/// the CPU cache holds, and Save is bound by memory).
+pub(crate) fn rank_and_mark<'a>(
+    views: &[View<'a>],
+    include: impl Fn(&Rec) -> bool,
+) -> (Vec<View<'a>>, u32) {
+    let (mut cand, mut votes) = (0u32, 0usize);
+    let mut vote = |r: &Rec| {
+        let m = r.mark();
+        if votes == 0 {
+            (cand, votes) = (m, 1);
+        } else if m == cand {
+            votes += 1;
+        } else {
+            votes -= 1;
+        }
+    };
     if views.len() >= (1usize << INDEX_BITS) {
         let mut keyed: Vec<(u64, usize)> = views
             .iter()
             .enumerate()
-            .filter(|(_, (e, _))| include(e))
-            .map(|(i, (e, t))| (!value_key_at(e, *t), i))
+            .filter(|(_, (r, _))| include(r))
+            .map(|(i, (r, t))| {
+                vote(r);
+                (!r.value_key_at(*t), i)
+            })
             .collect();
         keyed.sort_unstable();
-        return keyed.into_iter().map(|(_, i)| views[i]).collect();
+        let ranked = keyed.into_iter().map(|(_, i)| views[i]).collect();
+        return (ranked, cand);
     }
-    let inv = |e: &Entry, t: u32| (!value_key_at(e, t)) & ((1u64 << KEY_BITS) - 1);
+    let inv = |r: &Rec, t: u32| (!r.value_key_at(t)) & ((1u64 << KEY_BITS) - 1);
     let mut packed: Vec<u64> = views
         .iter()
         .zip(0u64..)
-        .filter(|((e, _), _)| include(e))
-        .map(|((e, t), i)| (inv(e, *t) << INDEX_BITS) | i)
+        .filter(|((r, _), _)| include(r))
+        .map(|((r, t), i)| {
+            vote(r);
+            (inv(r, *t) << INDEX_BITS) | i
+        })
         .collect();
     radix_sort_keys(&mut packed);
     let mask = (1u64 << INDEX_BITS) - 1;
-    packed
+    let ranked = packed
         .into_iter()
         .map(|p| views[(p & mask) as usize])
-        .collect()
+        .collect();
+    (ranked, cand)
 }
 
 /// Indices of `entries`, most valuable first. Ties keep input order, so the

@@ -23,11 +23,12 @@ pub const DEFAULT_SAVE_DEADLINE_MS: u64 = 2000;
 
 /// Default Load budget: Load creates the most valuable entries for this
 /// long, answers QEMU (the guest resumes) and creates the rest in the
-/// background. Every millisecond of Load is guest downtime. 15 ms, not
-/// 20: QEMU also waits for the blob's transfer over the bus (~5 ms for
-/// 1 MiB), and the Load reply must stay within 25 ms at any size
-/// (docs/benchmarks.md).
-pub const DEFAULT_LOAD_BUDGET_MS: u64 = 15;
+/// background. Every millisecond of Load is guest downtime, 1:1: QEMU
+/// also spends ~10 ms on its own D-Bus round trips and the blob's transfer
+/// at 100k entries, and the whole migration may gain at most 30 ms there
+/// (docs/downtime.md). 5 ms still restores the ~1,000 most valuable
+/// entries of a small VM before it resumes; the rest follow at ~200k/s.
+pub const DEFAULT_LOAD_BUDGET_MS: u64 = 5;
 
 /// How far past its budget a Load may run before QEMU gets its answer
 /// anyway: one create call that hangs (a stuck helper is only cut off after
