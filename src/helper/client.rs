@@ -53,7 +53,8 @@ pub struct HelperClient {
     /// The helper answered SaveState / DeleteSaved with `unknown opcode`
     /// (it predates them): do the work here until the helper is replaced.
     /// Cleared when a kept connection breaks, the sign of a helper restart
-    /// (e.g. the package upgrade that brings the new helper).
+    /// (e.g. the package upgrade that brings the new helper); the request
+    /// that notices still takes the old path, the next one the op.
     old_helper_save: AtomicBool,
     old_helper_delete: AtomicBool,
 }
