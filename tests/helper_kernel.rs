@@ -16,9 +16,12 @@ use std::time::{Duration, Instant};
 use common::compare::{compare, cross_check, Tolerance};
 use common::netns::Netns;
 use common::population::{self, Spec};
-use conntrack_vmstate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport};
+use conntrack_vmstate::access::{
+    AccessError, ConntrackAccess, CreateReport, DeleteReport, DumpSource,
+};
 use conntrack_vmstate::ctnetlink::Ctnetlink;
-use conntrack_vmstate::entry::Selector;
+use conntrack_vmstate::entry::{Selector, Tuple};
+use conntrack_vmstate::format::{self, EncodeOptions, Format};
 use conntrack_vmstate::helper::wire::{self, Request, Response};
 use conntrack_vmstate::helper::HelperClient;
 
@@ -34,6 +37,11 @@ struct Helper {
 impl Helper {
     /// `wrap` is put between `ip netns exec NS` and the helper (e.g. setpriv).
     fn start(ns: &Netns, wrap: &[&str]) -> Helper {
+        Helper::start_with(ns, wrap, &[])
+    }
+
+    /// [`Helper::start`] with extra helper arguments.
+    fn start_with(ns: &Netns, wrap: &[&str], extra: &[&str]) -> Helper {
         let dir = tempfile::Builder::new()
             .prefix(&format!("cvs-hk-{}-", std::process::id()))
             .tempdir()
@@ -52,6 +60,7 @@ impl Helper {
                 .arg(env!("CARGO_BIN_EXE_conntrack-vmstate-helper"));
         }
         let child = cmd
+            .args(extra)
             .args(["--idle-timeout", "0", "--listen"])
             .arg(&path)
             .stdin(Stdio::null())
@@ -330,4 +339,311 @@ fn unprivileged_helper_needs_exactly_ambient_cap_net_admin() {
         );
     }
     assert!(h.path.exists());
+}
+
+fn key_set(es: &[conntrack_vmstate::entry::Entry]) -> std::collections::HashSet<(Tuple, u16)> {
+    es.iter().map(|e| (e.orig, e.zone)).collect()
+}
+
+fn id_set(es: &[conntrack_vmstate::entry::Entry]) -> Vec<u32> {
+    let mut v: Vec<u32> = es
+        .iter()
+        .map(|e| e.id.expect("kernel entry has a CTA_ID"))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+fn sorted(mut v: Vec<u32>) -> Vec<u32> {
+    v.sort_unstable();
+    v
+}
+
+/// SaveState through the real helper: the blob holds exactly the
+/// namespace's entries of the mark, attribute-exact, with the kernel's ids;
+/// the same from the helper's warm cache once the selector is watched; a
+/// small limit truncates within it; bad limits are refused with their
+/// reason and touch nothing.
+#[test]
+fn save_state_through_the_helper_is_attribute_exact_and_bounded() {
+    let ns = Netns::new("hksave");
+    let pop = population::generate(Spec::new(2000, MARK, 34));
+    // Entries carry the event extension whether or not some ctnetlink
+    // listener exists on the host while they are loaded (under the default
+    // 2 that decides it), so the warm cache can vouch for them.
+    ns.run("sysctl", &["-qw", "net.netfilter.nf_conntrack_events=1"]);
+    population::load(&ns.name, &pop);
+    // A warm-up that cannot catch up with its events on a busy machine is
+    // retried at the next refresh: keep that short.
+    let h = Helper::start_with(&ns, &[], &["--cache-refresh-secs", "1"]);
+    let c = h.client();
+    let sel = Selector::mark(MARK);
+
+    let saved = c
+        .save_state(&sel, &EncodeOptions::default())
+        .expect("save via helper");
+    let kernel = direct(&ns).dump(&sel).expect("direct dump");
+    assert_eq!(kernel.len(), pop.vm_count());
+    assert_eq!(saved.source, DumpSource::Kernel);
+    assert_eq!(
+        (saved.encoded.kept, saved.encoded.dropped),
+        (kernel.len(), 0)
+    );
+    assert!(saved.encoded.bytes.len() <= format::QEMU_LIMIT);
+    assert_eq!(sorted(saved.ids.clone()), id_set(&kernel));
+    let decoded = format::decode(&saved.encoded.bytes).expect("decode");
+    assert_eq!(decoded.format, Format::Binary);
+    assert!(!decoded.truncated);
+    let diffs = compare(&kernel, &decoded.entries, Tolerance::exact_status(5));
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+
+    // Served by the helper's warm cache once watched (it warms up in the
+    // background): still exactly the kernel's entries.
+    c.watch(&sel, true).expect("watch");
+    let t0 = Instant::now();
+    let cached = loop {
+        let s = c
+            .save_state(&sel, &EncodeOptions::default())
+            .expect("save via helper");
+        if s.source == DumpSource::Cache {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no Save served from the cache"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Timeouts count down while the cache warms: compare with a fresh look.
+    let kernel = direct(&ns).dump(&sel).expect("direct dump");
+    assert_eq!(kernel.len(), pop.vm_count());
+    assert_eq!(sorted(cached.ids.clone()), id_set(&kernel));
+    let decoded = format::decode(&cached.encoded.bytes).expect("decode");
+    let diffs = compare(&kernel, &decoded.entries, Tolerance::exact_status(5));
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+
+    // The Perl helper's text format, also encoded in the helper.
+    let text = c
+        .save_state(
+            &sel,
+            &EncodeOptions {
+                limit: format::QEMU_LIMIT,
+                format: Format::ConntrackSave,
+            },
+        )
+        .expect("text save via helper");
+    let decoded = format::decode(&text.encoded.bytes).expect("decode text");
+    assert_eq!(decoded.format, Format::ConntrackSave);
+    assert_eq!(text.encoded.kept, kernel.len());
+    assert_eq!(key_set(&decoded.entries), key_set(&kernel));
+
+    // A limit too small for everything: the most valuable prefix, within it.
+    let limit = 4096;
+    let small = c
+        .save_state(
+            &sel,
+            &EncodeOptions {
+                limit,
+                format: Format::Binary,
+            },
+        )
+        .expect("truncated save via helper");
+    let n = small.encoded.kept;
+    assert!(
+        small.encoded.bytes.len() <= limit,
+        "{}",
+        small.encoded.bytes.len()
+    );
+    assert!(n > 0 && n < kernel.len(), "kept {n} of {}", kernel.len());
+    assert_eq!(small.encoded.dropped, kernel.len() - n);
+    // Every dumped entry's id, also of those dropped: the flush deletes them.
+    assert_eq!(sorted(small.ids.clone()), id_set(&kernel));
+    let decoded = format::decode(&small.encoded.bytes).expect("decode");
+    assert!(decoded.truncated);
+    assert_eq!(decoded.dropped, Some((kernel.len() - n) as u64));
+    assert_eq!(decoded.entries.len(), n);
+    let by_key: std::collections::HashMap<_, _> = kernel
+        .iter()
+        .map(|e| ((e.orig, e.zone), e.clone()))
+        .collect();
+    let want: Vec<_> = decoded
+        .entries
+        .iter()
+        .map(|e| {
+            by_key
+                .get(&(e.orig, e.zone))
+                .cloned()
+                .expect("kept entry is the kernel's")
+        })
+        .collect();
+    assert!(compare(&want, &decoded.entries, Tolerance::exact_status(5)).is_empty());
+
+    // Bad limits: refused with the reason, before anything is dumped.
+    let before = ns.conntrack_count();
+    for (limit, want) in [
+        (
+            0u32,
+            "save-state refused: limit 0 is below the smallest valid state (32 bytes)",
+        ),
+        (
+            31,
+            "save-state refused: limit 31 is below the smallest valid state (32 bytes)",
+        ),
+        (
+            wire::MAX_SAVE_LIMIT + 1,
+            "save-state refused: limit 67108865 exceeds the maximum of 67108864 bytes",
+        ),
+    ] {
+        assert_eq!(
+            h.raw(&Request::SaveState(sel, limit, Format::Binary)),
+            Response::Error(want.into())
+        );
+    }
+    assert_eq!(
+        h.raw(&Request::SaveState(Selector::mark(0), 4096, Format::Binary)),
+        Response::Error(
+            "save-state refused: selector mark 0x0/0xffffffff would select unmarked entries; \
+             refused"
+                .into()
+        )
+    );
+    let err = c
+        .save_state(
+            &sel,
+            &EncodeOptions {
+                limit: 0,
+                format: Format::Binary,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "conntrack helper unavailable: helper refused save-state: save-state refused: limit 0 \
+         is below the smallest valid state (32 bytes)"
+    );
+    // The smallest limit gives the smallest valid state: no entry, all dropped.
+    let least = c
+        .save_state(
+            &sel,
+            &EncodeOptions {
+                limit: 32,
+                format: Format::Binary,
+            },
+        )
+        .expect("smallest save");
+    assert_eq!(least.encoded.bytes.len(), 32);
+    assert_eq!(
+        (least.encoded.kept, least.encoded.dropped),
+        (0, kernel.len())
+    );
+    assert_eq!(ns.conntrack_count(), before);
+}
+
+/// DeleteSaved through the real helper deletes exactly the entries of the
+/// mark with the given ids; ids of other marks' entries and unknown ids
+/// count as missing and are left alone.
+#[test]
+fn delete_saved_through_the_helper_deletes_exactly_those_ids() {
+    let ns = Netns::new("hkdelsaved");
+    let pop = population::generate(Spec::new(1500, MARK, 35));
+    population::load(&ns.name, &pop);
+    let h = Helper::start(&ns, &[]);
+    let c = h.client();
+    let sel = Selector::mark(MARK);
+    let saved = c
+        .save_state(&sel, &EncodeOptions::default())
+        .expect("save via helper");
+    assert_eq!(saved.ids.len(), pop.vm_count());
+
+    // An entry of the VM that is not in the saved set (made after the Save).
+    ns.run(
+        "conntrack",
+        &[
+            "-I",
+            "-p",
+            "udp",
+            "-s",
+            "10.77.0.1",
+            "-d",
+            "10.77.0.2",
+            "--sport",
+            "5353",
+            "--dport",
+            "53",
+            "-t",
+            "600",
+            "--mark",
+            &MARK.to_string(),
+        ],
+    );
+    let later = direct(&ns).dump(&sel).expect("dump");
+    assert_eq!(later.len(), pop.vm_count() + 1);
+    let other = pop.noise_marks[0];
+    let victims = direct(&ns)
+        .dump(&Selector::mark(other))
+        .expect("dump noise");
+    assert!(!victims.is_empty());
+    let noise_before = ns.conntrack_count() - later.len();
+
+    let mut ids = saved.ids.clone();
+    // Another VM's ids claimed under our mark, an id nobody has, and a
+    // duplicate: none of them may delete anything.
+    ids.extend(victims.iter().filter_map(|e| e.id));
+    let unknown = (1..u32::MAX)
+        .find(|i| !later.iter().chain(&victims).any(|e| e.id == Some(*i)))
+        .unwrap();
+    ids.push(unknown);
+    ids.push(saved.ids[0]);
+    let r = c.delete_saved(&sel, &ids).expect("delete-saved via helper");
+    assert_eq!(
+        r,
+        DeleteReport {
+            deleted: saved.ids.len() as u64,
+            missing: victims.len() as u64 + 1,
+        }
+    );
+    let left = direct(&ns).dump(&sel).expect("dump");
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        left[0].orig.l4,
+        conntrack_vmstate::entry::L4::Ports { src: 5353, dst: 53 }
+    );
+    assert_eq!(
+        id_set(&direct(&ns).dump(&Selector::mark(other)).expect("dump")),
+        id_set(&victims)
+    );
+    assert_eq!(ns.conntrack_count(), noise_before + 1);
+
+    // Again: everything is gone, so everything is missing.
+    let r = c.delete_saved(&sel, &saved.ids).expect("again");
+    assert_eq!(
+        r,
+        DeleteReport {
+            deleted: 0,
+            missing: saved.ids.len() as u64
+        }
+    );
+    // Refused selector: nothing is deleted.
+    assert_eq!(
+        h.raw(&Request::DeleteSaved(
+            Selector::mark(0),
+            vec![left[0].id.unwrap()]
+        )),
+        Response::Error(
+            "delete-saved refused: selector mark 0x0/0xffffffff would select unmarked entries; \
+             refused"
+                .into()
+        )
+    );
+    assert_eq!(ns.conntrack_count(), noise_before + 1);
 }

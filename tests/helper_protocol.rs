@@ -17,11 +17,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use conntrack_vmstate::access::{
-    AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport, DumpSource,
+    AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport, DumpSource, SavedState,
 };
 use conntrack_vmstate::entry::{proto, status, Entry, ProtoInfo, Selector, SeqAdj, Tuple, L4};
+use conntrack_vmstate::format::{self, EncodeOptions, Encoded, Format};
 use conntrack_vmstate::helper::wire::{self, Request, Response, WireError};
-use conntrack_vmstate::helper::{serve, HelperClient, ServeSummary, ServerConfig};
+use conntrack_vmstate::helper::{serve, server, HelperClient, ServeSummary, ServerConfig};
 use proptest::prelude::*;
 
 // ------------------------------------------------------------------ fixtures
@@ -165,6 +166,7 @@ enum Call {
     DeleteSelected(Selector),
     DeleteEntries(Vec<Entry>),
     Watch(Selector, bool),
+    SaveState(Selector, usize, Format),
 }
 
 /// An in-memory table that records every call; optionally slow or panicking
@@ -175,6 +177,9 @@ struct Table {
     calls: Mutex<Vec<Call>>,
     delay: Mutex<Duration>,
     panic_on_dump: std::sync::atomic::AtomicBool,
+    /// A state save_state returns whatever the limit: an encoder bug, which
+    /// the real encoder cannot be made to have.
+    save_bytes: Mutex<Option<Vec<u8>>>,
 }
 
 impl Table {
@@ -232,6 +237,36 @@ impl ConntrackAccess for Table {
     fn watch(&self, sel: &Selector, on: bool) -> Result<(), AccessError> {
         self.calls.lock().unwrap().push(Call::Watch(*sel, on));
         Ok(())
+    }
+    /// Encodes the selected entries (applying the selector, as ctnetlink
+    /// and the cache do: the helper cannot re-filter an encoded state).
+    fn save_state(&self, sel: &Selector, opts: &EncodeOptions) -> Result<SavedState, AccessError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Call::SaveState(*sel, opts.limit, opts.format));
+        if let Some(bytes) = self.save_bytes.lock().unwrap().clone() {
+            return Ok(SavedState {
+                encoded: Encoded {
+                    bytes,
+                    kept: 0,
+                    dropped: 0,
+                },
+                source: DumpSource::Cache,
+                ids: vec![],
+            });
+        }
+        let mut es = self.entries.lock().unwrap().clone();
+        es.retain(|e| sel.matches(e));
+        let encoded = format::encode(&es, opts).map_err(|source| AccessError::Encode {
+            entries: es.len(),
+            source,
+        })?;
+        Ok(SavedState {
+            encoded,
+            source: DumpSource::Cache,
+            ids: es.iter().filter_map(|e| e.id).collect(),
+        })
     }
     fn delete_entries(&self, entries: &[Entry]) -> Result<DeleteReport, AccessError> {
         self.calls
@@ -355,6 +390,11 @@ fn every_request_round_trips() {
         Request::Watch(sel, true),
         Request::Watch(Selector::mark(7), false),
         Request::DumpSourced(sel),
+        Request::SaveState(sel, 1_048_576, Format::Binary),
+        Request::SaveState(Selector::mark(3), 32, Format::ConntrackSave),
+        Request::SaveState(Selector::mark(3), u32::MAX, Format::Binary),
+        Request::DeleteSaved(sel, vec![1, u32::MAX, 0, 1]),
+        Request::DeleteSaved(Selector::mark(1), vec![]),
     ] {
         let f = wire::encode_request(&req);
         assert_eq!(
@@ -386,6 +426,14 @@ fn every_response_round_trips() {
             deleted: 8,
             missing: 1,
         }),
+        Response::SavedState(
+            DumpSource::Cache,
+            3,
+            u64::MAX,
+            vec![7, 8, u32::MAX],
+            b"CTVS and some bytes".to_vec(),
+        ),
+        Response::SavedState(DumpSource::Kernel, 0, 0, vec![], vec![0]),
     ] {
         let f = wire::encode_response(&resp);
         assert_eq!(wire::decode_response(payload(&f)).unwrap(), resp);
@@ -1161,4 +1209,651 @@ fn client_watches_survive_a_helper_restart_and_keep_it_up() {
     c.watch(&s100, false).unwrap();
     assert_eq!(watch_calls(&fresh), vec![(100, true), (100, false)]);
     assert_eq!(c.watched(), 0);
+}
+
+// ------------------------------------------------ SaveState and DeleteSaved
+
+fn raw_payload(opcode: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![wire::VERSION, opcode];
+    p.extend_from_slice(body);
+    p
+}
+
+fn selector_bytes(mark: u32) -> Vec<u8> {
+    let mut b = mark.to_le_bytes().to_vec();
+    b.extend_from_slice(&u32::MAX.to_le_bytes());
+    b.push(0);
+    b
+}
+
+#[test]
+fn save_state_frames_are_bounded_and_errors_specific() {
+    // Unknown state format.
+    let mut body = selector_bytes(100);
+    body.extend_from_slice(&4096u32.to_le_bytes());
+    body.push(2);
+    assert_eq!(
+        wire::decode_request(&raw_payload(wire::op::SAVE_STATE, &body))
+            .unwrap_err()
+            .to_string(),
+        "invalid state format 2 at offset 15"
+    );
+    // An id count above the ceiling is refused before anything is reserved.
+    let mut body = selector_bytes(100);
+    body.extend_from_slice(&(wire::MAX_SAVED_IDS as u32 + 1).to_le_bytes());
+    assert_eq!(
+        wire::decode_request(&raw_payload(wire::op::DELETE_SAVED, &body))
+            .unwrap_err()
+            .to_string(),
+        format!(
+            "{} ids exceed the limit of {}",
+            wire::MAX_SAVED_IDS + 1,
+            wire::MAX_SAVED_IDS
+        )
+    );
+    // A count the bytes present cannot hold.
+    let mut body = selector_bytes(100);
+    body.extend_from_slice(&1000u32.to_le_bytes());
+    body.extend_from_slice(&[0; 8]);
+    assert_eq!(
+        wire::decode_request(&raw_payload(wire::op::DELETE_SAVED, &body)),
+        Err(WireError::Truncated { at: 15, need: 3992 })
+    );
+    // A reply claiming a state above the ceiling, or more than is there.
+    let reply = |blob_len: u32, present: usize| {
+        let mut body = vec![1u8];
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(&blob_len.to_le_bytes());
+        body.extend(std::iter::repeat_n(7u8, present));
+        wire::decode_response(&raw_payload(wire::op::R_SAVED_STATE, &body))
+    };
+    assert_eq!(
+        reply(wire::MAX_SAVE_LIMIT + 1, 0).unwrap_err().to_string(),
+        "state of 67108865 bytes exceeds the limit of 67108864 bytes"
+    );
+    assert_eq!(
+        reply(100, 10),
+        Err(WireError::Truncated { at: 27, need: 90 })
+    );
+    assert_eq!(
+        reply(10, 10),
+        Ok(Response::SavedState(
+            DumpSource::Cache,
+            1,
+            0,
+            vec![],
+            vec![7; 10]
+        ))
+    );
+    assert_eq!(reply(9, 10), Err(WireError::Trailing(1)));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Any body after the new opcodes decodes or fails; it never panics
+    /// and never allocates from a claimed count.
+    #[test]
+    fn arbitrary_save_frames_never_panic(
+        body in proptest::collection::vec(any::<u8>(), 0..64),
+        which in 0usize..3,
+    ) {
+        let opcode = [wire::op::SAVE_STATE, wire::op::DELETE_SAVED, wire::op::R_SAVED_STATE][which];
+        let p = raw_payload(opcode, &body);
+        let _ = wire::decode_request(&p);
+        let _ = wire::decode_response(&p);
+    }
+
+    #[test]
+    fn saved_state_replies_round_trip(
+        kept in any::<u64>(),
+        dropped in any::<u64>(),
+        ids in proptest::collection::vec(any::<u32>(), 0..200),
+        bytes in proptest::collection::vec(any::<u8>(), 0..300),
+        cache in any::<bool>(),
+    ) {
+        let src = if cache { DumpSource::Cache } else { DumpSource::Kernel };
+        let resp = Response::SavedState(src, kept, dropped, ids.clone(), bytes);
+        let f = wire::encode_response(&resp);
+        prop_assert_eq!(wire::decode_response(payload(&f)).unwrap(), resp);
+        let req = Request::DeleteSaved(Selector::mark(9), ids);
+        let f = wire::encode_request(&req);
+        prop_assert_eq!(wire::decode_request(payload(&f)).unwrap(), req);
+    }
+}
+
+fn vm_entries(mark: u32, n: u16) -> Vec<Entry> {
+    (1..=n)
+        .map(|i| {
+            let mut e = tcp4(mark, i);
+            e.id = Some(mark * 100_000 + u32::from(i));
+            e
+        })
+        .collect()
+}
+
+fn without_ids(mut es: Vec<Entry>) -> Vec<Entry> {
+    for e in &mut es {
+        e.id = None;
+    }
+    es.sort_by_key(|e| e.orig.l4);
+    es
+}
+
+#[test]
+fn save_state_requests_are_validated_before_the_table() {
+    let table = Table::with(vm_entries(100, 3));
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let mut s = srv.raw();
+    let sel = Selector::mark(100);
+    let cases: Vec<(Request, &str)> = vec![
+        (
+            Request::SaveState(sel, 0, Format::Binary),
+            "save-state refused: limit 0 is below the smallest valid state (32 bytes)",
+        ),
+        (
+            Request::SaveState(sel, 31, Format::ConntrackSave),
+            "save-state refused: limit 31 is below the smallest valid state (32 bytes)",
+        ),
+        (
+            Request::SaveState(sel, 64 * 1024 * 1024 + 1, Format::Binary),
+            "save-state refused: limit 67108865 exceeds the maximum of 67108864 bytes",
+        ),
+        (
+            Request::SaveState(sel, u32::MAX, Format::Binary),
+            "save-state refused: limit 4294967295 exceeds the maximum of 67108864 bytes",
+        ),
+        (
+            Request::SaveState(
+                Selector {
+                    mark: 100,
+                    mark_mask: 0,
+                    zone: None,
+                },
+                4096,
+                Format::Binary,
+            ),
+            "save-state refused: selector mark 0x64/0x0 would select unmarked entries; refused",
+        ),
+        (
+            Request::DeleteSaved(Selector::mark(0), vec![10_000_001]),
+            "delete-saved refused: selector mark 0x0/0xffffffff would select unmarked entries; refused",
+        ),
+    ];
+    for (req, want) in cases {
+        assert_eq!(
+            error_text(exchange(&mut s, &wire::encode_request(&req))),
+            want
+        );
+    }
+    assert_eq!(table.calls(), vec![]);
+    // The limits themselves are accepted, on the same connection.
+    for limit in [32, 64 * 1024 * 1024] {
+        match exchange(
+            &mut s,
+            &wire::encode_request(&Request::SaveState(sel, limit, Format::Binary)),
+        ) {
+            Some(Response::SavedState(DumpSource::Cache, kept, dropped, ids, bytes)) => {
+                assert!(bytes.len() <= limit as usize);
+                assert_eq!(kept + dropped, 3);
+                assert_eq!(ids, vec![10_000_001, 10_000_002, 10_000_003]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(table.entries.lock().unwrap().len(), 3);
+}
+
+#[test]
+fn client_save_state_runs_in_the_helper_and_respects_the_limit() {
+    let mut all = vm_entries(100, 60);
+    all.extend(vm_entries(200, 5));
+    let table = Table::with(all);
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let c = HelperClient::new(&srv.path).unwrap();
+    let sel = Selector::mark(100);
+
+    let saved = c.save_state(&sel, &EncodeOptions::default()).unwrap();
+    // One SaveState, no dump: the entries never crossed the socket.
+    assert_eq!(
+        table.calls(),
+        vec![Call::SaveState(sel, format::QEMU_LIMIT, Format::Binary)]
+    );
+    assert_eq!(saved.source, DumpSource::Cache);
+    assert_eq!((saved.encoded.kept, saved.encoded.dropped), (60, 0));
+    assert_eq!(
+        saved.ids,
+        (1..=60).map(|i| 10_000_000 + i).collect::<Vec<u32>>()
+    );
+    let decoded = format::decode(&saved.encoded.bytes).unwrap();
+    assert_eq!(
+        without_ids(decoded.entries),
+        without_ids(vm_entries(100, 60))
+    );
+
+    // A limit that holds only some: kept + dropped is everything, the ids
+    // are everything's (a flush deletes what was dropped too).
+    let opts = EncodeOptions {
+        limit: 200,
+        format: Format::Binary,
+    };
+    let small = c.save_state(&sel, &opts).unwrap();
+    assert!(small.encoded.bytes.len() <= 200);
+    assert!(small.encoded.kept > 0 && small.encoded.kept < 60);
+    assert_eq!(small.encoded.kept + small.encoded.dropped, 60);
+    assert_eq!(small.ids.len(), 60);
+    let decoded = format::decode(&small.encoded.bytes).unwrap();
+    assert_eq!(decoded.entries.len(), small.encoded.kept);
+    assert_eq!(decoded.dropped, Some(small.encoded.dropped as u64));
+
+    // A limit above the op's ceiling is asked for as the ceiling.
+    let huge = EncodeOptions {
+        limit: usize::MAX,
+        format: Format::ConntrackSave,
+    };
+    let text = c.save_state(&sel, &huge).unwrap();
+    assert_eq!(
+        table.calls().last(),
+        Some(&Call::SaveState(
+            sel,
+            wire::MAX_SAVE_LIMIT as usize,
+            Format::ConntrackSave
+        ))
+    );
+    let decoded = format::decode(&text.encoded.bytes).unwrap();
+    assert_eq!(decoded.format, Format::ConntrackSave);
+    assert_eq!(decoded.entries.len(), 60);
+
+    // Below the smallest state: the helper's reason.
+    let err = c
+        .save_state(
+            &sel,
+            &EncodeOptions {
+                limit: 31,
+                format: Format::Binary,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "conntrack helper unavailable: helper refused save-state: save-state refused: limit 31 \
+         is below the smallest valid state (32 bytes)"
+    );
+}
+
+#[test]
+fn helper_never_sends_a_state_above_the_limit() {
+    let table = Table::with(vm_entries(100, 3));
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let mut s = srv.raw();
+    let c = HelperClient::new(&srv.path).unwrap();
+    let sel = Selector::mark(100);
+    for (bytes, want) in [
+        (
+            vec![1u8; 65],
+            "save-state failed: the encoder returned 65 bytes, outside 1..=64",
+        ),
+        (
+            vec![],
+            "save-state failed: the encoder returned 0 bytes, outside 1..=64",
+        ),
+    ] {
+        *table.save_bytes.lock().unwrap() = Some(bytes);
+        assert_eq!(
+            error_text(exchange(
+                &mut s,
+                &wire::encode_request(&Request::SaveState(sel, 64, Format::Binary))
+            )),
+            want
+        );
+        let err = c
+            .save_state(
+                &sel,
+                &EncodeOptions {
+                    limit: 64,
+                    format: Format::Binary,
+                },
+            )
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("conntrack helper unavailable: helper refused save-state: {want}")
+        );
+    }
+    // Exactly at the limit is fine.
+    *table.save_bytes.lock().unwrap() = Some(vec![1u8; 64]);
+    match exchange(
+        &mut s,
+        &wire::encode_request(&Request::SaveState(sel, 64, Format::Binary)),
+    ) {
+        Some(Response::SavedState(_, _, _, _, b)) => assert_eq!(b, vec![1u8; 64]),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn client_delete_saved_is_one_request_and_counts_missing_ids() {
+    let mut all = vm_entries(100, 5);
+    all.extend(vm_entries(200, 2));
+    let table = Table::with(all);
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let c = HelperClient::new(&srv.path).unwrap();
+    let sel = Selector::mark(100);
+    // Two of ours, one twice; one of mark 200 (the table oversharing its
+    // dump must not get it deleted); one nobody has.
+    let ids = [10_000_002, 10_000_004, 10_000_002, 20_000_001, 77];
+    let r = c.delete_saved(&sel, &ids).unwrap();
+    assert_eq!(
+        r,
+        DeleteReport {
+            deleted: 2,
+            missing: 2
+        }
+    );
+    let mut want_deleted = vm_entries(100, 5);
+    want_deleted.retain(|e| matches!(e.id, Some(10_000_002 | 10_000_004)));
+    assert_eq!(
+        table.calls(),
+        vec![Call::Dump(sel), Call::DeleteEntries(want_deleted)]
+    );
+    let left: Vec<Option<u32>> = table.entries.lock().unwrap().iter().map(|e| e.id).collect();
+    assert_eq!(
+        left,
+        [10_000_001, 10_000_003, 10_000_005, 20_000_001, 20_000_002].map(Some)
+    );
+    // Nothing to delete: no request at all.
+    assert_eq!(c.delete_saved(&sel, &[]).unwrap(), DeleteReport::default());
+    assert_eq!(table.calls().len(), 2);
+}
+
+// ------------------------------------- a helper built before SaveState
+
+type Answer = Arc<dyn Fn(&[u8]) -> Response + Send + Sync>;
+
+/// A helper speaking the wire protocol with answers of the test's choosing:
+/// an older helper build (which cannot be produced from this tree) or one
+/// that breaks the protocol. Records every request's opcode.
+struct Fake {
+    path: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<Mutex<Vec<UnixStream>>>,
+    ops: Arc<Mutex<Vec<u8>>>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Fake {
+    fn start(path: &Path, answer: Answer) -> Fake {
+        let _ = std::fs::remove_file(path);
+        let l = UnixListener::bind(path).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let ops = Arc::new(Mutex::new(Vec::new()));
+        let (st, cs, os) = (stop.clone(), conns.clone(), ops.clone());
+        let accept = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            while !st.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(60) {
+                let mut s = match l.accept() {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                s.set_nonblocking(false).unwrap();
+                cs.lock().unwrap().push(s.try_clone().unwrap());
+                let (os, answer) = (os.clone(), answer.clone());
+                std::thread::spawn(move || loop {
+                    let mut len = [0u8; 4];
+                    if s.read_exact(&mut len).is_err() {
+                        return;
+                    }
+                    let mut p = vec![0u8; u32::from_le_bytes(len) as usize];
+                    if s.read_exact(&mut p).is_err() {
+                        return;
+                    }
+                    os.lock().unwrap().push(p.get(1).copied().unwrap_or(0));
+                    if s.write_all(&wire::encode_response(&answer(&p))).is_err() {
+                        return;
+                    }
+                });
+            }
+        });
+        Fake {
+            path: path.to_owned(),
+            stop,
+            conns,
+            ops,
+            accept: Some(accept),
+        }
+    }
+
+    /// Opcodes received so far (and forgets them).
+    fn take_ops(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.ops.lock().unwrap())
+    }
+}
+
+impl Drop for Fake {
+    /// As a helper that exits: the listener goes and open connections are
+    /// closed (between requests).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A helper that runs requests like this build's, except that it does not
+/// know `unknown`: it answers them as a build before them did, with its
+/// decoder's refusal (text pinned here, not taken from the code).
+fn older_helper(table: Arc<Table>, unknown: &'static [u8]) -> Answer {
+    Arc::new(move |p: &[u8]| match p.get(1) {
+        Some(op) if unknown.contains(op) => {
+            Response::Error(format!("malformed request: unknown opcode {op:#04x}"))
+        }
+        _ => server::handle(p, &*table).0,
+    })
+}
+
+fn fake_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!(
+            "cvs-helper-fake-{}-{}-",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ))
+        .tempdir()
+        .unwrap()
+}
+
+#[test]
+fn client_falls_back_when_the_helper_predates_save_state_and_remembers() {
+    use wire::op;
+    let mut all = vm_entries(100, 8);
+    all.extend(vm_entries(200, 3));
+    let table = Table::with(all);
+    let dir = fake_dir();
+    let path = dir.path().join("helper.sock");
+    let old = Fake::start(
+        &path,
+        older_helper(table.clone(), &[op::SAVE_STATE, op::DELETE_SAVED]),
+    );
+    let c = HelperClient::new(&path).unwrap();
+    let sel = Selector::mark(100);
+
+    // First Save: the op is refused, the daemon dumps and encodes itself.
+    let saved = c.save_state(&sel, &EncodeOptions::default()).unwrap();
+    assert_eq!(old.take_ops(), vec![op::SAVE_STATE, op::DUMP_SOURCED]);
+    assert_eq!(saved.source, DumpSource::Kernel);
+    assert_eq!((saved.encoded.kept, saved.encoded.dropped), (8, 0));
+    assert_eq!(
+        saved.ids,
+        (1..=8).map(|i| 10_000_000 + i).collect::<Vec<u32>>()
+    );
+    let decoded = format::decode(&saved.encoded.bytes).unwrap();
+    assert_eq!(
+        without_ids(decoded.entries),
+        without_ids(vm_entries(100, 8))
+    );
+    // Remembered: later Saves do not ask again.
+    let again = c.save_state(&sel, &EncodeOptions::default()).unwrap();
+    assert_eq!(old.take_ops(), vec![op::DUMP_SOURCED]);
+    assert_eq!(again.ids, saved.ids);
+    // The table's own save_state never ran: the old helper has none.
+    assert!(!table
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::SaveState(..))));
+
+    // Flush the same way: dump into the daemon, delete by entries.
+    let ids = [10_000_001, 10_000_008, 20_000_001, 5];
+    let r = c.delete_saved(&sel, &ids).unwrap();
+    assert_eq!(
+        r,
+        DeleteReport {
+            deleted: 2,
+            missing: 2
+        }
+    );
+    assert_eq!(
+        old.take_ops(),
+        vec![op::DELETE_SAVED, op::DUMP, op::DELETE_ENTRIES]
+    );
+    let r = c.delete_saved(&sel, &ids).unwrap();
+    assert_eq!(
+        r,
+        DeleteReport {
+            deleted: 0,
+            missing: 4
+        }
+    );
+    assert_eq!(old.take_ops(), vec![op::DUMP]);
+    assert_eq!(table.entries.lock().unwrap().len(), 9);
+
+    // The helper is upgraded (it restarts): the client's next request
+    // finds its kept connection closed, and from then on it uses the ops.
+    drop(old);
+    let new = Fake::start(&path, older_helper(table.clone(), &[]));
+    let first = c.save_state(&sel, &EncodeOptions::default()).unwrap();
+    assert_eq!(new.take_ops(), vec![op::DUMP_SOURCED]);
+    assert_eq!(first.ids.len(), 6);
+    let up = c.save_state(&sel, &EncodeOptions::default()).unwrap();
+    assert_eq!(new.take_ops(), vec![op::SAVE_STATE]);
+    assert_eq!(up.source, DumpSource::Cache);
+    assert_eq!(up.ids.len(), 6);
+    let r = c.delete_saved(&sel, &[10_000_002]).unwrap();
+    assert_eq!(
+        r,
+        DeleteReport {
+            deleted: 1,
+            missing: 0
+        }
+    );
+    assert_eq!(new.take_ops(), vec![op::DELETE_SAVED]);
+}
+
+#[test]
+fn client_falls_back_to_a_plain_dump_with_an_even_older_helper() {
+    use wire::op;
+    let table = Table::with(vm_entries(100, 4));
+    let dir = fake_dir();
+    let path = dir.path().join("helper.sock");
+    let old = Fake::start(
+        &path,
+        older_helper(
+            table.clone(),
+            &[op::DUMP_SOURCED, op::SAVE_STATE, op::DELETE_SAVED],
+        ),
+    );
+    let c = HelperClient::new(&path).unwrap();
+    let saved = c
+        .save_state(&Selector::mark(100), &EncodeOptions::default())
+        .unwrap();
+    assert_eq!(
+        old.take_ops(),
+        vec![op::SAVE_STATE, op::DUMP_SOURCED, op::DUMP]
+    );
+    assert_eq!(saved.source, DumpSource::Kernel);
+    assert_eq!(saved.encoded.kept, 4);
+    let decoded = format::decode(&saved.encoded.bytes).unwrap();
+    assert_eq!(
+        without_ids(decoded.entries),
+        without_ids(vm_entries(100, 4))
+    );
+}
+
+#[test]
+fn client_rejects_a_helper_that_breaks_the_save_contract() {
+    let dir = fake_dir();
+    let path = dir.path().join("helper.sock");
+    let limit = format::QEMU_LIMIT;
+    let cases: Vec<(Response, String)> = vec![
+        (
+            Response::SavedState(DumpSource::Cache, 1, 0, vec![1], vec![1; limit + 1]),
+            "state of 1048577 bytes, outside 1..=1048576".into(),
+        ),
+        (
+            Response::SavedState(DumpSource::Cache, 1, 0, vec![1], vec![]),
+            "state of 0 bytes, outside 1..=1048576".into(),
+        ),
+        (
+            Response::SavedState(DumpSource::Kernel, 1, 1, vec![1, 2, 3], vec![1; 40]),
+            "3 ids for 1 kept + 1 dropped entries".into(),
+        ),
+        (
+            Response::SavedState(DumpSource::Kernel, u64::MAX, 1, vec![], vec![1; 40]),
+            "kept 18446744073709551615 + dropped 1 overflows".into(),
+        ),
+    ];
+    for (resp, detail) in cases {
+        let fake = Fake::start(&path, Arc::new(move |_: &[u8]| resp.clone()));
+        let c = HelperClient::new(&path).unwrap();
+        let err = c
+            .save_state(&Selector::mark(100), &EncodeOptions::default())
+            .unwrap_err();
+        assert!(matches!(err, AccessError::Helper(_)));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "conntrack helper unavailable: save-state: bad reply from the helper: {detail}"
+            )
+        );
+        assert_eq!(fake.take_ops(), vec![wire::op::SAVE_STATE]);
+    }
+    // The wrong kind of reply.
+    let _fake = Fake::start(&path, Arc::new(|_: &[u8]| Response::Entries(vec![])));
+    let c = HelperClient::new(&path).unwrap();
+    assert_eq!(
+        c.save_state(&Selector::mark(100), &EncodeOptions::default())
+            .unwrap_err()
+            .to_string(),
+        "conntrack helper unavailable: save-state: unexpected entries reply from the helper"
+    );
+    // A delete report that does not account for every id.
+    drop(_fake);
+    let _fake = Fake::start(
+        &path,
+        Arc::new(|_: &[u8]| {
+            Response::DeleteReport(DeleteReport {
+                deleted: 5,
+                missing: 0,
+            })
+        }),
+    );
+    let c = HelperClient::new(&path).unwrap();
+    assert_eq!(
+        c.delete_saved(&Selector::mark(100), &[1, 2])
+            .unwrap_err()
+            .to_string(),
+        "conntrack helper unavailable: delete-saved: bad reply from the helper: 5 deleted + 0 \
+         missing for 2 ids"
+    );
 }

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use super::wire::{self, op, Request, Response};
 use crate::access::{
-    AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport, DumpSource,
+    AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport, DumpSource, SavedState,
 };
 use crate::entry::{Entry, Selector};
+use crate::format::{EncodeOptions, Encoded};
 
 /// Default bound of one request, connect to reply. Below the daemon's Save
 /// deadline, so a hung helper turns into an error the daemon can still
@@ -28,6 +29,9 @@ const CHUNK: usize = 16_384;
 
 /// Idle connections kept for reuse; more concurrent callers connect anew.
 const POOL: usize = 8;
+
+/// Ids per DeleteSaved request (4 MiB), well under [`wire::MAX_REQUEST`].
+const IDS_CHUNK: usize = 1 << 20;
 
 /// errno reported for entries the helper would refuse before asking the
 /// kernel (mark 0 entries: see [`super::server::validate_selector`]).
@@ -46,6 +50,13 @@ pub struct HelperClient {
     timeout: Duration,
     pool: Mutex<Vec<UnixStream>>,
     watches: Arc<WatchState>,
+    /// The helper answered SaveState / DeleteSaved with `unknown opcode`
+    /// (it predates them): do the work here until the helper is replaced.
+    /// Cleared when a kept connection breaks, the sign of a helper restart
+    /// (e.g. the package upgrade that brings the new helper); the request
+    /// that notices still takes the old path, the next one the op.
+    old_helper_save: AtomicBool,
+    old_helper_delete: AtomicBool,
 }
 
 /// The watches the daemon asked for and the one connection that holds them
@@ -96,6 +107,8 @@ impl HelperClient {
             path: socket.to_owned(),
             timeout,
             pool: Mutex::new(Vec::new()),
+            old_helper_save: AtomicBool::new(false),
+            old_helper_delete: AtomicBool::new(false),
             watches: Arc::new(WatchState {
                 path: socket.to_owned(),
                 timeout,
@@ -178,7 +191,10 @@ impl HelperClient {
             match self.attempt(op, s, frame, deadline) {
                 Ok(r) => return Ok(r),
                 Err(Fail::BeforeReply(e)) => {
-                    tracing::debug!("{op}: reused helper connection failed ({e}); reconnecting")
+                    tracing::debug!("{op}: reused helper connection failed ({e}); reconnecting");
+                    // Possibly a new helper: it may know the newer ops.
+                    self.old_helper_save.store(false, Ordering::Relaxed);
+                    self.old_helper_delete.store(false, Ordering::Relaxed);
                 }
                 Err(Fail::Other(e)) => return Err(e),
             }
@@ -490,8 +506,129 @@ fn unexpected(op: &'static str, r: &Response) -> AccessError {
         Response::DeleteReport(_) => "delete report",
         Response::Watching(_) => "watch count",
         Response::SourcedEntries(..) => "entries",
+        Response::SavedState(..) => "saved state",
     };
     AccessError::Helper(format!("{op}: unexpected {kind} reply from the helper"))
+}
+
+/// Whether `m` is the error an older helper gives for the request `opcode`
+/// it does not know (its decoder's `unknown opcode` refusal).
+fn unknown_op(m: &str, opcode: u8) -> bool {
+    m.ends_with(&wire::WireError::Opcode(opcode).to_string())
+}
+
+/// The trait's own save_state/delete_saved over this client's plain
+/// requests: dump (the client checks the selector), encode or delete here.
+/// What a helper that predates SaveState/DeleteSaved needs.
+struct Plain<'a>(&'a HelperClient);
+
+impl ConntrackAccess for Plain<'_> {
+    fn dump(&self, sel: &Selector) -> Result<Vec<Entry>, AccessError> {
+        self.0.dump(sel)
+    }
+    fn dump_sourced(&self, sel: &Selector) -> Result<(Vec<Entry>, DumpSource), AccessError> {
+        self.0.dump_sourced(sel)
+    }
+    fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
+        self.0.create(entries)
+    }
+    fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError> {
+        self.0.delete_selected(sel)
+    }
+    fn delete_entries(&self, entries: &[Entry]) -> Result<DeleteReport, AccessError> {
+        self.0.delete_entries(entries)
+    }
+}
+
+impl HelperClient {
+    /// SaveState; `None` when the helper does not know the op.
+    fn save_state_op(
+        &self,
+        sel: &Selector,
+        opts: &EncodeOptions,
+    ) -> Result<Option<SavedState>, AccessError> {
+        // Above the op's ceiling, asking for the ceiling still keeps the
+        // state within the caller's limit; below the floor the helper
+        // refuses with its reason.
+        let limit = u32::try_from(opts.limit)
+            .unwrap_or(u32::MAX)
+            .min(wire::MAX_SAVE_LIMIT);
+        let frame = wire::encode_request(&Request::SaveState(*sel, limit, opts.format));
+        let (source, kept, dropped, ids, bytes) = match self.call("save-state", &frame)? {
+            Response::SavedState(source, kept, dropped, ids, bytes) => {
+                (source, kept, dropped, ids, bytes)
+            }
+            Response::Error(m) if unknown_op(&m, op::SAVE_STATE) => return Ok(None),
+            Response::Error(m) => return Err(refused("save-state", m)),
+            r => return Err(unexpected("save-state", &r)),
+        };
+        let bad = |detail: String| self.protocol("save-state", &detail);
+        if bytes.is_empty() || bytes.len() > limit as usize {
+            return Err(bad(format!(
+                "state of {} bytes, outside 1..={limit}",
+                bytes.len()
+            )));
+        }
+        // Every dumped entry is kept or dropped, and has at most one id.
+        let total = kept
+            .checked_add(dropped)
+            .ok_or_else(|| bad(format!("kept {kept} + dropped {dropped} overflows")))?;
+        if (ids.len() as u64) > total {
+            return Err(bad(format!(
+                "{} ids for {kept} kept + {dropped} dropped entries",
+                ids.len()
+            )));
+        }
+        let (Ok(kept), Ok(dropped)) = (usize::try_from(kept), usize::try_from(dropped)) else {
+            return Err(bad(format!("kept {kept} / dropped {dropped} out of range")));
+        };
+        Ok(Some(SavedState {
+            encoded: Encoded {
+                bytes,
+                kept,
+                dropped,
+            },
+            source,
+            ids,
+        }))
+    }
+
+    /// DeleteSaved of already de-duplicated ids; `None` when the helper
+    /// does not know the op (then nothing was deleted).
+    fn delete_saved_op(
+        &self,
+        sel: &Selector,
+        ids: &[u32],
+    ) -> Result<Option<DeleteReport>, AccessError> {
+        let mut report = DeleteReport::default();
+        for (i, chunk) in ids.chunks(IDS_CHUNK).enumerate() {
+            let frame = wire::encode_delete_saved(sel, chunk);
+            match self.call("delete-saved", &frame)? {
+                Response::DeleteReport(r) => {
+                    // Each id is either deleted or missing, exactly once.
+                    if r.deleted.checked_add(r.missing) != Some(chunk.len() as u64) {
+                        return Err(self.protocol(
+                            "delete-saved",
+                            &format!(
+                                "{} deleted + {} missing for {} ids",
+                                r.deleted,
+                                r.missing,
+                                chunk.len()
+                            ),
+                        ));
+                    }
+                    report.deleted += r.deleted;
+                    report.missing += r.missing;
+                }
+                Response::Error(m) if i == 0 && unknown_op(&m, op::DELETE_SAVED) => {
+                    return Ok(None)
+                }
+                Response::Error(m) => return Err(refused("delete-saved", m)),
+                r => return Err(unexpected("delete-saved", &r)),
+            }
+        }
+        Ok(Some(report))
+    }
 }
 
 /// Entries grouped by mark, in first-seen order within each group, so every
@@ -542,6 +679,42 @@ impl ConntrackAccess for HelperClient {
             Response::Error(m) => Err(refused("dump", m)),
             r => Err(unexpected("dump", &r)),
         }
+    }
+
+    /// The helper dumps and encodes (from its warm cache when it has one),
+    /// so only the state and the ids cross the socket, not every entry.
+    /// A helper that predates the op (daemon upgraded first) gets the
+    /// trait's default path: DumpSourced, then encoding here.
+    fn save_state(&self, sel: &Selector, opts: &EncodeOptions) -> Result<SavedState, AccessError> {
+        if !self.old_helper_save.load(Ordering::Relaxed) {
+            if let Some(saved) = self.save_state_op(sel, opts)? {
+                return Ok(saved);
+            }
+            self.old_helper_save.store(true, Ordering::Relaxed);
+            tracing::info!("the helper predates SaveState; Saves dump and encode in the daemon");
+        }
+        Plain(self).save_state(sel, opts)
+    }
+
+    /// One DeleteSaved request per million ids instead of shipping every
+    /// entry of the selector to the daemon and back; the trait's default
+    /// with a helper that predates the op.
+    fn delete_saved(&self, sel: &Selector, ids: &[u32]) -> Result<DeleteReport, AccessError> {
+        if !self.old_helper_delete.load(Ordering::Relaxed) {
+            // Duplicates count once, as in the trait's default.
+            let mut uniq = ids.to_vec();
+            uniq.sort_unstable();
+            uniq.dedup();
+            if uniq.is_empty() {
+                return Ok(DeleteReport::default());
+            }
+            if let Some(r) = self.delete_saved_op(sel, &uniq)? {
+                return Ok(r);
+            }
+            self.old_helper_delete.store(true, Ordering::Relaxed);
+            tracing::info!("the helper predates DeleteSaved; flushes dump into the daemon");
+        }
+        Plain(self).delete_saved(sel, ids)
     }
 
     /// Watches live in the helper as long as one dedicated connection stays

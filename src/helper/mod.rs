@@ -9,8 +9,10 @@
 //! * frames `u32 length (LE) | u8 version (1) | u8 opcode | body`;
 //! * requests Dump(selector), Create(selector, entries),
 //!   DeleteSelected(selector), DeleteEntries(selector, entries),
-//!   Watch(selector, on) and DumpSourced(selector); one reply per request,
-//!   in order. Watched selectors are kept warm by the helper's
+//!   Watch(selector, on), DumpSourced(selector), SaveState(selector, limit,
+//!   format) and DeleteSaved(selector, ids); one reply per request, in
+//!   order. SaveState runs Save's dump and encode in the helper, so only the
+//!   encoded state and the entries' ids cross the socket. Watched selectors are kept warm by the helper's
 //!   [`crate::cache::CachedAccess`] while the watching connection is open;
 //!   the client re-sends them after a helper restart;
 //! * the helper validates every request before the kernel sees it: size and

@@ -14,10 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::wire::{self, Request, Response};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use crate::access::{AccessError, ConntrackAccess, DeleteReport};
+use crate::access::{AccessError, ConntrackAccess, DeleteReport, SavedState};
 use crate::entry::{Entry, Selector, Tuple};
+use crate::format::{EncodeOptions, Encoded, Format};
 
 /// Tunables of [`serve`].
 #[derive(Debug, Clone)]
@@ -101,9 +102,14 @@ pub fn validate(req: &Request) -> Result<(), String> {
         | Request::Watch(s, _)
         | Request::DeleteSelected(s)
         | Request::Create(s, _)
-        | Request::DeleteEntries(s, _) => s,
+        | Request::DeleteEntries(s, _)
+        | Request::SaveState(s, ..)
+        | Request::DeleteSaved(s, _) => s,
     };
     validate_selector(sel)?;
+    if let Request::SaveState(_, limit, _) = req {
+        validate_save_limit(*limit)?;
+    }
     if let Request::Create(s, entries) | Request::DeleteEntries(s, entries) = req {
         for (i, e) in entries.iter().enumerate() {
             if !s.matches(e) {
@@ -141,6 +147,25 @@ pub fn validate_selector(s: &Selector) -> Result<(), String> {
     Ok(())
 }
 
+/// The byte limit of a SaveState: at least the smallest valid state, at
+/// most [`wire::MAX_SAVE_LIMIT`] (one request must not make the helper
+/// build an arbitrarily large blob).
+pub fn validate_save_limit(limit: u32) -> Result<(), String> {
+    if limit < wire::MIN_SAVE_LIMIT {
+        return Err(format!(
+            "limit {limit} is below the smallest valid state ({} bytes)",
+            wire::MIN_SAVE_LIMIT
+        ));
+    }
+    if limit > wire::MAX_SAVE_LIMIT {
+        return Err(format!(
+            "limit {limit} exceeds the maximum of {} bytes",
+            wire::MAX_SAVE_LIMIT
+        ));
+    }
+    Ok(())
+}
+
 /// Runs one validated request.
 fn execute(req: &Request, access: &dyn ConntrackAccess) -> Response {
     let r = match req {
@@ -156,12 +181,62 @@ fn execute(req: &Request, access: &dyn ConntrackAccess) -> Response {
             es.retain(|e| s.matches(e));
             Response::SourcedEntries(src, es)
         }),
+        Request::SaveState(s, limit, format) => save_state(access, s, *limit, *format),
+        Request::DeleteSaved(s, ids) => {
+            delete_saved_owned(access, s, ids).map(Response::DeleteReport)
+        }
         // Watches belong to a connection; only `connection` can run them.
         Request::Watch(..) => Ok(Response::Error(
             "watch refused: watches need a connection".into(),
         )),
     };
     r.unwrap_or_else(|e| Response::Error(e.to_string()))
+}
+
+/// Save's whole job in the helper. The blob is opaque here, so unlike a
+/// Dump it cannot be re-filtered: the selector is applied by the access
+/// (ctnetlink filters every dump by it, the cache keeps one table per
+/// selector). Its size is checked again, since whatever the encoder did,
+/// the daemon must never be handed more than it asked for.
+fn save_state(
+    access: &dyn ConntrackAccess,
+    sel: &Selector,
+    limit: u32,
+    format: Format,
+) -> Result<Response, AccessError> {
+    let opts = EncodeOptions {
+        limit: limit as usize,
+        format,
+    };
+    let SavedState {
+        encoded: Encoded {
+            bytes,
+            kept,
+            dropped,
+        },
+        source,
+        ids,
+    } = access.save_state(sel, &opts)?;
+    if bytes.is_empty() || bytes.len() > opts.limit {
+        return Ok(Response::Error(format!(
+            "save-state failed: the encoder returned {} bytes, outside 1..={limit}",
+            bytes.len()
+        )));
+    }
+    if ids.len() > wire::MAX_SAVED_IDS {
+        return Ok(Response::Error(format!(
+            "save-state failed: {} entries exceed the limit of {} ids per reply",
+            ids.len(),
+            wire::MAX_SAVED_IDS
+        )));
+    }
+    Ok(Response::SavedState(
+        source,
+        kept as u64,
+        dropped as u64,
+        ids,
+        bytes,
+    ))
 }
 
 /// Deletes those of `requested` that the kernel itself files under `sel`.
@@ -194,6 +269,26 @@ fn delete_owned(
     let not_owned = (requested.len() - targets.len()) as u64;
     let mut report = access.delete_entries(&targets)?;
     report.missing += not_owned;
+    Ok(report)
+}
+
+/// `ConntrackAccess::delete_saved`, with the selector checked again on what
+/// the access dumped (as for [`delete_owned`]): an id of another mark's
+/// entry only ever counts as missing, whatever the dump returned.
+fn delete_saved_owned(
+    access: &dyn ConntrackAccess,
+    sel: &Selector,
+    ids: &[u32],
+) -> Result<DeleteReport, AccessError> {
+    let wanted: HashSet<u32> = ids.iter().copied().collect();
+    let mut targets = access.dump(sel)?;
+    targets.retain(|e| sel.matches(e) && e.id.is_some_and(|id| wanted.contains(&id)));
+    let mut report = if targets.is_empty() {
+        DeleteReport::default()
+    } else {
+        access.delete_entries(&targets)?
+    };
+    report.missing += (wanted.len() as u64).saturating_sub(targets.len() as u64);
     Ok(report)
 }
 

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::access::{CreateReport, DeleteReport, DumpSource};
 use crate::entry::{Entry, ProtoInfo, Selector, SeqAdj, Tuple, L4};
+use crate::format::Format;
 
 /// Protocol version carried in every frame. A peer speaking another version
 /// gets an error reply naming both.
@@ -29,6 +30,20 @@ pub const MAX_ENTRIES: usize = 65_536;
 /// `NF_CT_HELPER_NAME_LEN` minus the terminating NUL.
 pub const MAX_HELPER_NAME: usize = 15;
 
+/// Smallest byte limit a SaveState may ask for: the smallest valid state
+/// (a binary header without entries).
+pub const MIN_SAVE_LIMIT: u32 = crate::format::binary::HEADER_LEN as u32;
+
+/// Largest byte limit a SaveState may ask for, and so the largest state a
+/// SavedState reply may carry. QEMU takes 1 MiB; the rest is headroom for
+/// other callers without letting one request build an unbounded blob.
+pub const MAX_SAVE_LIMIT: u32 = 64 << 20;
+
+/// Most ids a SavedState reply or DeleteSaved request may carry: as many
+/// as entries a largest Dump reply could (every dumped entry has one id).
+/// Per-request [`MAX_ENTRIES`] would be too few: one VM may have more.
+pub const MAX_SAVED_IDS: usize = MAX_RESPONSE / MIN_ENTRY;
+
 /// Request opcodes.
 pub mod op {
     pub const DUMP: u8 = 1;
@@ -40,6 +55,12 @@ pub mod op {
     /// (watch) or retries as a plain Dump (dump-sourced).
     pub const WATCH: u8 = 5;
     pub const DUMP_SOURCED: u8 = 6;
+    /// Added in protocol 1 as well: Save's whole job in the helper, so only
+    /// the encoded state and the ids cross the socket, and the flush by
+    /// those ids. A helper that predates them answers `unknown opcode`; the
+    /// client then dumps and encodes (deletes) itself.
+    pub const SAVE_STATE: u8 = 7;
+    pub const DELETE_SAVED: u8 = 8;
     /// Replies have the high bit set.
     pub const R_ERROR: u8 = 0x80;
     pub const R_ENTRIES: u8 = 0x81;
@@ -48,6 +69,7 @@ pub mod op {
     pub const R_DELETE_REPORT: u8 = 0x84;
     pub const R_WATCHING: u8 = 0x85;
     pub const R_SOURCED_ENTRIES: u8 = 0x86;
+    pub const R_SAVED_STATE: u8 = 0x87;
 }
 
 /// A request from the daemon. Create and DeleteEntries name the selector
@@ -64,6 +86,12 @@ pub enum Request {
     Watch(Selector, bool),
     /// Dump, and say whether the cache or the kernel answered.
     DumpSourced(Selector),
+    /// The selected entries encoded in `format` within `limit` bytes
+    /// (`ConntrackAccess::save_state`).
+    SaveState(Selector, u32, Format),
+    /// Delete the selected entries whose CTA_ID is one of these
+    /// (`ConntrackAccess::delete_saved`); answered with a DeleteReport.
+    DeleteSaved(Selector, Vec<u32>),
 }
 
 impl Request {
@@ -75,6 +103,8 @@ impl Request {
             Request::DeleteEntries(..) => "delete-entries",
             Request::Watch(..) => "watch",
             Request::DumpSourced(_) => "dump",
+            Request::SaveState(..) => "save-state",
+            Request::DeleteSaved(..) => "delete-saved",
         }
     }
 }
@@ -90,6 +120,9 @@ pub enum Response {
     /// Selectors this connection watches after a Watch request.
     Watching(u32),
     SourcedEntries(DumpSource, Vec<Entry>),
+    /// Answer to SaveState: source, kept, dropped, the CTA_ID of every
+    /// entry dumped (kept or dropped), and the encoded state.
+    SavedState(DumpSource, u64, u64, Vec<u32>, Vec<u8>),
 }
 
 /// Why a frame could not be decoded. The text goes back to the peer.
@@ -113,6 +146,10 @@ pub enum WireError {
     Trailing(usize),
     #[error("helper name is not UTF-8")]
     HelperName,
+    #[error("{count} ids exceed the limit of {MAX_SAVED_IDS}")]
+    TooManyIds { count: u64 },
+    #[error("state of {len} bytes exceeds the limit of {MAX_SAVE_LIMIT} bytes")]
+    StateTooLarge { len: u64 },
 }
 
 // ---------------------------------------------------------------- encoding
@@ -295,9 +332,37 @@ fn put_entries<'e>(w: &mut W, entries: impl ExactSizeIterator<Item = &'e Entry>)
     }
 }
 
+fn put_ids(w: &mut W, ids: &[u32]) {
+    w.u32(u32::try_from(ids.len()).unwrap_or(u32::MAX));
+    w.0.reserve(ids.len() * 4);
+    for &id in ids {
+        w.u32(id);
+    }
+}
+
+fn format_code(f: Format) -> u8 {
+    match f {
+        Format::Binary => 0,
+        Format::ConntrackSave => 1,
+    }
+}
+
+fn source_code(s: DumpSource) -> u8 {
+    match s {
+        DumpSource::Kernel => 0,
+        DumpSource::Cache => 1,
+    }
+}
+
 fn frame(opcode: u8, body: impl FnOnce(&mut W)) -> Vec<u8> {
+    frame_sized(opcode, 64, body)
+}
+
+/// [`frame`] with room for `size` bytes from the start, so a large body is
+/// not copied again while the frame grows.
+fn frame_sized(opcode: u8, size: usize, body: impl FnOnce(&mut W)) -> Vec<u8> {
     // Length prefix is patched in at the end.
-    let mut w = W(Vec::with_capacity(64));
+    let mut w = W(Vec::with_capacity(size));
     w.u32(0);
     w.u8(VERSION);
     w.u8(opcode);
@@ -319,7 +384,21 @@ pub fn encode_request(r: &Request) -> Vec<u8> {
             w.u8(u8::from(*on));
         }),
         Request::DumpSourced(s) => frame(op::DUMP_SOURCED, |w| put_selector(w, s)),
+        Request::SaveState(s, limit, format) => frame(op::SAVE_STATE, |w| {
+            put_selector(w, s);
+            w.u32(*limit);
+            w.u8(format_code(*format));
+        }),
+        Request::DeleteSaved(s, ids) => encode_delete_saved(s, ids),
     }
+}
+
+/// The frame of a DeleteSaved request over borrowed ids.
+pub fn encode_delete_saved(sel: &Selector, ids: &[u32]) -> Vec<u8> {
+    frame_sized(op::DELETE_SAVED, 32 + ids.len() * 4, |w| {
+        put_selector(w, sel);
+        put_ids(w, ids);
+    })
 }
 
 /// The frame of a Create or DeleteEntries request over borrowed entries, so
@@ -365,12 +444,19 @@ pub fn encode_response(r: &Response) -> Vec<u8> {
         }),
         Response::Watching(n) => frame(op::R_WATCHING, |w| w.u32(*n)),
         Response::SourcedEntries(src, es) => frame(op::R_SOURCED_ENTRIES, |w| {
-            w.u8(match src {
-                DumpSource::Kernel => 0,
-                DumpSource::Cache => 1,
-            });
+            w.u8(source_code(*src));
             put_entries(w, es.iter())
         }),
+        Response::SavedState(src, kept, dropped, ids, bytes) => {
+            frame_sized(op::R_SAVED_STATE, 32 + ids.len() * 4 + bytes.len(), |w| {
+                w.u8(source_code(*src));
+                w.u64(*kept);
+                w.u64(*dropped);
+                put_ids(w, ids);
+                w.u32(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
+                w.bytes(bytes);
+            })
+        }
     }
 }
 
@@ -612,6 +698,28 @@ fn get_entries(r: &mut R, limit: usize) -> Result<Vec<Entry>, WireError> {
     Ok(v)
 }
 
+fn get_ids(r: &mut R) -> Result<Vec<u32>, WireError> {
+    let count = r.u32()? as usize;
+    if count > MAX_SAVED_IDS {
+        return Err(WireError::TooManyIds {
+            count: count as u64,
+        });
+    }
+    // Never reserve more than the remaining bytes can hold.
+    let b = r.take(count * 4)?;
+    Ok(b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+fn get_source(r: &mut R) -> Result<DumpSource, WireError> {
+    match r.u8()? {
+        0 => Ok(DumpSource::Kernel),
+        1 => Ok(DumpSource::Cache),
+        v => Err(r.invalid("dump source", v.into())),
+    }
+}
+
 fn header(r: &mut R) -> Result<u8, WireError> {
     let version = r.u8()?;
     if version != VERSION {
@@ -640,6 +748,20 @@ pub fn decode_request(payload: &[u8]) -> Result<Request, WireError> {
             Request::Watch(s, r.flag("watch flag")?)
         }
         op::DUMP_SOURCED => Request::DumpSourced(get_selector(&mut r)?),
+        op::SAVE_STATE => {
+            let s = get_selector(&mut r)?;
+            let limit = r.u32()?;
+            let format = match r.u8()? {
+                0 => Format::Binary,
+                1 => Format::ConntrackSave,
+                v => return Err(r.invalid("state format", v.into())),
+            };
+            Request::SaveState(s, limit, format)
+        }
+        op::DELETE_SAVED => {
+            let s = get_selector(&mut r)?;
+            Request::DeleteSaved(s, get_ids(&mut r)?)
+        }
         other => return Err(WireError::Opcode(other)),
     };
     r.end()?;
@@ -679,12 +801,20 @@ pub fn decode_response(payload: &[u8]) -> Result<Response, WireError> {
         }),
         op::R_WATCHING => Response::Watching(r.u32()?),
         op::R_SOURCED_ENTRIES => {
-            let src = match r.u8()? {
-                0 => DumpSource::Kernel,
-                1 => DumpSource::Cache,
-                v => return Err(r.invalid("dump source", v.into())),
-            };
+            let src = get_source(&mut r)?;
             Response::SourcedEntries(src, get_entries(&mut r, usize::MAX)?)
+        }
+        op::R_SAVED_STATE => {
+            let src = get_source(&mut r)?;
+            let kept = r.u64()?;
+            let dropped = r.u64()?;
+            let ids = get_ids(&mut r)?;
+            let len = r.u32()?;
+            if len > MAX_SAVE_LIMIT {
+                return Err(WireError::StateTooLarge { len: len.into() });
+            }
+            let bytes = r.take(len as usize)?.to_vec();
+            Response::SavedState(src, kept, dropped, ids, bytes)
         }
         other => return Err(WireError::Opcode(other)),
     };
