@@ -21,7 +21,7 @@ fn expected(mut v: Vec<Entry>) -> Vec<Entry> {
 fn ranked(v: &[Entry]) -> Vec<format::View<'_>> {
     let views: Vec<format::View> = v
         .iter()
-        .map(|e| (format::Rec::Full(e), e.timeout))
+        .map(|e| format::View::new(format::Rec::Full(e), e.timeout))
         .collect();
     format::priority::rank_views(&views)
 }
@@ -258,13 +258,13 @@ proptest! {
                 );
             }
         }
-        let full: Vec<format::View> = v.iter().map(|e| (format::Rec::Full(e), e.timeout)).collect();
+        let full: Vec<format::View> = v.iter().map(|e| format::View::new(format::Rec::Full(e), e.timeout)).collect();
         let fast: Vec<format::View> = v
             .iter()
             .zip(&compact)
             .map(|(e, c)| match c {
-                Some(c) => (format::Rec::Fast(c), e.timeout),
-                None => (format::Rec::Full(e), e.timeout),
+                Some(c) => format::View::new(format::Rec::Fast(c), e.timeout),
+                None => format::View::new(format::Rec::Full(e), e.timeout),
             })
             .collect();
         let (rf, rc) = (format::priority::rank_views(&full), format::priority::rank_views(&fast));
@@ -275,8 +275,12 @@ proptest! {
         prop_assert_eq!(a, b);
         let opts = EncodeOptions::default();
         prop_assert_eq!(
-            format::encode_views(&full, &opts).unwrap().bytes,
-            format::encode_views(&fast, &opts).unwrap().bytes
+            format::encode_views(&full, &opts, None).unwrap().bytes,
+            format::encode_views(&fast, &opts, None).unwrap().bytes
+        );
+        prop_assert_eq!(
+            format::encode_views(&full, &opts, Some(mark)).unwrap().bytes,
+            format::encode_views(&fast, &opts, Some(mark)).unwrap().bytes
         );
     }
 }
@@ -284,7 +288,10 @@ proptest! {
 #[test]
 fn most_of_the_realistic_mix_has_a_compact_form_and_nat_does_not() {
     let v = format::synth::population(2_000, 11, 4242);
-    let n = v.iter().filter(|e| format::Compact::of(e).is_some()).count();
+    let n = v
+        .iter()
+        .filter(|e| format::Compact::of(e).is_some())
+        .count();
     assert!(n * 10 >= v.len() * 7, "{n} of {}", v.len());
     for e in &v {
         if e.reply != e.orig.inverse() || e.labels.is_some() || e.zone != 0 {

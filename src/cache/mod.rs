@@ -145,7 +145,7 @@ use crate::access::{
 };
 use crate::ctnetlink::{Ctnetlink, EventError, EventSocket, EventsSysctl};
 use crate::entry::{Entry, Selector};
-use crate::format::{self, EncodeOptions, Rec, View};
+use crate::format::{self, EncodeOptions, View};
 use state::{Key, Tables};
 
 /// Tunables of a [`CachedAccess`].
@@ -220,15 +220,6 @@ struct Counters {
     walks: AtomicU64,
     events_read: AtomicU64,
     events_skipped: AtomicU64,
-}
-
-/// How Save encodes a cached entry: from its compact form when it has one
-/// (no access to the entry itself).
-fn rec<'a>(c: &'a state::Cached, h: &'a table::Hot) -> Rec<'a> {
-    match &h.compact {
-        Some(x) => Rec::Fast(x),
-        None => Rec::Full(&c.entry),
-    }
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -507,9 +498,13 @@ impl Shared {
     /// The answer for a watched, trusted selector, or why Save must dump
     /// directly.
     fn answer_cached(&self, sel: &Selector) -> Result<Vec<Entry>, &'static str> {
-        self.with_answer(sel, |views, _| {
+        self.with_answer(sel, |views, ids| {
             let mut out = crate::format::bigvec::with_capacity(views.len());
-            out.extend(views.iter().map(|(r, left)| r.to_entry(*left)));
+            out.extend(views.iter().zip(ids).map(|(v, id)| {
+                let mut e = v.rec.to_entry(v.timeout);
+                e.id = id;
+                e
+            }));
             out
         })
     }
@@ -521,7 +516,7 @@ impl Shared {
     fn with_answer<R>(
         &self,
         sel: &Selector,
-        f: impl FnOnce(&[View], Vec<u32>) -> R,
+        f: impl FnOnce(&[View], Vec<Option<u32>>) -> R,
     ) -> Result<R, &'static str> {
         let mut st = self.lock();
         let r = self.answer_locked(&mut st, sel, f);
@@ -540,7 +535,7 @@ impl Shared {
         &self,
         st: &mut State,
         sel: &Selector,
-        f: impl FnOnce(&[View], Vec<u32>) -> R,
+        f: impl FnOnce(&[View], Vec<Option<u32>>) -> R,
     ) -> Result<R, &'static str> {
         if !self.pump(st, self.config.drain_budget) {
             return Err("events lost, off, or not caught up");
@@ -559,28 +554,27 @@ impl Shared {
         if !fresh {
             return Err("refresh overdue");
         }
-        // One pass over the map both finds the entries to look up and
-        // collects the others: when nothing needs a lookup (the usual case),
-        // that is the answer and the map (~28 MB at 100k entries) is walked
-        // once instead of twice.
-        let mut keys: Vec<Key> = Vec::new();
+        // One pass collects the answer, as long as no entry needs a lookup
+        // (the usual case); otherwise a second one finds all that do.
         let mut views: Vec<View> = Vec::with_capacity(sc.entries.len());
-        let mut ids: Vec<u32> = Vec::with_capacity(sc.entries.len());
-        for (c, h) in sc.entries.with_hot() {
+        let mut ids: Vec<Option<u32>> = Vec::with_capacity(sc.entries.len());
+        let mut lookups = false;
+        for (h, r) in sc.entries.with_hot() {
             if h.needs_lookup(now, margin) {
-                keys.push(state::key(&c.entry));
-            } else if keys.is_empty() {
-                let left = h.estimate(now);
-                if left > 0 {
-                    views.push((rec(c, h), left));
-                    ids.extend(h.id);
-                }
+                lookups = true;
+                break;
+            }
+            let left = h.estimate(now);
+            if left > 0 {
+                views.push(View::with_key(r, left, h.key(left)));
+                ids.push(h.id);
             }
         }
-        if keys.is_empty() {
+        if !lookups {
             return Ok(f(&views, ids));
         }
         drop((views, ids));
+        let keys = sc.entries.lookup_keys(now, margin);
         {
             let cost = Duration::from_nanos(st.lookup_ns.saturating_mul(keys.len() as u64));
             let dump_cost = sc.dump_cost.unwrap_or(Duration::MAX);
@@ -601,12 +595,12 @@ impl Shared {
         let now = Instant::now();
         let sc = st.tables.sels.get(sel).ok_or("not watched")?;
         let mut views: Vec<View> = Vec::with_capacity(sc.entries.len());
-        let mut ids: Vec<u32> = Vec::with_capacity(sc.entries.len());
-        for (c, h) in sc.entries.with_hot() {
+        let mut ids: Vec<Option<u32>> = Vec::with_capacity(sc.entries.len());
+        for (h, r) in sc.entries.with_hot() {
             let left = h.estimate(now);
             if left > 0 {
-                views.push((rec(c, h), left));
-                ids.extend(h.id);
+                views.push(View::with_key(r, left, h.key(left)));
+                ids.push(h.id);
             }
         }
         Ok(f(&views, ids))
@@ -951,12 +945,15 @@ impl ConntrackAccess for CachedAccess {
         if watched {
             // Encoding under the lock holds back the event thread for those
             // milliseconds; its events queue in the socket meanwhile.
+            // One selector's entries all carry its mark when it matches a
+            // single mark: no need to look at each for the most common one.
+            let mark = (sel.mark_mask == u32::MAX).then_some(sel.mark);
             let r = self.shared.with_answer(sel, |views, ids| {
-                format::encode_views(views, opts)
+                format::encode_views(views, opts, mark)
                     .map(|encoded| SavedState {
                         encoded,
                         source: DumpSource::Cache,
-                        ids,
+                        ids: ids.into_iter().flatten().collect(),
                     })
                     .map_err(|source| AccessError::Encode {
                         entries: views.len(),

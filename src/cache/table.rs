@@ -9,15 +9,18 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::state::{key, Cached, Key};
-use crate::format::Compact;
+use crate::format::binary::representable;
+use crate::format::priority::{value_class_at, ABOUT_TO_EXPIRE_SECS};
+use crate::format::{Compact, Rec, View};
 
-/// What Save reads of an entry, kept in a dense array of its own next to
-/// the entries: Save walks all of them (is a lookup needed, how long is
-/// left) and then, in priority order, encodes most of them from their
-/// [`Compact`] form alone. At 100k entries that is ~9 MB of memory instead
-/// of ~23 MB, and Save is bound by memory: the tables are cold by the time
-/// QEMU asks (measured: the same encode takes 8 ms on warm data, 17 ms after
-/// 100 ms of idleness).
+/// What Save's first pass reads of an entry, ~32 bytes, in a dense array
+/// of its own next to the entries: Save walks all of them (is a lookup
+/// needed, how long is left, how valuable is it) and then encodes, in
+/// priority order, most entries from their [`Compact`] form alone (one
+/// 64-byte line each, in another array). At 100k entries that is ~10 MB
+/// of memory instead of ~23 MB, and Save is bound by memory: the tables
+/// are cold by the time QEMU asks (measured: the same encode takes 8 ms on
+/// warm data, 17 ms after 100 ms of idleness).
 #[derive(Debug, Clone)]
 pub struct Hot {
     pub seen: Instant,
@@ -26,7 +29,10 @@ pub struct Hot {
     pub id: Option<u32>,
     /// Evented and complete: no lookup needed unless about to expire.
     pub trusted: bool,
-    pub compact: Option<Compact>,
+    /// The format can carry it (`binary::representable`).
+    pub representable: bool,
+    /// Its priority class while more than ABOUT_TO_EXPIRE_SECS are left.
+    pub class: u8,
 }
 
 impl Hot {
@@ -36,7 +42,8 @@ impl Hot {
             timeout: c.entry.timeout,
             id: c.entry.id,
             trusted: c.evented && c.complete(),
-            compact: Compact::of(&c.entry),
+            representable: representable(&c.entry),
+            class: value_class_at(&c.entry, u32::MAX) as u8,
         }
     }
 
@@ -52,14 +59,29 @@ impl Hot {
     pub fn needs_lookup(&self, now: Instant, margin_secs: u32) -> bool {
         !self.trusted || self.estimate(now) <= margin_secs
     }
+
+    /// The priority key with `left` seconds left (`priority::value_key_at`),
+    /// or `View::EXCLUDED`.
+    pub fn key(&self, left: u32) -> u64 {
+        if !self.representable {
+            return View::EXCLUDED;
+        }
+        let class = if left <= ABOUT_TO_EXPIRE_SECS {
+            0
+        } else {
+            self.class
+        };
+        (u64::from(class) << 32) | u64::from(left)
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct EntryTable {
     index: HashMap<Key, u32>,
     slots: Vec<Cached>,
-    /// `hot[i]` describes `slots[i]`.
+    /// `hot[i]` and `compact[i]` describe `slots[i]`.
     hot: Vec<Hot>,
+    compact: Vec<Option<Compact>>,
 }
 
 impl EntryTable {
@@ -68,6 +90,7 @@ impl EntryTable {
             index: HashMap::with_capacity(n),
             slots: crate::format::bigvec::with_capacity(n),
             hot: Vec::with_capacity(n),
+            compact: Vec::with_capacity(n),
         }
     }
 
@@ -95,14 +118,21 @@ impl EntryTable {
         let i = *self.index.get(k)? as usize;
         let r = f(&mut self.slots[i]);
         self.hot[i] = Hot::of(&self.slots[i]);
+        self.compact[i] = Compact::of(&self.slots[i].entry);
         Some(r)
     }
 
     /// Runs `f` on every entry, keeping the [`Hot`] records in step.
     pub fn modify_all(&mut self, mut f: impl FnMut(&mut Cached)) {
-        for (c, h) in self.slots.iter_mut().zip(self.hot.iter_mut()) {
+        for ((c, h), x) in self
+            .slots
+            .iter_mut()
+            .zip(&mut self.hot)
+            .zip(&mut self.compact)
+        {
             f(c);
             *h = Hot::of(c);
+            *x = Compact::of(&c.entry);
         }
     }
 
@@ -110,17 +140,19 @@ impl EntryTable {
     /// entry it replaces.
     pub fn insert(&mut self, k: Key, c: Cached) -> Option<Cached> {
         debug_assert!(k == key(&c.entry));
-        let hot = Hot::of(&c);
+        let (hot, compact) = (Hot::of(&c), Compact::of(&c.entry));
         match self.index.get(&k) {
             Some(&i) => {
-                self.hot[i as usize] = hot;
-                Some(std::mem::replace(&mut self.slots[i as usize], c))
+                let i = i as usize;
+                (self.hot[i], self.compact[i]) = (hot, compact);
+                Some(std::mem::replace(&mut self.slots[i], c))
             }
             None => {
                 // u32 indexes: far above the 2M entries a state may hold.
                 self.index.insert(k, self.slots.len() as u32);
                 self.slots.push(c);
                 self.hot.push(hot);
+                self.compact.push(compact);
                 None
             }
         }
@@ -130,6 +162,7 @@ impl EntryTable {
         let i = self.index.remove(k)? as usize;
         let c = self.slots.swap_remove(i);
         self.hot.swap_remove(i);
+        self.compact.swap_remove(i);
         if let Some(moved) = self.slots.get(i) {
             self.index.insert(key(&moved.entry), i as u32);
         }
@@ -141,9 +174,30 @@ impl EntryTable {
         self.slots.iter()
     }
 
-    /// Every entry with its [`Hot`] record, in storage order.
-    pub fn with_hot(&self) -> impl Iterator<Item = (&Cached, &Hot)> {
-        self.slots.iter().zip(self.hot.iter())
+    /// Every entry's [`Hot`] record, in storage order, with what Save
+    /// encodes it from (its compact form when it has one).
+    pub fn with_hot(&self) -> impl Iterator<Item = (&Hot, Rec<'_>)> {
+        self.hot
+            .iter()
+            .zip(&self.compact)
+            .zip(&self.slots)
+            .map(|((h, x), c)| {
+                let r = match x {
+                    Some(x) => Rec::Fast(x),
+                    None => Rec::Full(&c.entry),
+                };
+                (h, r)
+            })
+    }
+
+    /// Keys of the entries that need a lookup before Save can trust them.
+    pub fn lookup_keys(&self, now: Instant, margin_secs: u32) -> Vec<Key> {
+        self.hot
+            .iter()
+            .zip(&self.slots)
+            .filter(|(h, _)| h.needs_lookup(now, margin_secs))
+            .map(|(_, c)| key(&c.entry))
+            .collect()
     }
 }
 
@@ -236,12 +290,16 @@ mod tests {
         t.remove(&key(&cached(2).entry));
         t.modify(&key(&cached(3).entry), |c| c.entry.timeout = 77);
         t.modify_all(|c| c.evented = c.entry.timeout != 77);
-        for (c, h) in t.with_hot() {
+        for ((h, r), c) in t.with_hot().zip(t.values()) {
             assert_eq!(h.id, c.entry.id);
             assert_eq!(h.timeout, c.entry.timeout);
             assert_eq!(h.trusted, c.entry.timeout != 77);
-            assert_eq!(h.compact, Compact::of(&c.entry));
-            assert!(h.compact.is_some());
+            assert!(matches!(r, Rec::Fast(x) if Some(*x) == Compact::of(&c.entry)));
+            assert_eq!(
+                h.key(30),
+                crate::format::priority::value_key_at(&c.entry, 30)
+            );
+            assert_eq!(h.key(5), crate::format::priority::value_key_at(&c.entry, 5));
         }
         assert_eq!(t.with_hot().count(), 3);
         // The lookup rule: untrusted, or within the margin of expiring.

@@ -604,9 +604,37 @@ fn prefetch(e: &Entry) {
     let _ = e;
 }
 
-/// An entry to encode and the seconds it has left (which the encoder
-/// writes instead of `entry.timeout`).
-pub type View<'a> = (Rec<'a>, u32);
+/// An entry to encode, the seconds it has left (which the encoder writes
+/// instead of `entry.timeout`) and its priority key.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    pub rec: Rec<'a>,
+    pub timeout: u32,
+    /// `value_key_at(timeout)`, or [`View::EXCLUDED`] for an entry the
+    /// format cannot represent. Precomputed, so that ranking reads only
+    /// the views: the entries stay untouched until they are encoded.
+    pub key: u64,
+}
+
+impl<'a> View<'a> {
+    /// Key of an entry the encoder leaves out (not [`representable`]).
+    pub const EXCLUDED: u64 = u64::MAX;
+
+    pub fn new(rec: Rec<'a>, timeout: u32) -> Self {
+        let key = if rec.representable() {
+            rec.value_key_at(timeout)
+        } else {
+            Self::EXCLUDED
+        };
+        View { rec, timeout, key }
+    }
+
+    /// For callers that know the key already (the warm cache keeps each
+    /// entry's priority class next to it).
+    pub fn with_key(rec: Rec<'a>, timeout: u32, key: u64) -> Self {
+        View { rec, timeout, key }
+    }
+}
 
 #[inline(always)]
 fn prefetch_compact(c: &Compact) {
@@ -639,16 +667,16 @@ fn compressor() -> Result<zstd::bulk::Compressor<'static>, FormatError> {
 /// Builds the columns of `views` in order.
 fn build_columns(views: &[View], default_mark: u32, prefixes: bool) -> Columns {
     let mut cols = Columns::new(default_mark, views.len(), prefixes);
-    for (i, (e, t)) in views.iter().enumerate() {
+    for (i, v) in views.iter().enumerate() {
         // Priority order visits entries in random memory order; fetch
         // a few ahead so the cache misses overlap.
-        if let Some((ahead, _)) = views.get(i + PREFETCH_AHEAD) {
-            match ahead {
+        if let Some(ahead) = views.get(i + PREFETCH_AHEAD) {
+            match ahead.rec {
                 Rec::Full(e) => prefetch(e),
                 Rec::Fast(c) => prefetch_compact(c),
             }
         }
-        cols.push(*e, *t);
+        cols.push(v.rec, v.timeout);
     }
     cols
 }
@@ -787,7 +815,7 @@ pub fn default_segments(n: usize) -> usize {
 /// The most common mark of `views` ([`default_mark`]), for callers of
 /// [`encode_segmented`] and [`Encoder`] that did not get it while ranking.
 pub fn views_default_mark(views: &[View]) -> u32 {
-    default_mark_of(views.iter().map(|v| v.0.mark()))
+    default_mark_of(views.iter().map(|v| v.rec.mark()))
 }
 
 /// Encodes all of `views` (priority order) as one blob in `segments`

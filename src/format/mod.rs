@@ -161,9 +161,9 @@ pub fn encode(entries: &[Entry], opts: &EncodeOptions) -> Result<Encoded, Format
         Format::Binary => {
             let views: Vec<View> = entries
                 .iter()
-                .map(|e| (binary::Rec::Full(e), e.timeout))
+                .map(|e| View::new(binary::Rec::Full(e), e.timeout))
                 .collect();
-            encode_binary(&views, opts.limit)
+            encode_binary(&views, opts.limit, None)
         }
         Format::ConntrackSave => text::encode(entries, opts.limit),
     }
@@ -171,11 +171,17 @@ pub fn encode(entries: &[Entry], opts: &EncodeOptions) -> Result<Encoded, Format
 
 /// [`encode`] for entries held elsewhere (the warm cache's tables), each
 /// with the seconds it has left: nothing is copied for the binary format.
-pub fn encode_views(views: &[View], opts: &EncodeOptions) -> Result<Encoded, FormatError> {
+/// `mark`, when given, is the mark most entries carry (one selector's
+/// mark); otherwise it is found by looking at every entry.
+pub fn encode_views(
+    views: &[View],
+    opts: &EncodeOptions,
+    mark: Option<u32>,
+) -> Result<Encoded, FormatError> {
     match opts.format {
-        Format::Binary => encode_binary(views, opts.limit),
+        Format::Binary => encode_binary(views, opts.limit, mark),
         Format::ConntrackSave => {
-            let entries: Vec<Entry> = views.iter().map(|(r, t)| r.to_entry(*t)).collect();
+            let entries: Vec<Entry> = views.iter().map(|v| v.rec.to_entry(v.timeout)).collect();
             text::encode(&entries, opts.limit)
         }
     }
@@ -209,7 +215,7 @@ fn partition_point(n: usize, fits: impl Fn(usize) -> bool) -> usize {
     lo
 }
 
-fn encode_binary(views: &[View], limit: usize) -> Result<Encoded, FormatError> {
+fn encode_binary(views: &[View], limit: usize, mark: Option<u32>) -> Result<Encoded, FormatError> {
     if limit < binary::HEADER_LEN {
         return Err(FormatError::LimitTooSmall {
             limit,
@@ -221,7 +227,7 @@ fn encode_binary(views: &[View], limit: usize) -> Result<Encoded, FormatError> {
     // load path creates the most valuable first, and timeouts descend
     // within a class (small deltas).
     let total = views.len();
-    let (ranked, mark) = priority::rank_and_mark(views, |r| r.representable());
+    let (ranked, mark) = priority::rank_and_mark(views, mark);
     let n = ranked.len();
     // The common case is that everything fits: then the columns are built
     // without the per-entry prefix lengths the cut search needs (44 bytes of

@@ -4,7 +4,7 @@
 //! the load path (it creates the most valuable entries first, so a partial
 //! load still restores what matters). See `docs/state-format.md`, "Priority".
 
-use super::binary::{Rec, View};
+use super::binary::View;
 use crate::entry::{proto, status, tcp_state, Entry, ProtoInfo};
 
 /// Entries with at most this many seconds left are "about to expire": by
@@ -153,30 +153,25 @@ fn radix_sort_keys(v: &mut Vec<u64>) {
     }
 }
 
-/// `views` (entry, seconds left) reordered most valuable first, ties in
-/// input order: the same order [`priority_order`] gives entries whose
-/// timeout field holds the seconds left.
+/// `views` reordered most valuable first (by their keys), ties in input
+/// order, without the excluded ones: the same order [`priority_order`]
+/// gives entries whose timeout field holds the seconds left.
 pub fn rank_views<'a>(views: &[View<'a>]) -> Vec<View<'a>> {
-    rank_views_where(views, |_| true)
+    rank_and_mark(views, None).0
 }
 
-/// [`rank_views`] of the views `include` accepts.
-pub fn rank_views_where<'a>(views: &[View<'a>], include: impl Fn(&Rec) -> bool) -> Vec<View<'a>> {
-    rank_and_mark(views, include).0
-}
-
-/// [`rank_views_where`], and the most common mark of the ranked views
-/// (`binary::default_mark`), found in the same pass: one pass over the
-/// entries in their storage order for both, instead of a second one in
-/// priority order, i.e. at random (at 100k entries the tables are more than
-/// the CPU cache holds, and Save is bound by memory).
-pub(crate) fn rank_and_mark<'a>(
-    views: &[View<'a>],
-    include: impl Fn(&Rec) -> bool,
-) -> (Vec<View<'a>>, u32) {
+/// [`rank_views`], and the most common mark of the ranked views
+/// (`binary::default_mark`) unless the caller knows it: one pass over the
+/// views in their given order, instead of another over the entries in
+/// priority order, i.e. at random (at 100k entries the tables are more
+/// than the CPU cache holds, and Save is bound by memory).
+pub(crate) fn rank_and_mark<'a>(views: &[View<'a>], mark: Option<u32>) -> (Vec<View<'a>>, u32) {
     let (mut cand, mut votes) = (0u32, 0usize);
-    let mut vote = |r: &Rec| {
-        let m = r.mark();
+    let mut vote = |v: &View| {
+        if mark.is_some() {
+            return;
+        }
+        let m = v.rec.mark();
         if votes == 0 {
             (cand, votes) = (m, 1);
         } else if m == cand {
@@ -185,28 +180,25 @@ pub(crate) fn rank_and_mark<'a>(
             votes -= 1;
         }
     };
+    let included = views
+        .iter()
+        .zip(0u64..)
+        .filter(|(v, _)| v.key != View::EXCLUDED);
     if views.len() >= (1usize << INDEX_BITS) {
-        let mut keyed: Vec<(u64, usize)> = views
-            .iter()
-            .enumerate()
-            .filter(|(_, (r, _))| include(r))
-            .map(|(i, (r, t))| {
-                vote(r);
-                (!r.value_key_at(*t), i)
+        let mut keyed: Vec<(u64, u64)> = included
+            .map(|(v, i)| {
+                vote(v);
+                (!v.key, i)
             })
             .collect();
         keyed.sort_unstable();
-        let ranked = keyed.into_iter().map(|(_, i)| views[i]).collect();
-        return (ranked, cand);
+        let ranked = keyed.into_iter().map(|(_, i)| views[i as usize]).collect();
+        return (ranked, mark.unwrap_or(cand));
     }
-    let inv = |r: &Rec, t: u32| (!r.value_key_at(t)) & ((1u64 << KEY_BITS) - 1);
-    let mut packed: Vec<u64> = views
-        .iter()
-        .zip(0u64..)
-        .filter(|((r, _), _)| include(r))
-        .map(|((r, t), i)| {
-            vote(r);
-            (inv(r, *t) << INDEX_BITS) | i
+    let mut packed: Vec<u64> = included
+        .map(|(v, i)| {
+            vote(v);
+            (((!v.key) & ((1u64 << KEY_BITS) - 1)) << INDEX_BITS) | i
         })
         .collect();
     radix_sort_keys(&mut packed);
@@ -215,7 +207,7 @@ pub(crate) fn rank_and_mark<'a>(
         .into_iter()
         .map(|p| views[(p & mask) as usize])
         .collect();
-    (ranked, cand)
+    (ranked, mark.unwrap_or(cand))
 }
 
 /// Indices of `entries`, most valuable first. Ties keep input order, so the
