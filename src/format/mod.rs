@@ -114,46 +114,6 @@ pub struct Decoded {
     pub dropped: Option<u64>,
 }
 
-/// Result of [`decode_parts`]: like [`Decoded`], the entries in parts whose
-/// concatenation is the blob's order.
-#[derive(Debug, Clone)]
-pub struct DecodedParts {
-    pub parts: Vec<Vec<Entry>>,
-    pub format: Format,
-    pub truncated: bool,
-    pub dropped: Option<u64>,
-}
-
-impl DecodedParts {
-    pub fn len(&self) -> usize {
-        self.parts.iter().map(Vec::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Puts the entries in priority order, most valuable first. A blob of
-    /// ours is in that order already, which costs one pass to confirm;
-    /// anything else is joined into one part and sorted.
-    pub fn sort_by_priority(&mut self) {
-        let key = |e: &Entry| std::cmp::Reverse(priority::value_key(e));
-        let sorted = self.parts.iter().all(|p| p.is_sorted_by_key(key))
-            && self
-                .parts
-                .windows(2)
-                .all(|w| match (w[0].last(), w[1].first()) {
-                    (Some(a), Some(b)) => key(a) <= key(b),
-                    _ => true,
-                });
-        if !sorted {
-            let mut all = std::mem::take(&mut self.parts).concat();
-            sort_by_priority(&mut all);
-            self.parts = vec![all];
-        }
-    }
-}
-
 /// Encodes `entries` within `opts.limit` bytes, dropping the least valuable
 /// entries ([`priority_order`]) when they do not all fit.
 pub fn encode(entries: &[Entry], opts: &EncodeOptions) -> Result<Encoded, FormatError> {
@@ -326,23 +286,83 @@ fn encode_binary(views: &[View], limit: usize, mark: Option<u32>) -> Result<Enco
     }
 }
 
-/// [`decode`] that keeps the segments of a v1.1 blob apart, in blob order
-/// (one part for any other blob): the load path walks them in order and is
-/// spared concatenating them (20 MB of fresh memory at 100k entries, a few
-/// ms of migration downtime).
-pub fn decode_parts(bytes: &[u8]) -> Result<DecodedParts, FormatError> {
+/// A state validated completely, handing out its entries most valuable
+/// first, batch by batch (what Load creates from): for our own blobs the
+/// entries are built only as they are asked for ([`binary::Checked`]);
+/// anything else (legacy text, a blob not in priority order) is decoded
+/// and sorted up front.
+#[derive(Debug)]
+pub struct Stream {
+    inner: StreamInner,
+    pub format: Format,
+    pub truncated: bool,
+    pub dropped: Option<u64>,
+}
+
+#[derive(Debug)]
+enum StreamInner {
+    Checked(binary::Checked),
+    Sorted { entries: Vec<Entry>, next: usize },
+}
+
+impl Stream {
+    pub fn len(&self) -> usize {
+        match &self.inner {
+            StreamInner::Checked(c) => c.len(),
+            StreamInner::Sorted { entries, .. } => entries.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The next up to `n` entries, or `None` after the last. An error can
+    /// only mean a bug: the blob was validated before.
+    pub fn next_batch(&mut self, n: usize) -> Option<Result<Vec<Entry>, FormatError>> {
+        match &mut self.inner {
+            StreamInner::Checked(c) => c.next_batch(n),
+            StreamInner::Sorted { entries, next } => {
+                if *next >= entries.len() {
+                    return None;
+                }
+                let end = entries.len().min(*next + n.max(1));
+                let batch = entries[*next..end].to_vec();
+                *next = end;
+                Some(Ok(batch))
+            }
+        }
+    }
+}
+
+/// Validates a state blob completely (any format [`decode`] reads) and
+/// returns its entries as a [`Stream`] in priority order.
+pub fn stream(bytes: &[u8]) -> Result<Stream, FormatError> {
     if bytes.starts_with(&binary::MAGIC) {
-        let (h, parts) = binary::decode_segments(bytes)?;
-        return Ok(DecodedParts {
-            parts,
+        let c = binary::check(bytes)?;
+        let (truncated, dropped) = (
+            c.header.flags & binary::FLAG_TRUNCATED != 0,
+            Some(u64::from(c.header.dropped)),
+        );
+        let inner = if c.sorted {
+            StreamInner::Checked(c)
+        } else {
+            let mut entries = binary::decode(bytes)?.1;
+            sort_by_priority(&mut entries);
+            StreamInner::Sorted { entries, next: 0 }
+        };
+        return Ok(Stream {
+            inner,
             format: Format::Binary,
-            truncated: h.flags & binary::FLAG_TRUNCATED != 0,
-            dropped: Some(u64::from(h.dropped)),
+            truncated,
+            dropped,
         });
     }
     let d = decode(bytes)?;
-    Ok(DecodedParts {
-        parts: vec![d.entries],
+    let mut entries = d.entries;
+    sort_by_priority(&mut entries);
+    Ok(Stream {
+        inner: StreamInner::Sorted { entries, next: 0 },
         format: d.format,
         truncated: d.truncated,
         dropped: d.dropped,

@@ -13,7 +13,6 @@ use tokio::task::JoinHandle;
 use super::runtime::{now_us, OpReport, Restore, RestoreCtl, VmRuntime};
 use super::ServiceError;
 use crate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport, SavedState};
-use crate::entry::Entry;
 use crate::format::{self, EncodeOptions, QEMU_LIMIT};
 
 /// Default Save deadline. QEMU waits 25 s and every millisecond of Save is
@@ -339,40 +338,6 @@ impl Engine {
     }
 }
 
-/// Consecutive batches of up to `n` entries across a decoded state's parts,
-/// in order (a batch never spans two parts).
-struct Batches<'a> {
-    parts: &'a [Vec<Entry>],
-    part: usize,
-    at: usize,
-    total: usize,
-}
-
-impl<'a> Batches<'a> {
-    fn new(parts: &'a [Vec<Entry>]) -> Self {
-        Batches {
-            parts,
-            part: 0,
-            at: 0,
-            total: parts.iter().map(Vec::len).sum(),
-        }
-    }
-
-    fn next(&mut self, n: usize) -> Option<&'a [Entry]> {
-        while let Some(p) = self.parts.get(self.part) {
-            if self.at < p.len() {
-                let end = p.len().min(self.at + n.max(1));
-                let s = &p[self.at..end];
-                self.at = end;
-                return Some(s);
-            }
-            self.part += 1;
-            self.at = 0;
-        }
-        None
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -396,7 +361,7 @@ impl RestoreJob {
         };
         // decode validates the whole blob first, so a bad one creates
         // nothing at all.
-        let mut decoded = match format::decode_parts(&data) {
+        let mut rest = match format::stream(&data) {
             Ok(d) => d,
             Err(e) => {
                 report.error = format!("invalid state, nothing loaded: {e}");
@@ -404,26 +369,33 @@ impl RestoreJob {
             }
         };
         drop(data);
-        report.entries = decoded.len() as u64;
-        report.dropped = decoded.dropped.unwrap_or(0);
-        // Most valuable first: what the guest would miss most is in before
-        // it resumes.
-        decoded.sort_by_priority();
-        let mut rest = Batches::new(&decoded.parts);
-        let total = rest.total;
+        report.entries = rest.len() as u64;
+        report.dropped = rest.dropped.unwrap_or(0);
+        // The stream hands out the most valuable entries first: what the
+        // guest would miss most is in before it resumes.
+        let total = rest.len();
         let deadline = self.start + self.budget;
         let mut done = 0usize;
         let mut totals = CreateReport::default();
         let mut failed: Option<String> = None;
         let mut batch = FIRST_BATCH;
-        while let Some(chunk) = rest.next(batch) {
+        while let Some(chunk) = rest.next_batch(batch) {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    failed = Some(format!(
+                        "decoding entries failed after {done} of {total}: {e}"
+                    ));
+                    break;
+                }
+            };
             if self.ctl.cancel.load(Ordering::SeqCst) {
                 failed = Some(self.cancelled(done, total));
                 break;
             }
             let n = chunk.len();
             let t = Instant::now();
-            match self.access.create(chunk) {
+            match self.access.create(&chunk) {
                 Ok(c) => totals.merge(&c),
                 Err(e) => {
                     failed = Some(format!(
@@ -472,13 +444,22 @@ impl RestoreJob {
         );
         let _ = tx.send(interim);
 
-        while let Some(chunk) = rest.next(BACKGROUND_BATCH) {
+        while let Some(chunk) = rest.next_batch(BACKGROUND_BATCH) {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    failed = Some(format!(
+                        "decoding entries failed after {done} of {total}: {e}"
+                    ));
+                    break;
+                }
+            };
             if self.ctl.cancel.load(Ordering::SeqCst) {
                 failed = Some(self.cancelled(done, total));
                 break;
             }
             let n = chunk.len();
-            match self.access.create(chunk) {
+            match self.access.create(&chunk) {
                 Ok(c) => totals.merge(&c),
                 Err(e) => {
                     failed = Some(format!(
