@@ -7,7 +7,26 @@
 use conntrack_vmstate::format::{self, sort_by_priority, EncodeOptions, Format};
 use libfuzzer_sys::fuzz_target;
 
+/// The load path's validate-then-stream must accept exactly what the full
+/// decoder accepts, and hand out the same entries in priority order.
+fn check_stream(data: &[u8]) {
+    match (format::decode(data), format::stream(data)) {
+        (Ok(d), Ok(mut s)) => {
+            let mut got = Vec::new();
+            while let Some(b) = s.next_batch(7) {
+                got.extend(b.expect("batch of a validated blob"));
+            }
+            let mut want = d.entries;
+            sort_by_priority(&mut want);
+            assert_eq!(got, want);
+        }
+        (Err(_), Err(_)) => {}
+        (d, s) => panic!("decode {:?} but stream {:?}", d.err(), s.err()),
+    }
+}
+
 fn check(data: &[u8]) {
+    check_stream(data);
     if let Ok(d) = format::decode(data) {
         if d.format == Format::Binary {
             let enc = format::encode(

@@ -25,9 +25,10 @@ pub const DEFAULT_SAVE_DEADLINE_MS: u64 = 2000;
 /// background. Every millisecond of Load is guest downtime, 1:1: QEMU
 /// also spends ~10 ms on its own D-Bus round trips and the blob's transfer
 /// at 100k entries, and the whole migration may gain at most 30 ms there
-/// (docs/downtime.md). 5 ms still restores the ~1,000 most valuable
-/// entries of a small VM before it resumes; the rest follow at ~200k/s.
-pub const DEFAULT_LOAD_BUDGET_MS: u64 = 5;
+/// (docs/downtime.md). 3 ms still restores the ~600 most valuable entries
+/// of a small VM before it resumes; the rest follow at ~200k/s. At 100k
+/// entries validating the blob takes about that long by itself.
+pub const DEFAULT_LOAD_BUDGET_MS: u64 = 3;
 
 /// How far past its budget a Load may run before QEMU gets its answer
 /// anyway: one create call that hangs (a stuck helper is only cut off after
