@@ -1,5 +1,6 @@
 //! Where Save and Load time goes at N entries (default 100k) of the
-//! synthetic mix: the warm cache's copy out of its map, encode, decode.
+//! synthetic mix: a copy out of a hash map (what the warm cache did before
+//! it encoded from its own tables), encode, decode.
 //! Medians of 9 runs, wall and this thread's CPU time (the machine is
 //! shared). `cargo run --release --example save_profile [-- N]`
 
