@@ -360,7 +360,7 @@ impl RestoreJob {
             bytes: self.bytes,
             ..OpReport::default()
         };
-        // decode validates the whole blob first, so a bad one creates
+        // The stream validates the whole blob first, so a bad one creates
         // nothing at all.
         let mut rest = match format::stream(&data) {
             Ok(d) => d,
