@@ -4,7 +4,7 @@
 //!
 //! Usage: `conntrack-vmstate-gendocs OUTDIR` writes
 //! `OUTDIR/man/*.1` (the command and one page per subcommand),
-//! `OUTDIR/man/conntrack-vmstate-helper.8` and
+//! `OUTDIR/man/conntrack-vmstate-helper.8`, `OUTDIR/man/conntrack-vmstated.8` and
 //! `OUTDIR/completions/{conntrack-vmstate.bash,_conntrack-vmstate,conntrack-vmstate.fish}`.
 
 use std::path::PathBuf;
@@ -28,13 +28,21 @@ fn main() -> anyhow::Result<()> {
     clap_mangen::generate_to(cmd.clone(), &man)
         .with_context(|| format!("writing man pages to {}", man.display()))?;
     // The libexec programs are started by systemd, not by users: section 8.
-    let helper = conntrack_vmstate::helper::HelperArgs::command();
-    let page = man.join("conntrack-vmstate-helper.8");
-    let mut buf = Vec::new();
-    clap_mangen::Man::new(helper)
-        .section("8")
-        .render(&mut buf)?;
-    std::fs::write(&page, buf).with_context(|| format!("writing {}", page.display()))?;
+    for (page, cmd) in [
+        (
+            "conntrack-vmstate-helper.8",
+            conntrack_vmstate::helper::HelperArgs::command(),
+        ),
+        (
+            "conntrack-vmstated.8",
+            conntrack_vmstate::bus::args::DaemonArgs::command(),
+        ),
+    ] {
+        let page = man.join(page);
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd).section("8").render(&mut buf)?;
+        std::fs::write(&page, buf).with_context(|| format!("writing {}", page.display()))?;
+    }
     let name = cmd.get_name().to_owned();
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
         let mut c = cmd.clone();
