@@ -196,7 +196,7 @@ async fn register_errors_are_named_and_idempotence_holds() {
         assert!(queued_owners(&client, "org.qemu.VMState1").await.is_empty());
         let log = d.log_text();
         assert!(
-            log.contains("Unregister of VM 100: nothing to flush, no Save with entries since the daemon started"),
+            log.contains("Unregister of VM 100: nothing to flush, no Save with entries since the VM was registered"),
             "{log}"
         );
     })

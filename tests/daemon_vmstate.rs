@@ -203,6 +203,48 @@ async fn save_load_and_flush_move_exactly_one_vms_entries() {
     .expect("test timed out");
 }
 
+/// The ids of the last Save outlive the daemon: killed and started again
+/// between Save and Unregister, it still flushes exactly the saved entries
+/// (not one made since), and Unregister removes the ids file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_after_a_daemon_restart_deletes_exactly_the_saved_entries() {
+    tokio::time::timeout(T, async {
+        let mut src = Host::new("vms-restart", &[]).await;
+        populate(&src);
+        let src_200 = src.entries(200);
+        let (_vm, vs) = src.register("100").await;
+        let blob = vs.save().await.expect("Save").into_vec();
+        assert_eq!(format::decode(&blob).expect("valid").entries.len(), 6);
+        let ids_file = src._state.path().join(format!(
+            "saved-{}.ids",
+            "100".bytes().map(|b| format!("{b:02x}")).collect::<String>()
+        ));
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !ids_file.exists() {
+            assert!(std::time::Instant::now() < end, "ids file not written");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::task::block_in_place(|| src.daemon.kill9());
+        src.add("-s 10.1.0.98 -d 192.0.2.10 -p tcp --sport 45001 --dport 443 --state ESTABLISHED -t 3600 -u SEEN_REPLY,ASSURED", 100);
+        let mut o = DaemonOpts::new(&src.bus.address, src._state.path());
+        o.netns = Some(&src.ns.name);
+        src.daemon = DaemonProc::start(o, &src.client).await;
+        let log = src.daemon.log_text();
+        assert!(log.contains("VM 100: 6 saved entry ids of the last Save kept for a flush"), "{log}");
+        let m = Manager1Proxy::new(&src.client).await.unwrap();
+        m.unregister("100", HashMap::from([("flush", Variant::from(true))])).await.expect("flush");
+        let left = src.entries(100);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(left[0].contains("src=10.1.0.98"), "{left:?}");
+        assert_eq!(src.entries(200), src_200);
+        let log = src.daemon.log_text();
+        assert!(log.contains("Unregister of VM 100: flushed 6 saved entries (0 already gone)"), "{log}");
+        assert!(!ids_file.exists(), "ids file left after Unregister");
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// A daemon without CAP_NET_ADMIN cannot dump: Save still answers with a
 /// valid empty state and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

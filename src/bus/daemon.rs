@@ -175,9 +175,9 @@ impl Shared {
         let rt = lock(&self.registry).get(vm).ok_or_else(|| {
             Error::from(crate::service::ServiceError::NotRegistered { vm: vm.into() })
         })?;
-        // The saved entries live in memory only: after a daemon restart (or
-        // a Save that fell back to an empty state) there is nothing to flush,
-        // and the log says so rather than claiming a flush.
+        // Without a Save that took entries (none since the VM was
+        // registered, or one that fell back to an empty state) there is
+        // nothing to flush, and the log says so rather than claiming a flush.
         let had_saved = rt.saved_len() > 0;
         let flushed = if flush {
             Some(self.engine.flush(&rt).await?)
@@ -185,6 +185,7 @@ impl Shared {
             None
         };
         lock(&self.registry).remove(vm)?;
+        self.engine.forget_saved(&rt).await;
         self.unserve(vm).await;
         let stopped = self
             .engine
@@ -207,7 +208,7 @@ impl Shared {
                 (true, true) =>
                     format!(": flushed {deleted} saved entries ({missing} already gone)"),
                 (true, false) =>
-                    ": nothing to flush, no Save with entries since the daemon started".into(),
+                    ": nothing to flush, no Save with entries since the VM was registered".into(),
             }
         );
         self.count_changed();
@@ -400,7 +401,10 @@ impl Daemon {
                 address: address.clone(),
                 source,
             })?;
-        let engine = Arc::new(Engine::new(access, cfg.save_deadline, cfg.load_budget));
+        let engine = Arc::new(
+            Engine::new(access, cfg.save_deadline, cfg.load_budget)
+                .with_store(Store::new(&cfg.state_dir)),
+        );
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::new(Store::new(&cfg.state_dir))),
             served: Mutex::new(HashMap::new()),
@@ -436,6 +440,7 @@ impl Daemon {
             Ok(cfgs) => {
                 for c in cfgs {
                     let rt = lock(&shared.registry).insert_restored(c);
+                    shared.engine.restore_saved(&rt);
                     let (vm, id) = (rt.config.vm.clone(), rt.config.id.clone());
                     let _ = shared.serve(rt.clone(), false).await;
                     shared.engine.watch(&rt, true).await;

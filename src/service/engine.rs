@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
+use super::persist::Store;
 use super::runtime::{now_us, OpReport, Restore, RestoreCtl, VmRuntime};
 use super::ServiceError;
 use crate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport, SavedState};
@@ -63,7 +64,15 @@ pub struct Engine {
     access: Arc<dyn ConntrackAccess>,
     save_deadline: Duration,
     load_budget: Duration,
+    /// Where the saved entries' ids are kept across restarts, if anywhere.
+    store: Option<Store>,
 }
+
+/// How long after a Save its entry ids are written to disk: QEMU is still
+/// sending the migration stream then, and the write must not compete with
+/// it for the CPU (a crash within this time only loses what a crash lost
+/// before ids were kept on disk at all).
+const PERSIST_DELAY: Duration = Duration::from_millis(500);
 
 fn duration_us(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
@@ -79,7 +88,66 @@ impl Engine {
             access,
             save_deadline,
             load_budget,
+            store: None,
         }
+    }
+
+    /// Keeps the ids of each VM's last Save in `store` too, so that a flush
+    /// after a daemon restart still deletes exactly those entries.
+    pub fn with_store(mut self, store: Store) -> Engine {
+        self.store = Some(store);
+        self
+    }
+
+    /// Takes back the ids a previous run kept for `vm` (after a restart).
+    pub fn restore_saved(&self, vm: &VmRuntime) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        match store.load_ids(&vm.config.vm) {
+            Ok(ids) if ids.is_empty() => {}
+            Ok(ids) => {
+                tracing::info!(
+                    VMID = %vm.config.vm,
+                    "VM {}: {} saved entry ids of the last Save kept for a flush",
+                    vm.config.vm,
+                    ids.len()
+                );
+                vm.set_saved(ids);
+            }
+            Err(e) => tracing::warn!(VMID = %vm.config.vm, "{e}; a flush will delete nothing"),
+        }
+    }
+
+    /// Forgets the saved ids of `vm` (it is unregistered, or was flushed).
+    pub async fn forget_saved(&self, vm: &Arc<VmRuntime>) {
+        vm.clear_saved();
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let name = vm.config.vm.clone();
+        let r = tokio::task::spawn_blocking(move || store.remove_ids(&name)).await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(VMID = %vm.config.vm, "{e}");
+        }
+    }
+
+    /// Writes the VM's current saved ids a little later, off the downtime.
+    /// Whatever the VM's ids are by then is written (or the file removed),
+    /// so several Saves in a row leave the last one's.
+    fn persist_saved_later(&self, vm: &Arc<VmRuntime>) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let vm = vm.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(PERSIST_DELAY).await;
+            let name = vm.config.vm.clone();
+            let r = tokio::task::spawn_blocking(move || store.save_ids(&name, &vm.saved())).await;
+            if let Ok(Err(e)) = r {
+                tracing::warn!("keeping the saved entry ids failed: {e}; a flush after a restart would delete nothing");
+            }
+        });
     }
 
     /// Starts (`on`) or stops keeping the VM's entries warm for Save. A
@@ -165,6 +233,7 @@ impl Engine {
                 // VM's state on this host; a flush after the migration
                 // removes all of it.
                 vm.set_saved(saved.ids);
+                self.persist_saved_later(vm);
                 (enc.bytes, report)
             }
             Err(reason) => {
@@ -176,6 +245,7 @@ impl Engine {
                     ),
                 };
                 vm.clear_saved();
+                self.persist_saved_later(vm);
                 let report = OpReport {
                     bytes: bytes.len() as u64,
                     duration_us: duration_us(start),
@@ -328,7 +398,7 @@ impl Engine {
         };
         match res {
             Ok(r) => {
-                vm.clear_saved();
+                self.forget_saved(vm).await;
                 Ok(r)
             }
             Err(source) => Err(ServiceError::Flush {

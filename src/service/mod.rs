@@ -53,11 +53,12 @@ pub enum ServiceError {
         source: std::io::Error,
     },
     #[error(
-        "registrations in {} could not be read (moved to {}): {reason}",
+        "{what} in {} could not be read (moved to {}): {reason}",
         path.display(),
         moved_to.display()
     )]
     CorruptState {
+        what: &'static str,
         path: PathBuf,
         moved_to: PathBuf,
         reason: String,

@@ -58,6 +58,7 @@ impl Store {
                 let aside = path.with_extension("json.corrupt");
                 let _ = std::fs::rename(&path, &aside);
                 Err(ServiceError::CorruptState {
+                    what: "registrations",
                     path,
                     moved_to: aside,
                     reason,
@@ -66,29 +67,112 @@ impl Store {
         }
     }
 
-    /// Replaces the file atomically: write a temporary file in the same
-    /// directory, fsync it, rename it over the old one, fsync the directory.
-    /// A crash at any point leaves either the old or the new list.
+    /// Replaces the file atomically (see [`Store::replace`]).
     pub fn save(&self, vms: &[VmConfig]) -> Result<(), ServiceError> {
-        let path = self.path();
-        let err = |source| ServiceError::Persist {
-            path: path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&self.dir).map_err(err)?;
         let data = OnDisk {
             version: VERSION,
             vms: vms.to_vec(),
         };
-        let bytes = serde_json::to_vec_pretty(&data).map_err(|e| err(std::io::Error::other(e)))?;
-        let tmp = self
-            .dir
-            .join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
+        let bytes = serde_json::to_vec_pretty(&data).map_err(|e| ServiceError::Persist {
+            path: self.path(),
+            source: std::io::Error::other(e),
+        })?;
+        self.replace(&self.path(), &bytes)
+    }
+
+    /// Where the `CTA_ID`s of `vm`'s last Save are kept. The name is hex, so
+    /// any VM name is a safe file name.
+    pub fn ids_path(&self, vm: &str) -> PathBuf {
+        let hex: String = vm.bytes().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("saved-{hex}.ids"))
+    }
+
+    /// Keeps the `CTA_ID`s of `vm`'s last Save, so that `Unregister` with
+    /// `flush` still deletes exactly those entries after a daemon restart
+    /// (CTA_IDs belong to the kernel, not to the process). An empty list
+    /// removes the file.
+    pub fn save_ids(&self, vm: &str, ids: &[u32]) -> Result<(), ServiceError> {
+        if ids.is_empty() {
+            return self.remove_ids(vm);
+        }
+        let mut b = Vec::with_capacity(12 + 4 * ids.len());
+        b.extend_from_slice(&IDS_MAGIC);
+        b.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+        for id in ids {
+            b.extend_from_slice(&id.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        self.replace(&self.ids_path(vm), &b)
+    }
+
+    /// The ids [`Store::save_ids`] kept for `vm`, empty when there are none.
+    /// A file that cannot be read back is moved aside and reported.
+    pub fn load_ids(&self, vm: &str) -> Result<Vec<u32>, ServiceError> {
+        let path = self.ids_path(vm);
+        let b = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(ServiceError::Persist { path, source: e }),
+        };
+        let parse = || -> Result<Vec<u32>, String> {
+            if b.len() < 12 || b[..4] != IDS_MAGIC {
+                return Err("not a saved-ids file".into());
+            }
+            let (body, crc) = b.split_at(b.len() - 4);
+            if crc32c::crc32c(body).to_le_bytes() != crc {
+                return Err("checksum mismatch".into());
+            }
+            let n = u32::from_le_bytes([body[4], body[5], body[6], body[7]]) as usize;
+            let ids = &body[8..];
+            if ids.len() != n.saturating_mul(4) {
+                return Err(format!("declares {n} ids, holds {} bytes", ids.len()));
+            }
+            Ok(ids
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        parse().map_err(|reason| {
+            let aside = path.with_extension("ids.corrupt");
+            let _ = std::fs::rename(&path, &aside);
+            ServiceError::CorruptState {
+                what: "saved entry ids",
+                path,
+                moved_to: aside,
+                reason,
+            }
+        })
+    }
+
+    pub fn remove_ids(&self, vm: &str) -> Result<(), ServiceError> {
+        let path = self.ids_path(vm);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ServiceError::Persist { path, source: e }),
+        }
+    }
+
+    /// Replaces `path` atomically: write a temporary file in the same
+    /// directory, fsync it, rename it over the old one, fsync the directory.
+    /// A crash at any point leaves either the old or the new content.
+    fn replace(&self, path: &Path, bytes: &[u8]) -> Result<(), ServiceError> {
+        let err = |source| ServiceError::Persist {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(err)?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = self.dir.join(format!(".{name}.{}.tmp", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
+            f.write_all(bytes)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
+            std::fs::rename(&tmp, path)?;
             sync_dir(&self.dir)
         };
         write().map_err(|e| {
@@ -97,6 +181,8 @@ impl Store {
         })
     }
 }
+
+const IDS_MAGIC: [u8; 4] = *b"CTVI";
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -130,5 +216,30 @@ mod tests {
         assert!(!store.path().exists());
         assert!(store.path().with_extension("json.corrupt").exists());
         assert!(store.load().unwrap().is_empty());
+    }
+
+    #[test]
+    fn saved_ids_round_trip_and_corrupt_file_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        assert!(store.load_ids("100").unwrap().is_empty());
+        store.save_ids("100", &[7, 1, u32::MAX]).unwrap();
+        store.save_ids("vm/../x", &[3]).unwrap();
+        assert_eq!(store.load_ids("100").unwrap(), vec![7, 1, u32::MAX]);
+        assert_eq!(store.load_ids("vm/../x").unwrap(), vec![3]);
+        assert!(store.ids_path("vm/../x").starts_with(dir.path()));
+        // An empty list removes the file.
+        store.save_ids("vm/../x", &[]).unwrap();
+        assert!(!store.ids_path("vm/../x").exists());
+        // A damaged file is refused, moved aside, and reads as none after.
+        let p = store.ids_path("100");
+        let mut b = std::fs::read(&p).unwrap();
+        b[9] ^= 1;
+        std::fs::write(&p, &b).unwrap();
+        let e = store.load_ids("100").unwrap_err();
+        assert!(e.to_string().contains("checksum mismatch"), "{e}");
+        assert!(p.with_extension("ids.corrupt").exists());
+        assert!(store.load_ids("100").unwrap().is_empty());
+        store.remove_ids("100").unwrap();
     }
 }
