@@ -853,23 +853,11 @@ pub fn encode_segmented(
             .map_err(|e| FormatError::Compression(e.to_string()))?;
         Ok((part.len(), raw.len(), z))
     };
-    let parts: Vec<Result<_, FormatError>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = chunks[1..]
-            .iter()
-            .map(|&c| sc.spawn(move || work(c)))
-            .collect();
-        let first = chunks[0];
-        let mut out = vec![work(first)];
-        for h in handles {
-            out.push(h.join().unwrap_or_else(|_| {
-                Err(FormatError::Compression(
-                    "segment encoder thread panicked".into(),
-                ))
-            }));
-        }
-        out
-    });
-    let parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let parts = in_parallel(
+        &chunks,
+        |_, c| work(c),
+        || FormatError::Compression("segment encoder thread panicked".into()),
+    )?;
     let mut table = Vec::with_capacity(1 + SEGMENT_ENTRY_LEN * parts.len());
     table.push(parts.len() as u8);
     let mut raw_total = 0usize;
@@ -1016,32 +1004,53 @@ pub fn decode_segments(bytes: &[u8]) -> Result<(Header, Vec<Vec<Entry>>), Format
         return Ok((h, vec![entries]));
     }
     let segs = segment_table(&h, payload)?;
-    let decoded: Vec<Result<Vec<Entry>, FormatError>> = std::thread::scope(|sc| {
-        let one = |(i, s): (usize, &Segment)| {
+    let segs = in_parallel(
+        &segs,
+        |i, s| {
             let body = &payload[s.at..s.at + s.stored_len];
             inflate(body, s.raw_len as u32, h.flags)
                 .and_then(|raw| decode_raw(&raw, s.count, h.default_mark))
                 .map_err(|e| in_segment(i, e))
-        };
-        let handles: Vec<_> = segs
+        },
+        decoder_panicked,
+    )?;
+    Ok((h, segs))
+}
+
+/// `f` on every item, the first on this thread and every other on a thread
+/// of its own (segments are few: at most one per CPU from our encoder,
+/// [`MAX_SEGMENTS`] from anyone), results in item order; the first error
+/// wins. A worker that panics yields `panicked()`.
+fn in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(usize, &T) -> Result<R, FormatError> + Sync,
+    panicked: impl Fn() -> FormatError,
+) -> Result<Vec<R>, FormatError> {
+    let Some(first) = items.first() else {
+        return Ok(Vec::new());
+    };
+    let f = &f;
+    let results: Vec<Result<R, FormatError>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = items
             .iter()
             .enumerate()
             .skip(1)
-            .map(|x| sc.spawn(move || one(x)))
+            .map(|(i, x)| sc.spawn(move || f(i, x)))
             .collect();
-        let mut out = Vec::with_capacity(segs.len());
-        out.push(one((0, &segs[0])));
-        for h in handles {
-            out.push(h.join().unwrap_or_else(|_| {
-                Err(FormatError::Corrupt(
-                    "segment decoder thread panicked".into(),
-                ))
-            }));
-        }
+        let mut out = Vec::with_capacity(items.len());
+        out.push(f(0, first));
+        out.extend(
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(panicked()))),
+        );
         out
     });
-    let segs = decoded.into_iter().collect::<Result<Vec<_>, _>>()?;
-    Ok((h, segs))
+    results.into_iter().collect()
+}
+
+fn decoder_panicked() -> FormatError {
+    FormatError::Corrupt("segment decoder thread panicked".into())
 }
 
 /// One row of a segment table, with where its body starts in the payload.
@@ -1444,25 +1453,7 @@ pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
     };
     let one =
         |i: usize, part| validate(part).map_err(|e| if segmented { in_segment(i, e) } else { e });
-    let done: Vec<Result<Done, FormatError>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = parts
-            .iter()
-            .enumerate()
-            .skip(1)
-            .map(|(i, &p)| sc.spawn(move || one(i, p)))
-            .collect();
-        let mut out = Vec::with_capacity(parts.len());
-        out.push(one(0, parts[0]));
-        for hd in handles {
-            out.push(hd.join().unwrap_or_else(|_| {
-                Err(FormatError::Corrupt(
-                    "segment decoder thread panicked".into(),
-                ))
-            }));
-        }
-        out
-    });
-    let done = done.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let done = in_parallel(&parts, |i, &p| one(i, p), decoder_panicked)?;
     let mut sorted = done.iter().all(|d| d.2);
     let ends: Vec<(u64, u64)> = done.iter().filter_map(|d| d.3).collect();
     sorted &= ends.windows(2).all(|w| w[0].1 >= w[1].0);

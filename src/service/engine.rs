@@ -409,6 +409,11 @@ impl Engine {
     }
 }
 
+/// A validated stream failed to decode a batch: only a bug can do that.
+fn decode_failed(done: usize, total: usize, e: &format::FormatError) -> String {
+    format!("decoding entries failed after {done} of {total}: {e}")
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -454,9 +459,7 @@ impl RestoreJob {
             let chunk = match chunk {
                 Ok(c) => c,
                 Err(e) => {
-                    failed = Some(format!(
-                        "decoding entries failed after {done} of {total}: {e}"
-                    ));
+                    failed = Some(decode_failed(done, total, &e));
                     break;
                 }
             };
@@ -519,9 +522,7 @@ impl RestoreJob {
             let chunk = match chunk {
                 Ok(c) => c,
                 Err(e) => {
-                    failed = Some(format!(
-                        "decoding entries failed after {done} of {total}: {e}"
-                    ));
+                    failed = Some(decode_failed(done, total, &e));
                     break;
                 }
             };
