@@ -14,6 +14,7 @@ use super::persist::Store;
 use super::runtime::{now_us, OpReport, Restore, RestoreCtl, VmRuntime};
 use super::ServiceError;
 use crate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport, SavedState};
+use crate::entry::Entry;
 use crate::format::{self, EncodeOptions, QEMU_LIMIT};
 
 /// Default Save deadline. QEMU waits 25 s and every millisecond of Save is
@@ -409,11 +410,6 @@ impl Engine {
     }
 }
 
-/// A validated stream failed to decode a batch: only a bug can do that.
-fn decode_failed(done: usize, total: usize, e: &format::FormatError) -> String {
-    format!("decoding entries failed after {done} of {total}: {e}")
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -456,28 +452,14 @@ impl RestoreJob {
         let mut failed: Option<String> = None;
         let mut batch = FIRST_BATCH;
         while let Some(chunk) = rest.next_batch(batch) {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    failed = Some(decode_failed(done, total, &e));
+            let t = Instant::now();
+            let n = match self.create_one(chunk, done, total, &mut totals) {
+                Ok(n) => n,
+                Err(why) => {
+                    failed = Some(why);
                     break;
                 }
             };
-            if self.ctl.cancel.load(Ordering::SeqCst) {
-                failed = Some(self.cancelled(done, total));
-                break;
-            }
-            let n = chunk.len();
-            let t = Instant::now();
-            match self.access.create(&chunk) {
-                Ok(c) => totals.merge(&c),
-                Err(e) => {
-                    failed = Some(format!(
-                        "creating entries failed after {done} of {total}: {e}"
-                    ));
-                    break;
-                }
-            }
             done += n;
             let now = Instant::now();
             let Some(left) = deadline.checked_duration_since(now) else {
@@ -519,32 +501,40 @@ impl RestoreJob {
         let _ = tx.send(interim);
 
         while let Some(chunk) = rest.next_batch(BACKGROUND_BATCH) {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
-                    failed = Some(decode_failed(done, total, &e));
-                    break;
-                }
-            };
-            if self.ctl.cancel.load(Ordering::SeqCst) {
-                failed = Some(self.cancelled(done, total));
-                break;
-            }
-            let n = chunk.len();
-            match self.access.create(&chunk) {
-                Ok(c) => totals.merge(&c),
-                Err(e) => {
-                    failed = Some(format!(
-                        "creating entries failed after {done} of {total}: {e}"
-                    ));
+            match self.create_one(chunk, done, total, &mut totals) {
+                Ok(n) => done += n,
+                Err(why) => {
+                    failed = Some(why);
                     break;
                 }
             }
-            done += n;
         }
         Self::add_totals(&mut report, &totals);
         report.error = failed.unwrap_or_default();
         self.finish(report, None);
+    }
+
+    /// Creates one batch from the stream, unless the restore was cancelled;
+    /// returns how many entries it held, or why the restore ends here.
+    fn create_one(
+        &self,
+        chunk: Result<Vec<Entry>, format::FormatError>,
+        done: usize,
+        total: usize,
+        totals: &mut CreateReport,
+    ) -> Result<usize, String> {
+        // A validated stream cannot fail to decode: only a bug can do that.
+        let chunk =
+            chunk.map_err(|e| format!("decoding entries failed after {done} of {total}: {e}"))?;
+        if self.ctl.cancel.load(Ordering::SeqCst) {
+            return Err(self.cancelled(done, total));
+        }
+        let c = self
+            .access
+            .create(&chunk)
+            .map_err(|e| format!("creating entries failed after {done} of {total}: {e}"))?;
+        totals.merge(&c);
+        Ok(chunk.len())
     }
 
     fn cancelled(&self, done: usize, total: usize) -> String {
