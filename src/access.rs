@@ -107,14 +107,18 @@ pub enum DumpSource {
     Kernel,
     /// A warm cache (no table walk while the guest is stopped).
     Cache,
+    /// A warm cache's pre-encoded base plus what changed since: only the
+    /// changes were encoded while the guest was stopped.
+    Base,
 }
 
 impl DumpSource {
-    /// `dump` or `cache`, as `LastSave.source` reports it.
+    /// `dump`, `cache` or `base`, as `LastSave.source` reports it.
     pub fn as_str(self) -> &'static str {
         match self {
             DumpSource::Kernel => "dump",
             DumpSource::Cache => "cache",
+            DumpSource::Base => "base",
         }
     }
 }

@@ -147,6 +147,7 @@ use crate::ctnetlink::{Ctnetlink, EventError, EventSocket, EventsSysctl};
 use crate::entry::{Entry, Selector};
 use crate::format::{self, EncodeOptions, View};
 use state::{Key, Tables};
+use table::{Base, NO_BASE};
 
 /// Tunables of a [`CachedAccess`].
 #[derive(Debug, Clone)]
@@ -166,6 +167,13 @@ pub struct CacheConfig {
     pub drain_budget: Duration,
     /// Never more lookups than this at one Save, whatever the estimates say.
     pub max_lookups: usize,
+    /// Selectors with at least this many entries keep a pre-encoded base
+    /// (docs/downtime.md); below it a whole Save costs about as little.
+    /// `usize::MAX` turns the base off.
+    pub base_min_entries: usize,
+    /// The least time between two builds of one selector's base: what its
+    /// CPU cost is bounded by when entries change faster than that.
+    pub base_interval: Duration,
 }
 
 impl Default for CacheConfig {
@@ -177,6 +185,8 @@ impl Default for CacheConfig {
             verify_margin_secs: 2,
             drain_budget: Duration::from_millis(50),
             max_lookups: 20_000,
+            base_min_entries: 4096,
+            base_interval: Duration::from_secs(1),
         }
     }
 }
@@ -204,8 +214,21 @@ pub struct CacheStats {
     /// Event messages read, and those skipped by the mark/id pre-filter.
     pub events_read: u64,
     pub events_skipped: u64,
+    /// Pre-encoded bases built, and Saves answered from one.
+    pub base_builds: u64,
+    pub base_saves: u64,
     /// Why the last fallback happened.
     pub last_fallback: Option<&'static str>,
+}
+
+/// What [`CachedAccess::base_info`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseInfo {
+    pub records: usize,
+    pub changes: usize,
+    /// Compressed size of its segments.
+    pub bytes: usize,
+    pub age: Duration,
 }
 
 #[derive(Default)]
@@ -220,6 +243,8 @@ struct Counters {
     walks: AtomicU64,
     events_read: AtomicU64,
     events_skipped: AtomicU64,
+    base_builds: AtomicU64,
+    base_saves: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -324,8 +349,31 @@ impl CachedAccess {
             walks: l(&c.walks),
             events_read: l(&c.events_read),
             events_skipped: l(&c.events_skipped),
+            base_builds: l(&c.base_builds),
+            base_saves: l(&c.base_saves),
             last_fallback: self.shared.lock().last_fallback,
         }
+    }
+
+    /// Builds `sel`'s pre-encoded base now, if its entries are trusted, and
+    /// returns the records in it. The event thread does this by itself
+    /// (`base_min_entries`, `base_interval`); tests and benchmarks that
+    /// need a base of a known moment call it.
+    pub fn rebuild_base(&self, sel: &Selector) -> Option<usize> {
+        self.shared.build_base(*sel)
+    }
+
+    /// `sel`'s pre-encoded base, if it has one: records in it, and how
+    /// many of its entries changed or were added since it was built.
+    pub fn base_info(&self, sel: &Selector) -> Option<BaseInfo> {
+        let st = self.shared.lock();
+        let b = st.tables.sels.get(sel)?.entries.base()?;
+        Some(BaseInfo {
+            records: b.stored as usize,
+            changes: b.changes,
+            bytes: b.frames.iter().map(|f| f.bytes.len()).sum(),
+            age: b.built.elapsed(),
+        })
     }
 
     /// Whether a dump of `sel` would be answered from the cache right now
@@ -498,7 +546,7 @@ impl Shared {
     /// The answer for a watched, trusted selector, or why Save must dump
     /// directly.
     fn answer_cached(&self, sel: &Selector) -> Result<Vec<Entry>, &'static str> {
-        self.with_answer(sel, |views, ids| {
+        self.with_answer(sel, false, |_, views, ids| {
             let mut out = crate::format::bigvec::with_capacity(views.len());
             out.extend(views.iter().zip(ids).map(|(v, id)| {
                 let mut e = v.rec.to_entry(v.timeout);
@@ -513,13 +561,18 @@ impl Shared {
     /// selector, as they are in the tables (no copy: ~20 MB at 100k entries
     /// would cost Save milliseconds), each with the seconds it has left now,
     /// and their `CTA_ID`s; or says why Save must dump directly.
+    ///
+    /// With `use_base` and a usable pre-encoded base, `f` gets the base and
+    /// its age, and the views are only the entries the base does not hold
+    /// as they are now (the ids are still all of them).
     fn with_answer<R>(
         &self,
         sel: &Selector,
-        f: impl FnOnce(&[View], Vec<Option<u32>>) -> R,
+        use_base: bool,
+        f: impl FnOnce(Option<(&Base, u32)>, &[View], Vec<Option<u32>>) -> R,
     ) -> Result<R, &'static str> {
         let mut st = self.lock();
-        let r = self.answer_locked(&mut st, sel, f);
+        let r = self.answer_locked(&mut st, sel, use_base, f);
         if let Err(why) = r {
             st.last_fallback = Some(why);
             tracing::debug!(
@@ -535,7 +588,8 @@ impl Shared {
         &self,
         st: &mut State,
         sel: &Selector,
-        f: impl FnOnce(&[View], Vec<Option<u32>>) -> R,
+        use_base: bool,
+        f: impl FnOnce(Option<(&Base, u32)>, &[View], Vec<Option<u32>>) -> R,
     ) -> Result<R, &'static str> {
         if !self.pump(st, self.config.drain_budget) {
             return Err("events lost, off, or not caught up");
@@ -554,12 +608,19 @@ impl Shared {
         if !fresh {
             return Err("refresh overdue");
         }
+        // Entries in a base young enough need no lookup (their timeouts
+        // were far from expiry when it was built).
+        let base_ok = use_base && sc.entries.base().is_some_and(|b| b.usable(now));
         // One pass collects the answer, as long as no entry needs a lookup
         // (the usual case); otherwise a second one finds all that do.
-        let mut views: Vec<View> = Vec::with_capacity(sc.entries.len());
+        let mut views: Vec<View> = Vec::with_capacity(if base_ok { 0 } else { sc.entries.len() });
         let mut ids: Vec<Option<u32>> = Vec::with_capacity(sc.entries.len());
         let mut lookups = false;
         for (h, r) in sc.entries.with_hot() {
+            if base_ok && h.base != NO_BASE {
+                ids.push(h.id);
+                continue;
+            }
             if h.needs_lookup(now, margin) {
                 lookups = true;
                 break;
@@ -571,7 +632,8 @@ impl Shared {
             }
         }
         if !lookups {
-            return Ok(f(&views, ids));
+            let base = sc.entries.base().filter(|_| base_ok);
+            return Ok(f(base.map(|b| (b, b.age_secs(now))), &views, ids));
         }
         drop((views, ids));
         let keys = sc.entries.lookup_keys(now, margin);
@@ -594,16 +656,22 @@ impl Shared {
         }
         let now = Instant::now();
         let sc = st.tables.sels.get(sel).ok_or("not watched")?;
+        let base_ok = base_ok && sc.entries.base().is_some_and(|b| b.usable(now));
         let mut views: Vec<View> = Vec::with_capacity(sc.entries.len());
         let mut ids: Vec<Option<u32>> = Vec::with_capacity(sc.entries.len());
         for (h, r) in sc.entries.with_hot() {
+            if base_ok && h.base != NO_BASE {
+                ids.push(h.id);
+                continue;
+            }
             let left = h.estimate(now);
             if left > 0 {
                 views.push(View::with_key(r, left, h.key(left)));
                 ids.push(h.id);
             }
         }
-        Ok(f(&views, ids))
+        let base = sc.entries.base().filter(|_| base_ok);
+        Ok(f(base.map(|b| (b, b.age_secs(now))), &views, ids))
     }
 
     /// The event thread: reads events, runs syncs and background lookups.
@@ -626,6 +694,10 @@ impl Shared {
                 }
                 Some(Job::Probe(sel)) => {
                     self.probe(sel);
+                    continue;
+                }
+                Some(Job::Base(sel)) => {
+                    _ = self.build_base(sel);
                     continue;
                 }
                 Some(Job::Fix(sel, keys)) => {
@@ -723,7 +795,65 @@ impl Shared {
             }
             return Some(Job::Sync(self.sync_group(&st.tables, first, now)));
         }
-        fix
+        fix.or_else(|| {
+            st.tables
+                .sels
+                .iter()
+                .find(|(_, sc)| self.base_due(sc, now))
+                .map(|(sel, _)| Job::Base(*sel))
+        })
+    }
+
+    /// Whether `sc` should get a new pre-encoded base now: it is trusted and
+    /// big enough, and has none, or one that changed by more than 1/32 (at
+    /// least 256 entries) or is half-way to [`table::MAX_BASE_AGE`]; at
+    /// most once per `base_interval`.
+    fn base_due(&self, sc: &state::SelCache, now: Instant) -> bool {
+        let cfg = &self.config;
+        if !sc.trusted || sc.log.is_some() || sc.entries.len() < cfg.base_min_entries {
+            return false;
+        }
+        if sc
+            .base_tried_at
+            .is_some_and(|t| now.saturating_duration_since(t) < cfg.base_interval)
+        {
+            return false;
+        }
+        match sc.entries.base() {
+            None => true,
+            Some(b) => {
+                b.changes >= (b.stored as usize / 32).max(256)
+                    || now.saturating_duration_since(b.built) >= table::MAX_BASE_AGE / 2
+            }
+        }
+    }
+
+    /// Builds `sel`'s base under the lock: Save waits for it meanwhile,
+    /// which costs what a Save without a base would (docs/downtime.md).
+    /// Returns the records in it, if it was built.
+    fn build_base(&self, sel: Selector) -> Option<usize> {
+        let mut st = self.lock();
+        let margin = self.config.verify_margin_secs;
+        let sc = st.tables.sels.get_mut(&sel).filter(|sc| sc.trusted)?;
+        let now = Instant::now();
+        sc.base_tried_at = Some(now);
+        let mark = (sel.mark_mask == u32::MAX).then_some(sel.mark);
+        match sc.entries.build_base(now, mark, margin) {
+            Ok(n) => {
+                bump(&self.counters.base_builds, 1);
+                tracing::debug!(
+                    mark = sel.mark,
+                    records = n,
+                    us = now.elapsed().as_micros() as u64,
+                    "pre-encoded base built"
+                );
+                Some(n)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "building the pre-encoded base failed");
+                None
+            }
+        }
     }
 
     /// Sends a no-op update to every entry of `sel` that no event has
@@ -893,6 +1023,7 @@ enum Job {
     Sync(Vec<Selector>),
     Probe(Selector),
     Fix(Selector, Vec<Key>),
+    Base(Selector),
 }
 
 fn poll2(a: i32, b: i32, wait: Duration) {
@@ -942,34 +1073,72 @@ impl ConntrackAccess for CachedAccess {
 
     fn save_state(&self, sel: &Selector, opts: &EncodeOptions) -> Result<SavedState, AccessError> {
         let watched = self.shared.lock().tables.sels.contains_key(sel);
-        if watched {
-            // Encoding under the lock holds back the event thread for those
-            // milliseconds; its events queue in the socket meanwhile.
-            // One selector's entries all carry its mark when it matches a
-            // single mark: no need to look at each for the most common one.
-            let mark = (sel.mark_mask == u32::MAX).then_some(sel.mark);
-            let r = self.shared.with_answer(sel, |views, ids| {
-                format::encode_views(views, opts, mark)
-                    .map(|encoded| SavedState {
+        if !watched {
+            bump(&self.shared.counters.unwatched, 1);
+            return self.shared.direct.save_state(sel, opts);
+        }
+        // Encoding under the lock holds back the event thread for those
+        // milliseconds; its events queue in the socket meanwhile.
+        // One selector's entries all carry its mark when it matches a
+        // single mark: no need to look at each for the most common one.
+        let mark = (sel.mark_mask == u32::MAX).then_some(sel.mark);
+        let whole = |views: &[View], ids: Vec<Option<u32>>| {
+            format::encode_views(views, opts, mark)
+                .map(|encoded| {
+                    Some(SavedState {
                         encoded,
                         source: DumpSource::Cache,
                         ids: ids.into_iter().flatten().collect(),
                     })
-                    .map_err(|source| AccessError::Encode {
-                        entries: views.len(),
-                        source,
-                    })
+                })
+                .map_err(|source| AccessError::Encode {
+                    entries: views.len(),
+                    source,
+                })
+        };
+        let use_base = opts.format == format::Format::Binary;
+        let r = self
+            .shared
+            .with_answer(sel, use_base, |base, views, ids| match base {
+                None => whole(views, ids),
+                Some((b, age)) => match b.patched(age, views, opts.limit) {
+                    Ok(Some(encoded)) => Ok(Some(SavedState {
+                        encoded,
+                        source: DumpSource::Base,
+                        ids: ids.into_iter().flatten().collect(),
+                    })),
+                    // Too big with the base: a whole encode decides what
+                    // to drop.
+                    Ok(None) => Ok(None),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "encoding from the pre-encoded base failed");
+                        Ok(None)
+                    }
+                },
             });
-            if let Ok(saved) = r {
+        let r = match r {
+            Ok(Ok(None)) => self
+                .shared
+                .with_answer(sel, false, |_, views, ids| whole(views, ids)),
+            other => other,
+        };
+        match r {
+            Ok(Ok(Some(saved))) => {
                 bump(&self.shared.counters.hits, 1);
-                return saved;
+                if saved.source == DumpSource::Base {
+                    bump(&self.shared.counters.base_saves, 1);
+                }
+                Ok(saved)
             }
-            bump(&self.shared.counters.fallbacks, 1);
-            self.shared.wake();
-        } else {
-            bump(&self.shared.counters.unwatched, 1);
+            Ok(Err(e)) => Err(e),
+            // The cache could not answer (or, never in practice, the whole
+            // encode came back empty-handed): the kernel can.
+            Ok(Ok(None)) | Err(_) => {
+                bump(&self.shared.counters.fallbacks, 1);
+                self.shared.wake();
+                self.shared.direct.save_state(sel, opts)
+            }
         }
-        self.shared.direct.save_state(sel, opts)
     }
 
     fn delete_saved(&self, sel: &Selector, ids: &[u32]) -> Result<DeleteReport, AccessError> {

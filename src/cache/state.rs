@@ -87,6 +87,8 @@ pub struct SelCache {
     pub dump_cost: Option<std::time::Duration>,
     pub last_sync_error: Option<String>,
     pub sync_failed_at: Option<Instant>,
+    /// When the last pre-encoded base was built (or tried).
+    pub base_tried_at: Option<Instant>,
 }
 
 impl SelCache {
@@ -104,6 +106,7 @@ impl SelCache {
             dump_cost: None,
             last_sync_error: None,
             sync_failed_at: None,
+            base_tried_at: None,
         }
     }
 }

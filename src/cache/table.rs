@@ -6,12 +6,21 @@
 //! for the same encode). Removal swaps the last entry into the hole.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::state::{key, Cached, Key};
-use crate::format::binary::representable;
-use crate::format::priority::{value_class_at, ABOUT_TO_EXPIRE_SECS};
-use crate::format::{Compact, Rec, View};
+use crate::format::binary::{self, representable, Frame};
+use crate::format::priority::{self, value_class_at, ABOUT_TO_EXPIRE_SECS};
+use crate::format::{Compact, Encoded, FormatError, Rec, View};
+
+/// [`Hot::base`] of an entry that is not in the pre-encoded base.
+pub const NO_BASE: u32 = u32::MAX;
+
+/// The oldest a base may be for Save to use it. A base only holds entries
+/// with more than this (plus the about-to-expire threshold) left when it
+/// was built, so none of them changes priority class or needs a lookup
+/// before the base is too old to be used.
+pub const MAX_BASE_AGE: Duration = Duration::from_secs(60);
 
 /// What Save's first pass reads of an entry, ~32 bytes, in a dense array
 /// of its own next to the entries: Save walks all of them (is a lookup
@@ -33,6 +42,10 @@ pub struct Hot {
     pub representable: bool,
     /// Its priority class while more than ABOUT_TO_EXPIRE_SECS are left.
     pub class: u8,
+    /// Its record's position in the pre-encoded [`Base`], or [`NO_BASE`].
+    /// A changed entry gets a new `Hot` (with `NO_BASE`), so an entry that
+    /// still has a position is exactly what the base holds for it.
+    pub base: u32,
 }
 
 impl Hot {
@@ -44,6 +57,7 @@ impl Hot {
             trusted: c.evented && c.complete(),
             representable: representable(&c.entry),
             class: value_class_at(&c.entry, u32::MAX) as u8,
+            base: NO_BASE,
         }
     }
 
@@ -75,6 +89,89 @@ impl Hot {
     }
 }
 
+/// The selector's entries encoded ahead of time, while no migration runs
+/// (docs/downtime.md, "The pre-encoded base"): Save then only encodes what
+/// changed since and lists the base records that are no longer valid
+/// (state format §1.2), instead of ranking and compressing every entry
+/// inside the migration downtime.
+#[derive(Debug)]
+pub struct Base {
+    pub frames: Vec<Frame>,
+    pub built: Instant,
+    /// The blob's default mark, for the delta too.
+    pub mark: u32,
+    /// Records in `frames`.
+    pub stored: u32,
+    /// Bit per record: its entry changed or went away since.
+    dead: Vec<u64>,
+    /// Records invalidated plus entries added since `built`.
+    pub changes: usize,
+}
+
+impl Base {
+    /// Whole seconds since the base was built, rounded up: a record's
+    /// timeout minus this is never more than the cache's own estimate now.
+    pub fn age_secs(&self, now: Instant) -> u32 {
+        let el = now.saturating_duration_since(self.built);
+        let secs = el.as_secs() + u64::from(el.subsec_nanos() > 0);
+        u32::try_from(secs).unwrap_or(u32::MAX)
+    }
+
+    /// Usable by a Save at `now`.
+    pub fn usable(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.built) <= MAX_BASE_AGE
+    }
+
+    /// The invalidated records, ascending (the blob's skip list).
+    pub fn skipped(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (w, &bits) in self.dead.iter().enumerate() {
+            let mut b = bits;
+            while b != 0 {
+                out.push((w as u32) * 64 + b.trailing_zeros());
+                b &= b - 1;
+            }
+        }
+        out
+    }
+
+    /// The state as it is now: this base, `age` seconds old, without its
+    /// invalidated records, plus `delta` (the entries the base does not
+    /// hold as they are now, each with the time it has left), encoded as
+    /// one blob of at most `limit` bytes; `None` when that does not fit (a
+    /// whole encode then decides what to drop).
+    pub fn patched(
+        &self,
+        age: u32,
+        delta: &[View],
+        limit: usize,
+    ) -> Result<Option<Encoded>, FormatError> {
+        let (ranked, _) = priority::rank_and_mark(delta, Some(self.mark));
+        let dropped = delta.len() - ranked.len();
+        let frames = binary::encode_frames(&ranked, 1, self.mark)?;
+        let skip = self.skipped();
+        let bytes = binary::assemble_patched(&self.frames, age, &skip, &frames, dropped, self.mark)?;
+        if bytes.len() > limit {
+            return Ok(None);
+        }
+        Ok(Some(Encoded {
+            bytes,
+            kept: self.stored as usize - skip.len() + ranked.len(),
+            dropped,
+        }))
+    }
+
+    fn kill(&mut self, pos: u32) {
+        let (w, bit) = ((pos / 64) as usize, pos % 64);
+        if let Some(word) = self.dead.get_mut(w) {
+            if *word & (1 << bit) == 0 {
+                *word |= 1 << bit;
+                self.changes += 1;
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct EntryTable {
     index: HashMap<Key, u32>,
@@ -82,6 +179,7 @@ pub struct EntryTable {
     /// `hot[i]` and `compact[i]` describe `slots[i]`.
     hot: Vec<Hot>,
     compact: Vec<Option<Compact>>,
+    base: Option<Base>,
 }
 
 impl EntryTable {
@@ -91,7 +189,76 @@ impl EntryTable {
             slots: crate::format::bigvec::with_capacity(n),
             hot: Vec::with_capacity(n),
             compact: Vec::with_capacity(n),
+            base: None,
         }
+    }
+
+    pub fn base(&self) -> Option<&Base> {
+        self.base.as_ref()
+    }
+
+    /// Slot `i`'s record in the base (if any) no longer describes it.
+    fn invalidate(&mut self, i: usize) {
+        let pos = self.hot[i].base;
+        if let Some(b) = self.base.as_mut() {
+            if pos == NO_BASE {
+                return;
+            }
+            b.kill(pos);
+        }
+    }
+
+    /// Encodes the entries that will stay valid for [`MAX_BASE_AGE`] into a
+    /// new base (replacing the old one): trusted, representable, with more
+    /// than `margin_secs` (the lookup margin) and the about-to-expire
+    /// threshold left after that time. `mark` is the default mark when the
+    /// caller knows it. Returns the records in the base.
+    pub fn build_base(
+        &mut self,
+        now: Instant,
+        mark: Option<u32>,
+        margin_secs: u32,
+    ) -> Result<usize, FormatError> {
+        self.base = None;
+        for h in &mut self.hot {
+            h.base = NO_BASE;
+        }
+        let min_left = ABOUT_TO_EXPIRE_SECS.max(margin_secs) + MAX_BASE_AGE.as_secs() as u32;
+        let (frames, slots, order, mark) = {
+            let mut views = Vec::with_capacity(self.slots.len());
+            let mut slots = Vec::with_capacity(self.slots.len());
+            for (i, (h, r)) in self.with_hot().enumerate() {
+                if !h.trusted || !h.representable {
+                    continue;
+                }
+                let left = h.estimate(now);
+                if left > min_left {
+                    views.push(View::with_key(r, left, h.key(left)));
+                    slots.push(i as u32);
+                }
+            }
+            if views.is_empty() {
+                return Ok(0);
+            }
+            let mark = mark.unwrap_or_else(|| binary::views_default_mark(&views));
+            let order = priority::ranked_positions(&views);
+            let ranked: Vec<View> = order.iter().map(|&p| views[p as usize]).collect();
+            let frames = binary::encode_frames(&ranked, binary::default_segments(ranked.len()), mark)?;
+            (frames, slots, order, mark)
+        };
+        for (pos, &p) in order.iter().enumerate() {
+            self.hot[slots[p as usize] as usize].base = pos as u32;
+        }
+        let stored = order.len();
+        self.base = Some(Base {
+            frames,
+            built: now,
+            mark,
+            stored: stored as u32,
+            dead: vec![0; stored.div_ceil(64)],
+            changes: 0,
+        });
+        Ok(stored)
     }
 
     pub fn len(&self) -> usize {
@@ -116,14 +283,17 @@ impl EntryTable {
     /// record in step.
     pub fn modify<R>(&mut self, k: &Key, f: impl FnOnce(&mut Cached) -> R) -> Option<R> {
         let i = *self.index.get(k)? as usize;
+        self.invalidate(i);
         let r = f(&mut self.slots[i]);
         self.hot[i] = Hot::of(&self.slots[i]);
         self.compact[i] = Compact::of(&self.slots[i].entry);
         Some(r)
     }
 
-    /// Runs `f` on every entry, keeping the [`Hot`] records in step.
+    /// Runs `f` on every entry, keeping the [`Hot`] records in step. The
+    /// base goes: any of its records may have changed.
     pub fn modify_all(&mut self, mut f: impl FnMut(&mut Cached)) {
+        self.base = None;
         for ((c, h), x) in self
             .slots
             .iter_mut()
@@ -144,10 +314,14 @@ impl EntryTable {
         match self.index.get(&k) {
             Some(&i) => {
                 let i = i as usize;
+                self.invalidate(i);
                 (self.hot[i], self.compact[i]) = (hot, compact);
                 Some(std::mem::replace(&mut self.slots[i], c))
             }
             None => {
+                if let Some(b) = self.base.as_mut() {
+                    b.changes += 1;
+                }
                 // u32 indexes: far above the 2M entries a state may hold.
                 self.index.insert(k, self.slots.len() as u32);
                 self.slots.push(c);
@@ -160,6 +334,7 @@ impl EntryTable {
 
     pub fn remove(&mut self, k: &Key) -> Option<Cached> {
         let i = self.index.remove(k)? as usize;
+        self.invalidate(i);
         let c = self.slots.swap_remove(i);
         self.hot.swap_remove(i);
         self.compact.swap_remove(i);

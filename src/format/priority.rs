@@ -157,7 +157,8 @@ fn radix_sort_keys(v: &mut Vec<u64>) {
 /// order, without the excluded ones: the same order [`priority_order`]
 /// gives entries whose timeout field holds the seconds left.
 pub fn rank_views<'a>(views: &[View<'a>]) -> Vec<View<'a>> {
-    rank_and_mark(views, None).0
+    // Any mark: only the order is wanted.
+    rank_and_mark(views, Some(0)).0
 }
 
 /// [`rank_views`], and the most common mark of the ranked views
@@ -166,48 +167,46 @@ pub fn rank_views<'a>(views: &[View<'a>]) -> Vec<View<'a>> {
 /// priority order, i.e. at random (at 100k entries the tables are more
 /// than the CPU cache holds, and Save is bound by memory).
 pub(crate) fn rank_and_mark<'a>(views: &[View<'a>], mark: Option<u32>) -> (Vec<View<'a>>, u32) {
-    let (mut cand, mut votes) = (0u32, 0usize);
-    let mut vote = |v: &View| {
-        if mark.is_some() {
-            return;
+    let mark = mark.unwrap_or_else(|| {
+        let (mut cand, mut votes) = (0u32, 0usize);
+        for v in views.iter().filter(|v| v.key != View::EXCLUDED) {
+            let m = v.rec.mark();
+            if votes == 0 {
+                (cand, votes) = (m, 1);
+            } else if m == cand {
+                votes += 1;
+            } else {
+                votes -= 1;
+            }
         }
-        let m = v.rec.mark();
-        if votes == 0 {
-            (cand, votes) = (m, 1);
-        } else if m == cand {
-            votes += 1;
-        } else {
-            votes -= 1;
-        }
-    };
+        cand
+    });
+    let ranked = ranked_positions(views)
+        .into_iter()
+        .map(|p| views[p as usize])
+        .collect();
+    (ranked, mark)
+}
+
+/// Positions in `views`, most valuable first by their keys, ties in input
+/// order, without the excluded ones: [`rank_views`] for a caller that must
+/// know where each ranked view came from (the cache's pre-encoded base).
+pub(crate) fn ranked_positions(views: &[View]) -> Vec<u32> {
     let included = views
         .iter()
         .zip(0u64..)
         .filter(|(v, _)| v.key != View::EXCLUDED);
     if views.len() >= (1usize << INDEX_BITS) {
-        let mut keyed: Vec<(u64, u64)> = included
-            .map(|(v, i)| {
-                vote(v);
-                (!v.key, i)
-            })
-            .collect();
+        let mut keyed: Vec<(u64, u32)> = included.map(|(v, i)| (!v.key, i as u32)).collect();
         keyed.sort_unstable();
-        let ranked = keyed.into_iter().map(|(_, i)| views[i as usize]).collect();
-        return (ranked, mark.unwrap_or(cand));
+        return keyed.into_iter().map(|(_, i)| i).collect();
     }
     let mut packed: Vec<u64> = included
-        .map(|(v, i)| {
-            vote(v);
-            (((!v.key) & ((1u64 << KEY_BITS) - 1)) << INDEX_BITS) | i
-        })
+        .map(|(v, i)| (((!v.key) & ((1u64 << KEY_BITS) - 1)) << INDEX_BITS) | i)
         .collect();
     radix_sort_keys(&mut packed);
     let mask = (1u64 << INDEX_BITS) - 1;
-    let ranked = packed
-        .into_iter()
-        .map(|p| views[(p & mask) as usize])
-        .collect();
-    (ranked, mark.unwrap_or(cand))
+    packed.into_iter().map(|p| (p & mask) as u32).collect()
 }
 
 /// Indices of `entries`, most valuable first. Ties keep input order, so the

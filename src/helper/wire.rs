@@ -351,6 +351,7 @@ fn source_code(s: DumpSource) -> u8 {
     match s {
         DumpSource::Kernel => 0,
         DumpSource::Cache => 1,
+        DumpSource::Base => 2,
     }
 }
 
@@ -716,6 +717,7 @@ fn get_source(r: &mut R) -> Result<DumpSource, WireError> {
     match r.u8()? {
         0 => Ok(DumpSource::Kernel),
         1 => Ok(DumpSource::Cache),
+        2 => Ok(DumpSource::Base),
         v => Err(r.invalid("dump source", v.into())),
     }
 }
