@@ -137,8 +137,9 @@ fn newer_major_version_is_a_clear_error() {
 #[test]
 fn unknown_required_flag_is_rejected_informational_is_not() {
     let raw = one_udp_entry(None);
-    let err = format::decode(&wrap(1, 0x0200, 1, raw.len() as u32, &raw)).unwrap_err();
-    assert!(matches!(err, FormatError::UnknownFlags(0x0200)), "{err:?}");
+    // Bit 9 is PATCH since v1.2; bit 10 is the lowest still unknown.
+    let err = format::decode(&wrap(1, 0x0400, 1, raw.len() as u32, &raw)).unwrap_err();
+    assert!(matches!(err, FormatError::UnknownFlags(0x0400)), "{err:?}");
     let ok = format::decode(&wrap(1, 0x0080, 1, raw.len() as u32, &raw)).unwrap();
     assert_eq!(ok.entries.len(), 1);
 }

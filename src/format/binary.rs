@@ -11,6 +11,8 @@ pub const MAJOR: u8 = 1;
 pub const MINOR: u8 = 0;
 /// Minor version of a segmented blob (v1.1; only the SEGMENTS flag is new).
 pub const MINOR_SEGMENTS: u8 = 1;
+/// Minor version of a patched blob (v1.2; only the PATCH flag is new).
+pub const MINOR_PATCH: u8 = 2;
 pub const HEADER_LEN: usize = 32;
 
 /// Header flag: the sender dropped entries to fit its byte budget.
@@ -20,10 +22,14 @@ pub const FLAG_ZSTD: u16 = 1 << 1;
 /// Header flag (required, v1.1): the payload is a segment table and
 /// independently coded segments (`docs/state-format.md` §1.1).
 pub const FLAG_SEGMENTS: u16 = 1 << 8;
+/// Header flag (required, v1.2): a patch block (base segments, their age,
+/// records to skip) precedes the segment table (`docs/state-format.md`
+/// §1.2). Only together with SEGMENTS.
+pub const FLAG_PATCH: u16 = 1 << 9;
 /// Flags this decoder understands. Unknown bits 0–7 are informational and
 /// ignored; unknown bits 8–15 change the meaning of the payload and are an
 /// error.
-const KNOWN_FLAGS: u16 = FLAG_TRUNCATED | FLAG_ZSTD | FLAG_SEGMENTS;
+const KNOWN_FLAGS: u16 = FLAG_TRUNCATED | FLAG_ZSTD | FLAG_SEGMENTS | FLAG_PATCH;
 const REQUIRED_FLAG_MASK: u16 = 0xff00;
 
 /// Ceiling on the decompressed payload a decoder accepts (64 MiB).
@@ -818,6 +824,15 @@ pub fn views_default_mark(views: &[View]) -> u32 {
     default_mark_of(views.iter().map(|v| v.rec.mark()))
 }
 
+/// One compressed segment: `count` records, `raw_len` raw bytes, zstd frame
+/// in `bytes` (§1.1: a v1.0 payload decoded with fresh state).
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub count: u32,
+    pub raw_len: u32,
+    pub bytes: Vec<u8>,
+}
+
 /// Encodes all of `views` (priority order) as one blob in `segments`
 /// independent parts built and compressed in parallel (Save is migration
 /// downtime and the guest is stopped, so the CPUs are free). One segment
@@ -833,6 +848,53 @@ pub fn encode_segmented(
         let n = views.len();
         return Encoder::whole(views, default_mark)?.blob(n, dropped);
     }
+    let frames = encode_frames(views, segments, default_mark)?;
+    let mut table = Vec::with_capacity(1 + SEGMENT_ENTRY_LEN * frames.len());
+    put_segment_table(&mut table, frames.len(), frames.iter());
+    let h = Header {
+        minor: MINOR_SEGMENTS,
+        flags: FLAG_SEGMENTS | FLAG_ZSTD | if dropped > 0 { FLAG_TRUNCATED } else { 0 },
+        count: views.len() as u32,
+        dropped: dropped_u32(dropped),
+        default_mark,
+        raw_len: frames.iter().map(|f| f.raw_len).sum(),
+        payload_len: 0,
+    };
+    let mut refs: Vec<&[u8]> = vec![&table];
+    refs.extend(frames.iter().map(|f| f.bytes.as_slice()));
+    Ok(assemble(&h, &refs))
+}
+
+/// `n`, then one row per frame (§1.1).
+fn put_segment_table<'a>(out: &mut Vec<u8>, n: usize, frames: impl Iterator<Item = &'a Frame>) {
+    out.push(n as u8);
+    for f in frames {
+        out.extend_from_slice(&f.count.to_le_bytes());
+        out.extend_from_slice(&f.raw_len.to_le_bytes());
+        out.extend_from_slice(&(f.bytes.len() as u32).to_le_bytes());
+    }
+}
+
+/// `views`, already in priority order, as `segments` balanced frames
+/// (clamped to 1..=[`MAX_SEGMENTS`] and to at most one per view; no views,
+/// no frames), built and compressed in parallel. The warm cache keeps these
+/// as the base of a patched blob ([`assemble_patched`]); every frame must
+/// be encoded with the `default_mark` of the blob it goes into.
+pub fn encode_frames(
+    views: &[View],
+    segments: usize,
+    default_mark: u32,
+) -> Result<Vec<Frame>, FormatError> {
+    if views.is_empty() {
+        return Ok(Vec::new());
+    }
+    if views.len() > MAX_ENTRIES {
+        return Err(FormatError::TooManyEntries {
+            count: views.len() as u64,
+            max: MAX_ENTRIES,
+        });
+    }
+    let segments = segments.clamp(1, MAX_SEGMENTS).min(views.len());
     // Balanced: the first `len % segments` segments take one entry more.
     let (base, extra) = (views.len() / segments, views.len() % segments);
     let mut chunks = Vec::with_capacity(segments);
@@ -842,43 +904,144 @@ pub fn encode_segmented(
         chunks.push(c);
         rest = r;
     }
-    // Segments are always compressed: at MIN_SEGMENT_ENTRIES and more,
-    // real entries always shrink.
-    let work = |part: &[View]| -> Result<(usize, usize, Vec<u8>), FormatError> {
+    // Segments are always compressed (the ZSTD flag covers the whole blob):
+    // at MIN_SEGMENT_ENTRIES and more real entries always shrink, and a tiny
+    // delta costs a few bytes of frame header at most.
+    let work = |part: &[View]| -> Result<Frame, FormatError> {
         let cols = build_columns(part, default_mark, false);
         let mut raw = Vec::new();
         cols.write_raw(part.len(), &mut raw);
-        let z = compressor()?
+        let raw_len = u32::try_from(raw.len())
+            .ok()
+            .filter(|&l| l as usize <= MAX_RAW_LEN)
+            .ok_or(FormatError::DecompressionBomb {
+                declared: raw.len() as u64,
+                max: MAX_RAW_LEN,
+            })?;
+        let bytes = compressor()?
             .compress(&raw)
             .map_err(|e| FormatError::Compression(e.to_string()))?;
-        Ok((part.len(), raw.len(), z))
+        Ok(Frame {
+            count: part.len() as u32,
+            raw_len,
+            bytes,
+        })
     };
-    let parts = in_parallel(
+    in_parallel(
         &chunks,
         |_, c| work(c),
         || FormatError::Compression("segment encoder thread panicked".into()),
-    )?;
-    let mut table = Vec::with_capacity(1 + SEGMENT_ENTRY_LEN * parts.len());
-    table.push(parts.len() as u8);
-    let mut raw_total = 0usize;
-    for (count, raw_len, body) in &parts {
-        table.extend_from_slice(&(*count as u32).to_le_bytes());
-        table.extend_from_slice(&(*raw_len as u32).to_le_bytes());
-        table.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        raw_total += raw_len;
+    )
+}
+
+/// Assembles a v1.2 patched blob (§1.2): the `base` frames, whose records
+/// lose `age_secs` seconds of timeout on Load and of which the stored
+/// indices in `skip` (strictly ascending, below the base's record count)
+/// are left out, then the `delta` frames (may be none). All frames must
+/// have been encoded with `default_mark`.
+///
+/// On Save's hot path: one allocation of the exact size, one copy of each
+/// frame, one checksum pass; nothing else looks at the frames' bytes.
+pub fn assemble_patched(
+    base: &[Frame],
+    age_secs: u32,
+    skip: &[u32],
+    delta: &[Frame],
+    dropped: usize,
+    default_mark: u32,
+) -> Result<Vec<u8>, FormatError> {
+    let bad = |m: String| Err(FormatError::Patch(m));
+    if base.is_empty() {
+        return bad("no base segment".into());
     }
-    let h = Header {
-        minor: MINOR_SEGMENTS,
-        flags: FLAG_SEGMENTS | FLAG_ZSTD | if dropped > 0 { FLAG_TRUNCATED } else { 0 },
-        count: views.len() as u32,
-        dropped: dropped_u32(dropped),
-        default_mark,
-        raw_len: raw_total as u32,
-        payload_len: 0,
+    let n = base.len() + delta.len();
+    if n > MAX_SEGMENTS {
+        return bad(format!(
+            "{} base and {} delta segments, at most {MAX_SEGMENTS} in all",
+            base.len(),
+            delta.len()
+        ));
+    }
+    let (mut records, mut raw, mut bytes) = (0u64, 0u64, 0u64);
+    let mut base_records = 0u64;
+    for (i, f) in base.iter().chain(delta).enumerate() {
+        if f.count == 0 {
+            return bad(format!("segment {i} holds no entries"));
+        }
+        if (f.count as usize).saturating_mul(MIN_RECORD_LEN) > f.raw_len as usize {
+            return bad(format!(
+                "segment {i}: {} entries cannot fit in {} bytes",
+                f.count, f.raw_len
+            ));
+        }
+        records += u64::from(f.count);
+        raw += u64::from(f.raw_len);
+        bytes += f.bytes.len() as u64;
+        if i + 1 == base.len() {
+            base_records = records;
+        }
+    }
+    if records > MAX_ENTRIES as u64 {
+        return Err(FormatError::TooManyEntries {
+            count: records,
+            max: MAX_ENTRIES,
+        });
+    }
+    if raw > MAX_RAW_LEN as u64 {
+        return Err(FormatError::DecompressionBomb {
+            declared: raw,
+            max: MAX_RAW_LEN,
+        });
+    }
+    let mut block_len = 1 + varint_len(u64::from(age_secs)) + varint_len(skip.len() as u64);
+    let mut next = 0u64;
+    for &s in skip {
+        let s = u64::from(s);
+        if s < next {
+            return bad(format!("skip list not strictly ascending at {s}"));
+        }
+        if s >= base_records {
+            return bad(format!(
+                "skip of stored record {s}, beyond the {base_records} base records"
+            ));
+        }
+        block_len += varint_len(s - next);
+        next = s + 1;
+    }
+    let payload_len = block_len as u64 + 1 + (SEGMENT_ENTRY_LEN * n) as u64 + bytes;
+    let Ok(payload_len) = u32::try_from(payload_len) else {
+        return bad(format!("payload of {payload_len} bytes exceeds 32 bits"));
     };
-    let mut refs: Vec<&[u8]> = vec![&table];
-    refs.extend(parts.iter().map(|p| p.2.as_slice()));
-    Ok(assemble(&h, &refs))
+    let total = HEADER_LEN + payload_len as usize;
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&MAGIC);
+    out.push(MAJOR);
+    out.push(MINOR_PATCH);
+    let flags =
+        FLAG_SEGMENTS | FLAG_ZSTD | FLAG_PATCH | if dropped > 0 { FLAG_TRUNCATED } else { 0 };
+    out.extend_from_slice(&flags.to_le_bytes());
+    out.extend_from_slice(&((records - skip.len() as u64) as u32).to_le_bytes());
+    out.extend_from_slice(&dropped_u32(dropped).to_le_bytes());
+    out.extend_from_slice(&default_mark.to_le_bytes());
+    out.extend_from_slice(&(raw as u32).to_le_bytes());
+    out.extend_from_slice(&payload_len.to_le_bytes());
+    out.extend_from_slice(&[0; 4]); // crc32c, below
+    out.push(base.len() as u8);
+    put_varint(&mut out, u64::from(age_secs));
+    put_varint(&mut out, skip.len() as u64);
+    let mut next = 0u32;
+    for &s in skip {
+        put_varint(&mut out, u64::from(s - next));
+        next = s + 1;
+    }
+    put_segment_table(&mut out, n, base.iter().chain(delta));
+    for f in base.iter().chain(delta) {
+        out.extend_from_slice(&f.bytes);
+    }
+    debug_assert_eq!(out.len(), total);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..28]), &out[HEADER_LEN..]);
+    out[28..32].copy_from_slice(&crc.to_le_bytes());
+    Ok(out)
 }
 
 /// Header fields of a v1 blob.
@@ -970,6 +1133,11 @@ pub fn check_header(bytes: &[u8]) -> Result<Header, FormatError> {
             raw_len: h.raw_len,
         });
     }
+    if h.flags & FLAG_PATCH != 0 && h.flags & FLAG_SEGMENTS == 0 {
+        return Err(FormatError::Corrupt(
+            "PATCH flag without SEGMENTS (a patch needs the segment layout)".into(),
+        ));
+    }
     if h.flags & (FLAG_ZSTD | FLAG_SEGMENTS) == 0 && h.raw_len != h.payload_len {
         return Err(FormatError::Corrupt(format!(
             "uncompressed payload is {} bytes but the header declares {}",
@@ -994,23 +1162,20 @@ pub fn decode(bytes: &[u8]) -> Result<(Header, Vec<Entry>), FormatError> {
 
 /// Decodes a v1 blob completely into its segments, in blob order (one for
 /// an unsegmented blob), decoding segments in parallel; any defect anywhere
-/// fails the whole blob.
+/// fails the whole blob. A patched blob's skipped records are left out and
+/// its base timeouts aged.
 pub fn decode_segments(bytes: &[u8]) -> Result<(Header, Vec<Vec<Entry>>), FormatError> {
     let h = check_header(bytes)?;
     let payload = &bytes[HEADER_LEN..];
-    if h.flags & FLAG_SEGMENTS == 0 {
-        let raw = inflate(payload, h.raw_len, h.flags)?;
-        let entries = decode_raw(&raw, h.count as usize, h.default_mark)?;
-        return Ok((h, vec![entries]));
-    }
-    let segs = segment_table(&h, payload)?;
+    let segs = layout(&h, payload)?;
+    let segmented = h.flags & FLAG_SEGMENTS != 0;
     let segs = in_parallel(
         &segs,
         |i, s| {
             let body = &payload[s.at..s.at + s.stored_len];
             inflate(body, s.raw_len as u32, h.flags)
-                .and_then(|raw| decode_raw(&raw, s.count, h.default_mark))
-                .map_err(|e| in_segment(i, e))
+                .and_then(|raw| decode_raw(&raw, s, h.default_mark))
+                .map_err(|e| if segmented { in_segment(i, e) } else { e })
         },
         decoder_panicked,
     )?;
@@ -1053,19 +1218,43 @@ fn decoder_panicked() -> FormatError {
     FormatError::Corrupt("segment decoder thread panicked".into())
 }
 
-/// One row of a segment table, with where its body starts in the payload.
+/// One segment to decode: a row of the segment table (or the whole payload
+/// of an unsegmented blob), where its body starts in the payload, and what
+/// a patch block says about it.
 struct Segment {
     count: usize,
     raw_len: usize,
     stored_len: usize,
     at: usize,
+    /// Indices (within the segment) of the records to leave out, ascending.
+    skip: Vec<u32>,
+    /// Seconds to take off every timeout (a base segment of a patch).
+    age: Option<u32>,
 }
 
-/// Parses and checks the segment table against the header: the counts, raw
-/// and stored lengths must add up exactly, before anything is allocated.
-fn segment_table(h: &Header, payload: &[u8]) -> Result<Vec<Segment>, FormatError> {
+/// The segments of `payload`, checked against the header: for a segmented
+/// blob the patch block (if any) and the segment table, whose counts, raw
+/// and stored lengths must add up exactly, before anything is allocated
+/// beyond the table and the skip list (both bounded by the input).
+fn layout(h: &Header, payload: &[u8]) -> Result<Vec<Segment>, FormatError> {
+    if h.flags & FLAG_SEGMENTS == 0 {
+        return Ok(vec![Segment {
+            count: h.count as usize,
+            raw_len: h.raw_len as usize,
+            stored_len: payload.len(),
+            at: 0,
+            skip: Vec::new(),
+            age: None,
+        }]);
+    }
+    let (patch, table_at) = if h.flags & FLAG_PATCH != 0 {
+        let (p, len) = patch_block(payload)?;
+        (Some(p), len)
+    } else {
+        (None, 0)
+    };
     let corrupt = |m: String| Err(FormatError::Corrupt(m));
-    let Some(&n) = payload.first() else {
+    let Some(&n) = payload.get(table_at) else {
         return corrupt("segmented payload without a segment table".into());
     };
     let n = n as usize;
@@ -1075,21 +1264,24 @@ fn segment_table(h: &Header, payload: &[u8]) -> Result<Vec<Segment>, FormatError
         ));
     }
     let table_len = 1 + SEGMENT_ENTRY_LEN * n;
-    if payload.len() < table_len {
+    if payload.len() - table_at < table_len {
         return corrupt(format!(
             "segment table of {n} segments needs {table_len} bytes, payload has {}",
-            payload.len()
+            payload.len() - table_at
         ));
     }
+    let table = &payload[table_at..];
     let mut segs = Vec::with_capacity(n);
-    let (mut count, mut raw, mut at) = (0u64, 0u64, table_len);
+    let (mut count, mut raw, mut at) = (0u64, 0u64, table_at + table_len);
     for i in 0..n {
         let row = 1 + SEGMENT_ENTRY_LEN * i;
         let s = Segment {
-            count: le32(payload, row) as usize,
-            raw_len: le32(payload, row + 4) as usize,
-            stored_len: le32(payload, row + 8) as usize,
+            count: le32(table, row) as usize,
+            raw_len: le32(table, row + 4) as usize,
+            stored_len: le32(table, row + 8) as usize,
             at,
+            skip: Vec::new(),
+            age: None,
         };
         if s.count == 0 {
             return corrupt(format!("segment {i} holds no entries"));
@@ -1111,16 +1303,122 @@ fn segment_table(h: &Header, payload: &[u8]) -> Result<Vec<Segment>, FormatError
         at = at.saturating_add(s.stored_len);
         segs.push(s);
     }
-    if count != u64::from(h.count) || raw != u64::from(h.raw_len) || at != payload.len() {
+    if count > MAX_ENTRIES as u64 {
+        return Err(FormatError::TooManyEntries {
+            count,
+            max: MAX_ENTRIES,
+        });
+    }
+    let Some(p) = patch else {
+        if count != u64::from(h.count) || raw != u64::from(h.raw_len) || at != payload.len() {
+            return corrupt(format!(
+                "segment table adds up to {count} entries, {raw} raw and {at} payload bytes; \
+                 the header declares {}, {} and {}",
+                h.count,
+                h.raw_len,
+                payload.len()
+            ));
+        }
+        return Ok(segs);
+    };
+    if p.nbase > n {
         return corrupt(format!(
-            "segment table adds up to {count} entries, {raw} raw and {at} payload bytes; \
-             the header declares {}, {} and {}",
+            "patch block declares {} base segments, the segment table has {n}",
+            p.nbase
+        ));
+    }
+    let nskip = p.skip.len() as u64;
+    if count != u64::from(h.count) + nskip || raw != u64::from(h.raw_len) || at != payload.len() {
+        return corrupt(format!(
+            "segment table adds up to {count} records, {raw} raw and {at} payload bytes; \
+             the header declares {} entries + {nskip} skipped, {} and {}",
             h.count,
             h.raw_len,
             payload.len()
         ));
     }
+    // Hand each base segment its own skips, as indices within it.
+    let mut skips = p.skip.iter().enumerate().peekable();
+    let mut first = 0u64;
+    for (i, s) in segs.iter_mut().enumerate() {
+        let end = first + s.count as u64;
+        if i < p.nbase {
+            s.age = Some(p.age);
+            while let Some((_, &g)) = skips.next_if(|(_, &g)| g < end) {
+                s.skip.push((g - first) as u32);
+            }
+        } else if let Some((k, &g)) = skips.peek() {
+            if g < end {
+                return corrupt(format!(
+                    "patch block: skip {k} names stored record {g}, in delta segment {i}; \
+                     only the {first} base records can be skipped"
+                ));
+            }
+        }
+        first = end;
+    }
+    if let Some((k, &g)) = skips.next() {
+        return corrupt(format!(
+            "patch block: skip {k} names stored record {g}, beyond the {first} stored records"
+        ));
+    }
     Ok(segs)
+}
+
+/// What a patch block says (§1.2), skips as stored indices.
+struct Patch {
+    nbase: usize,
+    age: u32,
+    skip: Vec<u64>,
+}
+
+/// Parses the patch block at the start of `payload`; returns it and its
+/// length. The skip list is bounded by the input: every gap takes a byte.
+fn patch_block(payload: &[u8]) -> Result<(Patch, usize), FormatError> {
+    let corrupt = |m: String| FormatError::Corrupt(format!("patch block: {m}"));
+    let mut pos = 0usize;
+    let u32_at = |pos: &mut usize, what: &dyn Fn() -> String| -> Result<u32, FormatError> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let Some(&b) = payload.get(*pos) else {
+                return Err(corrupt(format!("ends inside the {}", what())));
+            };
+            *pos += 1;
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return u32::try_from(v)
+                    .map_err(|_| corrupt(format!("{} {v} exceeds 32 bits", what())));
+            }
+        }
+        Err(corrupt(format!("overlong varint for the {}", what())))
+    };
+    let Some(&nbase) = payload.first() else {
+        return Err(corrupt("ends inside the base segment count".into()));
+    };
+    pos += 1;
+    if nbase == 0 {
+        return Err(FormatError::Corrupt(
+            "patch block declares 0 base segments (at least 1)".into(),
+        ));
+    }
+    let age = u32_at(&mut pos, &|| "age".into())?;
+    let nskip = u32_at(&mut pos, &|| "skip count".into())? as usize;
+    let mut skip = Vec::with_capacity(nskip.min(payload.len() - pos));
+    let mut next = 0u64;
+    for k in 0..nskip {
+        let gap = u32_at(&mut pos, &|| format!("gap of skip {k}"))?;
+        let s = next.saturating_add(u64::from(gap));
+        skip.push(s);
+        next = s + 1;
+    }
+    Ok((
+        Patch {
+            nbase: nbase as usize,
+            age,
+            skip,
+        },
+        pos,
+    ))
 }
 
 fn in_segment(i: usize, e: FormatError) -> FormatError {
@@ -1252,10 +1550,10 @@ fn read_seq_adj(d: &[u8]) -> SeqAdj {
     }
 }
 
-fn decode_raw(raw: &[u8], count: usize, default_mark: u32) -> Result<Vec<Entry>, FormatError> {
-    let mut d = SegDecoder::new(raw, count, default_mark)?;
-    let mut out = super::bigvec::with_capacity(count);
-    d.run(raw, count, |e| out.push(e))?;
+fn decode_raw(raw: &[u8], seg: &Segment, default_mark: u32) -> Result<Vec<Entry>, FormatError> {
+    let mut d = SegDecoder::new(raw, seg, default_mark)?;
+    let mut out = super::bigvec::with_capacity(d.kept());
+    d.run(raw, usize::MAX, |e| out.push(e))?;
     d.finish(raw)?;
     Ok(out)
 }
@@ -1265,28 +1563,45 @@ fn decode_raw(raw: &[u8], count: usize, default_mark: u32) -> Result<Vec<Entry>,
 /// borrow, so it can live next to the payload it reads.
 #[derive(Debug, Clone)]
 struct SegDecoder {
-    cols: Vec<(usize, usize, &'static str)>,
-    pos: Vec<usize>,
+    cols: [(usize, usize, &'static str); STREAMS],
+    pos: [usize; STREAMS],
+    /// Stored records.
     count: usize,
+    /// Stored records decoded so far.
     idx: usize,
     default_mark: u32,
     prev_timeout: u32,
     last_near: [Option<IpAddr>; 2],
+    /// Stored indices of the records left out (a patch's skips), ascending.
+    skip: Vec<u32>,
+    /// Skips passed so far.
+    skipped: usize,
+    /// Seconds taken off every timeout (a patch's base segment).
+    age: Option<u32>,
+    /// Records handed out so far.
+    out: usize,
 }
 
 impl SegDecoder {
-    /// Parses the column table of `raw` (a v1.0 payload of `count` records).
-    fn new(raw: &[u8], count: usize, default_mark: u32) -> Result<Self, FormatError> {
+    /// Parses the column table of `raw` (a v1.0 payload of `seg.count`
+    /// records).
+    fn new(raw: &[u8], seg: &Segment, default_mark: u32) -> Result<Self, FormatError> {
+        let count = seg.count;
         let mut d = SegDecoder {
-            cols: Vec::with_capacity(STREAMS),
-            pos: vec![0; STREAMS],
+            cols: [(0, 0, ""); STREAMS],
+            pos: [0; STREAMS],
             count,
             idx: 0,
             default_mark,
             prev_timeout: 0,
             last_near: [None, None],
+            skip: seg.skip.clone(),
+            skipped: 0,
+            age: seg.age,
+            out: 0,
         };
         if raw.is_empty() && count == 0 {
+            d.cols = std::array::from_fn(|i| (0, 0, STREAM_NAMES[i]));
             return Ok(d);
         }
         let mut top = Reader {
@@ -1312,7 +1627,7 @@ impl SegDecoder {
             top.take(len)?;
             // Columns a later minor version appends are optional: skipped.
             if let Some(name) = STREAM_NAMES.get(i) {
-                d.cols.push((start, start + len, name));
+                d.cols[i] = (start, start + len, name);
             }
         }
         top.done()?;
@@ -1327,45 +1642,76 @@ impl SegDecoder {
         Ok(d)
     }
 
-    fn readers<'r>(&self, raw: &'r [u8]) -> Vec<Reader<'r>> {
-        self.cols
-            .iter()
-            .zip(&self.pos)
-            .map(|(&(a, b, name), &pos)| Reader {
+    fn readers<'r>(&self, raw: &'r [u8]) -> [Reader<'r>; STREAMS] {
+        std::array::from_fn(|i| {
+            let (a, b, name) = self.cols[i];
+            Reader {
                 b: &raw[a..b],
-                pos,
+                pos: self.pos[i],
                 name,
-            })
-            .collect()
+            }
+        })
     }
 
-    /// Decodes up to `n` more records of `raw` into `sink`; returns how
-    /// many.
+    /// Records the segment hands out (its stored records less the skipped).
+    fn kept(&self) -> usize {
+        self.count - self.skip.len()
+    }
+
+    /// Records still to hand out.
+    fn remaining(&self) -> usize {
+        self.kept() - self.out
+    }
+
+    /// Decodes records of `raw` until `n` more were handed to `sink` or the
+    /// segment ends; returns how many were. Skipped records are decoded
+    /// (they carry delta state) but not handed out; after the last kept
+    /// record the skipped ones behind it are consumed too, so that
+    /// [`finish`](Self::finish) can check the columns.
     fn run(
         &mut self,
         raw: &[u8],
         n: usize,
         mut sink: impl FnMut(Entry),
     ) -> Result<usize, FormatError> {
-        let n = n.min(self.count - self.idx);
-        if n == 0 {
+        let n = n.min(self.remaining());
+        if n == 0 && self.idx == self.count {
             return Ok(0);
         }
         let mut cols = self.readers(raw);
-        for _ in 0..n {
-            sink(decode_one(
+        let mut next_skip = self
+            .skip
+            .get(self.skipped)
+            .map_or(usize::MAX, |&s| s as usize);
+        let mut done = 0;
+        while done < n || (self.out + done == self.kept() && self.idx < self.count) {
+            let mut e = decode_one(
                 &mut cols,
                 self.idx,
                 self.default_mark,
                 &mut self.prev_timeout,
                 &mut self.last_near,
-            )?);
+            )?;
             self.idx += 1;
+            if self.idx - 1 == next_skip {
+                self.skipped += 1;
+                next_skip = self
+                    .skip
+                    .get(self.skipped)
+                    .map_or(usize::MAX, |&s| s as usize);
+                continue;
+            }
+            if let Some(age) = self.age {
+                e.timeout = e.timeout.saturating_sub(age).max(1);
+            }
+            sink(e);
+            done += 1;
         }
+        self.out += done;
         for (p, c) in self.pos.iter_mut().zip(&cols) {
             *p = c.pos;
         }
-        Ok(n)
+        Ok(done)
     }
 
     /// After the last record: every column must be used up exactly.
@@ -1378,17 +1724,27 @@ impl SegDecoder {
 }
 
 /// A v1 blob validated completely — every record decoded once and thrown
-/// away, segments in parallel — that then hands out its entries in blob
-/// order, batch by batch. Load uses it: the whole blob is checked before
-/// anything is created, but only the batches created before the reply are
-/// built then (100k entries are ~20 MB of fresh memory: building them all
-/// first cost Load ~3 ms of migration downtime at 100k).
+/// away, segments in parallel — that then hands out its entries batch by
+/// batch. Load uses it: the whole blob is checked before anything is
+/// created, but only the batches created before the reply are built then
+/// (100k entries are ~20 MB of fresh memory: building them all first cost
+/// Load ~3 ms of migration downtime at 100k).
+///
+/// Order: when the concatenation of the segments is in priority order
+/// (ours always is, but for a patch), blob order; when only each segment
+/// is (a patch: base and delta overlap), the segments merged by priority
+/// key, ties to the lower segment — the order a stable priority sort of
+/// blob order gives; otherwise blob order, and `sorted` is false.
 #[derive(Debug)]
 pub struct Checked {
     pub header: Header,
-    /// Blob order is priority order (ours always is).
+    /// Entries come out in priority order.
     pub sorted: bool,
     segs: Vec<(Vec<u8>, SegDecoder)>,
+    /// When merging: the priority key of every kept record of every
+    /// segment, recorded while validating, so that the merge picks runs by
+    /// key and decodes each record once, straight into the batch.
+    keys: Vec<Vec<u64>>,
     cur: usize,
 }
 
@@ -1404,16 +1760,66 @@ impl Checked {
 
     /// The next up to `n` entries, or `None` after the last.
     pub fn next_batch(&mut self, n: usize) -> Option<Result<Vec<Entry>, FormatError>> {
+        let n = n.max(1);
+        if !self.keys.is_empty() {
+            return self.next_merged(n);
+        }
         while let Some((raw, d)) = self.segs.get_mut(self.cur) {
-            if d.idx < d.count {
-                let mut out = Vec::with_capacity(n.min(d.count - d.idx));
-                return Some(d.run(raw, n.max(1), |e| out.push(e)).map(|_| out));
+            if d.remaining() > 0 {
+                let mut out = Vec::with_capacity(n.min(d.remaining()));
+                return Some(d.run(raw, n, |e| out.push(e)).map(|_| out));
             }
             // Done with this segment: its memory goes now.
             self.segs[self.cur].0 = Vec::new();
             self.cur += 1;
         }
         None
+    }
+
+    /// [`next_batch`](Self::next_batch) merging the segments: take the
+    /// longest run of the segment with the highest next key that no other
+    /// segment's next record must precede.
+    fn next_merged(&mut self, n: usize) -> Option<Result<Vec<Entry>, FormatError>> {
+        let left: usize = self.segs.iter().map(|(_, d)| d.remaining()).sum();
+        if left == 0 {
+            return None;
+        }
+        let mut out = Vec::with_capacity(n.min(left));
+        while out.len() < n {
+            let head = |i: usize| {
+                let d = &self.segs[i].1;
+                self.keys[i].get(d.out).copied()
+            };
+            // Highest next key, ties to the lower segment.
+            let mut best: Option<(usize, u64)> = None;
+            for i in 0..self.segs.len() {
+                if let Some(k) = head(i) {
+                    if best.is_none_or(|(_, b)| k > b) {
+                        best = Some((i, k));
+                    }
+                }
+            }
+            let Some((b, _)) = best else { break };
+            // Records of `b` go first while above every lower segment's
+            // next key and at least every higher one's.
+            let above = (0..b).filter_map(head).max();
+            let at_least = (b + 1..self.segs.len()).filter_map(head).max();
+            let from = self.segs[b].1.out;
+            let run = self.keys[b][from..]
+                .iter()
+                .take(n - out.len())
+                .take_while(|&&k| above.is_none_or(|a| k > a) && at_least.is_none_or(|a| k >= a))
+                .count();
+            let (raw, d) = &mut self.segs[b];
+            if let Err(e) = d.run(raw, run, |e| out.push(e)) {
+                return Some(Err(e));
+            }
+            if d.remaining() == 0 {
+                *raw = Vec::new();
+                self.keys[b] = Vec::new();
+            }
+        }
+        Some(Ok(out))
     }
 }
 
@@ -1422,24 +1828,30 @@ impl Checked {
 pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
     let h = check_header(bytes)?;
     let payload = &bytes[HEADER_LEN..];
-    let parts: Vec<(&[u8], usize, usize)> = if h.flags & FLAG_SEGMENTS == 0 {
-        vec![(payload, h.raw_len as usize, h.count as usize)]
-    } else {
-        segment_table(&h, payload)?
-            .iter()
-            .map(|s| (&payload[s.at..s.at + s.stored_len], s.raw_len, s.count))
-            .collect()
-    };
-    let segmented = parts.len() > 1 || h.flags & FLAG_SEGMENTS != 0;
-    // Per segment: its raw payload, its decoder at the start, whether it is
-    // in priority order, and its first and last keys.
-    type Done = (Vec<u8>, SegDecoder, bool, Option<(u64, u64)>);
-    let validate = |(stored, raw_len, count): (&[u8], usize, usize)| -> Result<Done, FormatError> {
-        let raw = inflate(stored, raw_len as u32, h.flags)?.into_owned();
-        let start = SegDecoder::new(&raw, count, h.default_mark)?;
+    let parts = layout(&h, payload)?;
+    let segmented = h.flags & FLAG_SEGMENTS != 0;
+    let patched = h.flags & FLAG_PATCH != 0;
+    struct Done {
+        raw: Vec<u8>,
+        start: SegDecoder,
+        sorted: bool,
+        /// First and last key of the records handed out.
+        ends: Option<(u64, u64)>,
+        keys: Vec<u64>,
+    }
+    let validate = |s: &Segment| -> Result<Done, FormatError> {
+        let raw = inflate(
+            &payload[s.at..s.at + s.stored_len],
+            s.raw_len as u32,
+            h.flags,
+        )?
+        .into_owned();
+        let start = SegDecoder::new(&raw, s, h.default_mark)?;
         let mut d = start.clone();
         let (mut sorted, mut first, mut last) = (true, None, 0u64);
-        d.run(&raw, count, |e| {
+        // Only a patch's segments may need merging: keep their keys.
+        let mut keys = Vec::with_capacity(if patched { d.kept() } else { 0 });
+        d.run(&raw, usize::MAX, |e| {
             let k = super::priority::value_key(&e);
             if first.is_none() {
                 first = Some(k);
@@ -1447,20 +1859,40 @@ pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
                 sorted = false;
             }
             last = k;
+            if patched {
+                keys.push(k);
+            }
         })?;
         d.finish(&raw)?;
-        Ok((raw, start, sorted, first.map(|f| (f, last))))
+        Ok(Done {
+            raw,
+            start,
+            sorted,
+            ends: first.map(|f| (f, last)),
+            keys,
+        })
     };
-    let one =
-        |i: usize, part| validate(part).map_err(|e| if segmented { in_segment(i, e) } else { e });
-    let done = in_parallel(&parts, |i, &p| one(i, p), decoder_panicked)?;
-    let mut sorted = done.iter().all(|d| d.2);
-    let ends: Vec<(u64, u64)> = done.iter().filter_map(|d| d.3).collect();
-    sorted &= ends.windows(2).all(|w| w[0].1 >= w[1].0);
+    let one = |i: usize, s: &Segment| {
+        validate(s).map_err(|e| if segmented { in_segment(i, e) } else { e })
+    };
+    let done = in_parallel(&parts, one, decoder_panicked)?;
+    let each_sorted = done.iter().all(|d| d.sorted);
+    let ends: Vec<(u64, u64)> = done.iter().filter_map(|d| d.ends).collect();
+    let in_order = each_sorted && ends.windows(2).all(|w| w[0].1 >= w[1].0);
+    let merge = !in_order && each_sorted && patched;
+    let mut keys = Vec::new();
+    let mut segs = Vec::with_capacity(done.len());
+    for d in done {
+        if merge {
+            keys.push(d.keys);
+        }
+        segs.push((d.raw, d.start));
+    }
     Ok(Checked {
         header: h,
-        sorted,
-        segs: done.into_iter().map(|(raw, d, _, _)| (raw, d)).collect(),
+        sorted: in_order || merge,
+        segs,
+        keys,
         cur: 0,
     })
 }

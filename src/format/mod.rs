@@ -12,7 +12,7 @@ pub mod priority;
 pub mod synth;
 pub mod text;
 
-pub use binary::{Compact, Rec, View};
+pub use binary::{Compact, Frame, Rec, View};
 pub use priority::{priority_order, sort_by_priority, value_class, ValueClass};
 
 /// QEMU's per-helper limit on the `Save()` payload.
@@ -76,6 +76,8 @@ pub enum FormatError {
     },
     #[error("compression failed: {0}")]
     Compression(String),
+    #[error("cannot assemble a patched state: {0}")]
+    Patch(String),
 }
 
 /// Options for [`encode`].
