@@ -1312,9 +1312,9 @@ proptest! {
         dropped in any::<u64>(),
         ids in proptest::collection::vec(any::<u32>(), 0..200),
         bytes in proptest::collection::vec(any::<u8>(), 0..300),
-        cache in any::<bool>(),
+        source in 0..3u8,
     ) {
-        let src = if cache { DumpSource::Cache } else { DumpSource::Kernel };
+        let src = [DumpSource::Kernel, DumpSource::Cache, DumpSource::Base][usize::from(source)];
         let resp = Response::SavedState(src, kept, dropped, ids.clone(), bytes);
         let f = wire::encode_response(&resp);
         prop_assert_eq!(wire::decode_response(payload(&f)).unwrap(), resp);
