@@ -184,6 +184,40 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(160))]
+
+    /// Base records the age moves into the Worthless class (or down to the
+    /// 1-second floor) leave their segment out of priority order: the
+    /// stream still hands out exactly a stable priority sort of blob
+    /// order, batch by batch, without decoding everything first.
+    #[test]
+    fn aged_base_out_of_order_still_streams_in_priority_order(
+        a in prop::collection::vec(entry(), 1..150),
+        skip_every in 2usize..9,
+        added in prop::collection::vec(delta_entry(), 0..20),
+        k in 1usize..4,
+        age in 0u32..=60,
+        batch in 1usize..40,
+    ) {
+        let a: Vec<Entry> = a.into_iter().map(|e| Entry { timeout: e.timeout % 90, id: None, ..e }).collect();
+        let base_views = ranked(&a);
+        let mark = binary::views_default_mark(&base_views);
+        let base = binary::encode_frames(&base_views, k, mark).unwrap();
+        let skip: Vec<u32> = (0..a.len() as u32).filter(|i| *i as usize % skip_every == 1).collect();
+        let delta_views = ranked(&added);
+        let delta = binary::encode_frames(&delta_views, 1, mark).unwrap();
+        let blob = binary::assemble_patched(&base, age, &skip, &delta, 0, mark).unwrap();
+        let c = binary::check(&blob).unwrap();
+        prop_assert!(c.sorted);
+        let mut want = format::decode(&blob).unwrap().entries;
+        prop_assert_eq!(want.len(), a.len() - skip.len() + added.len());
+        sort_by_priority(&mut want);
+        let mut s = format::stream(&blob).unwrap();
+        prop_assert_eq!(drain(&mut s, batch), want);
+    }
+}
+
 /// Base and delta of a hand-checkable size: 300 entries, the first 200 in
 /// two base frames, the other 100 in one delta frame.
 fn fixture() -> (Vec<Entry>, Vec<Frame>, Vec<Frame>, u32) {
