@@ -1688,16 +1688,21 @@ impl SegDecoder {
             .get(self.skipped)
             .map_or(usize::MAX, |&s| s as usize);
         let mut done = 0;
-        while done < n || (self.out + done == self.kept() && self.idx < self.count) {
+        let (mut idx, mut prev_timeout, mut last_near) =
+            (self.idx, self.prev_timeout, self.last_near);
+        let (default_mark, age, count) = (self.default_mark, self.age, self.count);
+        // The last kept record also takes the skipped ones behind it.
+        let last = self.out + n == self.kept();
+        while done < n || (last && idx < count) {
             let mut e = decode_one(
                 &mut cols,
-                self.idx,
-                self.default_mark,
-                &mut self.prev_timeout,
-                &mut self.last_near,
+                idx,
+                default_mark,
+                &mut prev_timeout,
+                &mut last_near,
             )?;
-            self.idx += 1;
-            if self.idx - 1 == next_skip {
+            idx += 1;
+            if idx - 1 == next_skip {
                 self.skipped += 1;
                 next_skip = self
                     .skip
@@ -1705,12 +1710,13 @@ impl SegDecoder {
                     .map_or(usize::MAX, |&s| s as usize);
                 continue;
             }
-            if let Some(age) = self.age {
+            if let Some(age) = age {
                 e.timeout = e.timeout.saturating_sub(age).max(1);
             }
-            sink(self.idx - 1, e);
+            sink(idx - 1, e);
             done += 1;
         }
+        (self.idx, self.prev_timeout, self.last_near) = (idx, prev_timeout, last_near);
         self.out += done;
         for (p, c) in self.pos.iter_mut().zip(&cols) {
             *p = c.pos;
