@@ -1,7 +1,8 @@
 //! The fuzz target's property as a plain test (runs in `cargo test`, no
 //! nightly needed): random bytes and mutated valid blobs, with the checksum
 //! repaired so mutations reach the record parser, never panic the decoder;
-//! whatever decodes re-encodes to the same entries.
+//! whatever decodes re-encodes to the same entries. Segmented and patched
+//! blobs (v1.1, v1.2) are mutated too.
 
 use conntrack_vmstate::format::{self, sort_by_priority, EncodeOptions, Format};
 use proptest::prelude::*;
@@ -103,8 +104,66 @@ fn plain_segmented_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
     out
 }
 
+/// A valid patched blob (v1.2) with its segments stored uncompressed:
+/// `segs` base frames of the first two thirds of the entries, every third
+/// base record skipped, the rest as one delta frame, base aged by `seed`
+/// seconds.
+fn plain_patched_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
+    use format::{binary, Rec, View};
+    let v = format::synth::population(n, seed, 100);
+    let views: Vec<View> = v
+        .iter()
+        .map(|e| View::new(Rec::Full(e), e.timeout))
+        .collect();
+    let r = format::priority::rank_views(&views);
+    let mark = binary::views_default_mark(&r);
+    let nb = (r.len() * 2 / 3).max(1);
+    let raw = |f: binary::Frame| binary::Frame {
+        bytes: zstd::bulk::decompress(&f.bytes, f.raw_len as usize).unwrap(),
+        ..f
+    };
+    let base: Vec<_> = binary::encode_frames(&r[..nb], segs, mark)
+        .unwrap()
+        .into_iter()
+        .map(raw)
+        .collect();
+    let delta: Vec<_> = binary::encode_frames(&r[nb..], 1, mark)
+        .unwrap()
+        .into_iter()
+        .map(raw)
+        .collect();
+    let skip: Vec<u32> = (0..nb as u32).filter(|i| i % 3 == 1).collect();
+    let mut b = binary::assemble_patched(&base, seed as u32, &skip, &delta, 0, mark).unwrap();
+    b[6] &= !(binary::FLAG_ZSTD as u8);
+    fix_crc(&mut b);
+    assert_eq!(
+        format::decode(&b).unwrap().entries.len(),
+        r.len() - skip.len()
+    );
+    b
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Mutations anywhere, the patch block included (it is the first
+    /// payload bytes: half of the edits go there).
+    #[test]
+    fn mutated_patched_blobs_never_panic(
+        seed in 0u64..8,
+        n in 2usize..40,
+        segs in 1usize..4,
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), any::<bool>()), 1..6),
+    ) {
+        let mut b = plain_patched_blob(n, seed, segs);
+        for (i, v, in_block) in &edits {
+            let span = if *in_block { 8.min(b.len() - 32) } else { b.len() - 32 };
+            let at = 32 + i.index(span);
+            b[at] = *v;
+        }
+        fix_crc(&mut b);
+        check(&b);
+    }
 
     #[test]
     fn mutated_segmented_blobs_never_panic(

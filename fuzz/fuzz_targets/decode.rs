@@ -1,7 +1,9 @@
 //! The decoder must never panic, whatever the bytes, and whatever it
 //! accepts must survive a re-encode unchanged. Each input is tried as is
 //! and with its header checksum repaired, so that mutations reach the
-//! record parser instead of stopping at the crc32c check.
+//! record parser instead of stopping at the crc32c check. Inputs that start
+//! with `P` also drive a patched blob (v1.2) built here: the rest of the
+//! input picks its size and edits its patch block and segment table.
 #![no_main]
 
 use conntrack_vmstate::format::{self, sort_by_priority, EncodeOptions, Format};
@@ -45,8 +47,48 @@ fn check(data: &[u8]) {
     }
 }
 
+/// A valid patched blob of `n` entries: `segs` base frames of the first two
+/// thirds, every third base record skipped, the rest as a delta frame.
+fn patched_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
+    use format::{binary, Rec, View};
+    let v = format::synth::population(n, seed, 100);
+    let views: Vec<View> = v
+        .iter()
+        .map(|e| View::new(Rec::Full(e), e.timeout))
+        .collect();
+    let r = format::priority::rank_views(&views);
+    let mark = binary::views_default_mark(&r);
+    let nb = (r.len() * 2 / 3).max(1);
+    let base = binary::encode_frames(&r[..nb], segs, mark).expect("base frames");
+    let delta = binary::encode_frames(&r[nb..], 1, mark).expect("delta frames");
+    let skip: Vec<u32> = (0..nb as u32).filter(|i| i % 3 == 1).collect();
+    binary::assemble_patched(&base, seed as u32, &skip, &delta, 0, mark).expect("patched blob")
+}
+
+/// `P`, seed, n, segments, then (offset, byte) edits within the first 64
+/// payload bytes (patch block and segment table; the frames are zstd, the
+/// other inputs reach the record parser).
+fn patched(data: &[u8]) {
+    let [b'P', seed, n, segs, edits @ ..] = data else {
+        return;
+    };
+    let mut b = patched_blob(
+        2 + usize::from(*n % 60),
+        u64::from(*seed % 8),
+        1 + usize::from(*segs % 4),
+    );
+    let span = (b.len() - 32).min(64);
+    for e in edits.chunks_exact(2) {
+        b[32 + usize::from(e[0]) % span] = e[1];
+    }
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..28]), &b[32..]);
+    b[28..32].copy_from_slice(&crc.to_le_bytes());
+    check(&b);
+}
+
 fuzz_target!(|data: &[u8]| {
     check(data);
+    patched(data);
     if data.len() >= 32 && data.starts_with(b"CTVS") {
         let mut fixed = data.to_vec();
         let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed[..28]), &fixed[32..]);

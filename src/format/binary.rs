@@ -1226,6 +1226,8 @@ struct Segment {
     raw_len: usize,
     stored_len: usize,
     at: usize,
+    /// Stored index of its first record.
+    first: usize,
     /// Indices (within the segment) of the records to leave out, ascending.
     skip: Vec<u32>,
     /// Seconds to take off every timeout (a base segment of a patch).
@@ -1243,6 +1245,7 @@ fn layout(h: &Header, payload: &[u8]) -> Result<Vec<Segment>, FormatError> {
             raw_len: h.raw_len as usize,
             stored_len: payload.len(),
             at: 0,
+            first: 0,
             skip: Vec::new(),
             age: None,
         }]);
@@ -1280,6 +1283,7 @@ fn layout(h: &Header, payload: &[u8]) -> Result<Vec<Segment>, FormatError> {
             raw_len: le32(table, row + 4) as usize,
             stored_len: le32(table, row + 8) as usize,
             at,
+            first: count as usize,
             skip: Vec::new(),
             age: None,
         };
@@ -1553,7 +1557,7 @@ fn read_seq_adj(d: &[u8]) -> SeqAdj {
 fn decode_raw(raw: &[u8], seg: &Segment, default_mark: u32) -> Result<Vec<Entry>, FormatError> {
     let mut d = SegDecoder::new(raw, seg, default_mark)?;
     let mut out = super::bigvec::with_capacity(d.kept());
-    d.run(raw, usize::MAX, |e| out.push(e))?;
+    d.run(raw, usize::MAX, |_, e| out.push(e))?;
     d.finish(raw)?;
     Ok(out)
 }
@@ -1672,7 +1676,7 @@ impl SegDecoder {
         &mut self,
         raw: &[u8],
         n: usize,
-        mut sink: impl FnMut(Entry),
+        mut sink: impl FnMut(usize, Entry),
     ) -> Result<usize, FormatError> {
         let n = n.min(self.remaining());
         if n == 0 && self.idx == self.count {
@@ -1684,16 +1688,21 @@ impl SegDecoder {
             .get(self.skipped)
             .map_or(usize::MAX, |&s| s as usize);
         let mut done = 0;
-        while done < n || (self.out + done == self.kept() && self.idx < self.count) {
+        let (mut idx, mut prev_timeout, mut last_near) =
+            (self.idx, self.prev_timeout, self.last_near);
+        let (default_mark, age, count) = (self.default_mark, self.age, self.count);
+        // The last kept record also takes the skipped ones behind it.
+        let last = self.out + n == self.kept();
+        while done < n || (last && idx < count) {
             let mut e = decode_one(
                 &mut cols,
-                self.idx,
-                self.default_mark,
-                &mut self.prev_timeout,
-                &mut self.last_near,
+                idx,
+                default_mark,
+                &mut prev_timeout,
+                &mut last_near,
             )?;
-            self.idx += 1;
-            if self.idx - 1 == next_skip {
+            idx += 1;
+            if idx - 1 == next_skip {
                 self.skipped += 1;
                 next_skip = self
                     .skip
@@ -1701,12 +1710,13 @@ impl SegDecoder {
                     .map_or(usize::MAX, |&s| s as usize);
                 continue;
             }
-            if let Some(age) = self.age {
+            if let Some(age) = age {
                 e.timeout = e.timeout.saturating_sub(age).max(1);
             }
-            sink(e);
+            sink(idx - 1, e);
             done += 1;
         }
+        (self.idx, self.prev_timeout, self.last_near) = (idx, prev_timeout, last_near);
         self.out += done;
         for (p, c) in self.pos.iter_mut().zip(&cols) {
             *p = c.pos;
@@ -1731,21 +1741,51 @@ impl SegDecoder {
 /// Load ~3 ms of migration downtime at 100k).
 ///
 /// Order: when the concatenation of the segments is in priority order
-/// (ours always is, but for a patch), blob order; when only each segment
-/// is (a patch: base and delta overlap), the segments merged by priority
-/// key, ties to the lower segment — the order a stable priority sort of
-/// blob order gives; otherwise blob order, and `sorted` is false.
+/// (ours always is, but for a patch), blob order. A patch (§1.2) comes out
+/// merged instead: in the order a stable priority sort of blob order gives
+/// (ties to the lower stored index, i.e. to the lower segment), built batch
+/// by batch too. Anything else comes out in blob order and `sorted` is
+/// false.
 #[derive(Debug)]
 pub struct Checked {
     pub header: Header,
     /// Entries come out in priority order.
     pub sorted: bool,
     segs: Vec<(Vec<u8>, SegDecoder)>,
-    /// When merging: the priority key of every kept record of every
-    /// segment, recorded while validating, so that the merge picks runs by
-    /// key and decodes each record once, straight into the batch.
-    keys: Vec<Vec<u64>>,
+    /// A patch's merge, when the segments overlap.
+    merge: Option<Merge>,
     cur: usize,
+}
+
+/// Merge state of a patch. Every kept record has a unique *order key*,
+/// [`order_key`]: its priority key above its inverted stored index, so that
+/// the merge needs no tie rule. Keys are recorded while validating, so the
+/// merge picks runs by key and decodes each record once, straight into the
+/// batch.
+#[derive(Debug)]
+struct Merge {
+    /// Per segment, the order key of each kept record in blob order;
+    /// [`HELD`] marks a record that a later record of its segment must
+    /// precede (a base record the age moved into the Worthless class):
+    /// it is decoded in passing and kept aside until its turn.
+    keys: Vec<Vec<u64>>,
+    /// The held records' order keys, descending, and where the merge
+    /// stands in them.
+    held: Vec<u64>,
+    next_held: usize,
+    /// Held records decoded so far, by their place in `held`.
+    held_entries: Vec<Option<Entry>>,
+}
+
+/// Marks a held record's order key (order keys use 56 bits).
+const HELD: u64 = 1 << 63;
+/// Bits of the stored index in an order key (MAX_ENTRIES < 2^21).
+const ORDER_INDEX_BITS: u32 = 21;
+
+/// Larger is earlier: priority key first, then the lower stored index.
+fn order_key(key: u64, stored: usize) -> u64 {
+    const MASK: u64 = (1 << ORDER_INDEX_BITS) - 1;
+    (key << ORDER_INDEX_BITS) | (MASK - (stored as u64 & MASK))
 }
 
 impl Checked {
@@ -1761,13 +1801,13 @@ impl Checked {
     /// The next up to `n` entries, or `None` after the last.
     pub fn next_batch(&mut self, n: usize) -> Option<Result<Vec<Entry>, FormatError>> {
         let n = n.max(1);
-        if !self.keys.is_empty() {
+        if self.merge.is_some() {
             return self.next_merged(n);
         }
         while let Some((raw, d)) = self.segs.get_mut(self.cur) {
             if d.remaining() > 0 {
                 let mut out = Vec::with_capacity(n.min(d.remaining()));
-                return Some(d.run(raw, n, |e| out.push(e)).map(|_| out));
+                return Some(d.run(raw, n, |_, e| out.push(e)).map(|_| out));
             }
             // Done with this segment: its memory goes now.
             self.segs[self.cur].0 = Vec::new();
@@ -1776,47 +1816,96 @@ impl Checked {
         None
     }
 
-    /// [`next_batch`](Self::next_batch) merging the segments: take the
-    /// longest run of the segment with the highest next key that no other
-    /// segment's next record must precede.
+    /// [`next_batch`](Self::next_batch) of a merge: repeatedly take the
+    /// longest run of the source (a segment's records in blob order, or the
+    /// held records) with the largest next order key that stays above every
+    /// other source's next key.
     fn next_merged(&mut self, n: usize) -> Option<Result<Vec<Entry>, FormatError>> {
-        let left: usize = self.segs.iter().map(|(_, d)| d.remaining()).sum();
+        let m = self.merge.as_mut()?;
+        let left: usize = self.segs.iter().map(|(_, d)| d.remaining()).sum::<usize>()
+            + m.held.len()
+            - m.next_held;
         if left == 0 {
             return None;
         }
         let mut out = Vec::with_capacity(n.min(left));
+        // Next record of segment `i` that is not held: (position, key).
+        let head = |m: &Merge, segs: &[(Vec<u8>, SegDecoder)], i: usize| {
+            let ks = &m.keys[i];
+            (segs[i].1.out..ks.len())
+                .find(|&p| ks[p] & HELD == 0)
+                .map(|p| (p, ks[p]))
+        };
         while out.len() < n {
-            let head = |i: usize| {
-                let d = &self.segs[i].1;
-                self.keys[i].get(d.out).copied()
-            };
-            // Highest next key, ties to the lower segment.
-            let mut best: Option<(usize, u64)> = None;
-            for i in 0..self.segs.len() {
-                if let Some(k) = head(i) {
-                    if best.is_none_or(|(_, b)| k > b) {
-                        best = Some((i, k));
+            let held_head = m.held.get(m.next_held).copied();
+            let heads: Vec<Option<(usize, u64)>> = (0..self.segs.len())
+                .map(|i| head(m, &self.segs, i))
+                .collect();
+            let best_seg = heads
+                .iter()
+                .enumerate()
+                .filter_map(|(i, h)| h.map(|(_, k)| (k, i)))
+                .max();
+            match (best_seg, held_head) {
+                (None, None) => break,
+                (best, Some(h)) if best.is_none_or(|(k, _)| h > k) => {
+                    // Held records are decoded before their turn: a record
+                    // of their own segment with a larger key comes later
+                    // in blob order and was handed out already.
+                    let Some(e) = m.held_entries[m.next_held].take() else {
+                        return Some(Err(FormatError::Corrupt(
+                            "merge: held record not yet decoded".into(),
+                        )));
+                    };
+                    out.push(e);
+                    m.next_held += 1;
+                }
+                (Some((_, b)), _) => {
+                    let bound = heads
+                        .iter()
+                        .enumerate()
+                        .filter(|&(i, _)| i != b)
+                        .filter_map(|(_, h)| h.map(|(_, k)| k))
+                        .chain(held_head)
+                        .max()
+                        .unwrap_or(0);
+                    // Kept records of `b` to decode: up to the last one of
+                    // the run, held ones included.
+                    let ks = &m.keys[b];
+                    let from = self.segs[b].1.out;
+                    let (mut taken, mut end) = (0, from);
+                    for (p, &k) in ks.iter().enumerate().skip(from) {
+                        if k & HELD != 0 {
+                            continue;
+                        }
+                        if k < bound || taken == n - out.len() {
+                            break;
+                        }
+                        taken += 1;
+                        end = p + 1;
+                    }
+                    let (raw, d) = &mut self.segs[b];
+                    let (held, held_entries) = (&m.held, &mut m.held_entries);
+                    let mut pos = from;
+                    let r = d.run(raw, end - from, |_, e| {
+                        let k = ks[pos];
+                        pos += 1;
+                        if k & HELD == 0 {
+                            out.push(e);
+                        } else if let Ok(i) = held.binary_search_by(|h| (k & !HELD).cmp(h)) {
+                            held_entries[i] = Some(e);
+                        }
+                    });
+                    if let Err(e) = r {
+                        return Some(Err(e));
+                    }
+                    if d.remaining() == 0 {
+                        *raw = Vec::new();
+                        m.keys[b] = Vec::new();
                     }
                 }
-            }
-            let Some((b, _)) = best else { break };
-            // Records of `b` go first while above every lower segment's
-            // next key and at least every higher one's.
-            let above = (0..b).filter_map(head).max();
-            let at_least = (b + 1..self.segs.len()).filter_map(head).max();
-            let from = self.segs[b].1.out;
-            let run = self.keys[b][from..]
-                .iter()
-                .take(n - out.len())
-                .take_while(|&&k| above.is_none_or(|a| k > a) && at_least.is_none_or(|a| k >= a))
-                .count();
-            let (raw, d) = &mut self.segs[b];
-            if let Err(e) = d.run(raw, run, |e| out.push(e)) {
-                return Some(Err(e));
-            }
-            if d.remaining() == 0 {
-                *raw = Vec::new();
-                self.keys[b] = Vec::new();
+                // Taken by the held arm (its guard holds without a segment).
+                (None, Some(_)) => break,
             }
         }
         Some(Ok(out))
@@ -1837,7 +1926,9 @@ pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
         sorted: bool,
         /// First and last key of the records handed out.
         ends: Option<(u64, u64)>,
+        /// A patch's order keys (see [`Merge`]) and its held ones.
         keys: Vec<u64>,
+        held: Vec<u64>,
     }
     let validate = |s: &Segment| -> Result<Done, FormatError> {
         let raw = inflate(
@@ -1851,7 +1942,7 @@ pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
         let (mut sorted, mut first, mut last) = (true, None, 0u64);
         // Only a patch's segments may need merging: keep their keys.
         let mut keys = Vec::with_capacity(if patched { d.kept() } else { 0 });
-        d.run(&raw, usize::MAX, |e| {
+        d.run(&raw, usize::MAX, |i, e| {
             let k = super::priority::value_key(&e);
             if first.is_none() {
                 first = Some(k);
@@ -1860,16 +1951,31 @@ pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
             }
             last = k;
             if patched {
-                keys.push(k);
+                keys.push(order_key(k, s.first + i));
             }
         })?;
         d.finish(&raw)?;
+        let mut held = Vec::new();
+        if !sorted {
+            // Held: a later record must precede it. What is left is in
+            // order: each such record precedes everything after it.
+            let mut later = 0u64;
+            for k in keys.iter_mut().rev() {
+                if *k < later {
+                    held.push(*k);
+                    *k |= HELD;
+                } else {
+                    later = *k;
+                }
+            }
+        }
         Ok(Done {
             raw,
             start,
             sorted,
             ends: first.map(|f| (f, last)),
             keys,
+            held,
         })
     };
     let one = |i: usize, s: &Segment| {
@@ -1879,20 +1985,29 @@ pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
     let each_sorted = done.iter().all(|d| d.sorted);
     let ends: Vec<(u64, u64)> = done.iter().filter_map(|d| d.ends).collect();
     let in_order = each_sorted && ends.windows(2).all(|w| w[0].1 >= w[1].0);
-    let merge = !in_order && each_sorted && patched;
-    let mut keys = Vec::new();
+    let mut merge = (!in_order && patched).then(|| Merge {
+        keys: Vec::with_capacity(done.len()),
+        held: Vec::new(),
+        next_held: 0,
+        held_entries: Vec::new(),
+    });
     let mut segs = Vec::with_capacity(done.len());
     for d in done {
-        if merge {
-            keys.push(d.keys);
+        if let Some(m) = &mut merge {
+            m.keys.push(d.keys);
+            m.held.extend(d.held);
         }
         segs.push((d.raw, d.start));
     }
+    if let Some(m) = &mut merge {
+        m.held.sort_unstable_by(|a, b| b.cmp(a));
+        m.held_entries = (0..m.held.len()).map(|_| None).collect();
+    }
     Ok(Checked {
         header: h,
-        sorted: in_order || merge,
+        sorted: in_order || merge.is_some(),
         segs,
-        keys,
+        merge,
         cur: 0,
     })
 }
