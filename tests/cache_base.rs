@@ -82,7 +82,12 @@ fn conntrack(ns: &Netns, op: &str, e: &Entry, extra: &[&str]) {
 }
 
 /// Save through the cache, decoded; asserts where it came from.
-fn save(cache: &CachedAccess, sel: &Selector, opts: &EncodeOptions, from: DumpSource) -> Vec<Entry> {
+fn save(
+    cache: &CachedAccess,
+    sel: &Selector,
+    opts: &EncodeOptions,
+    from: DumpSource,
+) -> Vec<Entry> {
     let saved = cache.save_state(sel, opts).expect("save");
     assert_eq!(
         saved.source,
@@ -172,7 +177,10 @@ fn save_from_the_base_equals_the_kernel_after_every_kind_of_change() {
     // out, TCP state, status; deletes; new entries; a mark move in.
     let p = plain(&all);
     let tcp: Vec<&Entry> = p.iter().filter(|e| e.orig.proto == proto::TCP).collect();
-    assert!(p.len() >= 40 && tcp.len() >= 4, "enough entries to play with");
+    assert!(
+        p.len() >= 40 && tcp.len() >= 4,
+        "enough entries to play with"
+    );
     let builds = cache.stats().base_builds;
     conntrack(&ns, "-U", &p[0], &["-t", "7777"]);
     conntrack(&ns, "-U", &p[1], &["--label-add", "vm-last"]);
@@ -309,5 +317,7 @@ fn the_event_thread_rebuilds_the_base_after_many_changes() {
     let got = save(&cache, &sel, &EncodeOptions::default(), DumpSource::Base);
     assert_same("after an automatic rebuild", &want, &got);
     // The base's records were checked; the whole population is there.
-    assert!(cache.base_info(&sel).is_some_and(|b| b.records > first.len()));
+    assert!(cache
+        .base_info(&sel)
+        .is_some_and(|b| b.records > first.len()));
 }

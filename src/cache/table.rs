@@ -150,7 +150,8 @@ impl Base {
         let dropped = delta.len() - ranked.len();
         let frames = binary::encode_frames(&ranked, 1, self.mark)?;
         let skip = self.skipped();
-        let bytes = binary::assemble_patched(&self.frames, age, &skip, &frames, dropped, self.mark)?;
+        let bytes =
+            binary::assemble_patched(&self.frames, age, &skip, &frames, dropped, self.mark)?;
         if bytes.len() > limit {
             return Ok(None);
         }
@@ -243,7 +244,8 @@ impl EntryTable {
             let mark = mark.unwrap_or_else(|| binary::views_default_mark(&views));
             let order = priority::ranked_positions(&views);
             let ranked: Vec<View> = order.iter().map(|&p| views[p as usize]).collect();
-            let frames = binary::encode_frames(&ranked, binary::default_segments(ranked.len()), mark)?;
+            let frames =
+                binary::encode_frames(&ranked, binary::default_segments(ranked.len()), mark)?;
             (frames, slots, order, mark)
         };
         for (pos, &p) in order.iter().enumerate() {
