@@ -84,10 +84,7 @@ fn run(args: HelperArgs, activated: std::io::Result<Option<UnixListener>>) -> an
     let access: Arc<dyn ConntrackAccess> = if args.no_cache {
         Arc::new(NoWatch(ct))
     } else {
-        let cfg = CacheConfig {
-            refresh_interval: Duration::from_secs(args.cache_refresh_secs),
-            ..CacheConfig::default()
-        };
+        let cfg = CacheConfig::new(Duration::from_secs(args.cache_refresh_secs), !args.no_base);
         Arc::new(CachedAccess::new(ct, cfg).context("starting the conntrack cache")?)
     };
     let cfg = ServerConfig {

@@ -25,10 +25,8 @@ fn main() -> anyhow::Result<()> {
             if args.no_cache {
                 Arc::new(ct)
             } else {
-                let cfg = CacheConfig {
-                    refresh_interval: Duration::from_secs(args.cache_refresh_secs),
-                    ..CacheConfig::default()
-                };
+                let cfg =
+                    CacheConfig::new(Duration::from_secs(args.cache_refresh_secs), !args.no_base);
                 Arc::new(CachedAccess::new(ct, cfg).context("starting the conntrack cache")?)
             }
         }

@@ -49,6 +49,12 @@ pub struct DaemonArgs {
     /// kernel's conntrack table. In-process mode only.
     #[arg(long)]
     pub no_cache: bool,
+    /// Encode every Save whole (state format v1.1) instead of patching the
+    /// warm cache's pre-encoded base (v1.2, less migration downtime): for
+    /// migrations to hosts whose conntrack-vmstated predates v1.2. Ignored
+    /// with --helper-socket (see the helper's own option).
+    #[arg(long)]
+    pub no_base: bool,
 }
 
 /// The state directory: `--state-dir`, else the first of systemd's

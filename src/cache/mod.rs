@@ -176,6 +176,20 @@ pub struct CacheConfig {
     pub base_interval: Duration,
 }
 
+impl CacheConfig {
+    /// The defaults with the daemon's and helper's knobs: the refresh
+    /// interval, and whether large VMs keep a pre-encoded base (`--no-base`
+    /// turns it off for destinations that read only state format v1.1).
+    pub fn new(refresh_interval: Duration, base: bool) -> Self {
+        let d = CacheConfig::default();
+        CacheConfig {
+            refresh_interval,
+            base_min_entries: if base { d.base_min_entries } else { usize::MAX },
+            ..d
+        }
+    }
+}
+
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {

@@ -392,7 +392,7 @@ impl std::ops::Index<&Key> for EntryTable {
 mod tests {
     use super::*;
     use crate::entry::{proto, Entry, Tuple, L4};
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     fn cached(port: u16) -> Cached {
         let orig = Tuple {
@@ -457,6 +457,79 @@ mod tests {
         assert!(t.is_empty());
         assert_eq!(t.values().count(), 0);
         assert!(t.hot.is_empty());
+    }
+
+    #[test]
+    fn base_records_die_with_every_change_and_the_patch_says_so() {
+        let now = Instant::now();
+        let mut t = EntryTable::default();
+        for p in 1..=40u16 {
+            let mut c = cached(p);
+            c.seen = now;
+            // Ports 1..=5 have too little time left for the base.
+            c.entry.timeout = if p <= 5 { 60 } else { 1000 + u32::from(p) };
+            t.insert(key(&c.entry), c);
+        }
+        assert_eq!(t.build_base(now, Some(1), 2).expect("base"), 35);
+        let positions: Vec<u32> = t.hot.iter().map(|h| h.base).collect();
+        assert_eq!(positions.iter().filter(|&&b| b == NO_BASE).count(), 5);
+        // Priority order: the longest timeout first.
+        let first = t.slots.iter().zip(&t.hot).find(|(_, h)| h.base == 0);
+        assert_eq!(first.map(|(c, _)| c.entry.timeout), Some(1040));
+
+        let base_pos =
+            |t: &EntryTable, p: u16| t.hot[t.index[&key(&cached(p).entry)] as usize].base;
+        let (p10, p20) = (base_pos(&t, 10), base_pos(&t, 20));
+        t.modify(&key(&cached(10).entry), |c| c.entry.status |= 4);
+        t.remove(&key(&cached(20).entry));
+        // Port 3 was never in the base: its change kills nothing.
+        t.modify(&key(&cached(3).entry), |c| c.entry.timeout = 50);
+        let mut c = cached(99);
+        c.seen = now;
+        t.insert(key(&c.entry), c);
+        let b = t.base().expect("still there");
+        let mut want = vec![p10, p20];
+        want.sort_unstable();
+        assert_eq!(b.skipped(), want);
+        assert_eq!(b.changes, 3);
+        assert_eq!(base_pos(&t, 10), NO_BASE);
+
+        // The patch decodes to exactly the table's entries.
+        let later = now + Duration::from_millis(1500);
+        let delta: Vec<View> = t
+            .with_hot()
+            .filter(|(h, _)| h.base == NO_BASE)
+            .map(|(h, r)| {
+                let left = h.estimate(later);
+                View::with_key(r, left, h.key(left))
+            })
+            .collect();
+        let b = t.base().expect("base");
+        let age = b.age_secs(later);
+        assert_eq!(age, 2);
+        let enc = b
+            .patched(age, &delta, 1 << 20)
+            .expect("patch")
+            .expect("fits");
+        let got = crate::format::decode(&enc.bytes).expect("decodes").entries;
+        assert_eq!((enc.kept, enc.dropped, got.len()), (40, 0, 40));
+        for c in t.values() {
+            let e = got
+                .iter()
+                .find(|e| e.orig == c.entry.orig)
+                .expect("every entry carried");
+            let mut want = c.entry.clone();
+            want.timeout = super::super::state::estimate(c.entry.timeout, c.seen, later);
+            want.id = None;
+            assert_eq!(*e, want);
+        }
+        // Too big for the limit: None, so that Save encodes whole.
+        assert!(b.patched(age, &delta, 64).expect("patch").is_none());
+
+        // A change to everything (a loss of events) drops the base.
+        t.modify_all(|_| {});
+        assert!(t.base().is_none());
+        assert!(t.hot.iter().all(|h| h.base == NO_BASE));
     }
 
     #[test]

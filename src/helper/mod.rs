@@ -59,4 +59,9 @@ pub struct HelperArgs {
     /// Refuse Watch requests: every dump walks the kernel's table.
     #[arg(long)]
     pub no_cache: bool,
+    /// Encode every Save whole (state format v1.1) instead of patching the
+    /// warm cache's pre-encoded base (v1.2, less migration downtime): for
+    /// migrations to hosts whose conntrack-vmstated predates v1.2.
+    #[arg(long)]
+    pub no_base: bool,
 }
