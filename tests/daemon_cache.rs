@@ -8,6 +8,9 @@
 //! * Through the helper the same, and after the helper restarts the daemon
 //!   sends its watches again, so Saves come from the cache again.
 //! * `--no-cache` dumps every time.
+//! * A VM of more than 4,096 entries is saved from the pre-encoded base
+//!   (`LastSave.source == "base"`), equal to the kernel's entries also after
+//!   churn, in-process and through the helper; `--no-base` encodes whole.
 //! * A big Load with a small `--load-budget-ms` answers before the restore
 //!   is complete and LastLoad/the journal say so.
 
@@ -22,6 +25,7 @@ use common::bus::{scratch_dir, DaemonOpts, DaemonProc, TestBus};
 use common::compare::{compare, Tolerance};
 use common::host::Proc;
 use common::netns::Netns;
+use common::population::{self, Spec};
 use conntrack_vmstate::access::ConntrackAccess;
 use conntrack_vmstate::bus::proxy::{Manager1Proxy, Vm1Proxy, VmState1Proxy};
 use conntrack_vmstate::ctnetlink::Ctnetlink;
@@ -122,6 +126,22 @@ impl Vm {
             format::decode(&blob).expect("valid").entries,
             text(&last, "source"),
         )
+    }
+
+    /// Saves until one comes from `source`; bounded.
+    async fn save_until(&self, source: &str, bound: Duration) -> Vec<Entry> {
+        let end = Instant::now() + bound;
+        loop {
+            let (entries, got) = self.save().await;
+            if got == source {
+                return entries;
+            }
+            assert!(
+                Instant::now() < end,
+                "no Save from {source} within {bound:?} (last: {got})"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Saves until one is served from the cache (the warm-up runs in the
@@ -333,6 +353,74 @@ async fn helper_cache_serves_save_and_watches_survive_a_helper_restart() {
         assert_same(&saved, &ns);
         let log = d.log_text();
         assert!(log.contains("watches sent again to the helper"), "{log}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A VM big enough for a pre-encoded base (6,000 entries, created after
+/// Register so they are all evented): its Saves come from the base, equal
+/// to the kernel's entries, also after 1 % were deleted and as many
+/// created; with `--no-base` the same VM is encoded whole.
+async fn big_vm_saves_from_the_base(ns: &Netns, vm: &Vm, base: bool) {
+    let ct = Ctnetlink::open_in_netns(Path::new(&ns.path())).unwrap();
+    let entries = population::generate(Spec::new(6000, MARK, 71)).vm_entries;
+    let r = ct.create(&entries).expect("create");
+    assert_eq!(r.created, entries.len() as u64, "{r:?}");
+    let want = if base { "base" } else { "cache" };
+    let saved = vm.save_until(want, Duration::from_secs(30)).await;
+    assert_eq!(saved.len(), entries.len());
+    assert_same(&saved, ns);
+    ct.delete_entries(&entries[..60]).expect("delete");
+    let more = population::generate(Spec::new(60, MARK, 72)).vm_entries;
+    let r = ct.create(&more).expect("create");
+    assert!(r.created > 50, "{r:?}");
+    // Events are read within milliseconds; a Save that raced them would
+    // differ from the kernel below, so give them a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (saved, source) = vm.save().await;
+    assert_eq!(source, want);
+    assert_eq!(saved.len(), entries.len() - 60 + r.created as usize);
+    assert_same(&saved, ns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_vm_saves_from_the_pre_encoded_base_in_process_or_whole_with_no_base() {
+    tokio::time::timeout(T, async {
+        for base in [true, false] {
+            let ns = Netns::new("dc-base");
+            let bus = TestBus::new("dc-base");
+            let state = scratch_dir("dc-base-state");
+            let client = bus.connect().await;
+            let mut o = DaemonOpts::new(&bus.address, state.path());
+            o.netns = Some(&ns.name);
+            if !base {
+                o.extra.push("--no-base".into());
+            }
+            let _d = DaemonProc::start(o, &client).await;
+            let vm = register(&client, &bus.address, "100").await;
+            big_vm_saves_from_the_base(&ns, &vm, base).await;
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_vm_saves_from_the_helpers_pre_encoded_base() {
+    tokio::time::timeout(T, async {
+        let ns = Netns::new("dc-hbase");
+        let bus = TestBus::new("dc-hbase");
+        let state = scratch_dir("dc-hbase-state");
+        let sock = state.path().join("helper.sock");
+        let _helper = spawn_helper(&ns, state.path(), &sock);
+        let client = bus.connect().await;
+        let mut o = DaemonOpts::new(&bus.address, state.path());
+        o.extra
+            .extend(["--helper-socket".to_string(), sock.display().to_string()]);
+        let _d = DaemonProc::start(o, &client).await;
+        let vm = register(&client, &bus.address, "100").await;
+        big_vm_saves_from_the_base(&ns, &vm, true).await;
     })
     .await
     .expect("test timed out");
