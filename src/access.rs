@@ -136,6 +136,15 @@ pub trait ConntrackAccess: Send + Sync {
     /// Create `entries` in batches; one entry's refusal never stops the rest.
     fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError>;
 
+    /// [`create`](ConntrackAccess::create) for a restore that continues
+    /// after Load has answered: the kernel work runs at a lower CPU priority
+    /// (`crate::ctnetlink::at_low_priority`), so that on a busy host QEMU,
+    /// which is resuming the guest right then, gets the CPU first. The
+    /// default is a plain create.
+    fn create_background(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
+        self.create(entries)
+    }
+
     /// Delete every entry selected by `sel`; returns how many were deleted.
     fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError>;
 

@@ -163,6 +163,7 @@ fn gre6(mark: u32) -> Entry {
 enum Call {
     Dump(Selector),
     Create(Vec<Entry>),
+    CreateBackground(usize),
     DeleteSelected(Selector),
     DeleteEntries(Vec<Entry>),
     Watch(Selector, bool),
@@ -226,6 +227,13 @@ impl ConntrackAccess for Table {
             }
         }
         Ok(r)
+    }
+    fn create_background(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(Call::CreateBackground(entries.len()));
+        self.create(entries)
     }
     fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError> {
         self.calls.lock().unwrap().push(Call::DeleteSelected(*sel));
@@ -385,6 +393,7 @@ fn every_request_round_trips() {
         Request::Dump(sel),
         Request::DeleteSelected(Selector::mark(5)),
         Request::Create(sel, entries.clone()),
+        Request::CreateBackground(sel, entries.clone()),
         Request::DeleteEntries(Selector::mark(100), entries),
         Request::Create(Selector::mark(1), vec![]),
         Request::Watch(sel, true),
@@ -1758,6 +1767,57 @@ fn client_falls_back_when_the_helper_predates_save_state_and_remembers() {
         }
     );
     assert_eq!(new.take_ops(), vec![op::DELETE_SAVED]);
+}
+
+/// CreateBackground reaches the access's `create_background` (the kernel
+/// work at a lower priority); a helper that predates it gets plain Creates,
+/// remembered until it restarts.
+#[test]
+fn create_background_reaches_the_helper_or_falls_back_to_plain_creates() {
+    use wire::op;
+    let table = Table::with(Vec::new());
+    let dir = fake_dir();
+    let path = dir.path().join("helper.sock");
+    let old = Fake::start(&path, older_helper(table.clone(), &[op::CREATE_BACKGROUND]));
+    let c = HelperClient::new(&path).unwrap();
+    let first = vm_entries(100, 5);
+    let r = c.create_background(&first).unwrap();
+    assert_eq!((r.created, r.existed), (5, 0));
+    assert_eq!(old.take_ops(), vec![op::CREATE_BACKGROUND, op::CREATE]);
+    let again = vm_entries(100, 7);
+    let r = c.create_background(&again).unwrap();
+    assert_eq!((r.created, r.existed), (2, 5));
+    assert_eq!(old.take_ops(), vec![op::CREATE]);
+    assert!(!table
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::CreateBackground(_))));
+
+    // Upgraded helper: the op from the next connection on.
+    drop(old);
+    let new = Fake::start(&path, older_helper(table.clone(), &[]));
+    let more = vm_entries(101, 3);
+    c.create_background(&more).unwrap();
+    c.create_background(&more).unwrap();
+    let ops = new.take_ops();
+    assert_eq!(ops.last(), Some(&op::CREATE_BACKGROUND), "{ops:?}");
+    assert_eq!(
+        table
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, Call::CreateBackground(3)))
+            .count(),
+        ops.iter().filter(|&&o| o == op::CREATE_BACKGROUND).count()
+    );
+    // The selector check applies to it like to Create.
+    let mut wrong = vm_entries(102, 1);
+    wrong[0].mark = 555;
+    let frame = wire::encode_request(&wire::Request::CreateBackground(Selector::mark(102), wrong));
+    let (resp, _) = server::handle(payload(&frame), &*table);
+    assert!(
+        matches!(&resp, Response::Error(m) if m.contains("is outside the request's selector")),
+        "{resp:?}"
+    );
 }
 
 #[test]

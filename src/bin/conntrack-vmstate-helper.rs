@@ -120,6 +120,9 @@ impl ConntrackAccess for NoWatch {
     fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
         self.0.create(entries)
     }
+    fn create_background(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
+        self.0.create_background(entries)
+    }
     fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError> {
         self.0.delete_selected(sel)
     }

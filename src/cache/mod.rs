@@ -1164,6 +1164,10 @@ impl ConntrackAccess for CachedAccess {
         self.shared.direct.create(entries)
     }
 
+    fn create_background(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
+        self.shared.direct.create_background(entries)
+    }
+
     fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError> {
         self.shared.direct.delete_selected(sel)
     }

@@ -426,6 +426,64 @@ fn walk_datagram(
     Ok(Walk::More { interrupted })
 }
 
+/// How much lower than the caller's the priority of background work is:
+/// nice +10 gives a thread about a tenth of the CPU share of a default one
+/// when they compete, and the whole CPU when nothing else wants it.
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Runs `f` on a thread of its own whose nice value is [`BACKGROUND_NICE`]
+/// above the caller's, and returns its result. A thread of its own, since
+/// nobody can take the nice value back down without `CAP_SYS_NICE`; when
+/// the priority cannot be lowered (a seccomp filter without
+/// `setpriority`) or no thread can be started, `f` still runs, at the
+/// normal priority.
+pub fn at_low_priority<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let slot = std::sync::Mutex::new(Some(f));
+    let take = || slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    std::thread::scope(|s| {
+        let spawned = std::thread::Builder::new()
+            .name("ct-background".into())
+            .spawn_scoped(s, || {
+                lower_this_thread();
+                take().map(|f| f())
+            });
+        let ran = match spawned {
+            Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            Err(e) => {
+                tracing::debug!(error = %e, "no background thread; creating at normal priority");
+                None
+            }
+        };
+        match ran {
+            Some(r) => r,
+            // Not started: still here to run.
+            None => match take() {
+                Some(f) => f(),
+                None => unreachable!("a started thread always takes the work"),
+            },
+        }
+    })
+}
+
+/// Adds [`BACKGROUND_NICE`] to the calling thread's nice value (Linux nice
+/// values are per thread).
+fn lower_this_thread() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // SAFETY: plain syscalls on our own thread; errors are checked. (A
+    // failed getpriority reads as -1, a valid value: then nice 9.)
+    unsafe {
+        let cur = libc::getpriority(libc::PRIO_PROCESS, tid);
+        let failed = libc::setpriority(libc::PRIO_PROCESS, tid, cur + BACKGROUND_NICE) != 0;
+        if failed {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "cannot lower the priority of background conntrack work"
+            );
+        }
+    }
+}
+
 impl ConntrackAccess for Ctnetlink {
     fn dump(&self, sel: &Selector) -> Result<Vec<Entry>, AccessError> {
         self.walk("dump", Some((sel.mark, sel.mark_mask)), |e| {
@@ -437,6 +495,10 @@ impl ConntrackAccess for Ctnetlink {
             }
             m
         })
+    }
+
+    fn create_background(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
+        at_low_priority(|| self.create(entries))
     }
 
     fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {

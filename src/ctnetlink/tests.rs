@@ -340,3 +340,23 @@ fn dump_datagrams_are_followed_to_done() {
         Err(WalkError::Malformed(_))
     ));
 }
+
+#[test]
+fn background_work_runs_on_another_thread_at_a_lower_priority() {
+    let nice = || {
+        // SAFETY: plain syscalls about the calling thread.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            (tid, libc::getpriority(libc::PRIO_PROCESS, tid))
+        }
+    };
+    let (me, before) = nice();
+    let (tid, inside) = super::at_low_priority(nice);
+    assert_ne!(tid, me, "a thread of its own");
+    assert_eq!(inside, (before + super::BACKGROUND_NICE).min(19));
+    assert_eq!(nice(), (me, before), "the caller keeps its priority");
+    // Results and panics come back to the caller.
+    assert_eq!(super::at_low_priority(|| 7), 7);
+    let p = std::panic::catch_unwind(|| super::at_low_priority(|| panic!("bug")));
+    assert!(p.is_err());
+}

@@ -57,6 +57,8 @@ pub struct HelperClient {
     /// that notices still takes the old path, the next one the op.
     old_helper_save: AtomicBool,
     old_helper_delete: AtomicBool,
+    /// Likewise for CreateBackground: plain Creates until then.
+    old_helper_background: AtomicBool,
 }
 
 /// The watches the daemon asked for and the one connection that holds them
@@ -108,6 +110,7 @@ impl HelperClient {
             timeout,
             pool: Mutex::new(Vec::new()),
             old_helper_save: AtomicBool::new(false),
+            old_helper_background: AtomicBool::new(false),
             old_helper_delete: AtomicBool::new(false),
             watches: Arc::new(WatchState {
                 path: socket.to_owned(),
@@ -195,6 +198,7 @@ impl HelperClient {
                     // Possibly a new helper: it may know the newer ops.
                     self.old_helper_save.store(false, Ordering::Relaxed);
                     self.old_helper_delete.store(false, Ordering::Relaxed);
+                    self.old_helper_background.store(false, Ordering::Relaxed);
                 }
                 Err(Fail::Other(e)) => return Err(e),
             }
@@ -541,6 +545,46 @@ impl ConntrackAccess for Plain<'_> {
 }
 
 impl HelperClient {
+    /// Create or CreateBackground (`opcode`), in chunks per mark; `None`
+    /// when the helper does not know the op (only CreateBackground is new,
+    /// and an old helper refuses it on the first chunk, before anything was
+    /// created).
+    fn create_op(
+        &self,
+        opcode: u8,
+        entries: &[Entry],
+    ) -> Result<Option<CreateReport>, AccessError> {
+        let name = if opcode == op::CREATE {
+            "create"
+        } else {
+            "create-background"
+        };
+        let mut report = CreateReport::default();
+        let mut answered = false;
+        for (mark, group) in by_mark(entries) {
+            let sel = Selector::mark(mark);
+            if super::server::validate_selector(&sel).is_err() {
+                for _ in &group {
+                    report.add(CreateOutcome::Refused(EPERM));
+                }
+                continue;
+            }
+            for chunk in group.chunks(CHUNK) {
+                let frame = wire::encode_batch(opcode, &sel, chunk.iter().copied());
+                match self.call(name, &frame)? {
+                    Response::Created(r) => {
+                        report.merge(&r);
+                        answered = true;
+                    }
+                    Response::Error(m) if unknown_op(&m, opcode) && !answered => return Ok(None),
+                    Response::Error(m) => return Err(refused(name, m)),
+                    r => return Err(unexpected(name, &r)),
+                }
+            }
+        }
+        Ok(Some(report))
+    }
+
     /// SaveState; `None` when the helper does not know the op.
     fn save_state_op(
         &self,
@@ -759,25 +803,22 @@ impl ConntrackAccess for HelperClient {
     }
 
     fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
-        let mut report = CreateReport::default();
-        for (mark, group) in by_mark(entries) {
-            let sel = Selector::mark(mark);
-            if super::server::validate_selector(&sel).is_err() {
-                for _ in &group {
-                    report.add(CreateOutcome::Refused(EPERM));
-                }
-                continue;
+        self.create_op(op::CREATE, entries)
+            .map(|r| r.unwrap_or_default())
+    }
+
+    /// The helper lowers the priority of the kernel work; a helper that
+    /// predates the op gets plain Creates.
+    fn create_background(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
+        if !self.old_helper_background.load(Ordering::Relaxed) {
+            if let Some(r) = self.create_op(op::CREATE_BACKGROUND, entries)? {
+                return Ok(r);
             }
-            for chunk in group.chunks(CHUNK) {
-                let frame = wire::encode_batch(op::CREATE, &sel, chunk.iter().copied());
-                match self.call("create", &frame)? {
-                    Response::Created(r) => report.merge(&r),
-                    Response::Error(m) => return Err(refused("create", m)),
-                    r => return Err(unexpected("create", &r)),
-                }
-            }
+            self.old_helper_background.store(true, Ordering::Relaxed);
+            tracing::info!("the helper predates CreateBackground; restores use plain Creates");
         }
-        Ok(report)
+        self.create_op(op::CREATE, entries)
+            .map(|r| r.unwrap_or_default())
     }
 
     fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError> {

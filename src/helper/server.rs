@@ -102,6 +102,7 @@ pub fn validate(req: &Request) -> Result<(), String> {
         | Request::Watch(s, _)
         | Request::DeleteSelected(s)
         | Request::Create(s, _)
+        | Request::CreateBackground(s, _)
         | Request::DeleteEntries(s, _)
         | Request::SaveState(s, ..)
         | Request::DeleteSaved(s, _) => s,
@@ -110,7 +111,10 @@ pub fn validate(req: &Request) -> Result<(), String> {
     if let Request::SaveState(_, limit, _) = req {
         validate_save_limit(*limit)?;
     }
-    if let Request::Create(s, entries) | Request::DeleteEntries(s, entries) = req {
+    if let Request::Create(s, entries)
+    | Request::CreateBackground(s, entries)
+    | Request::DeleteEntries(s, entries) = req
+    {
         for (i, e) in entries.iter().enumerate() {
             if !s.matches(e) {
                 return Err(format!(
@@ -175,6 +179,7 @@ fn execute(req: &Request, access: &dyn ConntrackAccess) -> Response {
             Response::Entries(es)
         }),
         Request::Create(_, es) => access.create(es).map(Response::Created),
+        Request::CreateBackground(_, es) => access.create_background(es).map(Response::Created),
         Request::DeleteSelected(s) => access.delete_selected(s).map(Response::Deleted),
         Request::DeleteEntries(s, es) => delete_owned(access, s, es).map(Response::DeleteReport),
         Request::DumpSourced(s) => access.dump_sourced(s).map(|(mut es, src)| {

@@ -61,6 +61,10 @@ pub mod op {
     /// client then dumps and encodes (deletes) itself.
     pub const SAVE_STATE: u8 = 7;
     pub const DELETE_SAVED: u8 = 8;
+    /// Added in protocol 1 as well: Create for a restore that goes on after
+    /// Load answered, run at a lower CPU priority. A helper that predates
+    /// it answers `unknown opcode`; the client then sends plain Creates.
+    pub const CREATE_BACKGROUND: u8 = 9;
     /// Replies have the high bit set.
     pub const R_ERROR: u8 = 0x80;
     pub const R_ENTRIES: u8 = 0x81;
@@ -79,6 +83,7 @@ pub mod op {
 pub enum Request {
     Dump(Selector),
     Create(Selector, Vec<Entry>),
+    CreateBackground(Selector, Vec<Entry>),
     DeleteSelected(Selector),
     DeleteEntries(Selector, Vec<Entry>),
     /// Start (`true`) or stop keeping the selector's entries warm in the
@@ -99,6 +104,7 @@ impl Request {
         match self {
             Request::Dump(_) => "dump",
             Request::Create(..) => "create",
+            Request::CreateBackground(..) => "create-background",
             Request::DeleteSelected(_) => "delete-selected",
             Request::DeleteEntries(..) => "delete-entries",
             Request::Watch(..) => "watch",
@@ -379,6 +385,7 @@ pub fn encode_request(r: &Request) -> Vec<u8> {
         Request::Dump(s) => frame(op::DUMP, |w| put_selector(w, s)),
         Request::DeleteSelected(s) => frame(op::DELETE_SELECTED, |w| put_selector(w, s)),
         Request::Create(s, es) => encode_batch(op::CREATE, s, es.iter()),
+        Request::CreateBackground(s, es) => encode_batch(op::CREATE_BACKGROUND, s, es.iter()),
         Request::DeleteEntries(s, es) => encode_batch(op::DELETE_ENTRIES, s, es.iter()),
         Request::Watch(s, on) => frame(op::WATCH, |w| {
             put_selector(w, s);
@@ -740,6 +747,10 @@ pub fn decode_request(payload: &[u8]) -> Result<Request, WireError> {
         op::CREATE => {
             let s = get_selector(&mut r)?;
             Request::Create(s, get_entries(&mut r, MAX_ENTRIES)?)
+        }
+        op::CREATE_BACKGROUND => {
+            let s = get_selector(&mut r)?;
+            Request::CreateBackground(s, get_entries(&mut r, MAX_ENTRIES)?)
         }
         op::DELETE_ENTRIES => {
             let s = get_selector(&mut r)?;

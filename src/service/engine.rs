@@ -453,7 +453,7 @@ impl RestoreJob {
         let mut batch = FIRST_BATCH;
         while let Some(chunk) = rest.next_batch(batch) {
             let t = Instant::now();
-            let n = match self.create_one(chunk, done, total, &mut totals) {
+            let n = match self.create_one(chunk, done, total, &mut totals, false) {
                 Ok(n) => n,
                 Err(why) => {
                     failed = Some(why);
@@ -501,7 +501,7 @@ impl RestoreJob {
         let _ = tx.send(interim);
 
         while let Some(chunk) = rest.next_batch(BACKGROUND_BATCH) {
-            match self.create_one(chunk, done, total, &mut totals) {
+            match self.create_one(chunk, done, total, &mut totals, true) {
                 Ok(n) => done += n,
                 Err(why) => {
                     failed = Some(why);
@@ -516,12 +516,15 @@ impl RestoreJob {
 
     /// Creates one batch from the stream, unless the restore was cancelled;
     /// returns how many entries it held, or why the restore ends here.
+    /// `background`: QEMU has its answer and is resuming the guest; the
+    /// kernel work then runs at a lower priority (`create_background`).
     fn create_one(
         &self,
         chunk: Result<Vec<Entry>, format::FormatError>,
         done: usize,
         total: usize,
         totals: &mut CreateReport,
+        background: bool,
     ) -> Result<usize, String> {
         // A validated stream cannot fail to decode: only a bug can do that.
         let chunk =
@@ -529,10 +532,12 @@ impl RestoreJob {
         if self.ctl.cancel.load(Ordering::SeqCst) {
             return Err(self.cancelled(done, total));
         }
-        let c = self
-            .access
-            .create(&chunk)
-            .map_err(|e| format!("creating entries failed after {done} of {total}: {e}"))?;
+        let c = if background {
+            self.access.create_background(&chunk)
+        } else {
+            self.access.create(&chunk)
+        }
+        .map_err(|e| format!("creating entries failed after {done} of {total}: {e}"))?;
         totals.merge(&c);
         Ok(chunk.len())
     }
