@@ -1286,11 +1286,7 @@ fn main() {
             // QEMU's downtime figures scatter by several ms between
             // migrations on a small machine: more repetitions for their
             // medians.
-            let mig_reps = if a.quick || a.reps.is_some() {
-                reps
-            } else {
-                9
-            };
+            let mig_reps = if a.quick || a.reps.is_some() { reps } else { 9 };
             part_migration(&mut hs, &mig_n, mig_reps, setup);
         }
     }
