@@ -600,8 +600,8 @@ fn decode_errors_are_specific() {
         "unsupported protocol version 2 (this side speaks 1)"
     );
     let mut p = payload(&f).to_vec();
-    p[1] = 9;
-    assert_eq!(wire::decode_request(&p), Err(WireError::Opcode(9)));
+    p[1] = 0x7f;
+    assert_eq!(wire::decode_request(&p), Err(WireError::Opcode(0x7f)));
     let mut p = payload(&f).to_vec();
     p.push(0);
     assert_eq!(wire::decode_request(&p), Err(WireError::Trailing(1)));
