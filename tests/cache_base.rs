@@ -8,17 +8,17 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::compare::{compare, Tolerance};
+use common::ctcli::{conntrack, load_lines, plain, wait_for};
 use common::netns::{run_ok, Netns};
 use common::population::{self, Spec};
 use conntrack_vmstate::access::{ConntrackAccess, DumpSource};
 use conntrack_vmstate::cache::{CacheConfig, CachedAccess};
 use conntrack_vmstate::ctnetlink::Ctnetlink;
-use conntrack_vmstate::entry::{proto, status, tcp_state, Entry, ProtoInfo, Selector, L4};
+use conntrack_vmstate::entry::{proto, tcp_state, Entry, ProtoInfo, Selector};
 use conntrack_vmstate::format::{self, EncodeOptions};
 
 const MARK: u32 = 100;
@@ -37,48 +37,6 @@ fn cache(ns: &Netns, interval: Duration) -> CachedAccess {
         ..CacheConfig::default()
     };
     CachedAccess::new(ct(ns), cfg).expect("cache")
-}
-
-fn load_lines(ns: &Netns, lines: &[String]) {
-    let mut f = tempfile::NamedTempFile::new().expect("tempfile");
-    for l in lines {
-        writeln!(f, "{l}").expect("write");
-    }
-    f.flush().expect("flush");
-    run_ok(ns.cmd("conntrack").arg("--load-file").arg(f.path()));
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// conntrack(8) on exactly `e` (zone 0, TCP or UDP).
-fn conntrack(ns: &Netns, op: &str, e: &Entry, extra: &[&str]) {
-    let p = if e.orig.proto == proto::TCP {
-        "tcp"
-    } else {
-        "udp"
-    };
-    let L4::Ports { src, dst } = e.orig.l4 else {
-        panic!("ports")
-    };
-    let family = if e.is_ipv6() { "ipv6" } else { "ipv4" };
-    let mut c = ns.cmd("conntrack");
-    c.arg(op)
-        .args(["-f", family, "-p", p, "-s"])
-        .arg(e.orig.src.to_string())
-        .arg("-d")
-        .arg(e.orig.dst.to_string())
-        .arg("--sport")
-        .arg(src.to_string())
-        .arg("--dport")
-        .arg(dst.to_string())
-        .args(extra);
-    run_ok(&mut c);
 }
 
 /// Save through the cache, decoded; asserts where it came from.
@@ -117,22 +75,6 @@ fn assert_same(what: &str, want: &[Entry], got: &[Entry]) {
         &diffs[..diffs.len().min(8)]
     );
     assert_eq!(want.len(), got.len(), "{what}: entry count");
-}
-
-/// Plain entries conntrack(8) can address and really change.
-fn plain(v: &[Entry]) -> Vec<Entry> {
-    v.iter()
-        .filter(|e| {
-            matches!(e.orig.proto, proto::TCP | proto::UDP)
-                && e.zone == 0
-                && e.orig.zone.is_none()
-                && !e.is_nat()
-                && e.status & status::FIXED_TIMEOUT == 0
-                && e.labels.is_none()
-                && e.timeout > 1000
-        })
-        .cloned()
-        .collect()
 }
 
 #[test]

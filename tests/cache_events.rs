@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::compare::{compare, Tolerance};
+use common::ctcli::{conntrack, load_lines, plain, wait_for};
 use common::netns::{run_ok, Netns};
 use common::population::{self, Spec};
 use conntrack_vmstate::access::ConntrackAccess;
@@ -61,71 +61,12 @@ fn assert_not_above(cached: &[Entry], direct: &[Entry]) {
     }
 }
 
-/// conntrack(8) arguments that select exactly `e` (zone 0, ports or ICMP).
-fn filter_args(e: &Entry) -> Vec<String> {
-    let p = match e.orig.proto {
-        proto::TCP => "tcp",
-        proto::UDP => "udp",
-        _ => panic!("test picks TCP/UDP only"),
-    };
-    let L4::Ports { src, dst } = e.orig.l4 else {
-        panic!("ports")
-    };
-    let family = if e.is_ipv6() { "ipv6" } else { "ipv4" };
-    vec![
-        "-f".into(),
-        family.into(),
-        "-p".into(),
-        p.into(),
-        "-s".into(),
-        e.orig.src.to_string(),
-        "-d".into(),
-        e.orig.dst.to_string(),
-        "--sport".into(),
-        src.to_string(),
-        "--dport".into(),
-        dst.to_string(),
-    ]
-}
-
-fn conntrack(ns: &Netns, op: &str, e: &Entry, extra: &[&str]) {
-    let mut c = ns.cmd("conntrack");
-    c.arg(op).args(filter_args(e)).args(extra);
-    run_ok(&mut c);
-}
-
-/// Plain, un-NATed, unlabelled TCP/UDP entries of zone 0 (easy to address
-/// with conntrack(8), and every update below really changes them).
-fn plain(v: &[Entry]) -> Vec<Entry> {
-    v.iter()
-        .filter(|e| {
-            matches!(e.orig.proto, proto::TCP | proto::UDP)
-                && e.zone == 0
-                && e.orig.zone.is_none()
-                && !e.is_nat()
-                && e.status & status::FIXED_TIMEOUT == 0
-                && e.labels.is_none()
-                && e.timeout > 1000
-        })
-        .cloned()
-        .collect()
-}
-
 fn events_sysctl(ns: &Netns, v: u32) {
     run_ok(
         ns.cmd("sysctl")
             .arg("-qw")
             .arg(format!("net.netfilter.nf_conntrack_events={v}")),
     );
-}
-
-fn load_lines(ns: &Netns, lines: &[String]) {
-    let mut f = tempfile::NamedTempFile::new().expect("tempfile");
-    for l in lines {
-        writeln!(f, "{l}").expect("write");
-    }
-    f.flush().expect("flush");
-    run_ok(ns.cmd("conntrack").arg("--load-file").arg(f.path()));
 }
 
 /// `n` UDP entries of `mark` from 10.77.a.b, for bursts.
@@ -158,14 +99,6 @@ fn udp_entries(n: usize, mark: u32, base: u8) -> Vec<Entry> {
             }
         })
         .collect()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod compare;
+pub mod ctcli;
 pub mod entries;
 pub mod host;
 pub mod netns;
