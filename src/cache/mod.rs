@@ -55,6 +55,16 @@
 //!   `drain_budget` (50 ms) of catching up, lookups that were estimated
 //!   cheaper than a dump and then failed, and one direct dump — about twice
 //!   an uncached Save, far inside the daemon's Save deadline (seconds).
+//! * **Pre-encoded base** (`table::Base`, docs/downtime.md): for selectors
+//!   with `base_min_entries` or more, the thread keeps their entries encoded
+//!   ahead of time, and Save sends that base with a skip list of the
+//!   records whose entry changed or went away since, plus the rest encoded
+//!   at Save (state format v1.2). Every change to a cached entry goes
+//!   through `EntryTable`, which marks the entry's base record dead at the
+//!   same time, so the base can never resurrect or duplicate an entry; a
+//!   change to every entry (lost events, probes) drops the base. It only
+//!   holds trusted entries far from expiry and is used while young enough
+//!   that none of them can need a Save-time lookup.
 //!
 //! # Remaining timeouts
 //! Events do not fire per packet, so a cached timeout is stored with the
