@@ -852,32 +852,39 @@ impl Shared {
         }
     }
 
-    /// Builds `sel`'s base under the lock: Save waits for it meanwhile,
-    /// which costs what a Save without a base would (docs/downtime.md).
-    /// Returns the records in it, if it was built.
+    /// Builds `sel`'s base: its candidates are copied out under the lock
+    /// (~2 ms at 100k entries), encoded without it (Saves, from the old
+    /// base, and events go on meanwhile), and installed under it again.
+    /// Returns the records in it, if it was built and installed.
     fn build_base(&self, sel: Selector) -> Option<usize> {
-        let mut st = self.lock();
-        let margin = self.config.verify_margin_secs;
-        let sc = st.tables.sels.get_mut(&sel).filter(|sc| sc.trusted)?;
-        let now = Instant::now();
-        sc.base_tried_at = Some(now);
-        let mark = (sel.mark_mask == u32::MAX).then_some(sel.mark);
-        match sc.entries.build_base(now, mark, margin) {
-            Ok(n) => {
-                bump(&self.counters.base_builds, 1);
-                tracing::debug!(
-                    mark = sel.mark,
-                    records = n,
-                    us = now.elapsed().as_micros() as u64,
-                    "pre-encoded base built"
-                );
-                Some(n)
-            }
+        let started = Instant::now();
+        let snap = {
+            let mut st = self.lock();
+            let sc = st.tables.sels.get_mut(&sel).filter(|sc| sc.trusted)?;
+            sc.base_tried_at = Some(started);
+            let mark = (sel.mark_mask == u32::MAX).then_some(sel.mark);
+            sc.entries
+                .base_snapshot(started, mark, self.config.verify_margin_secs)
+        };
+        let copied = started.elapsed();
+        let built = match snap.encode() {
+            Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "building the pre-encoded base failed");
-                None
+                return None;
             }
-        }
+        };
+        let mut st = self.lock();
+        let n = st.tables.sels.get_mut(&sel)?.entries.install_base(built)?;
+        bump(&self.counters.base_builds, 1);
+        tracing::debug!(
+            mark = sel.mark,
+            records = n,
+            copy_us = copied.as_micros() as u64,
+            us = started.elapsed().as_micros() as u64,
+            "pre-encoded base built"
+        );
+        Some(n)
     }
 
     /// Sends a no-op update to every entry of `sel` that no event has
