@@ -34,6 +34,9 @@ fn cache(ns: &Netns, interval: Duration) -> CachedAccess {
     let cfg = CacheConfig {
         base_min_entries: 1,
         base_interval: interval,
+        // No refresh (it replaces the table and with it the base) while a
+        // test runs.
+        refresh_interval: Duration::from_secs(300),
         ..CacheConfig::default()
     };
     CachedAccess::new(ct(ns), cfg).expect("cache")
