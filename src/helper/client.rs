@@ -803,8 +803,8 @@ impl ConntrackAccess for HelperClient {
     }
 
     fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
-        self.create_op(op::CREATE, entries)
-            .map(|r| r.unwrap_or_default())
+        self.create_op(op::CREATE, entries)?
+            .ok_or_else(|| refused("create", "the helper does not know Create".into()))
     }
 
     /// The helper lowers the priority of the kernel work; a helper that
@@ -817,8 +817,7 @@ impl ConntrackAccess for HelperClient {
             self.old_helper_background.store(true, Ordering::Relaxed);
             tracing::info!("the helper predates CreateBackground; restores use plain Creates");
         }
-        self.create_op(op::CREATE, entries)
-            .map(|r| r.unwrap_or_default())
+        self.create(entries)
     }
 
     fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError> {
