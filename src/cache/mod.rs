@@ -853,8 +853,9 @@ impl Shared {
     }
 
     /// Builds `sel`'s base: its candidates are copied out under the lock
-    /// (~2 ms at 100k entries), encoded without it (Saves, from the old
-    /// base, and events go on meanwhile), and installed under it again.
+    /// (~4 ms at 100k entries), encoded without it (~7 ms; Saves, from the
+    /// old base, and events go on meanwhile), and installed under it again
+    /// (~1 ms).
     /// Returns the records in it, if it was built and installed.
     fn build_base(&self, sel: Selector) -> Option<usize> {
         let started = Instant::now();
