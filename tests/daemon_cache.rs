@@ -17,13 +17,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::bus::{scratch_dir, DaemonOpts, DaemonProc, TestBus};
 use common::compare::{compare, Tolerance};
-use common::host::Proc;
+use common::host::spawn_helper;
 use common::netns::Netns;
 use common::population::{self, Spec};
 use conntrack_vmstate::access::ConntrackAccess;
@@ -288,30 +287,6 @@ async fn no_cache_daemon_dumps_every_save() {
     })
     .await
     .expect("test timed out");
-}
-
-fn spawn_helper(ns: &Netns, dir: &Path, sock: &PathBuf) -> Proc {
-    let _ = std::fs::remove_file(sock);
-    let p = Proc::spawn(
-        "helper",
-        dir,
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.name,
-                env!("CARGO_BIN_EXE_conntrack-vmstate-helper"),
-            ])
-            .arg("--listen")
-            .arg(sock)
-            .args(["--idle-timeout", "0"]),
-    );
-    let end = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(Instant::now() < end, "helper socket never appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    p
 }
 
 /// The packaged split: the capless daemon watches through the helper, whose

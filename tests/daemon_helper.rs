@@ -5,11 +5,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::bus::{scratch_dir, DaemonOpts, DaemonProc, TestBus};
-use common::host::Proc;
+use common::host::{spawn_helper, Proc};
 use common::netns::Netns;
 use conntrack_vmstate::bus::proxy::{Manager1Proxy, Vm1Proxy, VmState1Proxy};
 use conntrack_vmstate::format;
@@ -21,7 +20,7 @@ async fn capless_daemon_saves_and_flushes_through_the_helper() {
         let ns = Netns::new("helper");
         let bus = TestBus::new("helper");
         let state = scratch_dir("helper-state");
-        let (sock, _helper) = start_helper(&ns, state.path()).await;
+        let (sock, _helper) = start_helper(&ns, state.path());
         insert_vm100_tcp(&ns, 5);
         ns.run(
             "conntrack",
@@ -109,7 +108,7 @@ async fn save_answers_at_deadline_while_the_helper_hangs() {
         let ns = Netns::new("helper-hang");
         let bus = TestBus::new("helper-hang");
         let state = scratch_dir("helper-hang-state");
-        let (sock, helper) = start_helper(&ns, state.path()).await;
+        let (sock, helper) = start_helper(&ns, state.path());
         insert_vm100_tcp(&ns, 3);
         let client = bus.connect().await;
         let mut o = DaemonOpts::new(&bus.address, state.path());
@@ -212,27 +211,9 @@ fn wait_all_threads_stopped(pid: u32) {
 
 /// Starts the real helper inside `ns`, listening in `dir`; returns its socket
 /// once it exists.
-async fn start_helper(ns: &Netns, dir: &std::path::Path) -> (std::path::PathBuf, Proc) {
+fn start_helper(ns: &Netns, dir: &std::path::Path) -> (std::path::PathBuf, Proc) {
     let sock = dir.join("helper.sock");
-    let helper = Proc::spawn(
-        "helper",
-        dir,
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.name,
-                env!("CARGO_BIN_EXE_conntrack-vmstate-helper"),
-            ])
-            .arg("--listen")
-            .arg(&sock)
-            .args(["--idle-timeout", "0"]),
-    );
-    let end = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(Instant::now() < end, "helper socket never appeared");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let helper = spawn_helper(ns, dir, &sock);
     (sock, helper)
 }
 

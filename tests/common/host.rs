@@ -17,6 +17,32 @@ static NEXT_FILE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::n
 /// Default bound of every wait in the harness.
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// The real conntrack-vmstate-helper inside `ns`, listening on `sock`
+/// (removed first), once the socket exists (bounded by 20 s).
+pub fn spawn_helper(ns: &Netns, dir: &Path, sock: &Path) -> Proc {
+    let _ = std::fs::remove_file(sock);
+    let p = Proc::spawn(
+        "helper",
+        dir,
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                env!("CARGO_BIN_EXE_conntrack-vmstate-helper"),
+            ])
+            .arg("--listen")
+            .arg(sock)
+            .args(["--idle-timeout", "0"]),
+    );
+    let end = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < end, "helper socket never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
 /// A child process stopped TERM, then KILL after 5 s, when dropped. Its
 /// stdout and stderr go to `<dir>/<name>.log`.
 pub struct Proc {
