@@ -154,7 +154,7 @@ fn radix_sort_keys(v: &mut Vec<u64>) {
 
 /// The key of an entry the encoder leaves out (one the format cannot
 /// represent): [`ranked_by_key`] skips it.
-pub const EXCLUDED_KEY: u64 = u64::MAX;
+pub(crate) const EXCLUDED_KEY: u64 = u64::MAX;
 
 /// Positions in a sequence of `len` precomputed value keys, most valuable
 /// first, ties in input order, without the [`EXCLUDED_KEY`] ones (the

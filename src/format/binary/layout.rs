@@ -12,6 +12,7 @@ pub const MINOR: u8 = 0;
 pub const MINOR_SEGMENTS: u8 = 1;
 /// Minor version of a patched blob (v1.2; only the PATCH flag is new).
 pub const MINOR_PATCH: u8 = 2;
+/// Length of the header, and so of the smallest blob (no entries).
 pub const HEADER_LEN: usize = 32;
 
 /// Header flag: the sender dropped entries to fit its byte budget.
@@ -38,6 +39,10 @@ pub const MAX_ENTRIES: usize = 2_000_000;
 /// Smallest possible record: flags, proto, two IPv4 addresses, 1-byte
 /// status and timeout varints (other protocol, no ports).
 pub const MIN_RECORD_LEN: usize = 12;
+/// Most segments one blob may hold (the decoder's ceiling).
+pub const MAX_SEGMENTS: usize = 16;
+/// Bytes of one segment table row: count, raw_len, stored_len (u32 each).
+pub(super) const SEGMENT_ENTRY_LEN: usize = 12;
 
 /// zstd level: higher levels barely shrink the blob and cost migration
 /// downtime (docs/state-format.md, section 1).
@@ -125,11 +130,6 @@ pub(super) fn le16(b: &[u8], at: usize) -> u16 {
 pub(super) fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
-
-/// Most segments one blob may hold (the decoder's ceiling).
-pub const MAX_SEGMENTS: usize = 16;
-/// Bytes of one segment table row: count, raw_len, stored_len (u32 each).
-pub(super) const SEGMENT_ENTRY_LEN: usize = 12;
 
 #[cfg(test)]
 mod tests {

@@ -27,13 +27,16 @@ pub(super) fn default_mark_of(marks: impl Iterator<Item = u32>) -> u32 {
 }
 
 /// The most common mark of `views` ([`default_mark`]), for callers of
-/// [`encode_segmented`] and [`Encoder`] that did not get it while ranking.
+/// [`encode_segmented`](super::segments::encode_segmented) and
+/// [`Encoder`](super::encode::Encoder) that did not get it while ranking.
 pub fn views_default_mark(views: &[View]) -> u32 {
     default_mark_of(views.iter().map(|v| v.rec.mark()))
 }
+
 /// `views` reordered most valuable first (by their keys), ties in input
-/// order, without the excluded ones: the same order [`priority::priority_order`]
-/// gives entries whose timeout field holds the seconds left.
+/// order, without the excluded ones: the same order
+/// [`priority::priority_order`] gives entries whose timeout field holds the
+/// seconds left.
 pub fn rank_views<'a>(views: &[View<'a>]) -> Vec<View<'a>> {
     // Any mark: only the order is wanted.
     rank_and_mark(views, Some(0)).0

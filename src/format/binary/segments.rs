@@ -78,7 +78,8 @@ pub(super) fn put_segment_table<'a>(
 /// `views`, already in priority order, as `segments` balanced frames
 /// (clamped to 1..=[`MAX_SEGMENTS`] and to at most one per view; no views,
 /// no frames), built and compressed in parallel. The warm cache keeps these
-/// as the base of a patched blob ([`assemble_patched`]); every frame must
+/// as the base of a patched blob
+/// ([`assemble_patched`](super::patch::assemble_patched)); every frame must
 /// be encoded with the `default_mark` of the blob it goes into.
 pub fn encode_frames(
     views: &[View],
