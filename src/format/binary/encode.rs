@@ -73,7 +73,7 @@ pub(super) enum Attrs<'a> {
 /// Column buffers of one encoding, optionally with each stream's length
 /// after every entry so that any prefix can be assembled without
 /// re-encoding.
-pub struct Columns {
+pub(super) struct Columns {
     pub(super) s: [Vec<u8>; STREAMS],
     /// `offsets[k * STREAMS + i]`: length of stream `i` after `k` entries;
     /// empty when only the whole set (and the empty prefix) is wanted,
@@ -360,7 +360,7 @@ pub(super) fn prefetch_compact(c: &Compact) {
 
 /// Encodes entries given in priority order; any prefix can then be turned
 /// into a complete blob.
-pub struct Encoder {
+pub(super) struct Encoder {
     cols: Columns,
     raw: Vec<u8>,
     cctx: zstd::bulk::Compressor<'static>,

@@ -6,7 +6,7 @@
 use crate::entry::L4;
 
 pub const MAGIC: [u8; 4] = *b"CTVS";
-pub const MAJOR: u8 = 1;
+pub(super) const MAJOR: u8 = 1;
 pub const MINOR: u8 = 0;
 /// Minor version of a segmented blob (v1.1; only the SEGMENTS flag is new).
 pub const MINOR_SEGMENTS: u8 = 1;
@@ -38,15 +38,15 @@ pub const MAX_RAW_LEN: usize = 64 << 20;
 pub const MAX_ENTRIES: usize = 2_000_000;
 /// Smallest possible record: flags, proto, two IPv4 addresses, 1-byte
 /// status and timeout varints (other protocol, no ports).
-pub const MIN_RECORD_LEN: usize = 12;
+pub(super) const MIN_RECORD_LEN: usize = 12;
 /// Most segments one blob may hold (the decoder's ceiling).
-pub const MAX_SEGMENTS: usize = 16;
+pub(super) const MAX_SEGMENTS: usize = 16;
 /// Bytes of one segment table row: count, raw_len, stored_len (u32 each).
 pub(super) const SEGMENT_ENTRY_LEN: usize = 12;
 
 /// zstd level: higher levels barely shrink the blob and cost migration
 /// downtime (docs/state-format.md, section 1).
-pub const ZSTD_LEVEL: i32 = 1;
+pub(super) const ZSTD_LEVEL: i32 = 1;
 
 // Record flags byte.
 pub(super) const R_IPV6: u8 = 1 << 0;
@@ -63,20 +63,20 @@ pub(super) const L4_ICMP: u8 = 2;
 
 // Attribute types; bit 7 set = required (a decoder that does not know it
 // must reject the blob), clear = optional (skipped when unknown).
-pub const ATTR_END: u8 = 0x00;
-pub const ATTR_LABELS: u8 = 0x01;
-pub const ATTR_ZONE: u8 = 0x81;
-pub const ATTR_ORIG_ZONE: u8 = 0x82;
-pub const ATTR_REPLY_ZONE: u8 = 0x83;
-pub const ATTR_SCTP: u8 = 0x84;
-pub const ATTR_DCCP: u8 = 0x85;
-pub const ATTR_SEQ_ADJ_ORIG: u8 = 0x86;
-pub const ATTR_SEQ_ADJ_REPLY: u8 = 0x87;
-pub const ATTR_HELPER: u8 = 0x88;
-pub const ATTR_MARK: u8 = 0x89;
-pub const ATTR_REQUIRED: u8 = 0x80;
+pub(super) const ATTR_END: u8 = 0x00;
+pub(super) const ATTR_LABELS: u8 = 0x01;
+pub(super) const ATTR_ZONE: u8 = 0x81;
+pub(super) const ATTR_ORIG_ZONE: u8 = 0x82;
+pub(super) const ATTR_REPLY_ZONE: u8 = 0x83;
+pub(super) const ATTR_SCTP: u8 = 0x84;
+pub(super) const ATTR_DCCP: u8 = 0x85;
+pub(super) const ATTR_SEQ_ADJ_ORIG: u8 = 0x86;
+pub(super) const ATTR_SEQ_ADJ_REPLY: u8 = 0x87;
+pub(super) const ATTR_HELPER: u8 = 0x88;
+pub(super) const ATTR_MARK: u8 = 0x89;
+pub(super) const ATTR_REQUIRED: u8 = 0x80;
 /// Longest helper name carried (the kernel's limit is 16 bytes).
-pub const MAX_HELPER_LEN: usize = 64;
+pub(super) const MAX_HELPER_LEN: usize = 64;
 
 /// Column streams, in payload order.
 pub(super) const S_FLAGS: usize = 0;
@@ -90,7 +90,7 @@ pub(super) const S_TIMEOUT: usize = 7;
 pub(super) const S_TCPINFO: usize = 8;
 pub(super) const S_REPLY: usize = 9;
 pub(super) const S_ATTRS: usize = 10;
-pub const STREAMS: usize = 11;
+pub(super) const STREAMS: usize = 11;
 pub(super) const STREAM_NAMES: [&str; STREAMS] = [
     "flags", "proto", "near", "far", "sport", "dport", "status", "timeout", "tcpinfo", "reply",
     "attrs",

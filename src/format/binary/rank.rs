@@ -7,7 +7,7 @@ use crate::format::priority;
 
 /// The most common mark, by majority vote (exact when one mark holds more
 /// than half the entries, which is the per-VM case; any value is correct).
-pub fn default_mark<'a>(entries: impl Iterator<Item = &'a Entry>) -> u32 {
+pub(super) fn default_mark<'a>(entries: impl Iterator<Item = &'a Entry>) -> u32 {
     default_mark_of(entries.map(|e| e.mark))
 }
 
@@ -26,9 +26,8 @@ pub(super) fn default_mark_of(marks: impl Iterator<Item = u32>) -> u32 {
     cand
 }
 
-/// The most common mark of `views` ([`default_mark`]), for callers of
-/// [`encode_segmented`](super::segments::encode_segmented) and
-/// [`Encoder`](super::encode::Encoder) that did not get it while ranking.
+/// The most common mark of `views` (`default_mark`), for callers of
+/// `encode_segmented` and `Encoder` that did not get it while ranking.
 pub fn views_default_mark(views: &[View]) -> u32 {
     default_mark_of(views.iter().map(|v| v.rec.mark()))
 }

@@ -10,11 +10,11 @@ use crate::format::FormatError;
 
 /// Fewest entries per segment: below this a second thread costs more than
 /// it saves and the smaller zstd context costs ratio.
-pub const MIN_SEGMENT_ENTRIES: usize = 16_384;
+pub(super) const MIN_SEGMENT_ENTRIES: usize = 16_384;
 
 /// How many segments [`encode_segmented`] uses for `n` entries on this
 /// machine: one per CPU (at most 4) while each keeps at least
-/// [`MIN_SEGMENT_ENTRIES`].
+/// `MIN_SEGMENT_ENTRIES`.
 pub fn default_segments(n: usize) -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
     cpus.min(4).min(n / MIN_SEGMENT_ENTRIES).max(1)
@@ -76,7 +76,7 @@ pub(super) fn put_segment_table<'a>(
 }
 
 /// `views`, already in priority order, as `segments` balanced frames
-/// (clamped to 1..=[`MAX_SEGMENTS`] and to at most one per view; no views,
+/// (clamped to 1..=`MAX_SEGMENTS` and to at most one per view; no views,
 /// no frames), built and compressed in parallel. The warm cache keeps these
 /// as the base of a patched blob
 /// ([`assemble_patched`](super::patch::assemble_patched)); every frame must
