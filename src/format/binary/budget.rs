@@ -37,6 +37,8 @@ pub(super) fn partition_point(n: usize, fits: impl Fn(usize) -> bool) -> usize {
     lo
 }
 
+/// `format::encode_views` for the binary format: the most valuable views
+/// that fit in `limit` bytes, as one blob.
 pub(crate) fn encode_binary(
     views: &[View],
     limit: usize,
