@@ -72,14 +72,14 @@ fn plain_blob(n: usize, seed: u64) -> Vec<u8> {
 
 /// A valid segmented blob with its segments stored uncompressed.
 fn plain_segmented_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
-    use format::{binary, Rec, View};
+    use format::{testing, Rec, View};
     let v = format::synth::population(n, seed, 100);
     let views: Vec<View> = v
         .iter()
         .map(|e| View::new(Rec::Full(e), e.timeout))
         .collect();
-    let r = format::priority::rank_views(&views);
-    let b = binary::encode_segmented(&r, segs, 0, binary::views_default_mark(&r)).unwrap();
+    let r = format::rank_views(&views);
+    let b = testing::encode_segmented(&r, segs, 0, format::views_default_mark(&r)).unwrap();
     let k = b[32] as usize;
     let mut table = b[32..33 + 12 * k].to_vec();
     let mut body = Vec::new();
@@ -109,32 +109,32 @@ fn plain_segmented_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
 /// base record skipped, the rest as one delta frame, base aged by `seed`
 /// seconds.
 fn plain_patched_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
-    use format::{binary, Rec, View};
+    use format::{testing, Rec, View};
     let v = format::synth::population(n, seed, 100);
     let views: Vec<View> = v
         .iter()
         .map(|e| View::new(Rec::Full(e), e.timeout))
         .collect();
-    let r = format::priority::rank_views(&views);
-    let mark = binary::views_default_mark(&r);
+    let r = format::rank_views(&views);
+    let mark = format::views_default_mark(&r);
     let nb = (r.len() * 2 / 3).max(1);
-    let raw = |f: binary::Frame| binary::Frame {
+    let raw = |f: format::Frame| format::Frame {
         bytes: zstd::bulk::decompress(&f.bytes, f.raw_len as usize).unwrap(),
         ..f
     };
-    let base: Vec<_> = binary::encode_frames(&r[..nb], segs, mark)
+    let base: Vec<_> = format::encode_frames(&r[..nb], segs, mark)
         .unwrap()
         .into_iter()
         .map(raw)
         .collect();
-    let delta: Vec<_> = binary::encode_frames(&r[nb..], 1, mark)
+    let delta: Vec<_> = format::encode_frames(&r[nb..], 1, mark)
         .unwrap()
         .into_iter()
         .map(raw)
         .collect();
     let skip: Vec<u32> = (0..nb as u32).filter(|i| i % 3 == 1).collect();
-    let mut b = binary::assemble_patched(&base, seed as u32, &skip, &delta, 0, mark).unwrap();
-    b[6] &= !(binary::FLAG_ZSTD as u8);
+    let mut b = format::assemble_patched(&base, seed as u32, &skip, &delta, 0, mark).unwrap();
+    b[6] &= !(testing::FLAG_ZSTD as u8);
     fix_crc(&mut b);
     assert_eq!(
         format::decode(&b).unwrap().entries.len(),

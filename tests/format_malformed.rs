@@ -2,7 +2,7 @@
 //! Blobs here are built by hand from docs/state-format.md, not by the
 //! encoder, so the tests also pin the specification.
 
-use conntrack_vmstate::format::{self, binary, EncodeOptions, FormatError};
+use conntrack_vmstate::format::{self, testing, EncodeOptions, FormatError};
 
 /// A v1 blob around `raw` (stored uncompressed unless `zstd`).
 fn wrap(major: u8, flags: u16, count: u32, raw_len: u32, payload: &[u8]) -> Vec<u8> {
@@ -116,8 +116,8 @@ fn wrong_magic() {
     let err = format::decode(&b).unwrap_err();
     assert!(matches!(err, FormatError::WrongMagic { .. }), "{err:?}");
     assert!(err.to_string().contains("wrong magic"), "{err}");
-    // The binary decoder checks the magic itself too (it is public).
-    let err = binary::decode(&b).unwrap_err();
+    // The v1 decoder checks the magic itself too.
+    let err = testing::decode(&b).unwrap_err();
     assert!(
         matches!(&err, FormatError::WrongMagic { found } if found == b"XXXX"),
         "{err:?}"
@@ -264,7 +264,7 @@ fn perl_helper_empty_payload_is_empty() {
 
 #[test]
 fn header_constants_match_the_spec() {
-    assert_eq!(binary::HEADER_LEN, 32);
-    assert_eq!(binary::MAX_RAW_LEN, 64 << 20);
-    assert_eq!(binary::MAX_ENTRIES, 2_000_000);
+    assert_eq!(format::HEADER_LEN, 32);
+    assert_eq!(format::MAX_RAW_LEN, 64 << 20);
+    assert_eq!(format::MAX_ENTRIES, 2_000_000);
 }

@@ -8,7 +8,7 @@ mod common;
 use common::entries::entry;
 use conntrack_vmstate::entry::Entry;
 use conntrack_vmstate::format::{
-    self, binary, binary::Frame, priority, sort_by_priority, FormatError, Rec, View,
+    self, priority, sort_by_priority, testing, FormatError, Frame, Rec, View,
 };
 use proptest::prelude::*;
 
@@ -115,9 +115,9 @@ proptest! {
         age in 0u32..=60,
         batch in 1usize..40,
     ) {
-        let mark = binary::views_default_mark(&ranked(&a));
+        let mark = format::views_default_mark(&ranked(&a));
         let base_views = ranked(&a);
-        let base = binary::encode_frames(&base_views, k, mark).unwrap();
+        let base = format::encode_frames(&base_views, k, mark).unwrap();
         prop_assert_eq!(base.len(), k.min(a.len()));
         prop_assert_eq!(base.iter().map(|f| f.count as usize).sum::<usize>(), a.len());
         // Stored index i is base_views[i].
@@ -137,15 +137,15 @@ proptest! {
         }
         want.extend(delta_entries.iter().cloned());
         let delta_views = ranked(&delta_entries);
-        let delta = binary::encode_frames(&delta_views, delta_segs, mark).unwrap();
-        let blob = binary::assemble_patched(&base, age, &skip, &delta, 3, mark).unwrap();
+        let delta = format::encode_frames(&delta_views, delta_segs, mark).unwrap();
+        let blob = format::assemble_patched(&base, age, &skip, &delta, 3, mark).unwrap();
 
-        let h = binary::check_header(&blob).unwrap();
+        let h = testing::check_header(&blob).unwrap();
         prop_assert_eq!(h.count as usize, want.len());
-        prop_assert_eq!(h.minor, binary::MINOR_PATCH);
+        prop_assert_eq!(h.minor, testing::MINOR_PATCH);
         prop_assert_eq!(
             h.flags,
-            binary::FLAG_SEGMENTS | binary::FLAG_ZSTD | binary::FLAG_PATCH | binary::FLAG_TRUNCATED
+            testing::FLAG_SEGMENTS | testing::FLAG_ZSTD | testing::FLAG_PATCH | testing::FLAG_TRUNCATED
         );
         prop_assert_eq!(h.dropped, 3);
 
@@ -154,7 +154,7 @@ proptest! {
         prop_assert!(d.truncated);
         prop_assert_eq!(d.dropped, Some(3));
         // Per segment: its kept records, in its own (priority) order.
-        let (_, parts) = binary::decode_segments(&blob).unwrap();
+        let (_, parts) = testing::decode_segments(&blob).unwrap();
         prop_assert_eq!(parts.len(), base.len() + delta.len());
         for p in &parts {
             prop_assert!(p.is_sorted_by_key(|e| std::cmp::Reverse(priority::value_key(e))));
@@ -170,15 +170,15 @@ proptest! {
         let mut stable = d.entries.clone();
         sort_by_priority(&mut stable);
         prop_assert!(got == stable, "stream order is not the stable priority order");
-        let c = binary::check(&blob).unwrap();
+        let c = testing::check(&blob).unwrap();
         prop_assert!(c.sorted);
 
         // The same state as a v1.1 blob streams in exactly its blob order.
         let mut wm = want.clone();
         sort_by_priority(&mut wm);
         let wv: Vec<View> = wm.iter().map(|e| View::new(Rec::Full(e), e.timeout)).collect();
-        let v11 = binary::encode_segmented(&wv, k, 0, mark).unwrap();
-        let blob_order = binary::decode(&v11).unwrap().1;
+        let v11 = testing::encode_segmented(&wv, k, 0, mark).unwrap();
+        let blob_order = testing::decode(&v11).unwrap().1;
         let mut s = format::stream(&v11).unwrap();
         prop_assert_eq!(drain(&mut s, batch), blob_order);
     }
@@ -202,13 +202,13 @@ proptest! {
     ) {
         let a: Vec<Entry> = a.into_iter().map(|e| Entry { timeout: e.timeout % 90, id: None, ..e }).collect();
         let base_views = ranked(&a);
-        let mark = binary::views_default_mark(&base_views);
-        let base = binary::encode_frames(&base_views, k, mark).unwrap();
+        let mark = format::views_default_mark(&base_views);
+        let base = format::encode_frames(&base_views, k, mark).unwrap();
         let skip: Vec<u32> = (0..a.len() as u32).filter(|i| *i as usize % skip_every == 1).collect();
         let delta_views = ranked(&added);
-        let delta = binary::encode_frames(&delta_views, 1, mark).unwrap();
-        let blob = binary::assemble_patched(&base, age, &skip, &delta, 0, mark).unwrap();
-        let c = binary::check(&blob).unwrap();
+        let delta = format::encode_frames(&delta_views, 1, mark).unwrap();
+        let blob = format::assemble_patched(&base, age, &skip, &delta, 0, mark).unwrap();
+        let c = testing::check(&blob).unwrap();
         prop_assert!(c.sorted);
         let mut want = format::decode(&blob).unwrap().entries;
         prop_assert_eq!(want.len(), a.len() - skip.len() + added.len());
@@ -228,10 +228,10 @@ fn fixture() -> (Vec<Entry>, Vec<Frame>, Vec<Frame>, u32) {
         .iter()
         .map(|e| View::new(Rec::Full(e), e.timeout))
         .collect();
-    let mark = binary::views_default_mark(&views);
+    let mark = format::views_default_mark(&views);
     assert_eq!(mark, 4242, "by_hand writes this default mark");
-    let base = binary::encode_frames(&views[..200], 2, mark).unwrap();
-    let delta = binary::encode_frames(&views[200..], 1, mark).unwrap();
+    let base = format::encode_frames(&views[..200], 2, mark).unwrap();
+    let delta = format::encode_frames(&views[200..], 1, mark).unwrap();
     (v, base, delta, mark)
 }
 
@@ -269,7 +269,7 @@ fn wrap(flags: u16, count: u32, raw_len: u32, payload: &[u8]) -> Vec<u8> {
     b
 }
 
-const PATCHED: u16 = binary::FLAG_SEGMENTS | binary::FLAG_ZSTD | binary::FLAG_PATCH;
+const PATCHED: u16 = testing::FLAG_SEGMENTS | testing::FLAG_ZSTD | testing::FLAG_PATCH;
 
 /// Patch block: nbase, age, then skips as stored indices (gap coded here).
 fn block(nbase: u8, age: u64, skips: &[u64]) -> Vec<u8> {
@@ -314,10 +314,10 @@ fn hand_built_patch_decodes_per_spec() {
     );
     assert_eq!(
         b,
-        binary::assemble_patched(&base, 5, &[0, 150, 199], &delta, 0, 4242).unwrap(),
+        format::assemble_patched(&base, 5, &[0, 150, 199], &delta, 0, 4242).unwrap(),
         "assemble_patched writes what the spec says"
     );
-    let (h, parts) = binary::decode_segments(&b).unwrap();
+    let (h, parts) = testing::decode_segments(&b).unwrap();
     assert_eq!(h.count, 297);
     assert_eq!(
         parts.iter().map(Vec::len).collect::<Vec<_>>(),
@@ -346,8 +346,8 @@ fn hand_built_patch_decodes_per_spec() {
         .collect();
     assert_eq!(parts[2], want2);
     // A timeout the age would take below 1 stays at 1.
-    let b = binary::assemble_patched(&base, u32::MAX, &[], &delta, 0, 4242).unwrap();
-    let (_, parts) = binary::decode_segments(&b).unwrap();
+    let b = format::assemble_patched(&base, u32::MAX, &[], &delta, 0, 4242).unwrap();
+    let (_, parts) = testing::decode_segments(&b).unwrap();
     assert!(parts[0].iter().chain(&parts[1]).all(|e| e.timeout == 1));
     assert_eq!(parts[2], want2);
 }
@@ -473,7 +473,7 @@ fn patch_flag_needs_segments_and_unknown_required_flags_still_refuse() {
     let (_, base, delta, _) = fixture();
     let f = frames(&base, &delta);
     let b = by_hand(
-        binary::FLAG_ZSTD | binary::FLAG_PATCH,
+        testing::FLAG_ZSTD | testing::FLAG_PATCH,
         300,
         &block(2, 5, &[]),
         &f,
@@ -490,8 +490,8 @@ fn patch_flag_needs_segments_and_unknown_required_flags_still_refuse() {
         Err(FormatError::UnknownFlags(0x0400))
     ));
     // What a v1.1 decoder checks: PATCH is in the required half.
-    assert_eq!(binary::FLAG_PATCH & 0xff00, binary::FLAG_PATCH);
-    assert_eq!(binary::FLAG_PATCH & binary::FLAG_SEGMENTS, 0);
+    assert_eq!(testing::FLAG_PATCH & 0xff00, testing::FLAG_PATCH);
+    assert_eq!(testing::FLAG_PATCH & testing::FLAG_SEGMENTS, 0);
 }
 
 #[test]
@@ -502,24 +502,24 @@ fn assemble_patched_refuses_what_the_decoder_would() {
         other => panic!("expected Patch error, got {:?}", other.map(|b| b.len())),
     };
     assert_eq!(
-        err(binary::assemble_patched(&[], 0, &[], &delta, 0, mark)),
+        err(format::assemble_patched(&[], 0, &[], &delta, 0, mark)),
         "no base segment"
     );
     assert_eq!(
-        err(binary::assemble_patched(&base, 0, &[5, 5], &delta, 0, mark)),
+        err(format::assemble_patched(&base, 0, &[5, 5], &delta, 0, mark)),
         "skip list not strictly ascending at 5"
     );
     assert_eq!(
-        err(binary::assemble_patched(&base, 0, &[7, 3], &delta, 0, mark)),
+        err(format::assemble_patched(&base, 0, &[7, 3], &delta, 0, mark)),
         "skip list not strictly ascending at 3"
     );
     assert_eq!(
-        err(binary::assemble_patched(&base, 0, &[200], &delta, 0, mark)),
+        err(format::assemble_patched(&base, 0, &[200], &delta, 0, mark)),
         "skip of stored record 200, beyond the 200 base records"
     );
     let many: Vec<Frame> = (0..9).flat_map(|_| base.clone()).collect();
     assert_eq!(
-        err(binary::assemble_patched(&many, 0, &[], &[], 0, mark)),
+        err(format::assemble_patched(&many, 0, &[], &[], 0, mark)),
         "18 base and 0 delta segments, at most 16 in all"
     );
     let empty = Frame {
@@ -528,12 +528,12 @@ fn assemble_patched_refuses_what_the_decoder_would() {
         bytes: Vec::new(),
     };
     assert_eq!(
-        err(binary::assemble_patched(&base, 0, &[], &[empty], 0, mark)),
+        err(format::assemble_patched(&base, 0, &[], &[empty], 0, mark)),
         "segment 2 holds no entries"
     );
     // Every base record skipped and no delta: an empty state, still valid.
     let all: Vec<u32> = (0..200).collect();
-    let b = binary::assemble_patched(&base, 0, &all, &[], 0, mark).unwrap();
+    let b = format::assemble_patched(&base, 0, &all, &[], 0, mark).unwrap();
     assert!(format::decode(&b).unwrap().entries.is_empty());
     let mut s = format::stream(&b).unwrap();
     assert!(s.is_empty());
@@ -544,20 +544,20 @@ fn assemble_patched_refuses_what_the_decoder_would() {
 fn encode_frames_splits_balanced_and_clamps() {
     let v = format::synth::population(1_000, 22, 4242);
     let r = ranked(&v);
-    let mark = binary::views_default_mark(&r);
-    assert!(binary::encode_frames(&[], 4, mark).unwrap().is_empty());
+    let mark = format::views_default_mark(&r);
+    assert!(format::encode_frames(&[], 4, mark).unwrap().is_empty());
     for (segs, want) in [
         (0usize, vec![1000u32]),
         (3, vec![334, 333, 333]),
         (40, vec![63; 8].into_iter().chain(vec![62; 8]).collect()),
     ] {
-        let f = binary::encode_frames(&r, segs, mark).unwrap();
+        let f = format::encode_frames(&r, segs, mark).unwrap();
         assert_eq!(f.iter().map(|x| x.count).collect::<Vec<_>>(), want);
     }
-    assert_eq!(binary::encode_frames(&r[..2], 5, mark).unwrap().len(), 2);
+    assert_eq!(format::encode_frames(&r[..2], 5, mark).unwrap().len(), 2);
     // The frames are exactly encode_segmented's segments.
-    let f = binary::encode_frames(&r, 3, mark).unwrap();
-    let seg = binary::encode_segmented(&r, 3, 0, mark).unwrap();
+    let f = format::encode_frames(&r, 3, mark).unwrap();
+    let seg = testing::encode_segmented(&r, 3, 0, mark).unwrap();
     let body: Vec<u8> = f.iter().flat_map(|x| x.bytes.clone()).collect();
     assert!(seg.ends_with(&body));
     assert_eq!(seg.len(), 32 + 1 + 36 + body.len());

@@ -65,7 +65,7 @@ fn ids_are_never_carried() {
 #[test]
 fn zero_entries_is_a_header_only_blob() {
     let enc = format::encode(&[], &EncodeOptions::default()).unwrap();
-    assert_eq!(enc.bytes.len(), format::binary::HEADER_LEN);
+    assert_eq!(enc.bytes.len(), format::HEADER_LEN);
     assert_eq!(&enc.bytes[..4], b"CTVS");
     let dec = format::decode(&enc.bytes).unwrap();
     assert!(dec.entries.is_empty());

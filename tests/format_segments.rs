@@ -7,7 +7,7 @@ mod common;
 
 use common::entries::entry;
 use conntrack_vmstate::entry::Entry;
-use conntrack_vmstate::format::{self, binary, sort_by_priority, EncodeOptions, FormatError};
+use conntrack_vmstate::format::{self, sort_by_priority, testing, EncodeOptions, FormatError};
 use proptest::prelude::*;
 
 fn expected(mut v: Vec<Entry>) -> Vec<Entry> {
@@ -23,7 +23,7 @@ fn ranked(v: &[Entry]) -> Vec<format::View<'_>> {
         .iter()
         .map(|e| format::View::new(format::Rec::Full(e), e.timeout))
         .collect();
-    format::priority::rank_views(&views)
+    format::rank_views(&views)
 }
 
 /// Rewrites the checksum after a test changed header or payload bytes, so
@@ -52,13 +52,13 @@ proptest! {
     #[test]
     fn any_segment_count_round_trips(v in prop::collection::vec(entry(), 1..80), segs in 1usize..6) {
         let r = ranked(&v);
-        let b = binary::encode_segmented(&r, segs, 0, binary::views_default_mark(&r)).unwrap();
+        let b = testing::encode_segmented(&r, segs, 0, format::views_default_mark(&r)).unwrap();
         let dec = format::decode(&b).unwrap();
         prop_assert_eq!(dec.entries, expected(v.clone()));
-        let (h, parts) = binary::decode_segments(&b).unwrap();
+        let (h, parts) = testing::decode_segments(&b).unwrap();
         prop_assert_eq!(h.count as usize, v.len());
         prop_assert_eq!(parts.len(), segs.min(v.len()));
-        prop_assert_eq!(h.flags & binary::FLAG_SEGMENTS != 0, segs.min(v.len()) > 1);
+        prop_assert_eq!(h.flags & testing::FLAG_SEGMENTS != 0, segs.min(v.len()) > 1);
     }
 }
 
@@ -66,9 +66,12 @@ proptest! {
 fn realistic_mix_in_segments_round_trips_with_the_same_size() {
     let v = format::synth::population(60_000, 7, 4242);
     let r = ranked(&v);
-    let one = binary::encode_segmented(&r, 1, 0, binary::views_default_mark(&r)).unwrap();
-    let three = binary::encode_segmented(&r, 3, 0, binary::views_default_mark(&r)).unwrap();
-    assert_eq!((one[5], three[5]), (binary::MINOR, binary::MINOR_SEGMENTS));
+    let one = testing::encode_segmented(&r, 1, 0, format::views_default_mark(&r)).unwrap();
+    let three = testing::encode_segmented(&r, 3, 0, format::views_default_mark(&r)).unwrap();
+    assert_eq!(
+        (one[5], three[5]),
+        (testing::MINOR, testing::MINOR_SEGMENTS)
+    );
     // Fresh delta state and zstd context per segment cost little.
     assert!(
         three.len() <= one.len() + one.len() / 25,
@@ -76,7 +79,7 @@ fn realistic_mix_in_segments_round_trips_with_the_same_size() {
         three.len(),
         one.len()
     );
-    let (h, parts) = binary::decode_segments(&three).unwrap();
+    let (h, parts) = testing::decode_segments(&three).unwrap();
     assert_eq!(h.count, 60_000);
     assert_eq!(
         parts.iter().map(Vec::len).collect::<Vec<_>>(),
@@ -92,9 +95,9 @@ fn encode_uses_segments_for_large_states_and_keeps_the_budget() {
     assert!(enc.bytes.len() <= format::QEMU_LIMIT);
     assert_eq!(enc.kept + enc.dropped, v.len());
     let flags = u16::from_le_bytes([enc.bytes[6], enc.bytes[7]]);
-    let want_segments = binary::default_segments(enc.kept) > 1 && enc.dropped == 0;
+    let want_segments = format::default_segments(enc.kept) > 1 && enc.dropped == 0;
     assert_eq!(
-        flags & binary::FLAG_SEGMENTS != 0,
+        flags & testing::FLAG_SEGMENTS != 0,
         want_segments,
         "{flags:#x}"
     );
@@ -108,7 +111,7 @@ fn two_segments() -> Vec<u8> {
     let v = format::synth::population(300, 9, 4242);
     let b = {
         let r = ranked(&v);
-        binary::encode_segmented(&r, 2, 0, binary::views_default_mark(&r))
+        testing::encode_segmented(&r, 2, 0, format::views_default_mark(&r))
     }
     .unwrap();
     assert_eq!(b[32], 2);
@@ -169,7 +172,7 @@ fn segment_counts_out_of_range_are_refused() {
     let v = format::synth::population(40, 9, 4242);
     let mut b = {
         let r = ranked(&v);
-        binary::encode_segmented(&r, 2, 0, binary::views_default_mark(&r))
+        testing::encode_segmented(&r, 2, 0, format::views_default_mark(&r))
     }
     .unwrap();
     b.truncate(32 + 1 + 12);
@@ -200,7 +203,7 @@ fn a_defect_inside_one_segment_fails_the_whole_blob_and_names_it() {
     let v = format::synth::population(300, 10, 4242);
     let b = {
         let r = ranked(&v);
-        binary::encode_segmented(&r, 2, 0, binary::views_default_mark(&r))
+        testing::encode_segmented(&r, 2, 0, format::views_default_mark(&r))
     }
     .unwrap();
     let (c0, r0, s0) = (le32(&b, 33), le32(&b, 37), le32(&b, 41));
@@ -227,11 +230,11 @@ fn a_defect_inside_one_segment_fails_the_whole_blob_and_names_it() {
 #[test]
 fn segments_flag_is_required_so_a_v1_0_reader_refuses_it() {
     // What a v1.0 decoder checks: bit 8 is in the required half.
-    assert_eq!(binary::FLAG_SEGMENTS & 0xff00, binary::FLAG_SEGMENTS);
+    assert_eq!(testing::FLAG_SEGMENTS & 0xff00, testing::FLAG_SEGMENTS);
     let b = two_segments();
     let flags = u16::from_le_bytes([b[6], b[7]]);
-    assert_eq!(flags & binary::FLAG_SEGMENTS, binary::FLAG_SEGMENTS);
-    assert_eq!(b[4..6], [1, binary::MINOR_SEGMENTS]);
+    assert_eq!(flags & testing::FLAG_SEGMENTS, testing::FLAG_SEGMENTS);
+    assert_eq!(b[4..6], [1, testing::MINOR_SEGMENTS]);
 }
 
 proptest! {
@@ -267,11 +270,11 @@ proptest! {
                 None => format::View::new(format::Rec::Full(e), e.timeout),
             })
             .collect();
-        let (rf, rc) = (format::priority::rank_views(&full), format::priority::rank_views(&fast));
-        let mark = binary::views_default_mark(&rf);
-        prop_assert_eq!(mark, binary::views_default_mark(&rc));
-        let a = binary::encode_segmented(&rf, segs, 0, mark).unwrap();
-        let b = binary::encode_segmented(&rc, segs, 0, mark).unwrap();
+        let (rf, rc) = (format::rank_views(&full), format::rank_views(&fast));
+        let mark = format::views_default_mark(&rf);
+        prop_assert_eq!(mark, format::views_default_mark(&rc));
+        let a = testing::encode_segmented(&rf, segs, 0, mark).unwrap();
+        let b = testing::encode_segmented(&rc, segs, 0, mark).unwrap();
         prop_assert_eq!(a, b);
         let opts = EncodeOptions::default();
         prop_assert_eq!(
@@ -307,7 +310,7 @@ fn stream_hands_out_the_decoded_entries_in_batches() {
     for (n, segs) in [(0usize, 1usize), (1, 1), (700, 1), (700, 3), (40_000, 2)] {
         let v = format::synth::population(n, 12, 4242);
         let r = ranked(&v);
-        let b = binary::encode_segmented(&r, segs, 0, binary::views_default_mark(&r)).unwrap();
+        let b = testing::encode_segmented(&r, segs, 0, format::views_default_mark(&r)).unwrap();
         let want = format::decode(&b).unwrap().entries;
         let mut s = format::stream(&b).unwrap();
         assert_eq!(s.len(), n);
@@ -330,7 +333,7 @@ fn stream_hands_out_the_decoded_entries_in_batches() {
 fn stream_refuses_defects_up_front_and_sorts_foreign_order() {
     let v = format::synth::population(700, 13, 4242);
     let r = ranked(&v);
-    let good = binary::encode_segmented(&r, 2, 0, binary::views_default_mark(&r)).unwrap();
+    let good = testing::encode_segmented(&r, 2, 0, format::views_default_mark(&r)).unwrap();
     let mut bad = good.clone();
     // Drop the last byte of segment 1 (its frame no longer decompresses to
     // its declared size), keeping the table and checksum consistent.
@@ -351,7 +354,7 @@ fn stream_refuses_defects_up_front_and_sorts_foreign_order() {
     // Reverse priority order: still every entry, most valuable first.
     let mut rev = r.clone();
     rev.reverse();
-    let b = binary::encode_segmented(&rev, 2, 0, binary::views_default_mark(&rev)).unwrap();
+    let b = testing::encode_segmented(&rev, 2, 0, format::views_default_mark(&rev)).unwrap();
     let mut s = format::stream(&b).unwrap();
     let mut got = Vec::new();
     while let Some(batch) = s.next_batch(100) {

@@ -50,19 +50,19 @@ fn check(data: &[u8]) {
 /// A valid patched blob of `n` entries: `segs` base frames of the first two
 /// thirds, every third base record skipped, the rest as a delta frame.
 fn patched_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
-    use format::{binary, Rec, View};
+    use format::{Rec, View};
     let v = format::synth::population(n, seed, 100);
     let views: Vec<View> = v
         .iter()
         .map(|e| View::new(Rec::Full(e), e.timeout))
         .collect();
-    let r = format::priority::rank_views(&views);
-    let mark = binary::views_default_mark(&r);
+    let r = format::rank_views(&views);
+    let mark = format::views_default_mark(&r);
     let nb = (r.len() * 2 / 3).max(1);
-    let base = binary::encode_frames(&r[..nb], segs, mark).expect("base frames");
-    let delta = binary::encode_frames(&r[nb..], 1, mark).expect("delta frames");
+    let base = format::encode_frames(&r[..nb], segs, mark).expect("base frames");
+    let delta = format::encode_frames(&r[nb..], 1, mark).expect("delta frames");
     let skip: Vec<u32> = (0..nb as u32).filter(|i| i % 3 == 1).collect();
-    binary::assemble_patched(&base, seed as u32, &skip, &delta, 0, mark).expect("patched blob")
+    format::assemble_patched(&base, seed as u32, &skip, &delta, 0, mark).expect("patched blob")
 }
 
 /// `P`, seed, n, segments, then (offset, byte) edits within the first 64

@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::state::{key, Cached, Key};
 use crate::entry::Entry;
-use crate::format::binary::{self, representable, Frame};
-use crate::format::priority::{self, value_class_at, ABOUT_TO_EXPIRE_SECS};
-use crate::format::{Compact, Encoded, FormatError, Rec, View};
+use crate::format::priority::{value_class_at, ABOUT_TO_EXPIRE_SECS};
+use crate::format::{self, representable, Compact, Encoded, FormatError, Frame, Rec, View};
 
 /// [`Hot::base`] of an entry that is not in the pre-encoded base.
 pub const NO_BASE: u32 = u32::MAX;
@@ -40,7 +39,7 @@ pub struct Hot {
     pub id: Option<u32>,
     /// Evented and complete: no lookup needed unless about to expire.
     pub trusted: bool,
-    /// The format can carry it (`binary::representable`).
+    /// The format can carry it (`format::representable`).
     pub representable: bool,
     /// Its priority class while more than ABOUT_TO_EXPIRE_SECS are left.
     pub class: u8,
@@ -154,12 +153,12 @@ impl Base {
         delta: &[View],
         limit: usize,
     ) -> Result<Option<Encoded>, FormatError> {
-        let (ranked, _) = priority::rank_and_mark(delta, Some(self.mark));
+        let (ranked, _) = format::rank_and_mark(delta, Some(self.mark));
         let dropped = delta.len() - ranked.len();
-        let frames = binary::encode_frames(&ranked, 1, self.mark)?;
+        let frames = format::encode_frames(&ranked, 1, self.mark)?;
         let skip = self.skipped();
         let bytes =
-            binary::assemble_patched(&self.frames, age, &skip, &frames, dropped, self.mark)?;
+            format::assemble_patched(&self.frames, age, &skip, &frames, dropped, self.mark)?;
         if bytes.len() > limit {
             return Ok(None);
         }
@@ -268,10 +267,10 @@ impl BaseSnapshot {
         }
         let mark = self
             .mark
-            .unwrap_or_else(|| binary::views_default_mark(&views));
-        let order = priority::ranked_positions(&views);
+            .unwrap_or_else(|| format::views_default_mark(&views));
+        let order = format::ranked_positions(&views);
         let ranked: Vec<View> = order.iter().map(|&p| views[p as usize]).collect();
-        let frames = binary::encode_frames(&ranked, binary::default_segments(ranked.len()), mark)?;
+        let frames = format::encode_frames(&ranked, format::default_segments(ranked.len()), mark)?;
         let stored = order.len();
         built.positions = order.iter().map(|&p| self.slots[p as usize]).collect();
         built.base = Some(Base {

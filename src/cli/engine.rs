@@ -12,11 +12,11 @@ use super::{FlushArgs, InspectArgs, LoadArgs, SaveArgs};
 use crate::access::ConntrackAccess;
 use crate::ctnetlink::Ctnetlink;
 use crate::entry::{proto, status, tcp_state, Entry, ProtoInfo, Selector, Tuple, L4};
-use crate::format::{self, binary, text, EncodeOptions, Format};
+use crate::format::{self, text, EncodeOptions, Format};
 
 /// Largest blob `load`/`inspect` read: the decoder's own ceiling on
 /// conntrack text, far above anything a 1 MiB binary blob can be.
-const MAX_INPUT: u64 = binary::MAX_RAW_LEN as u64;
+const MAX_INPUT: u64 = format::MAX_RAW_LEN as u64;
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3

@@ -6,14 +6,37 @@ use crate::entry::Entry;
 
 #[doc(hidden)]
 pub mod bigvec;
-pub mod binary;
+mod binary;
 pub mod priority;
 #[doc(hidden)]
 pub mod synth;
 pub mod text;
 
-pub use binary::{Compact, Frame, Rec, View};
 pub use priority::{priority_order, sort_by_priority, value_class, ValueClass};
+
+// The binary format's API: what to encode (views of entries or of their
+// compact forms, in priority order), the ceilings, and the building blocks
+// of the warm cache's patched Save (pre-encoded base frames, then a blob
+// of base, skips and delta).
+pub use binary::{
+    assemble_patched, default_segments, encode_frames, rank_views, representable,
+    views_default_mark, Compact, Frame, Rec, View, HEADER_LEN, MAX_ENTRIES, MAX_RAW_LEN,
+};
+pub(crate) use binary::{rank_and_mark, ranked_positions};
+
+/// Test support: the binary format's internals that tests, the fuzz target
+/// and `examples/stream_sizes` use to build blobs of a chosen shape (a
+/// forced segment count) and to look inside them (header fields, flags and
+/// versions, segments one by one, the validator's order verdict). Not an
+/// API: it follows the implementation.
+#[doc(hidden)]
+pub mod testing {
+    pub use super::binary::{
+        check, check_header, debug_stream_sizes, decode, decode_segments, encode_segmented,
+        Checked, Header, FLAG_PATCH, FLAG_SEGMENTS, FLAG_TRUNCATED, FLAG_ZSTD, MINOR, MINOR_PATCH,
+        MINOR_SEGMENTS,
+    };
+}
 
 /// QEMU's per-helper limit on the `Save()` payload.
 pub const QEMU_LIMIT: usize = 1_048_576;
@@ -123,9 +146,9 @@ pub fn encode(entries: &[Entry], opts: &EncodeOptions) -> Result<Encoded, Format
         Format::Binary => {
             let views: Vec<View> = entries
                 .iter()
-                .map(|e| View::new(binary::Rec::Full(e), e.timeout))
+                .map(|e| View::new(Rec::Full(e), e.timeout))
                 .collect();
-            encode_binary(&views, opts.limit, None)
+            binary::encode_binary(&views, opts.limit, None)
         }
         Format::ConntrackSave => text::encode(entries, opts.limit),
     }
@@ -141,7 +164,7 @@ pub fn encode_views(
     mark: Option<u32>,
 ) -> Result<Encoded, FormatError> {
     match opts.format {
-        Format::Binary => encode_binary(views, opts.limit, mark),
+        Format::Binary => binary::encode_binary(views, opts.limit, mark),
         Format::ConntrackSave => {
             let entries: Vec<Entry> = views.iter().map(|v| v.rec.to_entry(v.timeout)).collect();
             text::encode(&entries, opts.limit)
@@ -149,148 +172,9 @@ pub fn encode_views(
     }
 }
 
-/// Most cut attempts the budget search makes before settling for the best
-/// fitting one found.
-const MAX_CUT_ATTEMPTS: usize = 12;
-
-/// A compression ratio the payload practically never beats (measured ~3.2
-/// on the realistic mix); only used to skip hopeless first attempts.
-const GENEROUS_RATIO: usize = 5;
-
-/// Up to `limit / LIKELY_FITS_BYTES` entries the whole set is expected to
-/// fit (the realistic mix takes 7.5–10 B/entry; a wrong guess costs one
-/// more column build, ~7 ms at 130k entries).
-const LIKELY_FITS_BYTES: usize = 8;
-
-/// The largest `k` in `0..=n` with `fits(k)`, given that `fits(0)` holds
-/// and `fits` is true up to some point and false after it.
-fn partition_point(n: usize, fits: impl Fn(usize) -> bool) -> usize {
-    let (mut lo, mut hi) = (0usize, n + 1);
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if fits(mid) {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    lo
-}
-
-fn encode_binary(views: &[View], limit: usize, mark: Option<u32>) -> Result<Encoded, FormatError> {
-    if limit < binary::HEADER_LEN {
-        return Err(FormatError::LimitTooSmall {
-            limit,
-            min: binary::HEADER_LEN,
-            format: "binary",
-        });
-    }
-    // Blob order is priority order: the budget cut keeps a prefix, the
-    // load path creates the most valuable first, and timeouts descend
-    // within a class (small deltas).
-    let total = views.len();
-    let (ranked, mark) = priority::rank_and_mark(views, mark);
-    let n = ranked.len();
-    // The common case is that everything fits: then the columns are built
-    // without the per-entry prefix lengths the cut search needs (44 bytes of
-    // fresh memory per entry), in segments built and compressed in parallel.
-    // Only when the whole set is too big are they built again with
-    // prefixes; beyond `limit / LIKELY_FITS_BYTES` entries that is expected,
-    // so prefixes are recorded from the start.
-    // The size of a whole-set attempt that did not fit seeds the search.
-    let mut too_big_whole: Option<usize> = None;
-    if n.saturating_mul(LIKELY_FITS_BYTES) <= limit {
-        let b = binary::encode_segmented(&ranked, binary::default_segments(n), total - n, mark)?;
-        if b.len() <= limit {
-            return Ok(Encoded {
-                bytes: b,
-                kept: n,
-                dropped: total - n,
-            });
-        }
-        too_big_whole = Some(b.len());
-    }
-    let mut enc = binary::Encoder::new(&ranked, mark)?;
-    // First attempt: everything, unless the raw size shows it cannot fit
-    // even at a generous compression ratio; then the largest prefix whose
-    // raw size could (saves compressing a table that is far too big).
-    let plausible = limit.saturating_mul(GENEROUS_RATIO);
-    let first = if enc.raw_len(n) <= plausible {
-        n
-    } else {
-        partition_point(n, |k| enc.raw_len(k) <= plausible)
-    };
-    let (first_len, b) = match too_big_whole {
-        Some(len) if first == n => (len, None),
-        _ => {
-            let b = enc.blob(first, total - first)?;
-            (b.len(), Some(b))
-        }
-    };
-    let b = match b {
-        Some(b) if first == n && b.len() <= limit => {
-            return Ok(Encoded {
-                bytes: b,
-                kept: n,
-                dropped: total - n,
-            })
-        }
-        other => other,
-    };
-    let h = binary::HEADER_LEN as f64;
-    let room = (limit - binary::HEADER_LEN) as f64;
-    // Invariant: `lo` entries fit (0 always does), `hi` entries do not.
-    let (mut lo, mut hi) = (0usize, n);
-    let mut best: Option<Vec<u8>> = None;
-    let used = (first_len as f64 - h).max(1.0);
-    let mut guess = (first as f64 * room / used * 0.997) as usize;
-    match b {
-        Some(b) if b.len() <= limit => {
-            lo = first;
-            best = Some(b);
-        }
-        _ => hi = first,
-    }
-    for _ in 0..MAX_CUT_ATTEMPTS {
-        if hi - lo <= 1 {
-            break;
-        }
-        if guess <= lo || guess >= hi {
-            guess = lo + (hi - lo) / 2;
-        }
-        let b = enc.blob(guess, total - guess)?;
-        let used = (b.len() as f64 - h).max(1.0);
-        if b.len() <= limit {
-            lo = guess;
-            let slack = limit - b.len();
-            best = Some(b);
-            // Close enough: the rest would hold under 0.5% more entries.
-            if slack <= limit / 200 {
-                break;
-            }
-            guess = (guess as f64 * room / used * 0.999) as usize;
-        } else {
-            hi = guess;
-            guess = (guess as f64 * room / used * 0.997) as usize;
-        }
-    }
-    match best {
-        Some(bytes) => Ok(Encoded {
-            bytes,
-            kept: lo,
-            dropped: total - lo,
-        }),
-        None => Ok(Encoded {
-            bytes: enc.blob(0, total)?,
-            kept: 0,
-            dropped: total,
-        }),
-    }
-}
-
 /// A state validated completely, handing out its entries most valuable
 /// first, batch by batch (what Load creates from): for our own blobs the
-/// entries are built only as they are asked for ([`binary::Checked`]);
+/// entries are built only as they are asked for;
 /// anything else (legacy text, a blob not in priority order) is decoded
 /// and sorted up front.
 #[derive(Debug)]

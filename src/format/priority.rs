@@ -4,7 +4,6 @@
 //! the load path (it creates the most valuable entries first, so a partial
 //! load still restores what matters). See `docs/state-format.md`, "Priority".
 
-use super::binary::View;
 use crate::entry::{proto, status, tcp_state, Entry, ProtoInfo};
 
 /// Entries with at most this many seconds left are "about to expire": by
@@ -153,56 +152,22 @@ fn radix_sort_keys(v: &mut Vec<u64>) {
     }
 }
 
-/// `views` reordered most valuable first (by their keys), ties in input
-/// order, without the excluded ones: the same order [`priority_order`]
-/// gives entries whose timeout field holds the seconds left.
-pub fn rank_views<'a>(views: &[View<'a>]) -> Vec<View<'a>> {
-    // Any mark: only the order is wanted.
-    rank_and_mark(views, Some(0)).0
-}
+/// The key of an entry the encoder leaves out (one the format cannot
+/// represent): [`ranked_by_key`] skips it.
+pub(crate) const EXCLUDED_KEY: u64 = u64::MAX;
 
-/// [`rank_views`], and the most common mark of the ranked views
-/// (`binary::default_mark`) unless the caller knows it: one pass over the
-/// views in their given order, instead of another over the entries in
-/// priority order, i.e. at random (at 100k entries the tables are more
-/// than the CPU cache holds, and Save is bound by memory).
-pub(crate) fn rank_and_mark<'a>(views: &[View<'a>], mark: Option<u32>) -> (Vec<View<'a>>, u32) {
-    let mark = mark.unwrap_or_else(|| {
-        let (mut cand, mut votes) = (0u32, 0usize);
-        for v in views.iter().filter(|v| v.key != View::EXCLUDED) {
-            let m = v.rec.mark();
-            if votes == 0 {
-                (cand, votes) = (m, 1);
-            } else if m == cand {
-                votes += 1;
-            } else {
-                votes -= 1;
-            }
-        }
-        cand
-    });
-    let ranked = ranked_positions(views)
-        .into_iter()
-        .map(|p| views[p as usize])
-        .collect();
-    (ranked, mark)
-}
-
-/// Positions in `views`, most valuable first by their keys, ties in input
-/// order, without the excluded ones: [`rank_views`] for a caller that must
-/// know where each ranked view came from (the cache's pre-encoded base).
-pub(crate) fn ranked_positions(views: &[View]) -> Vec<u32> {
-    let included = views
-        .iter()
-        .zip(0u64..)
-        .filter(|(v, _)| v.key != View::EXCLUDED);
-    if views.len() >= (1usize << INDEX_BITS) {
-        let mut keyed: Vec<(u64, u32)> = included.map(|(v, i)| (!v.key, i as u32)).collect();
+/// Positions in a sequence of `len` precomputed value keys, most valuable
+/// first, ties in input order, without the [`EXCLUDED_KEY`] ones (the
+/// encoder's views carry their keys, so ranking reads nothing else).
+pub(crate) fn ranked_by_key(len: usize, keys: impl Iterator<Item = u64>) -> Vec<u32> {
+    let included = keys.zip(0u64..).filter(|&(k, _)| k != EXCLUDED_KEY);
+    if len >= (1usize << INDEX_BITS) {
+        let mut keyed: Vec<(u64, u32)> = included.map(|(k, i)| (!k, i as u32)).collect();
         keyed.sort_unstable();
         return keyed.into_iter().map(|(_, i)| i).collect();
     }
     let mut packed: Vec<u64> = included
-        .map(|(v, i)| (((!v.key) & ((1u64 << KEY_BITS) - 1)) << INDEX_BITS) | i)
+        .map(|(k, i)| (((!k) & ((1u64 << KEY_BITS) - 1)) << INDEX_BITS) | i)
         .collect();
     radix_sort_keys(&mut packed);
     let mask = (1u64 << INDEX_BITS) - 1;

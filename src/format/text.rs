@@ -4,8 +4,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
-use super::binary::MAX_ENTRIES;
-use super::{priority, Encoded, FormatError};
+use super::{priority, Encoded, FormatError, MAX_ENTRIES};
 use crate::entry::{icmp_reply_type, proto, status, tcp_state, Entry, ProtoInfo, Tuple, L4};
 
 /// The Perl helper's "no entries" payload (QEMU rejects an empty `ay`).

@@ -32,7 +32,7 @@ pub const MAX_HELPER_NAME: usize = 15;
 
 /// Smallest byte limit a SaveState may ask for: the smallest valid state
 /// (a binary header without entries).
-pub const MIN_SAVE_LIMIT: u32 = crate::format::binary::HEADER_LEN as u32;
+pub const MIN_SAVE_LIMIT: u32 = crate::format::HEADER_LEN as u32;
 
 /// Largest byte limit a SaveState may ask for, and so the largest state a
 /// SavedState reply may carry. QEMU takes 1 MiB; the rest is headroom for

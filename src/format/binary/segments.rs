@@ -1,0 +1,168 @@
+//! State format v1.1 (`docs/state-format.md` §1.1): a blob of independent
+//! segments behind a segment table, built, compressed and decoded in
+//! parallel.
+
+use super::encode::{build_columns, compressor, Encoder};
+use super::header::{assemble, dropped_u32, Header};
+use super::layout::*;
+use super::record::View;
+use crate::format::FormatError;
+
+/// Fewest entries per segment: below this a second thread costs more than
+/// it saves and the smaller zstd context costs ratio.
+pub(super) const MIN_SEGMENT_ENTRIES: usize = 16_384;
+
+/// How many segments [`encode_segmented`] uses for `n` entries on this
+/// machine: one per CPU (at most 4) while each keeps at least
+/// `MIN_SEGMENT_ENTRIES`.
+pub fn default_segments(n: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    cpus.min(4).min(n / MIN_SEGMENT_ENTRIES).max(1)
+}
+
+/// One compressed segment: `count` records, `raw_len` raw bytes, zstd frame
+/// in `bytes` (§1.1: a v1.0 payload decoded with fresh state).
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub count: u32,
+    pub raw_len: u32,
+    pub bytes: Vec<u8>,
+}
+
+/// Encodes all of `views` (priority order) as one blob in `segments`
+/// independent parts built and compressed in parallel (Save is migration
+/// downtime and the guest is stopped, so the CPUs are free). One segment
+/// gives the plain v1.0 layout. Layout: `docs/state-format.md` §1.1.
+pub fn encode_segmented(
+    views: &[View],
+    segments: usize,
+    dropped: usize,
+    default_mark: u32,
+) -> Result<Vec<u8>, FormatError> {
+    let segments = segments.clamp(1, MAX_SEGMENTS).min(views.len().max(1));
+    if segments == 1 {
+        let n = views.len();
+        return Encoder::whole(views, default_mark)?.blob(n, dropped);
+    }
+    let frames = encode_frames(views, segments, default_mark)?;
+    let mut table = Vec::with_capacity(1 + SEGMENT_ENTRY_LEN * frames.len());
+    put_segment_table(&mut table, frames.len(), frames.iter());
+    let h = Header {
+        minor: MINOR_SEGMENTS,
+        flags: FLAG_SEGMENTS | FLAG_ZSTD | if dropped > 0 { FLAG_TRUNCATED } else { 0 },
+        count: views.len() as u32,
+        dropped: dropped_u32(dropped),
+        default_mark,
+        raw_len: frames.iter().map(|f| f.raw_len).sum(),
+        payload_len: 0,
+    };
+    let mut refs: Vec<&[u8]> = vec![&table];
+    refs.extend(frames.iter().map(|f| f.bytes.as_slice()));
+    Ok(assemble(&h, &refs))
+}
+
+/// `n`, then one row per frame (§1.1).
+pub(super) fn put_segment_table<'a>(
+    out: &mut Vec<u8>,
+    n: usize,
+    frames: impl Iterator<Item = &'a Frame>,
+) {
+    out.push(n as u8);
+    for f in frames {
+        out.extend_from_slice(&f.count.to_le_bytes());
+        out.extend_from_slice(&f.raw_len.to_le_bytes());
+        out.extend_from_slice(&(f.bytes.len() as u32).to_le_bytes());
+    }
+}
+
+/// `views`, already in priority order, as `segments` balanced frames
+/// (clamped to 1..=`MAX_SEGMENTS` and to at most one per view; no views,
+/// no frames), built and compressed in parallel. The warm cache keeps these
+/// as the base of a patched blob
+/// ([`assemble_patched`](super::patch::assemble_patched)); every frame must
+/// be encoded with the `default_mark` of the blob it goes into.
+pub fn encode_frames(
+    views: &[View],
+    segments: usize,
+    default_mark: u32,
+) -> Result<Vec<Frame>, FormatError> {
+    if views.is_empty() {
+        return Ok(Vec::new());
+    }
+    if views.len() > MAX_ENTRIES {
+        return Err(FormatError::TooManyEntries {
+            count: views.len() as u64,
+            max: MAX_ENTRIES,
+        });
+    }
+    let segments = segments.clamp(1, MAX_SEGMENTS).min(views.len());
+    // Balanced: the first `len % segments` segments take one entry more.
+    let (base, extra) = (views.len() / segments, views.len() % segments);
+    let mut chunks = Vec::with_capacity(segments);
+    let mut rest = views;
+    for i in 0..segments {
+        let (c, r) = rest.split_at(base + usize::from(i < extra));
+        chunks.push(c);
+        rest = r;
+    }
+    // Segments are always compressed (the ZSTD flag covers the whole blob):
+    // at MIN_SEGMENT_ENTRIES and more real entries always shrink, and a tiny
+    // delta costs a few bytes of frame header at most.
+    let work = |part: &[View]| -> Result<Frame, FormatError> {
+        let cols = build_columns(part, default_mark, false);
+        let mut raw = Vec::new();
+        cols.write_raw(part.len(), &mut raw);
+        let raw_len = u32::try_from(raw.len())
+            .ok()
+            .filter(|&l| l as usize <= MAX_RAW_LEN)
+            .ok_or(FormatError::DecompressionBomb {
+                declared: raw.len() as u64,
+                max: MAX_RAW_LEN,
+            })?;
+        let bytes = compressor()?
+            .compress(&raw)
+            .map_err(|e| FormatError::Compression(e.to_string()))?;
+        Ok(Frame {
+            count: part.len() as u32,
+            raw_len,
+            bytes,
+        })
+    };
+    in_parallel(
+        &chunks,
+        |_, c| work(c),
+        || FormatError::Compression("segment encoder thread panicked".into()),
+    )
+}
+
+/// `f` on every item, the first on this thread and every other on a thread
+/// of its own (segments are few: at most one per CPU from our encoder,
+/// [`MAX_SEGMENTS`] from anyone), results in item order; the first error
+/// wins. A worker that panics yields `panicked()`.
+pub(super) fn in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(usize, &T) -> Result<R, FormatError> + Sync,
+    panicked: impl Fn() -> FormatError,
+) -> Result<Vec<R>, FormatError> {
+    let Some(first) = items.first() else {
+        return Ok(Vec::new());
+    };
+    let f = &f;
+    let results: Vec<Result<R, FormatError>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = items
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(i, x)| sc.spawn(move || f(i, x)))
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        out.push(f(0, first));
+        out.extend(
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(panicked()))),
+        );
+        out
+    });
+    results.into_iter().collect()
+}
