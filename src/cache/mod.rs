@@ -141,6 +141,7 @@
 //! * `watch` fails (and the selector stays a direct dump) when the event
 //!   groups cannot be joined, e.g. without CAP_NET_ADMIN.
 
+mod cached;
 mod state;
 mod table;
 
@@ -156,7 +157,8 @@ use crate::access::{
 use crate::ctnetlink::{Ctnetlink, EventError, EventSocket, EventsSysctl};
 use crate::entry::{Entry, Selector};
 use crate::format::{self, EncodeOptions, View};
-use state::{Key, Tables};
+use cached::Key;
+use state::Tables;
 use table::{Base, NO_BASE};
 
 /// Tunables of a [`CachedAccess`].
@@ -549,7 +551,7 @@ impl Shared {
             .iter()
             .filter_map(|k| sc.entries.get(k).map(|c| c.entry.clone()))
             .collect();
-        let keys: Vec<Key> = probes.iter().map(state::key).collect();
+        let keys: Vec<Key> = probes.iter().map(cached::key).collect();
         if probes.is_empty() {
             return Ok(());
         }

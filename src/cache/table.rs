@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::state::{key, Cached, Key};
+use super::cached::{key, Cached, Key};
 use crate::entry::Entry;
 use crate::format::binary::{self, representable, Frame};
 use crate::format::priority::{self, value_class_at, ABOUT_TO_EXPIRE_SECS};
@@ -69,9 +69,9 @@ impl Hot {
         }
     }
 
-    /// Seconds left now (see [`super::state::estimate`]).
+    /// Seconds left now (see [`super::cached::estimate`]).
     pub fn estimate(&self, now: Instant) -> u32 {
-        super::state::estimate(self.timeout, self.seen, now)
+        super::cached::estimate(self.timeout, self.seen, now)
     }
 
     /// Whether a dump answered from the cache must first look this entry up
@@ -664,7 +664,7 @@ mod tests {
                 .find(|e| e.orig == c.entry.orig)
                 .expect("every entry carried");
             let mut want = c.entry.clone();
-            want.timeout = super::super::state::estimate(c.entry.timeout, c.seen, later);
+            want.timeout = super::super::cached::estimate(c.entry.timeout, c.seen, later);
             want.id = None;
             assert_eq!(*e, want);
         }
