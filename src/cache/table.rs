@@ -1,9 +1,8 @@
 //! One selector's cached entries: a dense vector of entries plus a hash
 //! index by key. Save walks every entry and then visits them again in
-//! priority order, i.e. at random: in a dense vector (~23 MB at 100k
-//! entries) that costs about half what it costs in a hash map that holds the
-//! entries in its own sparse table (~50 MB, measured 13–17 ms against 8.5 ms
-//! for the same encode). Removal swaps the last entry into the hole.
+//! priority order, i.e. at random, which a dense vector serves at about
+//! half the cost of a hash map (measured: docs/downtime.md, "Warm cache for
+//! Save"). Removal swaps the last entry into the hole.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
