@@ -18,7 +18,8 @@ use crate::ctnetlink::{Ctnetlink, EventSocket, EventsSysctl};
 use crate::entry::{Entry, Selector};
 use crate::format::EncodeOptions;
 
-/// What the lock guards.
+/// What [`Shared::state`] guards: the tables, the event socket and what
+/// Save decides by.
 pub(super) struct State {
     pub(super) tables: Tables,
     pub(super) events: Option<EventSocket>,
@@ -45,7 +46,7 @@ pub(super) struct Shared {
 }
 
 /// A [`ConntrackAccess`] that answers dumps of watched selectors from a
-/// cache kept warm by conntrack events (module docs).
+/// cache kept warm by conntrack events (the [module docs](super)).
 pub struct CachedAccess {
     pub(super) shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,

@@ -111,10 +111,10 @@
 //!   groups cannot be joined, e.g. without CAP_NET_ADMIN.
 //!
 //! # Where things live
-//! The first five files are the parts of one type, the state that
-//! [`CachedAccess`] shares with its event thread, split by concern; they
-//! use `state.rs`, which uses `table.rs`, which uses `cached.rs`; none of
-//! these three imports a file above it.
+//! The first five files split one type by concern: `Shared`, what
+//! [`CachedAccess`] shares with its event thread (each file adds an
+//! `impl Shared` block). They use `state.rs`, which uses `table.rs`, which
+//! uses `cached.rs`; none of these three imports a file above it.
 //! * `access.rs`: [`CachedAccess`] itself: which calls go straight to the
 //!   kernel, starting and stopping the event thread, what tests can inspect.
 //! * `save.rs`: Save (`dump`, `save_state`) answered from the cache, or why
@@ -130,7 +130,8 @@
 //! * `state.rs`: all watched selectors' tables and the rules that merge
 //!   events, dumps and lookups into them (no I/O).
 //! * `table.rs`: one selector's entries, the records Save reads first, and
-//!   the pre-encoded `Base`.
+//!   the pre-encoded `Base` (kept with the entries: every change to one
+//!   marks its base record dead in the same step).
 //! * `cached.rs`: one cached entry, its key, and its remaining-time estimate.
 //!
 //! What the cache costs (memory, event thread CPU, Save against a direct
