@@ -1,15 +1,14 @@
 //! One selector's cached entries: a dense vector of entries plus a hash
 //! index by key. Save walks every entry and then visits them again in
-//! priority order, i.e. at random: in a dense vector (~23 MB at 100k
-//! entries) that costs about half what it costs in a hash map that holds the
-//! entries in its own sparse table (~50 MB, measured 13–17 ms against 8.5 ms
-//! for the same encode). Removal swaps the last entry into the hole.
+//! priority order, i.e. at random, which a dense vector serves at about
+//! half the cost of a hash map (measured: docs/downtime.md, "Warm cache for
+//! Save"). Removal swaps the last entry into the hole.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::state::{key, Cached, Key};
+use super::cached::{key, Cached, Key};
 use crate::entry::Entry;
 use crate::format::priority::{value_class_at, ABOUT_TO_EXPIRE_SECS};
 use crate::format::{self, representable, Compact, Encoded, FormatError, Frame, Rec, View};
@@ -68,9 +67,9 @@ impl Hot {
         }
     }
 
-    /// Seconds left now (see [`super::state::estimate`]).
+    /// Seconds left now (see [`super::cached::estimate`]).
     pub fn estimate(&self, now: Instant) -> u32 {
-        super::state::estimate(self.timeout, self.seen, now)
+        super::cached::estimate(self.timeout, self.seen, now)
     }
 
     /// Whether a dump answered from the cache must first look this entry up
@@ -663,7 +662,7 @@ mod tests {
                 .find(|e| e.orig == c.entry.orig)
                 .expect("every entry carried");
             let mut want = c.entry.clone();
-            want.timeout = super::super::state::estimate(c.entry.timeout, c.seen, later);
+            want.timeout = super::super::cached::estimate(c.entry.timeout, c.seen, later);
             want.id = None;
             assert_eq!(*e, want);
         }

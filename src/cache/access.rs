@@ -1,0 +1,273 @@
+//! [`CachedAccess`] itself: the state it shares with its event thread, which
+//! calls go straight to the kernel, starting and stopping the thread, and
+//! what tests and benchmarks can inspect.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::config::CacheConfig;
+use super::state::Tables;
+use super::stats::{BaseInfo, CacheStats, Counters};
+use super::wake::Wake;
+use crate::access::{
+    AccessError, ConntrackAccess, CreateReport, DeleteReport, DumpSource, SavedState,
+};
+use crate::ctnetlink::{Ctnetlink, EventSocket, EventsSysctl};
+use crate::entry::{Entry, Selector};
+use crate::format::EncodeOptions;
+
+/// What [`Shared::state`] guards: the tables, the event socket and what
+/// Save decides by.
+pub(super) struct State {
+    pub(super) tables: Tables,
+    pub(super) events: Option<EventSocket>,
+    pub(super) sysctl: Option<EventsSysctl>,
+    /// Kernel lookup cost per entry (ns) in the last sizeable batch, to
+    /// choose between lookups and a dump.
+    pub(super) lookup_ns: u64,
+    /// `nf_conntrack_events` read 0 last time: syncs are pointless.
+    pub(super) events_off: bool,
+    pub(super) last_fallback: Option<&'static str>,
+}
+
+/// What [`CachedAccess`] shares with its event thread.
+pub(super) struct Shared {
+    pub(super) state: Mutex<State>,
+    /// Pass-through operations, fallback dumps and Save-time lookups.
+    pub(super) direct: Ctnetlink,
+    /// The thread's own socket for sync dumps and background lookups.
+    pub(super) bg: Mutex<Option<Ctnetlink>>,
+    pub(super) config: CacheConfig,
+    pub(super) counters: Counters,
+    pub(super) stop: AtomicBool,
+    pub(super) wake: Wake,
+}
+
+/// A [`ConntrackAccess`] that answers dumps of watched selectors from a
+/// cache kept warm by conntrack events (the [module docs](super)).
+pub struct CachedAccess {
+    pub(super) shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What Save-time lookups cost before we measured (a batched hash lookup in
+/// the kernel plus decoding the reply).
+const INITIAL_LOOKUP_NS: u64 = 5_000;
+
+impl CachedAccess {
+    /// Wraps `direct`. Nothing is subscribed until the first watch.
+    pub fn new(direct: Ctnetlink, config: CacheConfig) -> Result<CachedAccess, AccessError> {
+        let wake = Wake::new().map_err(|source| AccessError::Netlink {
+            op: "cache",
+            source,
+        })?;
+        Ok(CachedAccess {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    tables: Tables::default(),
+                    events: None,
+                    sysctl: None,
+                    lookup_ns: INITIAL_LOOKUP_NS,
+                    events_off: false,
+                    last_fallback: None,
+                }),
+                direct,
+                bg: Mutex::new(None),
+                config,
+                counters: Counters::default(),
+                stop: AtomicBool::new(false),
+                wake,
+            }),
+            thread: Mutex::new(None),
+        })
+    }
+
+    /// The wrapped access.
+    pub fn direct(&self) -> &Ctnetlink {
+        &self.shared.direct
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.shared.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CacheStats {
+            hits: l(&c.hits),
+            fallbacks: l(&c.fallbacks),
+            unwatched: l(&c.unwatched),
+            lookups: l(&c.lookups),
+            probes: l(&c.probes),
+            losses: l(&c.losses),
+            syncs: l(&c.syncs),
+            walks: l(&c.walks),
+            events_read: l(&c.events_read),
+            events_skipped: l(&c.events_skipped),
+            base_builds: l(&c.base_builds),
+            base_saves: l(&c.base_saves),
+            last_fallback: self.shared.lock().last_fallback,
+        }
+    }
+
+    /// Builds `sel`'s pre-encoded base now, if its entries are trusted, and
+    /// returns the records in it. The event thread does this by itself
+    /// (`base_min_entries`, `base_interval`); tests and benchmarks that
+    /// need a base of a known moment call it.
+    pub fn rebuild_base(&self, sel: &Selector) -> Option<usize> {
+        self.shared.build_base(*sel)
+    }
+
+    /// `sel`'s pre-encoded base, if it has one: records in it, and how
+    /// many of its entries changed or were added since it was built.
+    pub fn base_info(&self, sel: &Selector) -> Option<BaseInfo> {
+        let st = self.shared.lock();
+        let b = st.tables.sels.get(sel)?.entries.base()?;
+        Some(BaseInfo {
+            records: b.stored as usize,
+            changes: b.changes,
+            bytes: b.frames.iter().map(|f| f.bytes.len()).sum(),
+            age: b.built.elapsed(),
+        })
+    }
+
+    /// Whether a dump of `sel` would be answered from the cache right now
+    /// (before catching up on queued events).
+    pub fn is_trusted(&self, sel: &Selector) -> bool {
+        self.shared
+            .lock()
+            .tables
+            .sels
+            .get(sel)
+            .is_some_and(|sc| sc.trusted)
+    }
+
+    /// Entries cached for `sel` (None when it is not watched).
+    pub fn cached_len(&self, sel: &Selector) -> Option<usize> {
+        self.shared
+            .lock()
+            .tables
+            .sels
+            .get(sel)
+            .map(|sc| sc.entries.len())
+    }
+
+    /// Waits until `sel` is trusted; false after `timeout`.
+    pub fn wait_trusted(&self, sel: &Selector, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if self.is_trusted(sel) {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Starts the event socket and thread on first use.
+    fn ensure_started(&self, st: &mut State) -> Result<(), AccessError> {
+        if st.events.is_some() {
+            return Ok(());
+        }
+        let sh = &self.shared;
+        // Subscribed before anything is dumped, so nothing falls in the gap.
+        let events = EventSocket::open(&sh.direct, sh.config.event_rcvbuf)?;
+        let sysctl = match EventsSysctl::open(&sh.direct) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "nf_conntrack_events unreadable; assuming events are on");
+                None
+            }
+        };
+        let bg = sh.direct.reopen()?;
+        *sh.bg.lock().unwrap_or_else(|p| p.into_inner()) = Some(bg);
+        let shared = Arc::clone(&self.shared);
+        let handle = std::thread::Builder::new()
+            .name("ct-events".into())
+            .spawn(move || shared.run())
+            .map_err(|e| AccessError::Netlink {
+                op: "cache",
+                source: e,
+            })?;
+        // Only now: a failure above leaves the cache unstarted, to be tried
+        // again by the next watch. The thread waits for our lock.
+        st.events = Some(events);
+        st.sysctl = sysctl;
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(())
+    }
+}
+
+impl Drop for CachedAccess {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake();
+        if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Shared {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        // Tables stay consistent between statements that can panic; a
+        // poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the event thread (new work, or time to stop).
+    pub(super) fn wake(&self) {
+        self.wake.wake();
+    }
+}
+
+impl ConntrackAccess for CachedAccess {
+    fn dump(&self, sel: &Selector) -> Result<Vec<Entry>, AccessError> {
+        self.dump_sourced(sel).map(|(es, _)| es)
+    }
+
+    fn dump_sourced(&self, sel: &Selector) -> Result<(Vec<Entry>, DumpSource), AccessError> {
+        self.cached_dump_sourced(sel)
+    }
+
+    fn save_state(&self, sel: &Selector, opts: &EncodeOptions) -> Result<SavedState, AccessError> {
+        self.cached_save_state(sel, opts)
+    }
+
+    fn delete_saved(&self, sel: &Selector, ids: &[u32]) -> Result<DeleteReport, AccessError> {
+        // The kernel's own view decides what is still there.
+        self.shared.direct.delete_saved(sel, ids)
+    }
+
+    fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
+        self.shared.direct.create(entries)
+    }
+
+    fn create_background(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
+        self.shared.direct.create_background(entries)
+    }
+
+    fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError> {
+        self.shared.direct.delete_selected(sel)
+    }
+
+    fn delete_entries(&self, entries: &[Entry]) -> Result<DeleteReport, AccessError> {
+        self.shared.direct.delete_entries(entries)
+    }
+
+    fn watch(&self, sel: &Selector, on: bool) -> Result<(), AccessError> {
+        let mut st = self.shared.lock();
+        if on {
+            self.ensure_started(&mut st)?;
+            // Events queued so far belong to the old watch set.
+            self.shared.pump(&mut st, self.shared.config.drain_budget);
+            st.tables.watch(*sel);
+        } else {
+            st.tables.unwatch(*sel);
+        }
+        drop(st);
+        self.shared.wake();
+        Ok(())
+    }
+}

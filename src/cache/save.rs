@@ -1,0 +1,249 @@
+//! Save (`dump`, `save_state`) answered from the cache: catch up on queued
+//! events, check the selector is trusted and fresh, do the lookups that are
+//! cheaper than a dump, and encode from the pre-encoded base plus what
+//! changed, or the whole selection; or say why Save must dump directly.
+
+use std::time::{Duration, Instant};
+
+use super::access::{CachedAccess, Shared, State};
+use super::stats::bump;
+use super::table::{Base, NO_BASE};
+use crate::access::{AccessError, ConntrackAccess, DumpSource, SavedState};
+use crate::entry::{Entry, Selector};
+use crate::format::{self, EncodeOptions, View};
+
+/// How late a refresh may be (beyond twice the interval) before Save stops
+/// trusting the cache's timeouts.
+const OVERDUE_SLACK: Duration = Duration::from_secs(1);
+
+impl Shared {
+    /// The answer for a watched, trusted selector, or why Save must dump
+    /// directly.
+    fn answer_cached(&self, sel: &Selector) -> Result<Vec<Entry>, &'static str> {
+        self.with_answer(sel, false, |_, views, ids| {
+            let mut out = crate::format::bigvec::with_capacity(views.len());
+            out.extend(views.iter().zip(ids).map(|(v, id)| {
+                let mut e = v.rec.to_entry(v.timeout);
+                e.id = id;
+                e
+            }));
+            out
+        })
+    }
+
+    /// Runs `f` under the lock on the entries of a watched, trusted
+    /// selector, as they are in the tables (no copy: ~20 MB at 100k entries
+    /// would cost Save milliseconds), each with the seconds it has left now,
+    /// and their `CTA_ID`s; or says why Save must dump directly.
+    ///
+    /// With `use_base` and a usable pre-encoded base, `f` gets the base and
+    /// its age, and the views are only the entries the base does not hold
+    /// as they are now (the ids are still all of them).
+    fn with_answer<R>(
+        &self,
+        sel: &Selector,
+        use_base: bool,
+        f: impl FnOnce(Option<(&Base, u32)>, &[View], Vec<Option<u32>>) -> R,
+    ) -> Result<R, &'static str> {
+        let mut st = self.lock();
+        let r = self.answer_locked(&mut st, sel, use_base, f);
+        if let Err(why) = r {
+            st.last_fallback = Some(why);
+            tracing::debug!(
+                mark = sel.mark,
+                why,
+                "conntrack cache not used for this dump"
+            );
+        }
+        r
+    }
+
+    fn answer_locked<R>(
+        &self,
+        st: &mut State,
+        sel: &Selector,
+        use_base: bool,
+        f: impl FnOnce(Option<(&Base, u32)>, &[View], Vec<Option<u32>>) -> R,
+    ) -> Result<R, &'static str> {
+        if !self.pump(st, self.config.drain_budget) {
+            return Err("events lost, off, or not caught up");
+        }
+        let now = Instant::now();
+        let margin = self.config.verify_margin_secs;
+        let sc = st.tables.sels.get(sel).ok_or("not watched")?;
+        if !sc.trusted {
+            return Err("not warm or events lost since the last sync");
+        }
+        // Slack for a refresh dump in progress.
+        let limit = self.config.refresh_interval * 2 + OVERDUE_SLACK;
+        let fresh = sc
+            .synced_at
+            .is_some_and(|t| now.saturating_duration_since(t) <= limit);
+        if !fresh {
+            return Err("refresh overdue");
+        }
+        // Entries in a base young enough need no lookup (their timeouts
+        // were far from expiry when it was built).
+        let base_ok = use_base && sc.entries.base().is_some_and(|b| b.usable(now));
+        // One pass collects the answer, as long as no entry needs a lookup
+        // (the usual case); otherwise a second one finds all that do.
+        let mut views: Vec<View> = Vec::with_capacity(if base_ok { 0 } else { sc.entries.len() });
+        let mut ids: Vec<Option<u32>> = Vec::with_capacity(sc.entries.len());
+        let mut lookups = false;
+        for (h, r) in sc.entries.with_hot() {
+            if base_ok && h.base != NO_BASE {
+                ids.push(h.id);
+                continue;
+            }
+            if h.needs_lookup(now, margin) {
+                lookups = true;
+                break;
+            }
+            let left = h.estimate(now);
+            if left > 0 {
+                views.push(View::with_key(r, left, h.key(left)));
+                ids.push(h.id);
+            }
+        }
+        if !lookups {
+            let base = sc.entries.base().filter(|_| base_ok);
+            return Ok(f(base.map(|b| (b, b.age_secs(now))), &views, ids));
+        }
+        drop((views, ids));
+        let keys = sc.entries.lookup_keys(now, margin);
+        {
+            let cost = Duration::from_nanos(st.lookup_ns.saturating_mul(keys.len() as u64));
+            let dump_cost = sc.dump_cost.unwrap_or(Duration::MAX);
+            if keys.len() > self.config.max_lookups || cost >= dump_cost {
+                tracing::debug!(
+                    lookups = keys.len(),
+                    lookup_ns = st.lookup_ns,
+                    dump_us = dump_cost.as_micros() as u64,
+                    "lookups would cost more than a dump"
+                );
+                return Err("lookups would cost more than a dump");
+            }
+            if let Err(e) = self.lookup(st, &self.direct, *sel, &keys) {
+                tracing::warn!(error = %e, "conntrack lookups at Save failed; dumping directly");
+                return Err("lookups failed");
+            }
+        }
+        let now = Instant::now();
+        let sc = st.tables.sels.get(sel).ok_or("not watched")?;
+        let base_ok = base_ok && sc.entries.base().is_some_and(|b| b.usable(now));
+        let mut views: Vec<View> = Vec::with_capacity(sc.entries.len());
+        let mut ids: Vec<Option<u32>> = Vec::with_capacity(sc.entries.len());
+        for (h, r) in sc.entries.with_hot() {
+            if base_ok && h.base != NO_BASE {
+                ids.push(h.id);
+                continue;
+            }
+            let left = h.estimate(now);
+            if left > 0 {
+                views.push(View::with_key(r, left, h.key(left)));
+                ids.push(h.id);
+            }
+        }
+        let base = sc.entries.base().filter(|_| base_ok);
+        Ok(f(base.map(|b| (b, b.age_secs(now))), &views, ids))
+    }
+}
+
+impl CachedAccess {
+    /// [`ConntrackAccess::dump_sourced`]: from the cache for a watched,
+    /// trusted selector, else from the kernel.
+    pub(super) fn cached_dump_sourced(
+        &self,
+        sel: &Selector,
+    ) -> Result<(Vec<Entry>, DumpSource), AccessError> {
+        let direct = |s: &Shared| s.direct.dump(sel).map(|es| (es, DumpSource::Kernel));
+        let watched = self.shared.lock().tables.sels.contains_key(sel);
+        if !watched {
+            bump(&self.shared.counters.unwatched, 1);
+            return direct(&self.shared);
+        }
+        if let Ok(v) = self.shared.answer_cached(sel) {
+            bump(&self.shared.counters.hits, 1);
+            return Ok((v, DumpSource::Cache));
+        }
+        bump(&self.shared.counters.fallbacks, 1);
+        self.shared.wake();
+        direct(&self.shared)
+    }
+
+    /// [`ConntrackAccess::save_state`]: from the pre-encoded base plus what
+    /// changed, or the whole cached selection, else from the kernel.
+    pub(super) fn cached_save_state(
+        &self,
+        sel: &Selector,
+        opts: &EncodeOptions,
+    ) -> Result<SavedState, AccessError> {
+        let watched = self.shared.lock().tables.sels.contains_key(sel);
+        if !watched {
+            bump(&self.shared.counters.unwatched, 1);
+            return self.shared.direct.save_state(sel, opts);
+        }
+        // Encoding under the lock holds back the event thread for those
+        // milliseconds; its events queue in the socket meanwhile.
+        // One selector's entries all carry its mark when it matches a
+        // single mark: no need to look at each for the most common one.
+        let mark = (sel.mark_mask == u32::MAX).then_some(sel.mark);
+        let whole = |views: &[View], ids: Vec<Option<u32>>| {
+            format::encode_views(views, opts, mark)
+                .map(|encoded| {
+                    Some(SavedState {
+                        encoded,
+                        source: DumpSource::Cache,
+                        ids: ids.into_iter().flatten().collect(),
+                    })
+                })
+                .map_err(|source| AccessError::Encode {
+                    entries: views.len(),
+                    source,
+                })
+        };
+        let use_base = opts.format == format::Format::Binary;
+        let r = self
+            .shared
+            .with_answer(sel, use_base, |base, views, ids| match base {
+                None => whole(views, ids),
+                Some((b, age)) => match b.patched(age, views, opts.limit) {
+                    Ok(Some(encoded)) => Ok(Some(SavedState {
+                        encoded,
+                        source: DumpSource::Base,
+                        ids: ids.into_iter().flatten().collect(),
+                    })),
+                    // Too big with the base: a whole encode decides what
+                    // to drop.
+                    Ok(None) => Ok(None),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "encoding from the pre-encoded base failed");
+                        Ok(None)
+                    }
+                },
+            });
+        let r = match r {
+            Ok(Ok(None)) => self
+                .shared
+                .with_answer(sel, false, |_, views, ids| whole(views, ids)),
+            other => other,
+        };
+        match r {
+            Ok(Ok(Some(saved))) => {
+                bump(&self.shared.counters.hits, 1);
+                if saved.source == DumpSource::Base {
+                    bump(&self.shared.counters.base_saves, 1);
+                }
+                Ok(saved)
+            }
+            Ok(Err(e)) => Err(e),
+            // The cache could not answer (or, never in practice, the whole
+            // encode came back empty-handed): the kernel can.
+            Ok(Ok(None)) | Err(_) => {
+                bump(&self.shared.counters.fallbacks, 1);
+                self.shared.wake();
+                self.shared.direct.save_state(sel, opts)
+            }
+        }
+    }
+}
