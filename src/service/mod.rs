@@ -11,6 +11,8 @@ use std::sync::Arc;
 use crate::access::AccessError;
 
 pub mod engine;
+#[cfg(test)]
+mod fakes;
 pub mod manager;
 pub mod options;
 pub mod persist;
