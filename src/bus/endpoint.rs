@@ -69,7 +69,11 @@ impl Endpoint for BusEndpoint {
     type Link = Connection;
     type Error = Error;
 
-    async fn connect(&self, rt: &Arc<VmRuntime>, engine: &Arc<Engine>) -> Result<Connection, Error> {
+    async fn connect(
+        &self,
+        rt: &Arc<VmRuntime>,
+        engine: &Arc<Engine>,
+    ) -> Result<Connection, Error> {
         let address = address(rt);
         let unreachable = |reason: String| {
             Error::BusUnreachable(format!(

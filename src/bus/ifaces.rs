@@ -65,7 +65,10 @@ where
         vm: String,
         options: HashMap<String, OwnedVariant>,
     ) -> Result<(), Error> {
-        Ok(self.manager.unregister(&vm, &plain_options(options)).await?)
+        Ok(self
+            .manager
+            .unregister(&vm, &plain_options(options))
+            .await?)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]

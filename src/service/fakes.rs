@@ -136,7 +136,10 @@ impl ConntrackAccess for FakeAccess {
         let mut t = self.table.lock().unwrap();
         let mut r = DeleteReport::default();
         for e in entries {
-            match t.iter().position(|x| same(x, e) && (e.id.is_none() || x.id == e.id)) {
+            match t
+                .iter()
+                .position(|x| same(x, e) && (e.id.is_none() || x.id == e.id))
+            {
                 Some(i) => {
                     t.remove(i);
                     r.deleted += 1;
@@ -217,7 +220,11 @@ impl Endpoint for FakeEndpoint {
     type Link = String;
     type Error = FakeError;
 
-    async fn connect(&self, rt: &Arc<VmRuntime>, _engine: &Arc<Engine>) -> Result<String, FakeError> {
+    async fn connect(
+        &self,
+        rt: &Arc<VmRuntime>,
+        _engine: &Arc<Engine>,
+    ) -> Result<String, FakeError> {
         let vm = &rt.config.vm;
         self.events.push(format!("connect {vm}"));
         if self.unreachable.lock().unwrap().contains(vm) {

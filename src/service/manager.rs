@@ -332,3 +332,435 @@ impl<E: Endpoint> Manager<E> {
         self.vm_count.send_replace(n);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::format::synth::population;
+    use crate::service::fakes::{Events, FakeAccess, FakeEndpoint};
+    use crate::service::Store;
+
+    struct Setup {
+        events: Events,
+        access: Arc<FakeAccess>,
+        manager: Manager<FakeEndpoint>,
+        dir: tempfile::TempDir,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        setup_in(dir)
+    }
+
+    /// A manager over `dir` as state directory, as the daemon composes it.
+    fn setup_in(dir: tempfile::TempDir) -> Setup {
+        let events = Events::default();
+        let access = FakeAccess::new(events.clone());
+        let engine = Arc::new(
+            Engine::new(
+                access.clone(),
+                Duration::from_secs(2),
+                Duration::from_secs(5),
+            )
+            .with_store(Store::new(dir.path())),
+        );
+        let manager = Manager::new(
+            Registry::new(Store::new(dir.path())),
+            engine,
+            FakeEndpoint::new(events.clone()),
+        );
+        Setup {
+            events,
+            access,
+            manager,
+            dir,
+        }
+    }
+
+    impl Setup {
+        fn persisted(&self) -> Vec<String> {
+            Store::new(self.dir.path())
+                .load()
+                .unwrap()
+                .into_iter()
+                .map(|c| c.vm)
+                .collect()
+        }
+
+        fn unreachable(&self, vm: &str, yes: bool) {
+            let mut u = self.manager.endpoint().unreachable.lock().unwrap();
+            if yes {
+                u.insert(vm.to_string());
+            } else {
+                u.remove(vm);
+            }
+        }
+    }
+
+    fn opts(o: &[(&str, OptValue)]) -> Vec<(String, OptValue)> {
+        o.iter().map(|(n, v)| (n.to_string(), v.clone())).collect()
+    }
+
+    fn flush(on: bool) -> Vec<(String, OptValue)> {
+        opts(&[("flush", OptValue::Bool(on))])
+    }
+
+    fn text<T: std::fmt::Debug, E: std::fmt::Display>(r: Result<T, E>) -> String {
+        r.expect_err("must fail").to_string()
+    }
+
+    #[tokio::test]
+    async fn register_serves_then_persists_then_watches() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        assert_eq!(
+            s.events.take(),
+            ["connect 100", "export 100 linked", "watch 0x64 on"]
+        );
+        assert_eq!(s.persisted(), ["100"]);
+        assert!(s.manager.get("100").unwrap().watching());
+        assert_eq!(*s.manager.vm_count().borrow(), 1);
+    }
+
+    #[tokio::test]
+    async fn register_whose_bus_is_unreachable_leaves_nothing_behind() {
+        let s = setup();
+        s.unreachable("100", true);
+        let e = s.manager.register("100", &[]).await.unwrap_err();
+        assert!(matches!(e, ManagerError::Endpoint(_)));
+        assert_eq!(e.to_string(), "bus of VM '100' unreachable");
+        assert_eq!(s.events.take(), ["connect 100"]);
+        assert!(s.manager.get("100").is_none());
+        assert!(s.persisted().is_empty());
+        assert_eq!(*s.manager.vm_count().borrow(), 0);
+    }
+
+    #[tokio::test]
+    async fn register_whose_export_fails_leaves_nothing_behind() {
+        let s = setup();
+        let ep = s.manager.endpoint();
+        ep.export_fails.lock().unwrap().insert("100".into());
+        let e = text(s.manager.register("100", &[]).await);
+        assert_eq!(e, "cannot export VM '100'");
+        assert_eq!(s.events.take(), ["connect 100", "export 100 linked"]);
+        assert!(s.manager.get("100").is_none());
+        assert!(s.persisted().is_empty());
+    }
+
+    #[tokio::test]
+    async fn register_that_cannot_be_persisted_is_unserved_again() {
+        let s = setup();
+        // The state directory becomes a file: every write fails.
+        let state = s.dir.path().to_path_buf();
+        std::fs::remove_dir_all(&state).unwrap();
+        std::fs::write(&state, b"not a directory").unwrap();
+        let e = s.manager.register("100", &[]).await.unwrap_err();
+        assert!(
+            e.to_string().starts_with(&format!(
+                "cannot write registrations to {}: ",
+                state.join("registrations.json").display()
+            )),
+            "{e}"
+        );
+        assert_eq!(
+            s.events.take(),
+            ["connect 100", "export 100 linked", "unserve 100"]
+        );
+        assert!(s.manager.get("100").is_none());
+        std::fs::remove_file(&state).unwrap();
+    }
+
+    #[tokio::test]
+    async fn identical_register_is_idempotent_and_different_ones_are_named() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        s.events.take();
+        s.manager.register("100", &[]).await.unwrap();
+        // Served and watched already: nothing to do.
+        assert!(s.events.take().is_empty());
+        assert_eq!(*s.manager.vm_count().borrow(), 1);
+
+        let e = text(
+            s.manager
+                .register("100", &opts(&[("mark", OptValue::U32(5))]))
+                .await,
+        );
+        assert_eq!(
+            e,
+            "VM '100' is already registered with mark 100, not 5; unregister it first to change mark"
+        );
+        let e = text(
+            s.manager
+                .register(
+                    "101",
+                    &opts(&[("id", OptValue::Str("conntrack-vmstate-100".into()))]),
+                )
+                .await,
+        );
+        assert_eq!(
+            e,
+            "VMState Id 'conntrack-vmstate-100' is already used by VM '100' on bus system"
+        );
+        let e = text(
+            s.manager
+                .register("100", &opts(&[("colour", OptValue::Bool(true))]))
+                .await,
+        );
+        assert_eq!(
+            e,
+            "unknown option 'colour' (known: id, mark, mark_mask, zone, bus_address, format)"
+        );
+        let e = text(s.manager.register("vm-a", &[]).await);
+        assert_eq!(
+            e,
+            "invalid option 'mark': is required because VM 'vm-a' is not a number"
+        );
+        assert!(s.events.take().is_empty(), "refused requests touch nothing");
+        assert_eq!(s.persisted(), ["100"]);
+    }
+
+    #[tokio::test]
+    async fn identical_register_reconnects_a_vm_that_is_not_served() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        // Its bus dropped the link.
+        s.manager
+            .endpoint()
+            .exported
+            .lock()
+            .unwrap()
+            .insert("100".into(), false);
+        s.events.take();
+        s.manager.register("100", &[]).await.unwrap();
+        assert_eq!(s.events.take(), ["connect 100", "export 100 linked"]);
+        // And while the bus is still unreachable, the retry says so.
+        s.manager
+            .endpoint()
+            .exported
+            .lock()
+            .unwrap()
+            .insert("100".into(), false);
+        s.unreachable("100", true);
+        let e = text(s.manager.register("100", &[]).await);
+        assert_eq!(e, "bus of VM '100' unreachable");
+        assert!(s.manager.get("100").is_some(), "stays registered");
+    }
+
+    #[tokio::test]
+    async fn unregister_flushes_removes_forgets_unserves_then_unwatches() {
+        let s = setup();
+        s.access.insert(&population(20, 1, 100));
+        s.access.insert(&population(5, 2, 7));
+        s.manager.register("100", &[]).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().save(&rt).await;
+        assert_eq!(rt.saved_len(), 20);
+        s.events.take();
+        s.manager.unregister("100", &flush(true)).await.unwrap();
+        assert_eq!(
+            s.events.take(),
+            ["delete 20", "unserve 100", "watch 0x64 off"]
+        );
+        assert_eq!(s.access.len(), 5);
+        assert!(s.manager.get("100").is_none());
+        assert!(s.persisted().is_empty());
+        assert!(!rt.watching());
+        assert_eq!(*s.manager.vm_count().borrow(), 0);
+        let ids = Store::new(s.dir.path()).load_ids("100").unwrap();
+        assert!(ids.is_empty(), "saved ids forgotten");
+    }
+
+    #[tokio::test]
+    async fn unregister_without_flush_leaves_the_entries() {
+        let s = setup();
+        s.access.insert(&population(20, 1, 100));
+        s.manager.register("100", &[]).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().save(&rt).await;
+        s.events.take();
+        s.manager.unregister("100", &[]).await.unwrap();
+        assert_eq!(s.events.take(), ["unserve 100", "watch 0x64 off"]);
+        assert_eq!(s.access.len(), 20);
+        assert_eq!(rt.saved_len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_leaves_the_vm_registered_and_served() {
+        let s = setup();
+        s.access.insert(&population(20, 1, 100));
+        s.manager.register("100", &[]).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().save(&rt).await;
+        s.access
+            .fail_delete
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        s.events.take();
+        let e = s.manager.unregister("100", &flush(true)).await.unwrap_err();
+        assert!(matches!(e, ServiceError::Flush { .. }));
+        assert_eq!(
+            e.to_string(),
+            "flushing the saved entries of VM '100' failed: \
+             conntrack helper unavailable: injected delete failure"
+        );
+        assert_eq!(s.events.take(), ["delete 20"]);
+        assert!(s.manager.get("100").is_some());
+        assert!(s.manager.endpoint().is_serving("100"));
+        assert!(rt.watching());
+        assert_eq!(s.persisted(), ["100"]);
+        assert_eq!(rt.saved_len(), 20, "a retry still deletes them");
+        assert_eq!(s.access.len(), 20);
+    }
+
+    #[tokio::test]
+    async fn unregister_that_cannot_be_persisted_changes_nothing() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        s.events.take();
+        let state = s.dir.path().to_path_buf();
+        std::fs::remove_dir_all(&state).unwrap();
+        std::fs::write(&state, b"not a directory").unwrap();
+        let e = s.manager.unregister("100", &[]).await.unwrap_err();
+        assert!(matches!(e, ServiceError::Persist { .. }), "{e}");
+        assert!(s.events.take().is_empty(), "nothing unserved or unwatched");
+        assert!(s.manager.get("100").unwrap().watching());
+        assert!(s.manager.endpoint().is_serving("100"));
+        std::fs::remove_file(&state).unwrap();
+    }
+
+    #[tokio::test]
+    async fn unregister_errors_are_named() {
+        let s = setup();
+        let e = s.manager.unregister("999", &[]).await.unwrap_err();
+        assert!(matches!(e, ServiceError::NotRegistered { .. }));
+        assert_eq!(e.to_string(), "VM '999' is not registered");
+        let e = text(
+            s.manager
+                .unregister("100", &opts(&[("flush", OptValue::U32(1))]))
+                .await,
+        );
+        assert_eq!(e, "invalid option 'flush': must be of type 'b', got 'u'");
+        let e = text(
+            s.manager
+                .unregister("100", &opts(&[("force", OptValue::Bool(true))]))
+                .await,
+        );
+        assert_eq!(e, "unknown option 'force' (known: flush)");
+        assert!(s.events.take().is_empty());
+    }
+
+    #[tokio::test]
+    async fn once_closing_register_and_unregister_are_refused() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        assert!(!s.manager.close_if_idle().await, "a VM is registered");
+        s.manager.unregister("100", &[]).await.unwrap();
+        s.events.take();
+        assert!(s.manager.close_if_idle().await);
+        assert_eq!(s.events.take(), ["withdraw"]);
+        let refused = "conntrack-vmstated is exiting; call again to reach a new instance";
+        let e = s.manager.register("100", &[]).await.unwrap_err();
+        assert!(matches!(
+            e,
+            ManagerError::Service(ServiceError::ShuttingDown)
+        ));
+        assert_eq!(e.to_string(), refused);
+        assert_eq!(text(s.manager.unregister("100", &[]).await), refused);
+        assert!(s.events.take().is_empty());
+        assert!(s.persisted().is_empty());
+    }
+
+    #[tokio::test]
+    async fn shutdown_unserves_everything_but_keeps_it_persisted() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        s.manager.register("101", &[]).await.unwrap();
+        s.events.take();
+        s.manager.shutdown().await;
+        assert_eq!(s.events.take(), ["unserve 100", "unserve 101", "withdraw"]);
+        assert_eq!(s.persisted(), ["100", "101"]);
+        assert_eq!(
+            text(s.manager.register("102", &[]).await),
+            "conntrack-vmstated is exiting; call again to reach a new instance"
+        );
+    }
+
+    #[tokio::test]
+    async fn restore_serves_persisted_vms_again_and_reports_unreachable_ones() {
+        let s = setup();
+        s.access.insert(&population(20, 1, 100));
+        s.manager.register("100", &[]).await.unwrap();
+        s.manager.register("101", &[]).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().save(&rt).await;
+        let saved = rt.saved();
+        // The saved ids are written a little after the Save.
+        let store = Store::new(s.dir.path());
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while store.load_ids("100").unwrap() != saved {
+            assert!(std::time::Instant::now() < end, "ids never written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.manager.shutdown().await;
+
+        // A new instance over the same state directory.
+        let s = setup_in(s.dir);
+        s.unreachable("101", true);
+        let restored = s.manager.restore().await;
+        assert_eq!(restored.vms, ["100", "101"]);
+        assert!(restored.error.is_none());
+        let unserved: Vec<(String, String)> = restored
+            .unserved
+            .iter()
+            .map(|(vm, e)| (vm.clone(), e.to_string()))
+            .collect();
+        assert_eq!(
+            unserved,
+            [("101".to_string(), "bus of VM '101' unreachable".to_string())]
+        );
+        assert_eq!(
+            s.events.take(),
+            [
+                "connect 100",
+                "export 100 linked",
+                "watch 0x64 on",
+                "connect 101",
+                "export 101 unlinked",
+                "watch 0x65 on"
+            ]
+        );
+        assert_eq!(*s.manager.vm_count().borrow(), 2);
+        // A flush after the restart still deletes exactly the saved entries.
+        assert_eq!(s.manager.get("100").unwrap().saved(), saved);
+        // The unreachable one is listed and retried by an identical Register.
+        s.unreachable("101", false);
+        s.manager.register("101", &[]).await.unwrap();
+        assert_eq!(s.events.take(), ["connect 101", "export 101 linked"]);
+        s.manager.unregister("100", &flush(true)).await.unwrap();
+        assert_eq!(s.access.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn restore_from_a_corrupt_state_file_starts_empty_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("registrations.json");
+        std::fs::write(&file, b"{not json").unwrap();
+        let s = setup_in(dir);
+        let restored = s.manager.restore().await;
+        assert!(restored.vms.is_empty());
+        let e = restored.error.expect("reported").to_string();
+        assert!(
+            e.starts_with(&format!(
+                "registrations in {} could not be read (moved to {}.corrupt): ",
+                file.display(),
+                file.display()
+            )),
+            "{e}"
+        );
+        assert!(s.events.take().is_empty());
+        assert_eq!(*s.manager.vm_count().borrow(), 0);
+        s.manager.register("100", &[]).await.unwrap();
+        assert_eq!(s.persisted(), ["100"]);
+    }
+}

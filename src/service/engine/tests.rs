@@ -41,7 +41,10 @@ fn engine(access: &Arc<FakeAccess>, deadline_ms: u64, budget_ms: u64) -> Engine 
 }
 
 fn decoded_len(bytes: &[u8]) -> usize {
-    format::decode(bytes).expect("Save's answer decodes").entries.len()
+    format::decode(bytes)
+        .expect("Save's answer decodes")
+        .entries
+        .len()
 }
 
 fn blob(n: usize, seed: u64) -> Vec<u8> {
@@ -78,7 +81,13 @@ async fn save_encodes_exactly_the_vms_entries_and_keeps_their_ids() {
     assert_eq!(decoded_len(&bytes), 50);
     let r = rt.last_save().expect("LastSave");
     assert_eq!(
-        (r.entries, r.dropped, r.bytes, r.error.as_str(), r.source.as_str()),
+        (
+            r.entries,
+            r.dropped,
+            r.bytes,
+            r.error.as_str(),
+            r.source.as_str()
+        ),
         (50, 0, bytes.len() as u64, "", "dump")
     );
     assert_eq!(rt.saved_len(), 50);
@@ -99,7 +108,10 @@ async fn save_never_fails_and_never_answers_empty() {
         r.error,
         "dump failed: conntrack helper unavailable: injected dump failure; sent an empty state"
     );
-    assert_eq!((r.entries, r.bytes, r.source.as_str()), (0, bytes.len() as u64, ""));
+    assert_eq!(
+        (r.entries, r.bytes, r.source.as_str()),
+        (0, bytes.len() as u64, "")
+    );
     // A flush after a degraded Save must not delete the earlier Save's
     // entries: this Save took none.
     assert_eq!(rt.saved_len(), 0);
@@ -119,7 +131,11 @@ async fn save_never_answers_more_than_qemus_limit() {
     let (e, rt) = (engine(&access, 2000, 3), vm(MARK));
     *access.save_fault.lock().unwrap() = SaveFault::Bytes(vec![1; QEMU_LIMIT + 1]);
     let bytes = e.save(&rt).await;
-    assert!(!bytes.is_empty() && bytes.len() <= QEMU_LIMIT, "{}", bytes.len());
+    assert!(
+        !bytes.is_empty() && bytes.len() <= QEMU_LIMIT,
+        "{}",
+        bytes.len()
+    );
     assert_eq!(decoded_len(&bytes), 0);
     assert_eq!(
         rt.last_save().unwrap().error,
@@ -189,7 +205,10 @@ async fn load_within_its_budget_reports_created_and_existed() {
         (r.entries, r.created, r.created_sync, r.existed, r.refused),
         (300, 300, 300, 0, 0)
     );
-    assert_eq!((r.pending, r.error.as_str(), r.bytes), (false, "", b.len() as u64));
+    assert_eq!(
+        (r.pending, r.error.as_str(), r.bytes),
+        (false, "", b.len() as u64)
+    );
     assert!(r.complete_us >= r.duration_us);
     assert_eq!(access.len(), 300);
     assert!(!access.events.take().contains(&"background".to_string()));
@@ -239,7 +258,7 @@ async fn cancel_restore_stops_the_background_part_and_keeps_what_it_made() {
         r.error,
         format!("restore stopped after {made} of 20000 entries: the test stops it")
     );
-    assert!(made < 20_000 && made >= 128, "{made}");
+    assert!((128..20_000).contains(&made), "{made}");
     assert_eq!((r.created, r.pending), (made, false));
     // Nothing runs any more: a second cancel finds nothing.
     assert!(!e.cancel_restore(&rt, "again").await);
