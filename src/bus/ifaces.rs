@@ -1,9 +1,9 @@
 //! The three interfaces the daemon serves: they turn D-Bus values into
 //! plain ones, call the [`Manager`] or the [`Engine`], and translate errors
-//! into [`Error`]. Every method takes `&self` and
-//! reads state that is never held across an await, so property reads are
-//! answered while a Save or Load is in flight (a `&mut self` method would
-//! hold zbus' interface lock across its awaits).
+//! into [`Error`]. Every method takes `&self` and reads state that is never
+//! held across an await, so property reads are answered while a Save or
+//! Load is in flight (a `&mut self` method would hold zbus' interface lock
+//! across its awaits).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -84,7 +84,7 @@ pub enum ServiceError {
 pub enum Admission {
     /// Registered before with identical options: nothing to do.
     Existing(Arc<VmRuntime>),
-    /// New and free of conflicts: set it up, then [`Registry::insert`] it.
+    /// New and free of conflicts: set it up, then [`Registry::insert_runtime`] it.
     New(VmConfig),
 }
 
