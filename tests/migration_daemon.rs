@@ -576,6 +576,9 @@ fn bad_data_at_load_never_breaks_the_migration() {
         .map(|l| format!("{l} --mark 100\n"))
         .collect();
     assert_eq!(legacy.lines().count(), 400);
+    // Taken with the text: the bad cases below take seconds, and the source's
+    // timeouts run down meanwhile while the text's stay as they were.
+    let before = src.dump(100);
 
     let mut flipped = blob.clone();
     let mid = flipped.len() / 2;
@@ -646,7 +649,6 @@ fn bad_data_at_load_never_breaks_the_migration() {
     }
 
     // Valid legacy text loads: hosts running the Perl helper can migrate to us.
-    let before = src.dump(100);
     let edited = rewrite_vmstate_section(&bytes, &[(id.clone(), legacy.into_bytes())]);
     let path = src.path().join("legacy.bin");
     std::fs::write(&path, edited).unwrap();

@@ -1,7 +1,7 @@
 //! The one D-Bus error type of our management interfaces. QEMU-facing
 //! `Save`/`Load` never return it: they never fail.
 
-use crate::service::ServiceError;
+use crate::service::{ManagerError, ServiceError};
 
 /// Errors of `org.conntrack_vmstate.Manager1`, named
 /// `org.conntrack_vmstate.Error.<Variant>`; the text says what to fix.
@@ -48,6 +48,16 @@ impl From<ServiceError> for Error {
                 Error::Persistence(text)
             }
             ServiceError::Flush { .. } => Error::FlushFailed(text),
+            ServiceError::ShuttingDown => Error::ShuttingDown(text),
+        }
+    }
+}
+
+impl From<ManagerError<Error>> for Error {
+    fn from(e: ManagerError<Error>) -> Self {
+        match e {
+            ManagerError::Service(e) => e.into(),
+            ManagerError::Endpoint(e) => e,
         }
     }
 }

@@ -1,7 +1,9 @@
-//! The three interfaces the daemon serves. Every method takes `&self` and
-//! reads state that is never held across an await, so property reads are
-//! answered while a Save or Load is in flight (a `&mut self` method would
-//! hold zbus' interface lock across its awaits).
+//! The three interfaces the daemon serves: they turn D-Bus values into
+//! plain ones, call the [`Manager`] or the [`Engine`], and translate errors
+//! into [`Error`]. Every method takes `&self` and reads state that is never
+//! held across an await, so property reads are answered while a Save or
+//! Load is in flight (a `&mut self` method would hold zbus' interface lock
+//! across its awaits).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,13 +12,13 @@ use serde_bytes::ByteBuf;
 use zbus::interface;
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
-use super::daemon::Shared;
 use super::error::Error;
-use crate::service::{Engine, OpReport, OptValue, VmRuntime};
+use super::vm_path;
+use crate::service::{Endpoint, Engine, Manager, OpReport, OptValue, VmRuntime};
 
 /// `org.conntrack_vmstate.Manager1` at `/org/conntrack_vmstate/Manager1`.
-pub struct Manager1 {
-    pub(crate) shared: Arc<Shared>,
+pub struct Manager1<E: Endpoint> {
+    pub(crate) manager: Arc<Manager<E>>,
 }
 
 /// Strips the D-Bus wrapping so the core validates plain values.
@@ -40,7 +42,10 @@ fn plain_options(options: HashMap<String, OwnedVariant>) -> Vec<(String, OptValu
 }
 
 #[interface(name = "org.conntrack_vmstate.Manager1")]
-impl Manager1 {
+impl<E> Manager1<E>
+where
+    E: Endpoint<Error = Error>,
+{
     /// Registers a VM (idempotent for identical options) and starts serving
     /// `org.qemu.VMState1` for it on its bus.
     #[zbus(out_args("vm_object"))]
@@ -49,7 +54,8 @@ impl Manager1 {
         vm: String,
         options: HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, Error> {
-        self.shared.register(&vm, &plain_options(options)).await
+        self.manager.register(&vm, &plain_options(options)).await?;
+        Ok(vm_path(&vm))
     }
 
     /// Stops serving a VM; with `flush`, first deletes exactly the entries
@@ -59,7 +65,10 @@ impl Manager1 {
         vm: String,
         options: HashMap<String, OwnedVariant>,
     ) -> Result<(), Error> {
-        self.shared.unregister(&vm, &plain_options(options)).await
+        Ok(self
+            .manager
+            .unregister(&vm, &plain_options(options))
+            .await?)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]

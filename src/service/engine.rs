@@ -689,3 +689,6 @@ fn log_report(op: &str, vm: &VmRuntime, r: &OpReport) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,7 +1,8 @@
-//! The VM registry behind the daemon: registrations, persistence, and the
-//! Save/Load policy that never fails a migration. No zbus in here: the bus
-//! layer ([`crate::bus`]) hands plain values in and translates
-//! [`ServiceError`] at its edge.
+//! The VM registry behind the daemon: registrations, persistence, the
+//! order of Register/Unregister/restore ([`manager`]), and the Save/Load
+//! policy that never fails a migration ([`engine`]). No zbus in here: the
+//! bus layer ([`crate::bus`]) hands plain values in, implements
+//! [`Endpoint`], and translates [`ServiceError`] at its edge.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,11 +11,15 @@ use std::sync::Arc;
 use crate::access::AccessError;
 
 pub mod engine;
+#[cfg(test)]
+mod fakes;
+pub mod manager;
 pub mod options;
 pub mod persist;
 pub mod runtime;
 
 pub use engine::{Engine, DEFAULT_LOAD_BUDGET_MS, DEFAULT_SAVE_DEADLINE_MS};
+pub use manager::{Endpoint, Manager, ManagerError, Restored};
 pub use options::{escape_path_element, parse_unregister, OptValue, SaveFormat, VmConfig};
 pub use persist::Store;
 pub use runtime::{OpReport, RestoreCtl, VmRuntime};
@@ -69,6 +74,9 @@ pub enum ServiceError {
         #[source]
         source: AccessError,
     },
+    /// The daemon decided to exit (idle or signal) and gave up its name.
+    #[error("conntrack-vmstated is exiting; call again to reach a new instance")]
+    ShuttingDown,
 }
 
 /// What [`Registry::admit`] decided about a Register request.
@@ -76,12 +84,12 @@ pub enum ServiceError {
 pub enum Admission {
     /// Registered before with identical options: nothing to do.
     Existing(Arc<VmRuntime>),
-    /// New and free of conflicts: set it up, then [`Registry::insert`] it.
+    /// New and free of conflicts: set it up, then [`Registry::insert_runtime`] it.
     New(VmConfig),
 }
 
 /// The registered VMs and their persisted list. Callers serialize
-/// admit → set up → insert/remove themselves (the bus layer holds one lock
+/// admit → set up → insert/remove themselves ([`Manager`] holds one lock
 /// across them), so this type needs no locking of its own.
 pub struct Registry {
     vms: BTreeMap<String, Arc<VmRuntime>>,

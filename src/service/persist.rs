@@ -67,7 +67,7 @@ impl Store {
         }
     }
 
-    /// Replaces the file atomically (see [`Store::replace`]).
+    /// Replaces the file atomically (see `Store::replace`).
     pub fn save(&self, vms: &[VmConfig]) -> Result<(), ServiceError> {
         let data = OnDisk {
             version: VERSION,

@@ -1,0 +1,766 @@
+//! Registration policy: Register, Unregister, restore at start and the exit
+//! decision, in the one order that keeps the registry, the state directory,
+//! the warm cache and what is served on the VMs' buses consistent. Serving
+//! itself (a bus connection per VM, the exported objects) is behind
+//! [`Endpoint`], which the bus layer implements with zbus and the tests with
+//! a fake, so this order is tested without a bus.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+
+use super::engine::Engine;
+use super::options::{parse_unregister, OptValue, VmConfig};
+use super::runtime::VmRuntime;
+use super::{Admission, Registry, ServiceError};
+
+/// Where a registered VM is served to QEMU and to management.
+///
+/// Serving is two steps so the manager decides what an unreachable bus
+/// means: [`connect`](Endpoint::connect) reaches the VM's bus (and queues
+/// for QEMU there), [`export`](Endpoint::export) makes the VM visible to
+/// management, with or without that link.
+pub trait Endpoint: Send + Sync + 'static {
+    /// A VM's own connection to its bus; dropping it stops serving there.
+    type Link: Send + 'static;
+    /// Why serving failed; the text names the VM and the bus.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Reaches the VM's bus and answers QEMU's Save/Load there with
+    /// `engine`.
+    fn connect(
+        &self,
+        rt: &Arc<VmRuntime>,
+        engine: &Arc<Engine>,
+    ) -> impl Future<Output = Result<Self::Link, Self::Error>> + Send;
+
+    /// Makes the VM visible to management, replacing an earlier export of
+    /// it; `None`: its bus was unreachable (restore at start), so it is
+    /// listed but not served.
+    fn export(
+        &self,
+        rt: &Arc<VmRuntime>,
+        link: Option<Self::Link>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Whether the VM is exported with a link that is still open.
+    fn is_serving(&self, vm: &str) -> bool;
+
+    /// Stops serving the VM and removes its export; nothing if there is none.
+    fn unserve(&self, vm: &str) -> impl Future<Output = ()> + Send;
+
+    /// Stops accepting management calls (the bus gives up the manager name),
+    /// once the manager decided to exit.
+    fn withdraw(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Why a Register failed: the request itself, or serving it.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError<E: std::error::Error + 'static> {
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error(transparent)]
+    Endpoint(E),
+}
+
+/// What restoring the persisted registrations at start did.
+#[derive(Debug)]
+pub struct Restored<E> {
+    /// Every VM registered again, in the order of the state file.
+    pub vms: Vec<String>,
+    /// The VMs among them that are listed but not served, and why.
+    pub unserved: Vec<(String, E)>,
+    /// Why the state file could not be read (the daemon starts with none).
+    pub error: Option<ServiceError>,
+}
+
+/// The registered VMs and what is served for them, kept consistent.
+pub struct Manager<E: Endpoint> {
+    registry: Mutex<Registry>,
+    /// Serializes Register/Unregister/exit: each spans awaits (connecting to
+    /// a VM's bus) between deciding and committing.
+    ops: tokio::sync::Mutex<()>,
+    engine: Arc<Engine>,
+    endpoint: E,
+    vm_count: watch::Sender<usize>,
+    /// Set (under `ops`) once the daemon decided to exit: a Register that
+    /// was queued behind that decision must fail rather than succeed on a
+    /// process that is about to stop serving it.
+    closing: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<E: Endpoint> Manager<E> {
+    /// A manager with nothing registered yet; see [`Manager::restore`].
+    pub fn new(registry: Registry, engine: Arc<Engine>, endpoint: E) -> Manager<E> {
+        let n = registry.len();
+        Manager {
+            registry: Mutex::new(registry),
+            ops: tokio::sync::Mutex::new(()),
+            engine,
+            endpoint,
+            vm_count: watch::Sender::new(n),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn endpoint(&self) -> &E {
+        &self.endpoint
+    }
+
+    /// The registered VM called `vm`, if any.
+    pub fn get(&self, vm: &str) -> Option<Arc<VmRuntime>> {
+        lock(&self.registry).get(vm)
+    }
+
+    /// Number of registered VMs; changes on Register/Unregister.
+    pub fn vm_count(&self) -> watch::Receiver<usize> {
+        self.vm_count.subscribe()
+    }
+
+    /// Registers again every VM the state directory lists, with the saved
+    /// ids of its last Save: served where its bus is reachable, otherwise
+    /// listed without a link, so an identical Register retries it. An
+    /// unreadable state file starts empty; both are logged and reported.
+    pub async fn restore(&self) -> Restored<E::Error> {
+        let _ops = self.ops.lock().await;
+        let mut out = Restored {
+            vms: Vec::new(),
+            unserved: Vec::new(),
+            error: None,
+        };
+        let persisted = lock(&self.registry).persisted();
+        match persisted {
+            Ok(cfgs) => {
+                for c in cfgs {
+                    let rt = lock(&self.registry).insert_restored(c);
+                    self.engine.restore_saved(&rt);
+                    let (vm, id) = (rt.config.vm.clone(), rt.config.id.clone());
+                    let link = match self.endpoint.connect(&rt, &self.engine).await {
+                        Ok(l) => Some(l),
+                        Err(e) => {
+                            tracing::error!(VMID = %vm, "VM {vm} is not served: {e}");
+                            out.unserved.push((vm.clone(), e));
+                            None
+                        }
+                    };
+                    let _ = self.endpoint.export(&rt, link).await;
+                    self.engine.watch(&rt, true).await;
+                    tracing::info!(VMID = %vm, VMSTATE_ID = %id, "Restored registration of VM {vm}");
+                    out.vms.push(vm);
+                }
+            }
+            Err(e) => {
+                tracing::error!("starting without saved registrations: {e}");
+                out.error = Some(e);
+            }
+        }
+        self.count_changed();
+        out
+    }
+
+    /// Registers `vm` (idempotent for identical options) and serves it:
+    /// admit → connect → export → insert (persisted) → watch. Whatever fails
+    /// leaves nothing inserted, persisted or served.
+    pub async fn register(
+        &self,
+        vm: &str,
+        options: &[(String, OptValue)],
+    ) -> Result<(), ManagerError<E::Error>> {
+        let cfg = VmConfig::from_options(vm, options)?;
+        let _ops = self.ops.lock().await;
+        self.check_open()?;
+        let admission = lock(&self.registry).admit(cfg)?;
+        match admission {
+            Admission::Existing(rt) => {
+                // A restored VM whose bus was unreachable at start is retried.
+                if !self.endpoint.is_serving(vm) {
+                    self.serve(&rt).await?;
+                }
+                if !rt.watching() {
+                    self.engine.watch(&rt, true).await;
+                }
+                tracing::info!(
+                    VMID = %vm,
+                    VMSTATE_ID = %rt.config.id,
+                    "Register of VM {vm}: already registered with these options"
+                );
+            }
+            Admission::New(cfg) => {
+                let rt = Arc::new(VmRuntime::new(cfg.clone()));
+                self.serve(&rt).await?;
+                let inserted = lock(&self.registry).insert_runtime(rt.clone());
+                if let Err(e) = inserted {
+                    self.endpoint.unserve(vm).await;
+                    return Err(e.into());
+                }
+                // From now on Save is served from the warm cache.
+                self.engine.watch(&rt, true).await;
+                tracing::info!(
+                    VMID = %vm,
+                    VMSTATE_ID = %cfg.id,
+                    MARK = cfg.mark,
+                    BUS = %cfg.bus_key(),
+                    "Register of VM {vm}: Id {} mark {:#x}/{:#x} on bus {}",
+                    cfg.id, cfg.mark, cfg.mark_mask, cfg.bus_key()
+                );
+                self.count_changed();
+            }
+        }
+        Ok(())
+    }
+
+    /// Unregisters `vm`: flush (if asked) → remove (persisted) → forget the
+    /// saved ids → unserve → stop a running restore → stop watching. A
+    /// failed flush or write leaves the VM registered and served.
+    pub async fn unregister(
+        &self,
+        vm: &str,
+        options: &[(String, OptValue)],
+    ) -> Result<(), ServiceError> {
+        let flush = parse_unregister(options)?;
+        let _ops = self.ops.lock().await;
+        self.check_open()?;
+        let rt = lock(&self.registry)
+            .get(vm)
+            .ok_or_else(|| ServiceError::NotRegistered { vm: vm.into() })?;
+        // Without a Save that took entries (none since the VM was
+        // registered, or one that fell back to an empty state) there is
+        // nothing to flush, and the log says so rather than claiming a flush.
+        let had_saved = rt.saved_len() > 0;
+        let flushed = if flush {
+            Some(self.engine.flush(&rt).await?)
+        } else {
+            None
+        };
+        lock(&self.registry).remove(vm)?;
+        self.engine.forget_saved(&rt).await;
+        self.endpoint.unserve(vm).await;
+        let stopped = self
+            .engine
+            .cancel_restore(&rt, "the VM was unregistered")
+            .await;
+        if stopped {
+            tracing::info!(VMID = %vm, "Unregister of VM {vm}: stopped its running restore");
+        }
+        self.engine.watch(&rt, false).await;
+        let (deleted, missing) = flushed.map_or((0, 0), |r| (r.deleted, r.missing));
+        tracing::info!(
+            VMID = %vm,
+            VMSTATE_ID = %rt.config.id,
+            FLUSH = flush,
+            DELETED = deleted,
+            MISSING = missing,
+            "Unregister of VM {vm}{}",
+            match (flush, had_saved) {
+                (false, _) => String::new(),
+                (true, true) =>
+                    format!(": flushed {deleted} saved entries ({missing} already gone)"),
+                (true, false) =>
+                    ": nothing to flush, no Save with entries since the VM was registered".into(),
+            }
+        );
+        self.count_changed();
+        Ok(())
+    }
+
+    /// If no VM is registered, decides to exit: later calls are refused and
+    /// the endpoint withdraws (so the next call reaches a new instance
+    /// instead of this exiting one). Serialized with Register so none slips
+    /// in between. Returns whether it decided so.
+    pub async fn close_if_idle(&self) -> bool {
+        let _ops = self.ops.lock().await;
+        if !lock(&self.registry).is_empty() {
+            return false;
+        }
+        self.closing.store(true, Ordering::SeqCst);
+        self.endpoint.withdraw().await;
+        true
+    }
+
+    /// Stops serving every VM (their registrations stay persisted, for the
+    /// next instance), stops running restores and withdraws.
+    pub async fn shutdown(&self) {
+        let _ops = self.ops.lock().await;
+        self.closing.store(true, Ordering::SeqCst);
+        let all = lock(&self.registry).all();
+        for rt in &all {
+            self.endpoint.unserve(&rt.config.vm).await;
+        }
+        // A restore still running would keep the process alive; its VM is
+        // registered again by the next instance, the entries made so far stay.
+        for rt in &all {
+            self.engine
+                .cancel_restore(rt, "conntrack-vmstated is stopping")
+                .await;
+        }
+        self.endpoint.withdraw().await;
+    }
+
+    /// Connects and exports; an unreachable bus is an error and exports
+    /// nothing.
+    async fn serve(&self, rt: &Arc<VmRuntime>) -> Result<(), ManagerError<E::Error>> {
+        let link = self
+            .endpoint
+            .connect(rt, &self.engine)
+            .await
+            .map_err(ManagerError::Endpoint)?;
+        self.endpoint
+            .export(rt, Some(link))
+            .await
+            .map_err(ManagerError::Endpoint)
+    }
+
+    fn check_open(&self) -> Result<(), ServiceError> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(ServiceError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    fn count_changed(&self) {
+        let n = lock(&self.registry).len();
+        self.vm_count.send_replace(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::format::synth::population;
+    use crate::service::fakes::{Events, FakeAccess, FakeEndpoint};
+    use crate::service::Store;
+
+    struct Setup {
+        events: Events,
+        access: Arc<FakeAccess>,
+        manager: Manager<FakeEndpoint>,
+        dir: tempfile::TempDir,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        setup_in(dir)
+    }
+
+    /// A manager over `dir` as state directory, as the daemon composes it.
+    fn setup_in(dir: tempfile::TempDir) -> Setup {
+        let events = Events::default();
+        let access = FakeAccess::new(events.clone());
+        let engine = Arc::new(
+            Engine::new(
+                access.clone(),
+                Duration::from_secs(2),
+                Duration::from_secs(5),
+            )
+            .with_store(Store::new(dir.path())),
+        );
+        let manager = Manager::new(
+            Registry::new(Store::new(dir.path())),
+            engine,
+            FakeEndpoint::new(events.clone()),
+        );
+        Setup {
+            events,
+            access,
+            manager,
+            dir,
+        }
+    }
+
+    impl Setup {
+        fn persisted(&self) -> Vec<String> {
+            Store::new(self.dir.path())
+                .load()
+                .unwrap()
+                .into_iter()
+                .map(|c| c.vm)
+                .collect()
+        }
+
+        fn unreachable(&self, vm: &str, yes: bool) {
+            let mut u = self.manager.endpoint().unreachable.lock().unwrap();
+            if yes {
+                u.insert(vm.to_string());
+            } else {
+                u.remove(vm);
+            }
+        }
+    }
+
+    fn opts(o: &[(&str, OptValue)]) -> Vec<(String, OptValue)> {
+        o.iter().map(|(n, v)| (n.to_string(), v.clone())).collect()
+    }
+
+    fn flush(on: bool) -> Vec<(String, OptValue)> {
+        opts(&[("flush", OptValue::Bool(on))])
+    }
+
+    fn text<T: std::fmt::Debug, E: std::fmt::Display>(r: Result<T, E>) -> String {
+        r.expect_err("must fail").to_string()
+    }
+
+    #[tokio::test]
+    async fn register_serves_then_persists_then_watches() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        assert_eq!(
+            s.events.take(),
+            ["connect 100", "export 100 linked", "watch 0x64 on"]
+        );
+        assert_eq!(s.persisted(), ["100"]);
+        assert!(s.manager.get("100").unwrap().watching());
+        assert_eq!(*s.manager.vm_count().borrow(), 1);
+    }
+
+    #[tokio::test]
+    async fn register_whose_bus_is_unreachable_leaves_nothing_behind() {
+        let s = setup();
+        s.unreachable("100", true);
+        let e = s.manager.register("100", &[]).await.unwrap_err();
+        assert!(matches!(e, ManagerError::Endpoint(_)));
+        assert_eq!(e.to_string(), "bus of VM '100' unreachable");
+        assert_eq!(s.events.take(), ["connect 100"]);
+        assert!(s.manager.get("100").is_none());
+        assert!(s.persisted().is_empty());
+        assert_eq!(*s.manager.vm_count().borrow(), 0);
+    }
+
+    #[tokio::test]
+    async fn register_whose_export_fails_leaves_nothing_behind() {
+        let s = setup();
+        let ep = s.manager.endpoint();
+        ep.export_fails.lock().unwrap().insert("100".into());
+        let e = text(s.manager.register("100", &[]).await);
+        assert_eq!(e, "cannot export VM '100'");
+        assert_eq!(s.events.take(), ["connect 100", "export 100 linked"]);
+        assert!(s.manager.get("100").is_none());
+        assert!(s.persisted().is_empty());
+    }
+
+    #[tokio::test]
+    async fn register_that_cannot_be_persisted_is_unserved_again() {
+        let s = setup();
+        // The state directory becomes a file: every write fails.
+        let state = s.dir.path().to_path_buf();
+        std::fs::remove_dir_all(&state).unwrap();
+        std::fs::write(&state, b"not a directory").unwrap();
+        let e = s.manager.register("100", &[]).await.unwrap_err();
+        assert!(
+            e.to_string().starts_with(&format!(
+                "cannot write registrations to {}: ",
+                state.join("registrations.json").display()
+            )),
+            "{e}"
+        );
+        assert_eq!(
+            s.events.take(),
+            ["connect 100", "export 100 linked", "unserve 100"]
+        );
+        assert!(s.manager.get("100").is_none());
+        std::fs::remove_file(&state).unwrap();
+    }
+
+    #[tokio::test]
+    async fn identical_register_is_idempotent_and_different_ones_are_named() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        s.events.take();
+        s.manager.register("100", &[]).await.unwrap();
+        // Served and watched already: nothing to do.
+        assert!(s.events.take().is_empty());
+        assert_eq!(*s.manager.vm_count().borrow(), 1);
+
+        let e = text(
+            s.manager
+                .register("100", &opts(&[("mark", OptValue::U32(5))]))
+                .await,
+        );
+        assert_eq!(
+            e,
+            "VM '100' is already registered with mark 100, not 5; unregister it first to change mark"
+        );
+        let e = text(
+            s.manager
+                .register(
+                    "101",
+                    &opts(&[("id", OptValue::Str("conntrack-vmstate-100".into()))]),
+                )
+                .await,
+        );
+        assert_eq!(
+            e,
+            "VMState Id 'conntrack-vmstate-100' is already used by VM '100' on bus system"
+        );
+        let e = text(
+            s.manager
+                .register("100", &opts(&[("colour", OptValue::Bool(true))]))
+                .await,
+        );
+        assert_eq!(
+            e,
+            "unknown option 'colour' (known: id, mark, mark_mask, zone, bus_address, format)"
+        );
+        let e = text(s.manager.register("vm-a", &[]).await);
+        assert_eq!(
+            e,
+            "invalid option 'mark': is required because VM 'vm-a' is not a number"
+        );
+        assert!(s.events.take().is_empty(), "refused requests touch nothing");
+        assert_eq!(s.persisted(), ["100"]);
+    }
+
+    #[tokio::test]
+    async fn identical_register_reconnects_a_vm_that_is_not_served() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        // Its bus dropped the link.
+        s.manager
+            .endpoint()
+            .exported
+            .lock()
+            .unwrap()
+            .insert("100".into(), false);
+        s.events.take();
+        s.manager.register("100", &[]).await.unwrap();
+        assert_eq!(s.events.take(), ["connect 100", "export 100 linked"]);
+        // And while the bus is still unreachable, the retry says so.
+        s.manager
+            .endpoint()
+            .exported
+            .lock()
+            .unwrap()
+            .insert("100".into(), false);
+        s.unreachable("100", true);
+        let e = text(s.manager.register("100", &[]).await);
+        assert_eq!(e, "bus of VM '100' unreachable");
+        assert!(s.manager.get("100").is_some(), "stays registered");
+    }
+
+    #[tokio::test]
+    async fn unregister_flushes_removes_forgets_unserves_then_unwatches() {
+        let s = setup();
+        s.access.insert(&population(20, 1, 100));
+        s.access.insert(&population(5, 2, 7));
+        s.manager.register("100", &[]).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().save(&rt).await;
+        assert_eq!(rt.saved_len(), 20);
+        s.events.take();
+        s.manager.unregister("100", &flush(true)).await.unwrap();
+        assert_eq!(
+            s.events.take(),
+            ["delete 20", "unserve 100", "watch 0x64 off"]
+        );
+        assert_eq!(s.access.len(), 5);
+        assert!(s.manager.get("100").is_none());
+        assert!(s.persisted().is_empty());
+        assert!(!rt.watching());
+        assert_eq!(*s.manager.vm_count().borrow(), 0);
+        let ids = Store::new(s.dir.path()).load_ids("100").unwrap();
+        assert!(ids.is_empty(), "saved ids forgotten");
+    }
+
+    #[tokio::test]
+    async fn unregister_without_flush_leaves_the_entries() {
+        let s = setup();
+        s.access.insert(&population(20, 1, 100));
+        s.manager.register("100", &[]).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().save(&rt).await;
+        s.events.take();
+        s.manager.unregister("100", &[]).await.unwrap();
+        assert_eq!(s.events.take(), ["unserve 100", "watch 0x64 off"]);
+        assert_eq!(s.access.len(), 20);
+        assert_eq!(rt.saved_len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_leaves_the_vm_registered_and_served() {
+        let s = setup();
+        s.access.insert(&population(20, 1, 100));
+        s.manager.register("100", &[]).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().save(&rt).await;
+        s.access
+            .fail_delete
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        s.events.take();
+        let e = s.manager.unregister("100", &flush(true)).await.unwrap_err();
+        assert!(matches!(e, ServiceError::Flush { .. }));
+        assert_eq!(
+            e.to_string(),
+            "flushing the saved entries of VM '100' failed: \
+             conntrack helper unavailable: injected delete failure"
+        );
+        assert_eq!(s.events.take(), ["delete 20"]);
+        assert!(s.manager.get("100").is_some());
+        assert!(s.manager.endpoint().is_serving("100"));
+        assert!(rt.watching());
+        assert_eq!(s.persisted(), ["100"]);
+        assert_eq!(rt.saved_len(), 20, "a retry still deletes them");
+        assert_eq!(s.access.len(), 20);
+    }
+
+    #[tokio::test]
+    async fn unregister_that_cannot_be_persisted_changes_nothing() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        s.events.take();
+        let state = s.dir.path().to_path_buf();
+        std::fs::remove_dir_all(&state).unwrap();
+        std::fs::write(&state, b"not a directory").unwrap();
+        let e = s.manager.unregister("100", &[]).await.unwrap_err();
+        assert!(matches!(e, ServiceError::Persist { .. }), "{e}");
+        assert!(s.events.take().is_empty(), "nothing unserved or unwatched");
+        assert!(s.manager.get("100").unwrap().watching());
+        assert!(s.manager.endpoint().is_serving("100"));
+        std::fs::remove_file(&state).unwrap();
+    }
+
+    #[tokio::test]
+    async fn unregister_errors_are_named() {
+        let s = setup();
+        let e = s.manager.unregister("999", &[]).await.unwrap_err();
+        assert!(matches!(e, ServiceError::NotRegistered { .. }));
+        assert_eq!(e.to_string(), "VM '999' is not registered");
+        let e = text(
+            s.manager
+                .unregister("100", &opts(&[("flush", OptValue::U32(1))]))
+                .await,
+        );
+        assert_eq!(e, "invalid option 'flush': must be of type 'b', got 'u'");
+        let e = text(
+            s.manager
+                .unregister("100", &opts(&[("force", OptValue::Bool(true))]))
+                .await,
+        );
+        assert_eq!(e, "unknown option 'force' (known: flush)");
+        assert!(s.events.take().is_empty());
+    }
+
+    #[tokio::test]
+    async fn once_closing_register_and_unregister_are_refused() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        assert!(!s.manager.close_if_idle().await, "a VM is registered");
+        s.manager.unregister("100", &[]).await.unwrap();
+        s.events.take();
+        assert!(s.manager.close_if_idle().await);
+        assert_eq!(s.events.take(), ["withdraw"]);
+        let refused = "conntrack-vmstated is exiting; call again to reach a new instance";
+        let e = s.manager.register("100", &[]).await.unwrap_err();
+        assert!(matches!(
+            e,
+            ManagerError::Service(ServiceError::ShuttingDown)
+        ));
+        assert_eq!(e.to_string(), refused);
+        assert_eq!(text(s.manager.unregister("100", &[]).await), refused);
+        assert!(s.events.take().is_empty());
+        assert!(s.persisted().is_empty());
+    }
+
+    #[tokio::test]
+    async fn shutdown_unserves_everything_but_keeps_it_persisted() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        s.manager.register("101", &[]).await.unwrap();
+        s.events.take();
+        s.manager.shutdown().await;
+        assert_eq!(s.events.take(), ["unserve 100", "unserve 101", "withdraw"]);
+        assert_eq!(s.persisted(), ["100", "101"]);
+        assert_eq!(
+            text(s.manager.register("102", &[]).await),
+            "conntrack-vmstated is exiting; call again to reach a new instance"
+        );
+    }
+
+    #[tokio::test]
+    async fn restore_serves_persisted_vms_again_and_reports_unreachable_ones() {
+        let s = setup();
+        s.access.insert(&population(20, 1, 100));
+        s.manager.register("100", &[]).await.unwrap();
+        s.manager.register("101", &[]).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().save(&rt).await;
+        let saved = rt.saved();
+        // The saved ids are written a little after the Save.
+        let store = Store::new(s.dir.path());
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while store.load_ids("100").unwrap() != saved {
+            assert!(std::time::Instant::now() < end, "ids never written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.manager.shutdown().await;
+
+        // A new instance over the same state directory.
+        let s = setup_in(s.dir);
+        s.unreachable("101", true);
+        let restored = s.manager.restore().await;
+        assert_eq!(restored.vms, ["100", "101"]);
+        assert!(restored.error.is_none());
+        let unserved: Vec<(String, String)> = restored
+            .unserved
+            .iter()
+            .map(|(vm, e)| (vm.clone(), e.to_string()))
+            .collect();
+        assert_eq!(
+            unserved,
+            [("101".to_string(), "bus of VM '101' unreachable".to_string())]
+        );
+        assert_eq!(
+            s.events.take(),
+            [
+                "connect 100",
+                "export 100 linked",
+                "watch 0x64 on",
+                "connect 101",
+                "export 101 unlinked",
+                "watch 0x65 on"
+            ]
+        );
+        assert_eq!(*s.manager.vm_count().borrow(), 2);
+        // A flush after the restart still deletes exactly the saved entries.
+        assert_eq!(s.manager.get("100").unwrap().saved(), saved);
+        // The unreachable one is listed and retried by an identical Register.
+        s.unreachable("101", false);
+        s.manager.register("101", &[]).await.unwrap();
+        assert_eq!(s.events.take(), ["connect 101", "export 101 linked"]);
+        s.manager.unregister("100", &flush(true)).await.unwrap();
+        assert_eq!(s.access.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn restore_from_a_corrupt_state_file_starts_empty_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("registrations.json");
+        std::fs::write(&file, b"{not json").unwrap();
+        let s = setup_in(dir);
+        let restored = s.manager.restore().await;
+        assert!(restored.vms.is_empty());
+        let e = restored.error.expect("reported").to_string();
+        assert!(
+            e.starts_with(&format!(
+                "registrations in {} could not be read (moved to {}.corrupt): ",
+                file.display(),
+                file.display()
+            )),
+            "{e}"
+        );
+        assert!(s.events.take().is_empty());
+        assert_eq!(*s.manager.vm_count().borrow(), 0);
+        s.manager.register("100", &[]).await.unwrap();
+        assert_eq!(s.persisted(), ["100"]);
+    }
+}
