@@ -9,7 +9,6 @@ pub mod bigvec;
 pub mod binary;
 pub mod priority;
 #[doc(hidden)]
-pub mod synth;
 pub mod text;
 
 pub use binary::{Compact, Frame, Rec, View};

@@ -14,8 +14,7 @@ use nix::unistd::Pid;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// Default bound of every wait in these helpers.
-pub const WAIT: Duration = Duration::from_secs(20);
+pub use crate::{data, WAIT};
 
 /// A unique scratch directory, readable by unprivileged test users (the
 /// strict-policy test connects as `nobody`).
@@ -27,13 +26,6 @@ pub fn scratch_dir(tag: &str) -> tempfile::TempDir {
         .expect("tempdir");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     dir
-}
-
-/// Path of a file in tests/data.
-pub fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name)
 }
 
 /// Stops a child: SIGTERM, then SIGKILL after `grace`; always reaps it.
@@ -198,7 +190,7 @@ impl DaemonProc {
             argv.extend(["ip", "netns", "exec", ns].map(String::from));
         }
         argv.extend(o.wrapper.iter().cloned());
-        argv.push(env!("CARGO_BIN_EXE_conntrack-vmstated").into());
+        argv.push(crate::bin("conntrack-vmstated").display().to_string());
         argv.extend([
             "--bus-address".into(),
             o.bus.into(),

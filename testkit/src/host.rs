@@ -14,8 +14,7 @@ use super::qemu::Qemu;
 
 static NEXT_FILE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-/// Default bound of every wait in the harness.
-pub const WAIT: Duration = Duration::from_secs(60);
+pub use crate::WAIT;
 
 /// The real conntrack-vmstate-helper inside `ns`, listening on `sock`
 /// (removed first), once the socket exists (bounded by 20 s).
@@ -25,12 +24,8 @@ pub fn spawn_helper(ns: &Netns, dir: &Path, sock: &Path) -> Proc {
         "helper",
         dir,
         Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.name,
-                env!("CARGO_BIN_EXE_conntrack-vmstate-helper"),
-            ])
+            .args(["netns", "exec", &ns.name])
+            .arg(crate::bin("conntrack-vmstate-helper"))
             .arg("--listen")
             .arg(sock)
             .args(["--idle-timeout", "0"]),
@@ -337,14 +332,14 @@ impl Host {
     pub fn start_daemon_with(&mut self, manager_bus: &str, wrap: &[&str], extra: &[&str]) {
         let state = self.path().join("state");
         std::fs::create_dir_all(&state).expect("state dir");
-        let daemon = env!("CARGO_BIN_EXE_conntrack-vmstated");
+        let daemon = crate::bin("conntrack-vmstated");
         let mut cmd = match wrap.split_first() {
             Some((first, rest)) => {
                 let mut c = self.ns.cmd(first);
-                c.args(rest).arg(daemon);
+                c.args(rest).arg(&daemon);
                 c
             }
-            None => self.ns.cmd(daemon),
+            None => self.ns.cmd(&daemon),
         };
         cmd.arg("--bus-address")
             .arg(manager_bus)
@@ -382,14 +377,14 @@ impl Host {
     /// path once the helper accepts connections.
     pub fn start_helper(&mut self, wrap: &[&str]) -> PathBuf {
         let sock = self.path().join("helper.sock");
-        let helper = env!("CARGO_BIN_EXE_conntrack-vmstate-helper");
+        let helper = crate::bin("conntrack-vmstate-helper");
         let mut cmd = match wrap.split_first() {
             Some((first, rest)) => {
                 let mut c = self.ns.cmd(first);
-                c.args(rest).arg(helper);
+                c.args(rest).arg(&helper);
                 c
             }
-            None => self.ns.cmd(helper),
+            None => self.ns.cmd(&helper),
         };
         cmd.arg("--listen")
             .arg(&sock)
@@ -435,7 +430,7 @@ impl Host {
     /// bus; returns the output (status not checked).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         self.ns
-            .cmd(env!("CARGO_BIN_EXE_conntrack-vmstate"))
+            .cmd(crate::bin("conntrack-vmstate"))
             .args(args)
             .env("CONNTRACK_VMSTATE_MANAGER_ADDRESS", &self.bus.address)
             .output()

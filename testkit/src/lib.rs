@@ -1,6 +1,17 @@
-//! Helpers shared by the integration tests. Each test binary includes this
-//! with `mod common;` and uses what it needs.
-#![allow(dead_code)]
+//! The one test kit of conntrack-vmstate, used by the three test binaries
+//! (`tests/unprivileged`, `tests/kernel`, `tests/daemon`), the benchmarks
+//! and the demo. A workspace member, so it compiles once instead of once
+//! per test binary.
+//!
+//! - [`netns`], [`ctcli`]: throw-away network namespaces and conntrack(8);
+//! - [`bus`]: a private dbus-daemon per test and the daemon processes on it;
+//! - [`host`]: a simulated hypervisor host (namespace, bus, daemon, helper,
+//!   QEMU) for migrations;
+//! - [`qemu`]: a real QEMU over QMP;
+//! - [`population`]: the one realistic population generator;
+//! - [`entries`]: proptest strategies for single entries;
+//! - [`compare`]: entry comparisons with tolerances;
+//! - [`tier`]: what a privileged test needs, and the skip rule.
 
 pub mod bus;
 pub mod compare;
@@ -10,3 +21,42 @@ pub mod host;
 pub mod netns;
 pub mod population;
 pub mod qemu;
+pub mod tier;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The one bound of every wait in the kit: long enough for a loaded 2-core
+/// CI machine, short enough that a hang fails the test instead of the CI
+/// job.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Path of one of the package's binaries (`conntrack-vmstated`, …).
+///
+/// `CARGO_BIN_EXE_*` exists only while compiling the package's own
+/// integration tests, not this crate, so the path is found from the running
+/// executable: cargo puts test and bench binaries in `<profile>/deps/` and
+/// examples in `<profile>/examples/`, the package's binaries in
+/// `<profile>/`, and builds those binaries before any test or bench.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe
+        .parent()
+        .expect("executable has a directory")
+        .to_path_buf();
+    if dir.ends_with("deps") || dir.ends_with("examples") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built (run through cargo test / cargo bench)",
+        path.display()
+    );
+    path
+}
+
+/// Path of a file in tests/data.
+pub fn data(name: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data")).join(name)
+}

@@ -691,3 +691,17 @@ pub fn load(ns_name: &str, pop: &Population) {
         );
     }
 }
+
+/// The VM's entries of the realistic mix as our codec creates them, without
+/// lines or noise: the population of the format tests, the format
+/// examples and the fuzz seeds (what `format::synth` was). The same
+/// generator as [`generate`], so every measurement uses one mix.
+pub fn entries(n: usize, seed: u64, mark: u32) -> Vec<Entry> {
+    generate(Spec {
+        n,
+        mark,
+        seed,
+        noise: 0.0,
+    })
+    .vm_entries
+}

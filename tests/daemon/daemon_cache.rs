@@ -14,8 +14,6 @@
 //! * A big Load with a small `--load-budget-ms` answers before the restore
 //!   is complete and LastLoad/the journal say so.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -241,6 +239,9 @@ async fn exercise_after_register(ns: &Netns, vm: &Vm) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_after_register_is_served_from_the_warm_cache() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let ns = Netns::new("dc-inproc");
         let bus = TestBus::new("dc-inproc");
@@ -268,6 +269,9 @@ async fn save_after_register_is_served_from_the_warm_cache() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_cache_daemon_dumps_every_save() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let ns = Netns::new("dc-nocache");
         let bus = TestBus::new("dc-nocache");
@@ -294,6 +298,9 @@ async fn no_cache_daemon_dumps_every_save() {
 /// the next connection), the daemon's client sends the watches again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helper_cache_serves_save_and_watches_survive_a_helper_restart() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let ns = Netns::new("dc-helper");
         let bus = TestBus::new("dc-helper");
@@ -362,6 +369,9 @@ async fn big_vm_saves_from_the_base(ns: &Netns, vm: &Vm, base: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_vm_saves_from_the_pre_encoded_base_in_process_or_whole_with_no_base() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         for base in [true, false] {
             let ns = Netns::new("dc-base");
@@ -384,6 +394,9 @@ async fn big_vm_saves_from_the_pre_encoded_base_in_process_or_whole_with_no_base
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_vm_saves_from_the_helpers_pre_encoded_base() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let ns = Netns::new("dc-hbase");
         let bus = TestBus::new("dc-hbase");
@@ -408,6 +421,9 @@ async fn big_vm_saves_from_the_helpers_pre_encoded_base() {
 /// answer and one for the completion.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_load_answers_within_its_budget_and_reports_completion() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let ns = Netns::new("dc-load");
         let bus = TestBus::new("dc-load");
@@ -418,7 +434,7 @@ async fn big_load_answers_within_its_budget_and_reports_completion() {
         o.extra.extend(["--load-budget-ms".into(), "1".into()]);
         let d = DaemonProc::start(o, &client).await;
         let vm = register(&client, &bus.address, "100").await;
-        let entries = format::synth::population(50_000, 7, MARK);
+        let entries = common::population::entries(50_000, 7, MARK);
         let enc = format::encode(
             &entries,
             &EncodeOptions {

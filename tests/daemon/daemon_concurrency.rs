@@ -6,8 +6,6 @@
 //! dbus-daemon with a ConntrackAccess whose dump blocks; the real-kernel Save
 //! tests are in daemon_vmstate.rs.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -57,6 +55,9 @@ fn get_str(m: &HashMap<String, OwnedVariant>, k: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn getall_answered_while_twenty_saves_are_blocked() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(Duration::from_secs(60), async {
         let bus = TestBus::new("conc-20");
         let state = scratch_dir("conc-20-state");
@@ -199,6 +200,9 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
 /// the final counts later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_load_answers_at_deadline_and_finishes_in_background() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(Duration::from_secs(60), async {
         let bus = TestBus::new("conc-load");
         let state = scratch_dir("conc-load-state");
@@ -270,6 +274,9 @@ async fn slow_load_answers_at_deadline_and_finishes_in_background() {
 /// accepted by a process that is about to stop serving the VM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_after_idle_decision_is_refused() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(Duration::from_secs(30), async {
         let bus = TestBus::new("conc-idle");
         let state = scratch_dir("conc-idle-state");

@@ -2,8 +2,6 @@
 //! through the sandboxed helper (`--helper-socket`), which runs inside the
 //! host's network namespace with the capability.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -16,6 +14,9 @@ use zbus::Variant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capless_daemon_saves_and_flushes_through_the_helper() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(Duration::from_secs(90), async {
         let ns = Netns::new("helper");
         let bus = TestBus::new("helper");
@@ -104,6 +105,9 @@ async fn capless_daemon_saves_and_flushes_through_the_helper() {
 /// runs again, the next Save carries the entries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_answers_at_deadline_while_the_helper_hangs() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(Duration::from_secs(90), async {
         let ns = Netns::new("helper-hang");
         let bus = TestBus::new("helper-hang");

@@ -5,8 +5,6 @@
 //! where our datagram socket is mounted at /run/systemd/journal/socket, so
 //! tracing-journald talks to it exactly as to journald.
 
-mod common;
-
 use std::collections::HashMap;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
@@ -68,6 +66,9 @@ fn find<'a>(seen: &'a [HashMap<String, String>], prefix: &str) -> &'a HashMap<St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journal_lines_carry_structured_fields() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(Duration::from_secs(90), async {
         let ns = Netns::new("journal");
         let bus = TestBus::new("journal");
@@ -162,6 +163,9 @@ async fn journal_lines_carry_structured_fields() {
 /// daemon then logs only natively, without a duplicate stderr copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_stderr_copy_when_stderr_is_the_journal() {
+    if common::tier::daemon() {
+        return;
+    }
     use std::os::unix::fs::MetadataExt;
     tokio::time::timeout(Duration::from_secs(90), async {
         let ns = Netns::new("journal-st");

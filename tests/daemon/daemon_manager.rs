@@ -1,8 +1,6 @@
 //! Manager1, VM1, ObjectManager and the per-VM VMState1 connections of a
 //! real conntrack-vmstated on a private dbus-daemon.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -49,6 +47,9 @@ fn opts<'a>(pairs: &[(&'a str, Variant<'a>)]) -> HashMap<&'a str, Variant<'a>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_exports_vm_object_and_queues_vmstate_connection() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let bus = TestBus::new("mgr-reg");
         let state = scratch_dir("mgr-reg-state");
@@ -132,6 +133,9 @@ async fn register_exports_vm_object_and_queues_vmstate_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_errors_are_named_and_idempotence_holds() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let bus = TestBus::new("mgr-err");
         let state = scratch_dir("mgr-err-state");
@@ -206,6 +210,9 @@ async fn register_errors_are_named_and_idempotence_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn object_manager_lists_vm_objects() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let bus = TestBus::new("mgr-om");
         let state = scratch_dir("mgr-om-state");
@@ -257,6 +264,9 @@ async fn object_manager_lists_vm_objects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_vms_each_queue_their_own_connection() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let bus = TestBus::new("mgr-20");
         let state = scratch_dir("mgr-20-state");
@@ -294,6 +304,9 @@ async fn twenty_vms_each_queue_their_own_connection() {
 /// QEMU is a GDBus client: GetAll and Save through GLib's own tool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gdbus_reads_id_and_calls_save() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let bus = TestBus::new("mgr-gdbus");
         let state = scratch_dir("mgr-gdbus-state");
@@ -363,6 +376,9 @@ async fn gdbus_reads_id_and_calls_save() {
 /// unreachable instead of claiming the VM is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_vm_bus_is_noticed_and_reported() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let bus = TestBus::new("mgr-lost");
         let vm_bus = TestBus::new("mgr-lost-vm");

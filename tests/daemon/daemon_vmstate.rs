@@ -2,8 +2,6 @@
 //! network namespaces (real kernel conntrack), called over a real
 //! dbus-daemon the way QEMU calls: by the helper's unique name.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -145,6 +143,9 @@ fn populate(h: &Host) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_load_and_flush_move_exactly_one_vms_entries() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let src = Host::new("vms-src", &[]).await;
         let dst = Host::new("vms-dst", &[]).await;
@@ -208,6 +209,9 @@ async fn save_load_and_flush_move_exactly_one_vms_entries() {
 /// (not one made since), and Unregister removes the ids file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flush_after_a_daemon_restart_deletes_exactly_the_saved_entries() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let mut src = Host::new("vms-restart", &[]).await;
         populate(&src);
@@ -249,6 +253,9 @@ async fn flush_after_a_daemon_restart_deletes_exactly_the_saved_entries() {
 /// valid empty state and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_without_cap_net_admin_sends_valid_empty_state() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let src = Host::new(
             "vms-nocap",
@@ -285,6 +292,9 @@ async fn save_without_cap_net_admin_sends_valid_empty_state() {
 /// and creates nothing; good legacy text from the Perl helper loads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_reports_bad_data_and_never_fails() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let src = Host::new("vms-lsrc", &[]).await;
         let dst = Host::new("vms-ldst", &[]).await;
@@ -339,6 +349,9 @@ async fn load_reports_bad_data_and_never_fails() {
 /// daemon_concurrency.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_vms_save_at_once_on_a_shared_bus() {
+    if common::tier::daemon() {
+        return;
+    }
     tokio::time::timeout(T, async {
         let h = Host::new("vms-20", &[]).await;
         let dir = scratch_dir("vms-20-pop");

@@ -2,8 +2,6 @@
 //! (namespaces + private buses), real QEMU 7.2 source and destination, the
 //! stream in a file. These pin QEMU's behaviour the service tests rely on.
 
-mod common;
-
 use common::host::Host;
 use common::qemu::{parse_vmstate_section, rewrite_vmstate_section, Incoming, Qemu, QemuOpts};
 
@@ -16,6 +14,9 @@ fn with_object(h: &Host, ids: Option<&str>, incoming: bool) -> QemuOpts {
 
 #[test]
 fn empty_id_list_on_both_sides_migrates_and_the_destination_runs() {
+    if common::tier::qemu() {
+        return;
+    }
     let mut src = Host::new("hsrc");
     let mut dst = Host::new("hdst");
     // id-list="" means "expect nobody"; set at run time as management does.
@@ -78,6 +79,9 @@ fn empty_id_list_on_both_sides_migrates_and_the_destination_runs() {
 
 #[test]
 fn object_only_on_the_source_makes_the_destination_exit_1() {
+    if common::tier::qemu() {
+        return;
+    }
     let src = Host::new("osrc");
     let dst = Host::new("odst");
     let mut sq = Qemu::start(
@@ -108,6 +112,9 @@ fn object_only_on_the_source_makes_the_destination_exit_1() {
 
 #[test]
 fn no_object_on_either_side_migrates() {
+    if common::tier::qemu() {
+        return;
+    }
     let src = Host::new("nsrc");
     let dst = Host::new("ndst");
     let mut sq = Qemu::start(src.path(), "qemu", Some(&src.ns), &QemuOpts::default());
@@ -133,6 +140,9 @@ fn no_object_on_either_side_migrates() {
 
 #[test]
 fn a_listed_id_without_helper_fails_the_source_and_the_guest_resumes() {
+    if common::tier::qemu() {
+        return;
+    }
     let src = Host::new("msrc");
     let mut sq = Qemu::start(
         src.path(),
@@ -155,6 +165,9 @@ fn a_listed_id_without_helper_fails_the_source_and_the_guest_resumes() {
 /// QEMU's `Failed to find proxy Id`.
 #[test]
 fn a_rewritten_section_is_what_the_destination_reads() {
+    if common::tier::qemu() {
+        return;
+    }
     let src = Host::new("rsrc");
     let dst = Host::new("rdst");
     let mut sq = Qemu::start(

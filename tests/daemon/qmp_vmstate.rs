@@ -1,8 +1,6 @@
 //! src/qmp.rs against a real QEMU 7.2: wiring and unwiring the dbus-vmstate
 //! object, keeping other helpers' Ids, and QEMU's own error texts.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
@@ -29,6 +27,9 @@ fn object(q: &mut Qemu) -> Option<VmstateObject> {
 
 #[test]
 fn attach_creates_then_detach_deletes_the_object() {
+    if common::tier::qemu() {
+        return;
+    }
     let dir = tmp("create");
     let bus = Bus::start(dir.path());
     let mut q = plain_qemu(dir.path());
@@ -71,6 +72,9 @@ fn attach_creates_then_detach_deletes_the_object() {
 
 #[test]
 fn an_existing_object_keeps_other_helpers_ids() {
+    if common::tier::qemu() {
+        return;
+    }
     let dir = tmp("shared");
     let bus = Bus::start(dir.path());
     // Another tool created the object, under its own QOM id, for its helper.
@@ -116,6 +120,9 @@ fn an_existing_object_keeps_other_helpers_ids() {
 
 #[test]
 fn an_object_on_another_bus_is_recreated_only_when_nobody_else_uses_it() {
+    if common::tier::qemu() {
+        return;
+    }
     let dir = tmp("rebus");
     let old = tempfile::tempdir_in(dir.path()).unwrap();
     let new = tempfile::tempdir_in(dir.path()).unwrap();
@@ -177,6 +184,9 @@ fn an_object_on_another_bus_is_recreated_only_when_nobody_else_uses_it() {
 
 #[test]
 fn unreachable_bus_surfaces_qemus_error() {
+    if common::tier::qemu() {
+        return;
+    }
     let dir = tmp("nobus");
     let mut q = plain_qemu(dir.path());
     let addr = format!("unix:path={}/no-such-bus", dir.path().display());
@@ -198,6 +208,9 @@ fn unreachable_bus_surfaces_qemus_error() {
 
 #[test]
 fn absent_socket_is_a_clear_error() {
+    if common::tier::qemu() {
+        return;
+    }
     let dir = tmp("nosock");
     let path = dir.path().join("absent.qmp");
     let err = qmp::attach_vmstate(&path, "vm-100", "unix:path=/nowhere").unwrap_err();
@@ -214,6 +227,9 @@ fn absent_socket_is_a_clear_error() {
 
 #[test]
 fn bad_ids_are_refused_before_qemu_is_touched() {
+    if common::tier::qemu() {
+        return;
+    }
     let dir = tmp("badid");
     let bus = Bus::start(dir.path());
     let mut q = plain_qemu(dir.path());
@@ -234,6 +250,9 @@ fn bad_ids_are_refused_before_qemu_is_touched() {
 
 #[test]
 fn a_busy_monitor_times_out_instead_of_hanging() {
+    if common::tier::qemu() {
+        return;
+    }
     let dir = tmp("busy");
     let mut q = plain_qemu(dir.path());
     // Our own session holds the monitor; QEMU serves one client at a time.
@@ -256,6 +275,9 @@ fn a_busy_monitor_times_out_instead_of_hanging() {
 
 #[test]
 fn one_shot_functions_wire_a_running_qemu() {
+    if common::tier::qemu() {
+        return;
+    }
     let dir = tmp("oneshot");
     let bus = Bus::start(dir.path());
     let mut q = plain_qemu(dir.path());

@@ -3,8 +3,6 @@
 //! plain access answers. The parent starts this test binary again inside a
 //! namespace with CAP_NET_ADMIN removed from the bounding set (setpriv).
 
-mod common;
-
 use common::netns::Netns;
 use conntrack_vmstate::access::{AccessError, ConntrackAccess};
 use conntrack_vmstate::cache::{CacheConfig, CachedAccess};
@@ -15,6 +13,9 @@ const CHILD_ENV: &str = "CVS_CACHE_EPERM_CHILD";
 
 #[test]
 fn cache_without_cap_net_admin_refuses_to_watch() {
+    if common::tier::kernel() {
+        return;
+    }
     let ns = Netns::new("cacheeperm");
     let exe = std::env::current_exe().expect("test binary");
     let out = ns
@@ -23,7 +24,7 @@ fn cache_without_cap_net_admin_refuses_to_watch() {
         .arg(exe)
         .args([
             "--exact",
-            "cache_eperm_child",
+            "cache_eperm::cache_eperm_child",
             "--ignored",
             "--nocapture",
             "--test-threads=1",
@@ -44,6 +45,9 @@ fn cache_without_cap_net_admin_refuses_to_watch() {
 #[test]
 #[ignore = "started by cache_without_cap_net_admin_refuses_to_watch"]
 fn cache_eperm_child() {
+    if common::tier::kernel() {
+        return;
+    }
     assert_eq!(
         std::env::var(CHILD_ENV).as_deref(),
         Ok("1"),

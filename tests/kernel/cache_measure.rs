@@ -2,7 +2,7 @@
 //! numbers and assert only correctness). Run on an otherwise idle machine:
 //!
 //! ```text
-//! cargo test --release --test cache_measure -- --ignored --nocapture --test-threads 1
+//! cargo test --release --test kernel cache_measure -- --ignored --nocapture --test-threads 1
 //! ```
 //!
 //! * memory: bytes the cache holds per entry (a counting allocator);
@@ -10,8 +10,6 @@
 //! * Save (`dump`) latency from the cache vs a direct dump, for VM entries
 //!   that send events and for silent ones (older than the listener), with a
 //!   host table that also holds 150k entries of another namespace.
-
-mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
@@ -119,6 +117,9 @@ fn thread_ticks(name: &str) -> u64 {
 #[test]
 #[ignore]
 fn measure_memory_per_entry() {
+    if common::tier::kernel() {
+        return;
+    }
     let ns = Netns::new("cmmem");
     let pop = population::generate(Spec::new(20_000, MARK, 3));
     population::load(&ns.name, &pop);
@@ -146,6 +147,9 @@ fn measure_memory_per_entry() {
 #[test]
 #[ignore]
 fn measure_event_thread_cpu() {
+    if common::tier::kernel() {
+        return;
+    }
     let ns = Netns::new("cmcpu");
     let sel = Selector::mark(MARK);
     let direct = ct(&ns);
@@ -207,6 +211,9 @@ fn measure_event_thread_cpu() {
 #[test]
 #[ignore]
 fn measure_save_latency() {
+    if common::tier::kernel() {
+        return;
+    }
     let host = Netns::new("cmhost");
     // Another namespace's 150k entries: the hash table is shared host-wide.
     let noise = ct(&host);

@@ -3,8 +3,6 @@
 //! CAP_NET_ADMIN removed from the bounding set (setpriv), so the kernel
 //! really refuses.
 
-mod common;
-
 use common::netns::Netns;
 use conntrack_vmstate::access::{AccessError, ConntrackAccess};
 use conntrack_vmstate::ctnetlink::Ctnetlink;
@@ -15,6 +13,9 @@ const CHILD_ENV: &str = "CVS_EPERM_CHILD";
 
 #[test]
 fn without_cap_net_admin_every_operation_is_permission_denied() {
+    if common::tier::kernel() {
+        return;
+    }
     let ns = Netns::new("cteperm");
     ns.run(
         "conntrack",
@@ -47,7 +48,7 @@ fn without_cap_net_admin_every_operation_is_permission_denied() {
         .arg(exe)
         .args([
             "--exact",
-            "eperm_child",
+            "ctnetlink_eperm::eperm_child",
             "--ignored",
             "--nocapture",
             "--test-threads=1",
@@ -74,6 +75,9 @@ fn without_cap_net_admin_every_operation_is_permission_denied() {
 #[test]
 #[ignore = "started by without_cap_net_admin_every_operation_is_permission_denied"]
 fn eperm_child() {
+    if common::tier::kernel() {
+        return;
+    }
     assert_eq!(
         std::env::var(CHILD_ENV).as_deref(),
         Ok("1"),

@@ -17,7 +17,7 @@ fn text(b: &[u8]) -> String {
 }
 
 fn sample() -> Vec<conntrack_vmstate::entry::Entry> {
-    let mut v = format::synth::population(40, 5, 100);
+    let mut v = common::population::entries(40, 5, 100);
     // Make sure the listing has each attribute to show.
     v[0].labels = Some({
         let mut l = [0u8; 16];

@@ -1,8 +1,6 @@
 //! The byte budget: output never exceeds the limit, is never empty, always
 //! decodes, and keeps the most valuable entries.
 
-mod common;
-
 use common::entries::entry;
 use conntrack_vmstate::entry::Entry;
 use conntrack_vmstate::format::{
@@ -39,7 +37,7 @@ fn limits_are_never_exceeded_on_many_sets() {
     ];
     for seed in 0..12u64 {
         let n = [0usize, 1, 2, 5, 50, 400, 3000][seed as usize % 7];
-        let v = format::synth::population(n, seed, 100 + seed as u32 % 2);
+        let v = common::population::entries(n, seed, 100 + seed as u32 % 2);
         for &limit in &limits {
             let e = enc(&v, limit, Format::Binary);
             assert!(
@@ -71,7 +69,7 @@ fn limits_are_never_exceeded_on_many_sets() {
 
 #[test]
 fn a_single_entry_barely_fits_or_not() {
-    let v = format::synth::population(1, 3, 100);
+    let v = common::population::entries(1, 3, 100);
     let size = enc(&v, usize::MAX, Format::Binary).bytes.len();
     let fits = enc(&v, size, Format::Binary);
     assert_eq!((fits.kept, fits.dropped, fits.bytes.len()), (1, 0, size));
@@ -119,7 +117,7 @@ fn limit_below_the_smallest_state_is_an_error() {
 
 #[test]
 fn one_mib_holds_the_realistic_mix_and_drops_the_least_valuable() {
-    let v = format::synth::population(160_000, 77, 100);
+    let v = common::population::entries(160_000, 77, 100);
     let e = enc(&v, format::QEMU_LIMIT, Format::Binary);
     assert!(e.bytes.len() <= format::QEMU_LIMIT);
     // Measured: ~136k fit. The target is >= 100k.

@@ -53,7 +53,7 @@ fn fix_crc(b: &mut [u8]) {
 
 /// A valid uncompressed blob (the record parser sees mutated bytes as is).
 fn plain_blob(n: usize, seed: u64) -> Vec<u8> {
-    let v = format::synth::population(n, seed, 100);
+    let v = common::population::entries(n, seed, 100);
     let mut b = format::encode(&v, &EncodeOptions::default()).unwrap().bytes;
     let d = format::decode(&b).unwrap();
     assert_eq!(d.entries.len(), n);
@@ -73,7 +73,7 @@ fn plain_blob(n: usize, seed: u64) -> Vec<u8> {
 /// A valid segmented blob with its segments stored uncompressed.
 fn plain_segmented_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
     use format::{binary, Rec, View};
-    let v = format::synth::population(n, seed, 100);
+    let v = common::population::entries(n, seed, 100);
     let views: Vec<View> = v
         .iter()
         .map(|e| View::new(Rec::Full(e), e.timeout))
@@ -110,7 +110,7 @@ fn plain_segmented_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
 /// seconds.
 fn plain_patched_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
     use format::{binary, Rec, View};
-    let v = format::synth::population(n, seed, 100);
+    let v = common::population::entries(n, seed, 100);
     let views: Vec<View> = v
         .iter()
         .map(|e| View::new(Rec::Full(e), e.timeout))

@@ -63,7 +63,7 @@ fn one_udp_entry(attrs: Option<&[u8]>) -> Vec<u8> {
 }
 
 fn small_blob() -> Vec<u8> {
-    let v = format::synth::population(3, 9, 7);
+    let v = common::population::entries(3, 9, 7);
     format::encode(&v, &EncodeOptions::default()).unwrap().bytes
 }
 

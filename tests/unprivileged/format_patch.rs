@@ -3,8 +3,6 @@
 //! exactly the state they describe, through every reader; every defect of
 //! the patch block is refused with its own message.
 
-mod common;
-
 use common::entries::entry;
 use conntrack_vmstate::entry::Entry;
 use conntrack_vmstate::format::{
@@ -221,7 +219,7 @@ proptest! {
 /// Base and delta of a hand-checkable size: 300 entries, the first 200 in
 /// two base frames, the other 100 in one delta frame.
 fn fixture() -> (Vec<Entry>, Vec<Frame>, Vec<Frame>, u32) {
-    let v = format::synth::population(300, 21, 4242);
+    let v = common::population::entries(300, 21, 4242);
     let order = priority::priority_order(&v);
     let v: Vec<Entry> = order.into_iter().map(|i| v[i].clone()).collect();
     let views: Vec<View> = v
@@ -542,7 +540,7 @@ fn assemble_patched_refuses_what_the_decoder_would() {
 
 #[test]
 fn encode_frames_splits_balanced_and_clamps() {
-    let v = format::synth::population(1_000, 22, 4242);
+    let v = common::population::entries(1_000, 22, 4242);
     let r = ranked(&v);
     let mark = binary::views_default_mark(&r);
     assert!(binary::encode_frames(&[], 4, mark).unwrap().is_empty());

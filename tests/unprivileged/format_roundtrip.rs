@@ -1,8 +1,6 @@
 //! Property tests: state format v1 carries every attribute of every entry
 //! (except the host-local id), in priority order.
 
-mod common;
-
 use common::entries::entry;
 use conntrack_vmstate::entry::Entry;
 use conntrack_vmstate::format::{self, sort_by_priority, EncodeOptions, Format};
@@ -41,7 +39,7 @@ proptest! {
 
 #[test]
 fn realistic_mix_round_trips_and_is_small() {
-    let v = format::synth::population(20_000, 1, 4242);
+    let v = common::population::entries(20_000, 1, 4242);
     let enc = format::encode(&v, &EncodeOptions::default()).unwrap();
     assert_eq!((enc.kept, enc.dropped), (20_000, 0));
     // Measured ~8.1 B/entry; 12 leaves room for zstd version drift while
@@ -53,7 +51,7 @@ fn realistic_mix_round_trips_and_is_small() {
 
 #[test]
 fn ids_are_never_carried() {
-    let mut v = format::synth::population(10, 2, 1);
+    let mut v = common::population::entries(10, 2, 1);
     for (i, e) in v.iter_mut().enumerate() {
         e.id = Some(1000 + i as u32);
     }

@@ -3,8 +3,6 @@
 //! segment count; every inconsistency of the segment table is refused
 //! before anything is decoded.
 
-mod common;
-
 use common::entries::entry;
 use conntrack_vmstate::entry::Entry;
 use conntrack_vmstate::format::{self, binary, sort_by_priority, EncodeOptions, FormatError};
@@ -64,7 +62,7 @@ proptest! {
 
 #[test]
 fn realistic_mix_in_segments_round_trips_with_the_same_size() {
-    let v = format::synth::population(60_000, 7, 4242);
+    let v = common::population::entries(60_000, 7, 4242);
     let r = ranked(&v);
     let one = binary::encode_segmented(&r, 1, 0, binary::views_default_mark(&r)).unwrap();
     let three = binary::encode_segmented(&r, 3, 0, binary::views_default_mark(&r)).unwrap();
@@ -87,7 +85,7 @@ fn realistic_mix_in_segments_round_trips_with_the_same_size() {
 
 #[test]
 fn encode_uses_segments_for_large_states_and_keeps_the_budget() {
-    let v = format::synth::population(120_000, 8, 4242);
+    let v = common::population::entries(120_000, 8, 4242);
     let enc = format::encode(&v, &EncodeOptions::default()).unwrap();
     assert!(enc.bytes.len() <= format::QEMU_LIMIT);
     assert_eq!(enc.kept + enc.dropped, v.len());
@@ -105,7 +103,7 @@ fn encode_uses_segments_for_large_states_and_keeps_the_budget() {
 
 /// A two-segment blob of small entries for the table checks.
 fn two_segments() -> Vec<u8> {
-    let v = format::synth::population(300, 9, 4242);
+    let v = common::population::entries(300, 9, 4242);
     let b = {
         let r = ranked(&v);
         binary::encode_segmented(&r, 2, 0, binary::views_default_mark(&r))
@@ -166,7 +164,7 @@ fn segment_counts_out_of_range_are_refused() {
     let m = corrupt_text(&b);
     assert!(m.starts_with("segment "), "{m}");
     // A table longer than the whole payload.
-    let v = format::synth::population(40, 9, 4242);
+    let v = common::population::entries(40, 9, 4242);
     let mut b = {
         let r = ranked(&v);
         binary::encode_segmented(&r, 2, 0, binary::views_default_mark(&r))
@@ -197,7 +195,7 @@ fn empty_segment_and_absurd_counts_are_refused() {
 fn a_defect_inside_one_segment_fails_the_whole_blob_and_names_it() {
     // Re-compress segment 1 with one column byte damaged: the table and
     // checksum are right, the records are not.
-    let v = format::synth::population(300, 10, 4242);
+    let v = common::population::entries(300, 10, 4242);
     let b = {
         let r = ranked(&v);
         binary::encode_segmented(&r, 2, 0, binary::views_default_mark(&r))
@@ -287,7 +285,7 @@ proptest! {
 
 #[test]
 fn most_of_the_realistic_mix_has_a_compact_form_and_nat_does_not() {
-    let v = format::synth::population(2_000, 11, 4242);
+    let v = common::population::entries(2_000, 11, 4242);
     let n = v
         .iter()
         .filter(|e| format::Compact::of(e).is_some())
@@ -305,7 +303,7 @@ fn most_of_the_realistic_mix_has_a_compact_form_and_nat_does_not() {
 #[test]
 fn stream_hands_out_the_decoded_entries_in_batches() {
     for (n, segs) in [(0usize, 1usize), (1, 1), (700, 1), (700, 3), (40_000, 2)] {
-        let v = format::synth::population(n, 12, 4242);
+        let v = common::population::entries(n, 12, 4242);
         let r = ranked(&v);
         let b = binary::encode_segmented(&r, segs, 0, binary::views_default_mark(&r)).unwrap();
         let want = format::decode(&b).unwrap().entries;
@@ -328,7 +326,7 @@ fn stream_hands_out_the_decoded_entries_in_batches() {
 /// it hands out anything; a blob out of priority order comes out sorted.
 #[test]
 fn stream_refuses_defects_up_front_and_sorts_foreign_order() {
-    let v = format::synth::population(700, 13, 4242);
+    let v = common::population::entries(700, 13, 4242);
     let r = ranked(&v);
     let good = binary::encode_segmented(&r, 2, 0, binary::views_default_mark(&r)).unwrap();
     let mut bad = good.clone();

@@ -1,0 +1,74 @@
+//! What a privileged test needs, and the one rule for skipping it.
+//!
+//! A test of the `kernel` or `daemon` tier starts with
+//! `if common::tier::kernel() { return; }` (or `daemon()`, `qemu()`). As a normal
+//! user outside CI it then skips, printing one line with its name and the
+//! reason, so the unprivileged run says what it did not cover. As root, or
+//! whenever `CI` is set, skipping is impossible: a missing tool or missing
+//! root fails the test loudly, so a broken CI setup cannot pass by
+//! skipping everything.
+
+use std::io::Write;
+
+/// Tools the kernel tier runs: namespaces and conntrack(8).
+const KERNEL_TOOLS: &[&str] = &["ip", "conntrack"];
+
+/// Tools the daemon tier runs: the kernel tier's and a private bus.
+const DAEMON_TOOLS: &[&str] = &["ip", "conntrack", "dbus-daemon", "gdbus"];
+
+/// Tools of the daemon tier's migrations: the daemon tier's and QEMU.
+const QEMU_TOOLS: &[&str] = &[
+    "ip",
+    "conntrack",
+    "dbus-daemon",
+    "gdbus",
+    "qemu-system-x86_64",
+];
+
+/// `true`: skip this test (the line saying so is printed). Panics instead
+/// when skipping is not allowed.
+pub fn kernel() -> bool {
+    skip_unless(KERNEL_TOOLS)
+}
+
+/// As [`kernel`], for tests that also need dbus-daemon and gdbus.
+pub fn daemon() -> bool {
+    skip_unless(DAEMON_TOOLS)
+}
+
+/// As [`daemon`], for tests that also run QEMU.
+pub fn qemu() -> bool {
+    skip_unless(QEMU_TOOLS)
+}
+
+fn skip_unless(tools: &[&str]) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
+    let reason = match (root, missing.is_empty()) {
+        (true, true) => return false,
+        (false, true) => "not root (needs network namespaces and CAP_NET_ADMIN)".to_string(),
+        (true, false) => format!("missing {}", missing.join(", ")),
+        (false, false) => format!("not root; missing {}", missing.join(", ")),
+    };
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_string();
+    if root || std::env::var_os("CI").is_some() {
+        panic!("{test}: cannot run: {reason}; skipping is not allowed as root or under CI");
+    }
+    // Straight to the file descriptor: libtest captures print!/eprint!, and
+    // a skip must be seen in a passing run.
+    let _ = writeln!(std::io::stderr().lock(), "skipped {test}: {reason}");
+    true
+}
+
+fn on_path(tool: &str) -> bool {
+    let Some(path) = std::env::var_os("PATH") else {
+        return false;
+    };
+    std::env::split_paths(&path).any(|d| {
+        let p = d.join(tool);
+        std::fs::metadata(&p).is_ok_and(|m| m.is_file())
+    })
+}
