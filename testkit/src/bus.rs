@@ -2,7 +2,6 @@
 //! that serve on it. Every process is stopped by its PID (TERM, then KILL
 //! after a bound) on drop, and every wait is bounded.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -14,6 +13,7 @@ use nix::unistd::Pid;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+pub use crate::host::Bus;
 pub use crate::{data, WAIT};
 
 /// A unique scratch directory, readable by unprivileged test users (the
@@ -56,10 +56,12 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
-/// A private message bus.
+/// A private message bus in its own scratch directory: the kit's one
+/// dbus-daemon ([`Bus`]), for tests that talk to it through zbus.
 pub struct TestBus {
     pub address: String,
-    child: Child,
+    // Fields drop in order: the bus process before its directory.
+    _bus: Bus,
     _dir: tempfile::TempDir,
 }
 
@@ -72,36 +74,10 @@ impl TestBus {
     /// A bus with the given configuration file.
     pub fn with_config(tag: &str, config: &Path) -> TestBus {
         let dir = scratch_dir(tag);
-        let socket = dir.path().join("bus");
-        let mut child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", config.display()))
-            .arg(format!("--address=unix:path={}", socket.display()))
-            .args(["--nofork", "--print-address"])
-            .stdout(Stdio::piped())
-            // Its only stderr line here is a harmless fd-limit warning.
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn dbus-daemon");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = match rx.recv_timeout(WAIT) {
-            Ok(l) if !l.trim().is_empty() => l,
-            _ => {
-                stop(&mut child, Duration::from_secs(2));
-                panic!("dbus-daemon printed no address within {WAIT:?}");
-            }
-        };
-        // Connect by path only: the printed address carries a guid that
-        // zbus would then insist on.
-        let _ = line;
+        let bus = Bus::with_config(dir.path(), config);
         TestBus {
-            address: format!("unix:path={}", socket.display()),
-            child,
+            address: bus.address.clone(),
+            _bus: bus,
             _dir: dir,
         }
     }
@@ -114,12 +90,6 @@ impl TestBus {
         .await
         .expect("connect timeout")
         .expect("connect to test bus")
-    }
-}
-
-impl Drop for TestBus {
-    fn drop(&mut self) {
-        stop(&mut self.child, Duration::from_secs(5));
     }
 }
 

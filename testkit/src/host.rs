@@ -124,24 +124,6 @@ impl Drop for Proc {
     }
 }
 
-/// An allow-all, session-style bus configuration with default limits, so
-/// that QEMU's own 25 s stays the only timeout (reference §10). The
-/// `<listen>` element is required by dbus-daemon and overridden by
-/// `--address`.
-const ALLOW_ALL_CONF: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:tmpdir=/tmp</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"#;
-
 /// A private dbus-daemon whose socket is `<dir>/bus`. Unix path sockets are
 /// not bound to a network namespace, so it runs outside; a test may put a
 /// daemon of one "host" on another host's bus to share it.
@@ -151,9 +133,15 @@ pub struct Bus {
 }
 
 impl Bus {
+    /// A bus where everyone may own and call anything, with default limits,
+    /// so that QEMU's own 25 s stays the only timeout (reference §10):
+    /// tests/data/allow-all.conf.
     pub fn start(dir: &Path) -> Bus {
-        let conf = dir.join("bus.conf");
-        std::fs::write(&conf, ALLOW_ALL_CONF).expect("write bus.conf");
+        Bus::with_config(dir, &crate::data("allow-all.conf"))
+    }
+
+    /// A bus with the given configuration file (e.g. the strict policy).
+    pub fn with_config(dir: &Path, conf: &Path) -> Bus {
         let sock = dir.join("bus");
         let address = format!("unix:path={}", sock.display());
         let mut proc = Proc::spawn(

@@ -98,7 +98,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -106,13 +106,13 @@ impl Rng {
         z ^ (z >> 31)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.below(hi - lo + 1)
     }
     pub fn f64(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
     pub fn chance(&mut self, p: f64) -> bool {
         self.f64() < p
@@ -291,7 +291,7 @@ impl Gen {
 
 fn public_v4(rng: &mut Rng) -> Ipv4Addr {
     loop {
-        let a = Ipv4Addr::from(rng.next() as u32);
+        let a = Ipv4Addr::from(rng.next_u64() as u32);
         let o = a.octets();
         let reserved = o[0] == 0
             || o[0] == 10
@@ -308,8 +308,8 @@ fn public_v4(rng: &mut Rng) -> Ipv4Addr {
 }
 
 fn public_v6(rng: &mut Rng) -> Ipv6Addr {
-    let hi = 0x2a00_0000_0000_0000u64 | (rng.next() >> 8);
-    Ipv6Addr::from(((hi as u128) << 64) | rng.next() as u128)
+    let hi = 0x2a00_0000_0000_0000u64 | (rng.next_u64() >> 8);
+    Ipv6Addr::from(((hi as u128) << 64) | rng.next_u64() as u128)
 }
 
 struct Ctx {
