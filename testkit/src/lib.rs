@@ -10,6 +10,8 @@
 //! - [`qemu`]: a real QEMU over QMP;
 //! - [`population`]: the one realistic population generator;
 //! - [`entries`]: proptest strategies for single entries;
+//! - [`fake`]: the one fake `ConntrackAccess`, for what the kernel cannot
+//!   be made to do on demand;
 //! - [`compare`]: entry comparisons with tolerances;
 //! - [`tier`]: what a privileged test needs, and the skip rule.
 
@@ -17,6 +19,7 @@ pub mod bus;
 pub mod compare;
 pub mod ctcli;
 pub mod entries;
+pub mod fake;
 pub mod host;
 pub mod netns;
 pub mod population;

@@ -7,45 +7,14 @@
 //! tests are in daemon_vmstate.rs.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::bus::{scratch_dir, TestBus};
-use conntrack_vmstate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport};
+use common::fake::FakeAccess;
 use conntrack_vmstate::bus::proxy::{Manager1Proxy, Vm1Proxy, VmState1Proxy};
 use conntrack_vmstate::bus::{Daemon, DaemonConfig};
-use conntrack_vmstate::entry::{Entry, Selector};
 use conntrack_vmstate::format::QEMU_LIMIT;
 use zbus::{OwnedVariant, Variant};
-
-/// A dump (and create) that blocks its thread for `delay`, like a stuck
-/// netlink socket.
-struct BlockingDump {
-    delay: Duration,
-    dumps: AtomicUsize,
-}
-
-impl ConntrackAccess for BlockingDump {
-    fn dump(&self, _sel: &Selector) -> Result<Vec<Entry>, AccessError> {
-        self.dumps.fetch_add(1, Ordering::SeqCst);
-        std::thread::sleep(self.delay);
-        Ok(Vec::new())
-    }
-    fn create(&self, e: &[Entry]) -> Result<CreateReport, AccessError> {
-        std::thread::sleep(self.delay);
-        Ok(CreateReport {
-            created: e.len() as u64,
-            ..CreateReport::default()
-        })
-    }
-    fn delete_selected(&self, _s: &Selector) -> Result<u64, AccessError> {
-        Ok(0)
-    }
-    fn delete_entries(&self, _e: &[Entry]) -> Result<DeleteReport, AccessError> {
-        Ok(DeleteReport::default())
-    }
-}
 
 fn get_str(m: &HashMap<String, OwnedVariant>, k: &str) -> String {
     m.get(k)
@@ -61,10 +30,7 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let bus = TestBus::new("conc-20");
         let state = scratch_dir("conc-20-state");
-        let access = Arc::new(BlockingDump {
-            delay: Duration::from_secs(4),
-            dumps: AtomicUsize::new(0),
-        });
+        let access = FakeAccess::sink(Duration::from_secs(4));
         let daemon = Daemon::start(
             DaemonConfig {
                 bus_address: Some(bus.address.clone()),
@@ -127,7 +93,7 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
             }));
         }
         let end = Instant::now() + Duration::from_secs(5);
-        while access.dumps.load(Ordering::SeqCst) < 20 {
+        while access.dumps() < 20 {
             assert!(Instant::now() < end, "not all 20 Saves reached the dump");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -206,10 +172,7 @@ async fn slow_load_answers_at_deadline_and_finishes_in_background() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let bus = TestBus::new("conc-load");
         let state = scratch_dir("conc-load-state");
-        let access = Arc::new(BlockingDump {
-            delay: Duration::from_secs(3),
-            dumps: AtomicUsize::new(0),
-        });
+        let access = FakeAccess::sink(Duration::from_secs(3));
         let daemon = Daemon::start(
             DaemonConfig {
                 bus_address: Some(bus.address.clone()),
@@ -280,10 +243,7 @@ async fn register_after_idle_decision_is_refused() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let bus = TestBus::new("conc-idle");
         let state = scratch_dir("conc-idle-state");
-        let access = Arc::new(BlockingDump {
-            delay: Duration::ZERO,
-            dumps: AtomicUsize::new(0),
-        });
+        let access = FakeAccess::sink(Duration::ZERO);
         let daemon = Daemon::start(
             DaemonConfig {
                 bus_address: Some(bus.address.clone()),

@@ -14,13 +14,14 @@
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::compare::{compare, Tolerance};
+use common::fake::{key, FakeAccess};
 use common::netns::{run_ok, Netns};
 use common::population::{self, Spec};
-use conntrack_vmstate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport};
+use conntrack_vmstate::access::ConntrackAccess;
 use conntrack_vmstate::ctnetlink::Ctnetlink;
 use conntrack_vmstate::entry::{proto, status, tcp_state, Entry, ProtoInfo, Selector, Tuple, L4};
 use conntrack_vmstate::format::{self, priority, EncodeOptions, Format, QEMU_LIMIT};
@@ -28,80 +29,14 @@ use conntrack_vmstate::service::{Engine, OpReport, OptValue, VmConfig, VmRuntime
 
 const MARK: u32 = 100;
 
-fn key(e: &Entry) -> (Tuple, u16) {
-    (e.orig, e.zone)
-}
-
-/// Real ctnetlink underneath; records every entry in the order it is
-/// handed to `create`, and can hold back the call carrying `held`.
-struct Recording {
-    ct: Ctnetlink,
-    order: Mutex<Vec<(Tuple, u16)>>,
-    held: Option<(Tuple, u16)>,
-    gate: Arc<(Mutex<bool>, Condvar)>,
-    /// Set once a call is waiting at the gate.
-    waiting: Arc<(Mutex<bool>, Condvar)>,
-}
-
-impl Recording {
-    fn new(ns: &Netns, held: Option<(Tuple, u16)>) -> Arc<Recording> {
-        Arc::new(Recording {
-            ct: Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink"),
-            order: Mutex::new(Vec::new()),
-            held,
-            gate: Arc::new((Mutex::new(held.is_none()), Condvar::new())),
-            waiting: Arc::new((Mutex::new(false), Condvar::new())),
-        })
-    }
-
-    fn release(&self) {
-        *self.gate.0.lock().unwrap() = true;
-        self.gate.1.notify_all();
-    }
-
-    /// Waits (bounded) until the held call arrived at the gate.
-    fn wait_held(&self, bound: Duration) -> bool {
-        let g = self.waiting.0.lock().unwrap();
-        let (g, _) = self
-            .waiting
-            .1
-            .wait_timeout_while(g, bound, |w| !*w)
-            .unwrap();
-        *g
-    }
-
-    fn order(&self) -> Vec<(Tuple, u16)> {
-        self.order.lock().unwrap().clone()
-    }
-}
-
-impl ConntrackAccess for Recording {
-    fn dump(&self, sel: &Selector) -> Result<Vec<Entry>, AccessError> {
-        self.ct.dump(sel)
-    }
-    fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
-        if let Some(h) = self.held {
-            if entries.iter().any(|e| key(e) == h) {
-                *self.waiting.0.lock().unwrap() = true;
-                self.waiting.1.notify_all();
-                let g = self.gate.0.lock().unwrap();
-                // Bounded: a test that forgets to release still ends.
-                let _ = self
-                    .gate
-                    .1
-                    .wait_timeout_while(g, Duration::from_secs(60), |open| !*open)
-                    .unwrap();
-            }
-        }
-        self.order.lock().unwrap().extend(entries.iter().map(key));
-        self.ct.create(entries)
-    }
-    fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError> {
-        self.ct.delete_selected(sel)
-    }
-    fn delete_entries(&self, entries: &[Entry]) -> Result<DeleteReport, AccessError> {
-        self.ct.delete_entries(entries)
-    }
+/// Real ctnetlink in `ns` underneath the kit's fake, which records every
+/// entry in the order it is handed to `create` and can hold back the call
+/// carrying `held`.
+fn recording(ns: &Netns, held: Option<(Tuple, u16)>) -> Arc<FakeAccess> {
+    FakeAccess::over(
+        Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink"),
+        held,
+    )
 }
 
 fn vm() -> Arc<VmRuntime> {
@@ -205,7 +140,7 @@ async fn budgeted_load_answers_early_with_the_most_valuable_entries_first() {
     // The least valuable entry's batch is held until the answer has been
     // looked at, so "pending" is observed without racing the restore.
     let last_key = key(&decoded[*order.last().unwrap()]);
-    let access = Recording::new(&dst, Some(last_key));
+    let access = recording(&dst, Some(last_key));
     let engine = Engine::new(
         access.clone(),
         Duration::from_secs(2),
@@ -367,7 +302,7 @@ async fn entry_made_by_live_traffic_meanwhile_is_counted_existed_and_kept() {
     entries.push(flow.clone());
     let blob = encode(&entries);
 
-    let access = Recording::new(&dst, Some(key(&flow)));
+    let access = recording(&dst, Some(key(&flow)));
     let engine = Engine::new(
         access.clone(),
         Duration::from_secs(2),
@@ -444,7 +379,7 @@ async fn second_load_and_unregister_stop_a_running_restore() {
     let dst = Netns::new("lb-cancel");
     let first = assured(20_000, 1);
     let held = key(&first[10_000]);
-    let access = Recording::new(&dst, Some(held));
+    let access = recording(&dst, Some(held));
     let engine = Arc::new(Engine::new(
         access.clone(),
         Duration::from_secs(2),
@@ -484,7 +419,7 @@ async fn second_load_and_unregister_stop_a_running_restore() {
 
     // Unregister while a restore runs.
     ct.delete_selected(&Selector::mark(MARK)).unwrap();
-    let access = Recording::new(&dst, Some(held));
+    let access = recording(&dst, Some(held));
     let engine = Engine::new(
         access.clone(),
         Duration::from_secs(2),
@@ -558,7 +493,7 @@ async fn legacy_text_in_reverse_order_is_created_most_valuable_first() {
         text.push('\n');
     }
     let least = key(&entries[order[0]]);
-    let access = Recording::new(&dst, Some(least));
+    let access = recording(&dst, Some(least));
     let engine = Engine::new(
         access.clone(),
         Duration::from_secs(2),

@@ -16,11 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+// The kit's fake in its in-memory-table form: an unfiltered dump, a
+// selector-applying save_state, every call recorded.
+use common::fake::{Call, FakeAccess as Table};
 use conntrack_vmstate::access::{
-    AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport, DumpSource, SavedState,
+    AccessError, ConntrackAccess, CreateReport, DeleteReport, DumpSource,
 };
 use conntrack_vmstate::entry::{proto, status, Entry, ProtoInfo, Selector, SeqAdj, Tuple, L4};
-use conntrack_vmstate::format::{self, EncodeOptions, Encoded, Format};
+use conntrack_vmstate::format::{self, EncodeOptions, Format};
 use conntrack_vmstate::helper::wire::{self, Request, Response, WireError};
 use conntrack_vmstate::helper::{serve, server, HelperClient, ServeSummary, ServerConfig};
 use proptest::prelude::*;
@@ -155,144 +158,6 @@ fn gre6(mark: u32) -> Entry {
         seq_adj_reply: None,
         helper: None,
         id: Some(0),
-    }
-}
-
-/// What the fake table was asked to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Call {
-    Dump(Selector),
-    Create(Vec<Entry>),
-    CreateBackground(usize),
-    DeleteSelected(Selector),
-    DeleteEntries(Vec<Entry>),
-    Watch(Selector, bool),
-    SaveState(Selector, usize, Format),
-}
-
-/// An in-memory table that records every call; optionally slow or panicking
-/// (a codec bug cannot be provoked in the kernel on purpose).
-#[derive(Default)]
-struct Table {
-    entries: Mutex<Vec<Entry>>,
-    calls: Mutex<Vec<Call>>,
-    delay: Mutex<Duration>,
-    panic_on_dump: std::sync::atomic::AtomicBool,
-    /// A state save_state returns whatever the limit: an encoder bug, which
-    /// the real encoder cannot be made to have.
-    save_bytes: Mutex<Option<Vec<u8>>>,
-}
-
-impl Table {
-    fn with(entries: Vec<Entry>) -> Arc<Table> {
-        let t = Table::default();
-        *t.entries.lock().unwrap() = entries;
-        Arc::new(t)
-    }
-    fn calls(&self) -> Vec<Call> {
-        self.calls.lock().unwrap().clone()
-    }
-    fn pause(&self) {
-        let d = *self.delay.lock().unwrap();
-        std::thread::sleep(d);
-    }
-}
-
-impl ConntrackAccess for Table {
-    fn dump(&self, sel: &Selector) -> Result<Vec<Entry>, AccessError> {
-        self.calls.lock().unwrap().push(Call::Dump(*sel));
-        self.pause();
-        if self.panic_on_dump.load(Ordering::SeqCst) {
-            panic!("simulated codec bug");
-        }
-        // Deliberately unfiltered: the server must re-check the selector.
-        Ok(self.entries.lock().unwrap().clone())
-    }
-    fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(Call::Create(entries.to_vec()));
-        self.pause();
-        let mut t = self.entries.lock().unwrap();
-        let mut r = CreateReport::default();
-        for e in entries {
-            if e.status & status::EXPECTED != 0 {
-                r.add(CreateOutcome::Refused(16));
-            } else if t.iter().any(|x| x.orig == e.orig) {
-                r.add(CreateOutcome::Existed);
-            } else {
-                t.push(e.clone());
-                r.add(CreateOutcome::Created);
-            }
-        }
-        Ok(r)
-    }
-    fn create_background(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(Call::CreateBackground(entries.len()));
-        self.create(entries)
-    }
-    fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError> {
-        self.calls.lock().unwrap().push(Call::DeleteSelected(*sel));
-        let mut t = self.entries.lock().unwrap();
-        let before = t.len();
-        t.retain(|e| !sel.matches(e));
-        Ok((before - t.len()) as u64)
-    }
-    fn watch(&self, sel: &Selector, on: bool) -> Result<(), AccessError> {
-        self.calls.lock().unwrap().push(Call::Watch(*sel, on));
-        Ok(())
-    }
-    /// Encodes the selected entries (applying the selector, as ctnetlink
-    /// and the cache do: the helper cannot re-filter an encoded state).
-    fn save_state(&self, sel: &Selector, opts: &EncodeOptions) -> Result<SavedState, AccessError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(Call::SaveState(*sel, opts.limit, opts.format));
-        if let Some(bytes) = self.save_bytes.lock().unwrap().clone() {
-            return Ok(SavedState {
-                encoded: Encoded {
-                    bytes,
-                    kept: 0,
-                    dropped: 0,
-                },
-                source: DumpSource::Cache,
-                ids: vec![],
-            });
-        }
-        let mut es = self.entries.lock().unwrap().clone();
-        es.retain(|e| sel.matches(e));
-        let encoded = format::encode(&es, opts).map_err(|source| AccessError::Encode {
-            entries: es.len(),
-            source,
-        })?;
-        Ok(SavedState {
-            encoded,
-            source: DumpSource::Cache,
-            ids: es.iter().filter_map(|e| e.id).collect(),
-        })
-    }
-    fn delete_entries(&self, entries: &[Entry]) -> Result<DeleteReport, AccessError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(Call::DeleteEntries(entries.to_vec()));
-        let mut t = self.entries.lock().unwrap();
-        let mut r = DeleteReport::default();
-        for e in entries {
-            match t.iter().position(|x| x.orig == e.orig) {
-                Some(i) => {
-                    t.remove(i);
-                    r.deleted += 1
-                }
-                None => r.missing += 1,
-            }
-        }
-        Ok(r)
     }
 }
 
