@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use conntrack_vmstate::bus::proxy::{Manager1Proxy, Vm1Proxy, VmState1Proxy};
+use std::collections::HashMap;
+use zbus::zvariant::Variant;
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 pub use crate::host::Bus;
@@ -278,4 +282,36 @@ pub fn gdbus_call_as(
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Registers `vm` with the manager on `client`'s bus, its VMState1
+/// connection on `bus_address`; returns its Vm1 object (properties not
+/// cached, so every read is fresh) and the VMState1 proxy QEMU would call.
+/// The one Register helper of the daemon tests.
+pub async fn register(
+    client: &zbus::Connection,
+    bus_address: &str,
+    vm: &str,
+) -> (Vm1Proxy<'static>, VmState1Proxy<'static>) {
+    let m = Manager1Proxy::new(client).await.expect("manager proxy");
+    let path = m
+        .register(
+            vm,
+            HashMap::from([("bus_address", Variant::from(bus_address))]),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("Register {vm}: {e}"));
+    let vm1 = Vm1Proxy::builder(client)
+        .path(path)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .expect("Vm1 proxy");
+    let unique = vm1.unique_name().await.expect("VMState1 connection name");
+    let vs = VmState1Proxy::builder(client)
+        .destination(unique)
+        .build()
+        .await
+        .expect("VMState1 proxy");
+    (vm1, vs)
 }

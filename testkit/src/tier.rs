@@ -1,7 +1,7 @@
 //! What a privileged test needs, and the one rule for skipping it.
 //!
 //! A test of the `kernel` or `daemon` tier starts with
-//! `if common::tier::kernel() { return; }` (or `daemon()`, `qemu()`). As a normal
+//! `common::needs!(kernel);` (or `daemon`, `qemu`). As a normal
 //! user outside CI it then skips, printing one line with its name and the
 //! reason, so the unprivileged run says what it did not cover. As root, or
 //! whenever `CI` is set, skipping is impossible: a missing tool or missing
@@ -71,4 +71,15 @@ fn on_path(tool: &str) -> bool {
         let p = d.join(tool);
         std::fs::metadata(&p).is_ok_and(|m| m.is_file())
     })
+}
+
+/// `needs!(kernel)`, `needs!(daemon)`, `needs!(qemu)`: returns from the
+/// calling test when it is to be skipped (see the module documentation).
+#[macro_export]
+macro_rules! needs {
+    ($tier:ident) => {
+        if $crate::tier::$tier() {
+            return;
+        }
+    };
 }

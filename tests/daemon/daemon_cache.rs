@@ -29,7 +29,7 @@ use conntrack_vmstate::ctnetlink::Ctnetlink;
 use conntrack_vmstate::entry::{Entry, Selector};
 use conntrack_vmstate::format::{self, EncodeOptions, Format, QEMU_LIMIT};
 use serde_bytes::Bytes;
-use zbus::{Connection, OwnedVariant, Variant};
+use zbus::{Connection, OwnedVariant};
 
 const T: Duration = Duration::from_secs(180);
 const MARK: u32 = 100;
@@ -93,22 +93,7 @@ struct Vm {
 }
 
 async fn register(client: &Connection, bus: &str, vm: &str) -> Vm {
-    let m = Manager1Proxy::new(client).await.unwrap();
-    let path = m
-        .register(vm, HashMap::from([("bus_address", Variant::from(bus))]))
-        .await
-        .unwrap();
-    let vm1 = Vm1Proxy::builder(client)
-        .path(path)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .unwrap();
-    let vs = VmState1Proxy::builder(client)
-        .destination(vm1.unique_name().await.unwrap())
-        .build()
-        .await
-        .unwrap();
+    let (vm1, vs) = common::bus::register(client, bus, vm).await;
     Vm { vm1, vs }
 }
 
@@ -239,9 +224,7 @@ async fn exercise_after_register(ns: &Netns, vm: &Vm) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_after_register_is_served_from_the_warm_cache() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let ns = Netns::new("dc-inproc");
         let bus = TestBus::new("dc-inproc");
@@ -269,9 +252,7 @@ async fn save_after_register_is_served_from_the_warm_cache() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_cache_daemon_dumps_every_save() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let ns = Netns::new("dc-nocache");
         let bus = TestBus::new("dc-nocache");
@@ -298,9 +279,7 @@ async fn no_cache_daemon_dumps_every_save() {
 /// the next connection), the daemon's client sends the watches again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helper_cache_serves_save_and_watches_survive_a_helper_restart() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let ns = Netns::new("dc-helper");
         let bus = TestBus::new("dc-helper");
@@ -369,9 +348,7 @@ async fn big_vm_saves_from_the_base(ns: &Netns, vm: &Vm, base: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_vm_saves_from_the_pre_encoded_base_in_process_or_whole_with_no_base() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         for base in [true, false] {
             let ns = Netns::new("dc-base");
@@ -394,9 +371,7 @@ async fn big_vm_saves_from_the_pre_encoded_base_in_process_or_whole_with_no_base
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_vm_saves_from_the_helpers_pre_encoded_base() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let ns = Netns::new("dc-hbase");
         let bus = TestBus::new("dc-hbase");
@@ -421,9 +396,7 @@ async fn big_vm_saves_from_the_helpers_pre_encoded_base() {
 /// answer and one for the completion.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_load_answers_within_its_budget_and_reports_completion() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let ns = Netns::new("dc-load");
         let bus = TestBus::new("dc-load");

@@ -17,9 +17,7 @@ fn cli(bus: &str, args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_and_unregister_with_qmp_wire_qemu() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     tokio::time::timeout(Duration::from_secs(120), async {
         let bus = TestBus::new("qmp-cli");
         let state = scratch_dir("qmp-cli-state");

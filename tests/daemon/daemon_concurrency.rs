@@ -24,9 +24,7 @@ fn get_str(m: &HashMap<String, OwnedVariant>, k: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn getall_answered_while_twenty_saves_are_blocked() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(Duration::from_secs(60), async {
         let bus = TestBus::new("conc-20");
         let state = scratch_dir("conc-20-state");
@@ -166,9 +164,7 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
 /// the final counts later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_load_answers_at_deadline_and_finishes_in_background() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(Duration::from_secs(60), async {
         let bus = TestBus::new("conc-load");
         let state = scratch_dir("conc-load-state");
@@ -185,22 +181,7 @@ async fn slow_load_answers_at_deadline_and_finishes_in_background() {
         .await
         .expect("daemon");
         let client = bus.connect().await;
-        let m = Manager1Proxy::new(&client).await.unwrap();
-        let path = m
-            .register("100", HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]))
-            .await
-            .unwrap();
-        let vm1 = Vm1Proxy::builder(&client)
-            .path(path)
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .unwrap();
-        let vs = VmState1Proxy::builder(&client)
-            .destination(vm1.unique_name().await.unwrap())
-            .build()
-            .await
-            .unwrap();
+        let (vm1, vs) = common::bus::register(&client, &bus.address, "100").await;
         let text = b"-A -t 3599 -u SEEN_REPLY,ASSURED -s 10.0.0.1 -d 10.0.0.2 -r 10.0.0.2 -q 10.0.0.1 -p tcp --sport 1000 --dport 80 --reply-port-src 80 --reply-port-dst 1000 --state ESTABLISHED --mark 100\n";
         let t = Instant::now();
         vs.load(serde_bytes::Bytes::new(text)).await.expect("Load never fails");
@@ -237,9 +218,7 @@ async fn slow_load_answers_at_deadline_and_finishes_in_background() {
 /// accepted by a process that is about to stop serving the VM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_after_idle_decision_is_refused() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(Duration::from_secs(30), async {
         let bus = TestBus::new("conc-idle");
         let state = scratch_dir("conc-idle-state");

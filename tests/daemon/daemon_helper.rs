@@ -8,15 +8,13 @@ use std::time::{Duration, Instant};
 use common::bus::{scratch_dir, DaemonOpts, DaemonProc, TestBus};
 use common::host::{spawn_helper, Proc};
 use common::netns::Netns;
-use conntrack_vmstate::bus::proxy::{Manager1Proxy, Vm1Proxy, VmState1Proxy};
+use conntrack_vmstate::bus::proxy::Manager1Proxy;
 use conntrack_vmstate::format;
 use zbus::Variant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capless_daemon_saves_and_flushes_through_the_helper() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(Duration::from_secs(90), async {
         let ns = Netns::new("helper");
         let bus = TestBus::new("helper");
@@ -60,24 +58,7 @@ async fn capless_daemon_saves_and_flushes_through_the_helper() {
             .extend(["--helper-socket".to_string(), sock.display().to_string()]);
         let _d = DaemonProc::start(o, &client).await;
         let m = Manager1Proxy::new(&client).await.unwrap();
-        let path = m
-            .register(
-                "100",
-                HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]),
-            )
-            .await
-            .unwrap();
-        let vm = Vm1Proxy::builder(&client)
-            .path(path)
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .unwrap();
-        let vs = VmState1Proxy::builder(&client)
-            .destination(vm.unique_name().await.unwrap())
-            .build()
-            .await
-            .unwrap();
+        let (vm, vs) = common::bus::register(&client, &bus.address, "100").await;
         let blob = vs.save().await.unwrap().into_vec();
         let decoded = format::decode(&blob).unwrap();
         let last = vm.last_save().await.unwrap();
@@ -105,9 +86,7 @@ async fn capless_daemon_saves_and_flushes_through_the_helper() {
 /// runs again, the next Save carries the entries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_answers_at_deadline_while_the_helper_hangs() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(Duration::from_secs(90), async {
         let ns = Netns::new("helper-hang");
         let bus = TestBus::new("helper-hang");
@@ -121,25 +100,7 @@ async fn save_answers_at_deadline_while_the_helper_hangs() {
         o.extra
             .extend(["--save-deadline-ms".to_string(), "1000".to_string()]);
         let _d = DaemonProc::start(o, &client).await;
-        let m = Manager1Proxy::new(&client).await.unwrap();
-        let path = m
-            .register(
-                "100",
-                HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]),
-            )
-            .await
-            .unwrap();
-        let vm = Vm1Proxy::builder(&client)
-            .path(path)
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .unwrap();
-        let vs = VmState1Proxy::builder(&client)
-            .destination(vm.unique_name().await.unwrap())
-            .build()
-            .await
-            .unwrap();
+        let (vm, vs) = common::bus::register(&client, &bus.address, "100").await;
         assert_eq!(
             format::decode(&vs.save().await.unwrap())
                 .unwrap()

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::bus::{scratch_dir, DaemonOpts, DaemonProc, TestBus};
 use common::netns::Netns;
-use conntrack_vmstate::bus::proxy::{Manager1Proxy, Vm1Proxy, VmState1Proxy};
+use conntrack_vmstate::bus::proxy::Manager1Proxy;
 use zbus::Variant;
 
 /// Parses one datagram of journald's native protocol: `KEY=value\n`, or
@@ -66,9 +66,7 @@ fn find<'a>(seen: &'a [HashMap<String, String>], prefix: &str) -> &'a HashMap<St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journal_lines_carry_structured_fields() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(Duration::from_secs(90), async {
         let ns = Netns::new("journal");
         let bus = TestBus::new("journal");
@@ -97,19 +95,7 @@ async fn journal_lines_carry_structured_fields() {
         let d = DaemonProc::start(o, &client).await;
 
         let m = Manager1Proxy::new(&client).await.unwrap();
-        let path = m
-            .register(
-                "100",
-                HashMap::from([("bus_address", Variant::from(bus.address.as_str()))]),
-            )
-            .await
-            .unwrap();
-        let vm = Vm1Proxy::builder(&client).path(path).build().await.unwrap();
-        let vs = VmState1Proxy::builder(&client)
-            .destination(vm.unique_name().await.unwrap())
-            .build()
-            .await
-            .unwrap();
+        let (_vm, vs) = common::bus::register(&client, &bus.address, "100").await;
         let blob = vs.save().await.unwrap().into_vec();
         vs.load(serde_bytes::Bytes::new(&blob)).await.unwrap();
         m.unregister("100", HashMap::new()).await.unwrap();
@@ -163,9 +149,7 @@ async fn journal_lines_carry_structured_fields() {
 /// daemon then logs only natively, without a duplicate stderr copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_stderr_copy_when_stderr_is_the_journal() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     use std::os::unix::fs::MetadataExt;
     tokio::time::timeout(Duration::from_secs(90), async {
         let ns = Netns::new("journal-st");

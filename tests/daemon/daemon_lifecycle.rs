@@ -37,9 +37,7 @@ fn notify_until(sock: &UnixDatagram, want: &str, seen: &mut Vec<String>) -> bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifies_systemd_ready_status_and_stopping() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let bus = TestBus::new("life-notify");
         let state = scratch_dir("life-notify-state");
@@ -108,9 +106,7 @@ async fn notifies_systemd_ready_status_and_stopping() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exits_when_idle_but_not_while_a_vm_is_registered() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let bus = TestBus::new("life-idle");
         let state = scratch_dir("life-idle-state");
@@ -146,9 +142,7 @@ async fn exits_when_idle_but_not_while_a_vm_is_registered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrations_survive_kill_9_and_restart() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let bus = TestBus::new("life-persist");
         let state = scratch_dir("life-persist-state");
@@ -220,9 +214,7 @@ fn cli(bus: &str, args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_register_status_unregister() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let bus = TestBus::new("life-cli");
         let state = scratch_dir("life-cli-state");
@@ -279,9 +271,7 @@ async fn cli_register_status_unregister() {
 /// org.qemu.VMState1, and calling the helpers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_policy_allows_only_configured_users() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let bus = TestBus::with_config("life-strict", &common::bus::data("strict-policy.conf"));
         let state = scratch_dir("life-strict-state");

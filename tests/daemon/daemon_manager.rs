@@ -47,9 +47,7 @@ fn opts<'a>(pairs: &[(&'a str, Variant<'a>)]) -> HashMap<&'a str, Variant<'a>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_exports_vm_object_and_queues_vmstate_connection() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let bus = TestBus::new("mgr-reg");
         let state = scratch_dir("mgr-reg-state");
@@ -133,9 +131,7 @@ async fn register_exports_vm_object_and_queues_vmstate_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_errors_are_named_and_idempotence_holds() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let bus = TestBus::new("mgr-err");
         let state = scratch_dir("mgr-err-state");
@@ -210,9 +206,7 @@ async fn register_errors_are_named_and_idempotence_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn object_manager_lists_vm_objects() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let bus = TestBus::new("mgr-om");
         let state = scratch_dir("mgr-om-state");
@@ -264,9 +258,7 @@ async fn object_manager_lists_vm_objects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_vms_each_queue_their_own_connection() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let bus = TestBus::new("mgr-20");
         let state = scratch_dir("mgr-20-state");
@@ -304,9 +296,7 @@ async fn twenty_vms_each_queue_their_own_connection() {
 /// QEMU is a GDBus client: GetAll and Save through GLib's own tool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gdbus_reads_id_and_calls_save() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let bus = TestBus::new("mgr-gdbus");
         let state = scratch_dir("mgr-gdbus-state");
@@ -376,9 +366,7 @@ async fn gdbus_reads_id_and_calls_save() {
 /// unreachable instead of claiming the VM is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_vm_bus_is_noticed_and_reported() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let bus = TestBus::new("mgr-lost");
         let vm_bus = TestBus::new("mgr-lost-vm");

@@ -45,26 +45,7 @@ impl Host {
 
     /// Registers `vm` on this host's bus; returns (VM1 proxy, VMState1 proxy).
     async fn register(&self, vm: &str) -> (Vm1Proxy<'static>, VmState1Proxy<'static>) {
-        let m = Manager1Proxy::new(&self.client).await.unwrap();
-        let path = m
-            .register(
-                vm,
-                HashMap::from([("bus_address", Variant::from(self.bus.address.as_str()))]),
-            )
-            .await
-            .unwrap();
-        let vm1 = Vm1Proxy::builder(&self.client)
-            .path(path)
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .unwrap();
-        let unique = vm1.unique_name().await.unwrap();
-        let vs = VmState1Proxy::builder(&self.client)
-            .destination(unique)
-            .build()
-            .await
-            .unwrap();
+        let (vm1, vs) = common::bus::register(&self.client, &self.bus.address, vm).await;
         (vm1, vs)
     }
 
@@ -143,9 +124,7 @@ fn populate(h: &Host) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_load_and_flush_move_exactly_one_vms_entries() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let src = Host::new("vms-src", &[]).await;
         let dst = Host::new("vms-dst", &[]).await;
@@ -209,9 +188,7 @@ async fn save_load_and_flush_move_exactly_one_vms_entries() {
 /// (not one made since), and Unregister removes the ids file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flush_after_a_daemon_restart_deletes_exactly_the_saved_entries() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let mut src = Host::new("vms-restart", &[]).await;
         populate(&src);
@@ -253,9 +230,7 @@ async fn flush_after_a_daemon_restart_deletes_exactly_the_saved_entries() {
 /// valid empty state and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_without_cap_net_admin_sends_valid_empty_state() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let src = Host::new(
             "vms-nocap",
@@ -292,9 +267,7 @@ async fn save_without_cap_net_admin_sends_valid_empty_state() {
 /// and creates nothing; good legacy text from the Perl helper loads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_reports_bad_data_and_never_fails() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let src = Host::new("vms-lsrc", &[]).await;
         let dst = Host::new("vms-ldst", &[]).await;
@@ -349,9 +322,7 @@ async fn load_reports_bad_data_and_never_fails() {
 /// daemon_concurrency.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_vms_save_at_once_on_a_shared_bus() {
-    if common::tier::daemon() {
-        return;
-    }
+    common::needs!(daemon);
     tokio::time::timeout(T, async {
         let h = Host::new("vms-20", &[]).await;
         let dir = scratch_dir("vms-20-pop");

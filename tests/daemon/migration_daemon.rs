@@ -175,9 +175,7 @@ fn pair(tag: &str) -> (Host, Host) {
 
 #[test]
 fn entries_arrive_attribute_exact_and_flush_removes_exactly_them() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let (mut src, mut dst) = pair("ex");
     // The realistic mix: NAT'ed with SRC_NAT/DST_NAT status, zones,
     // FIXED_TIMEOUT, labels, TCP window scale; 20 % other VMs (marks 1100…).
@@ -291,9 +289,7 @@ fn entries_arrive_attribute_exact_and_flush_removes_exactly_them() {
 
 #[test]
 fn two_vms_on_one_shared_bus_migrating_at_once_get_only_their_own() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let (src, dst) = pair("sh");
     src.load_entries(&population(100, 1500));
     src.load_entries(&population(101, 1000));
@@ -382,9 +378,7 @@ fn two_vms_on_one_shared_bus_migrating_at_once_get_only_their_own() {
 
 #[test]
 fn a_custom_id_is_what_qemu_lists_and_migrates() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let (mut src, mut dst) = pair("id");
     src.load_entries(&population(100, 200));
     // another VM's entries under the mark the custom registration must not take
@@ -423,9 +417,7 @@ fn a_custom_id_is_what_qemu_lists_and_migrates() {
 /// the guest run on the destination, with an empty state.
 #[test]
 fn save_without_conntrack_access_still_migrates() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let mut src = Host::new("caps");
     let mut dst = Host::new("capd");
     let addr = src.bus.address.clone();
@@ -466,9 +458,7 @@ fn save_without_conntrack_access_still_migrates() {
 /// the deadline; the migration completes.
 #[test]
 fn save_past_its_deadline_still_migrates() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let mut src = Host::new("dls");
     let mut dst = Host::new("dld");
     let addr = src.bus.address.clone();
@@ -495,9 +485,7 @@ fn save_past_its_deadline_still_migrates() {
 /// and mark, and the migration carries the entries.
 #[test]
 fn daemons_killed_and_restarted_between_register_and_migration() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let (mut src, mut dst) = pair("rs");
     src.load_entries(&population(100, 500));
     start_qemus(&mut src, &mut dst);
@@ -557,9 +545,7 @@ fn destination_for(tag: &str, stream: &Path) -> (Host, Incoming) {
 /// in LastLoad. Valid legacy text (the Perl helper's payload) is loaded.
 #[test]
 fn bad_data_at_load_never_breaks_the_migration() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     use common::qemu::{parse_vmstate_section, rewrite_vmstate_section};
     let (mut src, _unused_dst) = pair("bl");
     src.load_entries(&population(100, 400));
@@ -694,9 +680,7 @@ fn bad_data_at_load_never_breaks_the_migration() {
 /// helper is thawed, a second migration carries the entries.
 #[test]
 fn conntrack_helper_frozen_during_save_still_migrates() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     use common::host::Proc;
     use nix::sys::signal::{kill, Signal};
     let mut src = Host::new("hgs");
@@ -779,9 +763,7 @@ fn conntrack_helper_frozen_during_save_still_migrates() {
 /// stands (the VM can be wired later).
 #[test]
 fn register_qmp_with_an_absent_socket_is_a_clear_error() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let mut h = Host::new("rq");
     h.start_daemon();
     let sock = h.path().join("absent.qmp");
@@ -834,9 +816,7 @@ fn register_qmp_with_an_absent_socket_is_a_clear_error() {
 /// window scale or TCP flags; everything else arrives.
 #[test]
 fn perl_helper_text_format_end_to_end() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let (mut src, mut dst) = pair("pl");
     src.load_entries(&population(100, 600));
     start_qemus(&mut src, &mut dst);

@@ -14,9 +14,7 @@ fn with_object(h: &Host, ids: Option<&str>, incoming: bool) -> QemuOpts {
 
 #[test]
 fn empty_id_list_on_both_sides_migrates_and_the_destination_runs() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let mut src = Host::new("hsrc");
     let mut dst = Host::new("hdst");
     // id-list="" means "expect nobody"; set at run time as management does.
@@ -79,9 +77,7 @@ fn empty_id_list_on_both_sides_migrates_and_the_destination_runs() {
 
 #[test]
 fn object_only_on_the_source_makes_the_destination_exit_1() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let src = Host::new("osrc");
     let dst = Host::new("odst");
     let mut sq = Qemu::start(
@@ -112,9 +108,7 @@ fn object_only_on_the_source_makes_the_destination_exit_1() {
 
 #[test]
 fn no_object_on_either_side_migrates() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let src = Host::new("nsrc");
     let dst = Host::new("ndst");
     let mut sq = Qemu::start(src.path(), "qemu", Some(&src.ns), &QemuOpts::default());
@@ -140,9 +134,7 @@ fn no_object_on_either_side_migrates() {
 
 #[test]
 fn a_listed_id_without_helper_fails_the_source_and_the_guest_resumes() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let src = Host::new("msrc");
     let mut sq = Qemu::start(
         src.path(),
@@ -165,9 +157,7 @@ fn a_listed_id_without_helper_fails_the_source_and_the_guest_resumes() {
 /// QEMU's `Failed to find proxy Id`.
 #[test]
 fn a_rewritten_section_is_what_the_destination_reads() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let src = Host::new("rsrc");
     let dst = Host::new("rdst");
     let mut sq = Qemu::start(

@@ -27,9 +27,7 @@ fn object(q: &mut Qemu) -> Option<VmstateObject> {
 
 #[test]
 fn attach_creates_then_detach_deletes_the_object() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let dir = tmp("create");
     let bus = Bus::start(dir.path());
     let mut q = plain_qemu(dir.path());
@@ -72,9 +70,7 @@ fn attach_creates_then_detach_deletes_the_object() {
 
 #[test]
 fn an_existing_object_keeps_other_helpers_ids() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let dir = tmp("shared");
     let bus = Bus::start(dir.path());
     // Another tool created the object, under its own QOM id, for its helper.
@@ -120,9 +116,7 @@ fn an_existing_object_keeps_other_helpers_ids() {
 
 #[test]
 fn an_object_on_another_bus_is_recreated_only_when_nobody_else_uses_it() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let dir = tmp("rebus");
     let old = tempfile::tempdir_in(dir.path()).unwrap();
     let new = tempfile::tempdir_in(dir.path()).unwrap();
@@ -184,9 +178,7 @@ fn an_object_on_another_bus_is_recreated_only_when_nobody_else_uses_it() {
 
 #[test]
 fn unreachable_bus_surfaces_qemus_error() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let dir = tmp("nobus");
     let mut q = plain_qemu(dir.path());
     let addr = format!("unix:path={}/no-such-bus", dir.path().display());
@@ -208,9 +200,7 @@ fn unreachable_bus_surfaces_qemus_error() {
 
 #[test]
 fn absent_socket_is_a_clear_error() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let dir = tmp("nosock");
     let path = dir.path().join("absent.qmp");
     let err = qmp::attach_vmstate(&path, "vm-100", "unix:path=/nowhere").unwrap_err();
@@ -227,9 +217,7 @@ fn absent_socket_is_a_clear_error() {
 
 #[test]
 fn bad_ids_are_refused_before_qemu_is_touched() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let dir = tmp("badid");
     let bus = Bus::start(dir.path());
     let mut q = plain_qemu(dir.path());
@@ -250,9 +238,7 @@ fn bad_ids_are_refused_before_qemu_is_touched() {
 
 #[test]
 fn a_busy_monitor_times_out_instead_of_hanging() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let dir = tmp("busy");
     let mut q = plain_qemu(dir.path());
     // Our own session holds the monitor; QEMU serves one client at a time.
@@ -275,9 +261,7 @@ fn a_busy_monitor_times_out_instead_of_hanging() {
 
 #[test]
 fn one_shot_functions_wire_a_running_qemu() {
-    if common::tier::qemu() {
-        return;
-    }
+    common::needs!(qemu);
     let dir = tmp("oneshot");
     let bus = Bus::start(dir.path());
     let mut q = plain_qemu(dir.path());

@@ -80,9 +80,7 @@ fn assert_same(what: &str, want: &[Entry], got: &[Entry]) {
 
 #[test]
 fn save_from_the_base_equals_the_kernel_after_every_kind_of_change() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cachebase");
     let pop = population::generate(Spec::new(800, MARK, 61));
     population::enable_labels(&ns.name);
@@ -239,9 +237,7 @@ fn save_from_the_base_equals_the_kernel_after_every_kind_of_change() {
 
 #[test]
 fn the_event_thread_rebuilds_the_base_after_many_changes() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cachebase2");
     let sel = Selector::mark(MARK);
     let cache = cache(&ns, Duration::from_millis(200));

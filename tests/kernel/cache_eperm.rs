@@ -13,9 +13,7 @@ const CHILD_ENV: &str = "CVS_CACHE_EPERM_CHILD";
 
 #[test]
 fn cache_without_cap_net_admin_refuses_to_watch() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cacheeperm");
     let exe = std::env::current_exe().expect("test binary");
     let out = ns
@@ -45,9 +43,7 @@ fn cache_without_cap_net_admin_refuses_to_watch() {
 #[test]
 #[ignore = "started by cache_without_cap_net_admin_refuses_to_watch"]
 fn cache_eperm_child() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     assert_eq!(
         std::env::var(CHILD_ENV).as_deref(),
         Ok("1"),

@@ -101,9 +101,7 @@ fn udp_entries(n: usize, mark: u32, base: u8) -> Vec<Entry> {
 
 #[test]
 fn cache_follows_creates_updates_deletes_and_mark_moves() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cachefollow");
     let pop = population::generate(Spec::new(600, MARK, 51));
     population::enable_labels(&ns.name);
@@ -239,9 +237,7 @@ fn cache_follows_creates_updates_deletes_and_mark_moves() {
 
 #[test]
 fn cache_timeouts_age_and_refresh() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cacheage");
     let sel = Selector::mark(MARK);
     let cfg = CacheConfig {
@@ -280,9 +276,7 @@ fn cache_timeouts_age_and_refresh() {
 
 #[test]
 fn cache_lost_events_fall_back_then_resync() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cachelost");
     let sel = Selector::mark(MARK);
     let cfg = CacheConfig {
@@ -331,9 +325,7 @@ fn cache_lost_events_fall_back_then_resync() {
 
 #[test]
 fn cache_with_events_disabled_is_the_direct_dump() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cacheoff");
     run_ok(
         ns.cmd("sysctl")
@@ -376,9 +368,7 @@ fn cache_with_events_disabled_is_the_direct_dump() {
 
 #[test]
 fn cache_unwatched_selectors_are_direct_and_unwatch_stops_tracking() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cacheunw");
     let a = Selector::mark(MARK);
     let b = Selector::mark(200);
@@ -434,9 +424,7 @@ fn cache_unwatched_selectors_are_direct_and_unwatch_stops_tracking() {
 
 #[test]
 fn cache_probe_tells_reporting_entries_from_silent_ones() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cacheprobe");
     let sel = Selector::mark(MARK);
     let direct = ct(&ns);
@@ -491,9 +479,7 @@ fn cache_probe_tells_reporting_entries_from_silent_ones() {
 
 #[test]
 fn cache_stays_exact_under_churn_during_syncs() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cachechurn");
     let sel = Selector::mark(MARK);
     let cfg = CacheConfig {
@@ -567,9 +553,7 @@ fn cache_stays_exact_under_churn_during_syncs() {
 
 #[test]
 fn cache_many_selectors_share_one_walk() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cachemany");
     let cfg = CacheConfig {
         refresh_interval: Duration::from_millis(300),

@@ -117,9 +117,7 @@ fn thread_ticks(name: &str) -> u64 {
 #[test]
 #[ignore]
 fn measure_memory_per_entry() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cmmem");
     let pop = population::generate(Spec::new(20_000, MARK, 3));
     population::load(&ns.name, &pop);
@@ -147,9 +145,7 @@ fn measure_memory_per_entry() {
 #[test]
 #[ignore]
 fn measure_event_thread_cpu() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cmcpu");
     let sel = Selector::mark(MARK);
     let direct = ct(&ns);
@@ -211,9 +207,7 @@ fn measure_event_thread_cpu() {
 #[test]
 #[ignore]
 fn measure_save_latency() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let host = Netns::new("cmhost");
     // Another namespace's 150k entries: the hash table is shared host-wide.
     let noise = ct(&host);

@@ -39,9 +39,7 @@ fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
 
 #[test]
 fn cache_tracks_packet_made_entries() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cachetraffic");
     run_ok(ns.cmd("iptables").args([
         "-t",
@@ -152,9 +150,7 @@ fn cache_tracks_packet_made_entries() {
 /// `nf_conntrack_events` check reads this namespace's value.
 #[test]
 fn cache_opened_inside_its_namespace() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cacheinside");
     let sel = Selector::mark(MARK);
     let cache = in_ns(&ns, || {

@@ -40,9 +40,7 @@ fn loaded(tag: &str, n: usize, seed: u64) -> (Netns, population::Population) {
 
 #[test]
 fn save_load_copies_every_attribute_and_flush_only_takes_the_mark() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let (src, pop) = loaded("clisrc", 1500, 21);
     let dst = Netns::new("clidst");
     population::enable_labels(&dst.name);
@@ -113,9 +111,7 @@ fn save_load_copies_every_attribute_and_flush_only_takes_the_mark() {
 
 #[test]
 fn budget_and_conntrack_save_format_through_the_cli() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let (src, pop) = loaded("clibud", 800, 22);
     let n = pop.vm_count();
     let dir = tempfile::tempdir().unwrap();
@@ -193,9 +189,7 @@ fn budget_and_conntrack_save_format_through_the_cli() {
 
 #[test]
 fn load_of_a_malformed_blob_creates_nothing() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let (src, _pop) = loaded("climal", 200, 23);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("state.bin");

@@ -28,9 +28,7 @@ fn noise_counts(ct: &Ctnetlink, pop: &population::Population) -> Vec<usize> {
 
 #[test]
 fn delete_selected_removes_exactly_that_mark() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let (ns, pop, ct) = setup("ctdel", 2000, 21);
     let noise_before = noise_counts(&ct, &pop);
     assert_eq!(noise_before.iter().sum::<usize>(), pop.noise_lines.len());
@@ -46,9 +44,7 @@ fn delete_selected_removes_exactly_that_mark() {
 
 #[test]
 fn delete_selected_with_zone_spares_other_zones() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let (ns, pop, ct) = setup("ctdelz", 2000, 22);
     let all = ct.dump(&Selector::mark(MARK)).expect("dump");
     let zone = all
@@ -74,9 +70,7 @@ fn delete_selected_with_zone_spares_other_zones() {
 
 #[test]
 fn delete_entries_removes_exactly_the_given_set() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let (ns, pop, ct) = setup("ctdelx", 1500, 23);
     let all = ct.dump(&Selector::mark(MARK)).expect("dump");
     // A set of every third entry, zoned and NATed ones included.

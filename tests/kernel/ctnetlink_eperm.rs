@@ -13,9 +13,7 @@ const CHILD_ENV: &str = "CVS_EPERM_CHILD";
 
 #[test]
 fn without_cap_net_admin_every_operation_is_permission_denied() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("cteperm");
     ns.run(
         "conntrack",
@@ -75,9 +73,7 @@ fn without_cap_net_admin_every_operation_is_permission_denied() {
 #[test]
 #[ignore = "started by without_cap_net_admin_every_operation_is_permission_denied"]
 fn eperm_child() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     assert_eq!(
         std::env::var(CHILD_ENV).as_deref(),
         Ok("1"),

@@ -216,9 +216,7 @@ fn specimens() -> Vec<Entry> {
 
 #[test]
 fn every_protocol_and_nat_variant_round_trips() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("ctproto");
     population_labels(&ns);
     let ct = Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink");
@@ -251,9 +249,7 @@ fn every_protocol_and_nat_variant_round_trips() {
 
 #[test]
 fn wscale_needs_the_window_scale_flag_in_both_directions() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("ctws");
     let ct = Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink");
     let mut e = entry(proto::TCP, "10.1.0.1", "198.51.100.1", ports(40000, 443));
@@ -286,9 +282,7 @@ fn population_labels(ns: &Netns) {
 /// entry is created and read back as the kernel keeps it.
 #[test]
 fn dccp_round_trips_as_the_kernel_tracks_it() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("ctdccp");
     let ct = Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink");
     let mut e = entry(proto::DCCP, "10.1.0.1", "198.51.100.5", ports(40006, 5004));
@@ -318,9 +312,7 @@ fn dccp_round_trips_as_the_kernel_tracks_it() {
 /// without mixing up answers.
 #[test]
 fn one_handle_serves_several_threads() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("ctthreads");
     let ct = Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink");
     std::thread::scope(|s| {

@@ -38,9 +38,7 @@ fn wscale_of(e: &Entry) -> (u8, u8) {
 
 #[test]
 fn dump_by_mark_returns_exactly_the_vms_entries() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let (ns, pop) = loaded("ctdump", 3000, 11);
     let ct = ct(&ns);
     let got = ct.dump(&Selector::mark(MARK)).expect("dump");
@@ -96,9 +94,7 @@ fn dump_by_mark_returns_exactly_the_vms_entries() {
 
 #[test]
 fn roundtrip_copies_every_attribute() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let (src, pop) = loaded("ctsrc", 3000, 12);
     let dst = Netns::new("ctdst");
     population::enable_labels(&dst.name);
@@ -200,9 +196,7 @@ fn mutations(saved: &[Entry]) -> Vec<(&'static str, Entry, Entry)> {
 
 #[test]
 fn comparisons_fail_on_missing_attributes() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let (src, _pop) = loaded("ctcmp", 1500, 13);
     let dst = Netns::new("ctcmpd");
     population::enable_labels(&dst.name);
@@ -289,9 +283,7 @@ fn create_after_delete(b: &Ctnetlink, e: &Entry) -> CreateReport {
 
 #[test]
 fn refused_entries_are_counted_and_the_rest_loads() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let (src, _pop) = loaded("ctref", 1000, 14);
     let dst = Netns::new("ctrefd");
     population::enable_labels(&dst.name);

@@ -123,9 +123,7 @@ fn direct(ns: &Netns) -> Ctnetlink {
 
 #[test]
 fn copy_through_two_helpers_is_attribute_exact() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let src = Netns::new("hksrc");
     let dst = Netns::new("hkdst");
     let pop = population::generate(Spec::new(2000, MARK, 31));
@@ -190,9 +188,7 @@ fn copy_through_two_helpers_is_attribute_exact() {
 
 #[test]
 fn hostile_requests_do_not_touch_the_kernel_table() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("hkhost");
     let pop = population::generate(Spec::new(300, MARK, 32));
     population::load(&ns.name, &pop);
@@ -300,9 +296,7 @@ fn hostile_requests_do_not_touch_the_kernel_table() {
 
 #[test]
 fn unprivileged_helper_needs_exactly_ambient_cap_net_admin() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("hkcap");
     let pop = population::generate(Spec::new(50, MARK, 33));
     population::load(&ns.name, &pop);
@@ -387,9 +381,7 @@ fn sorted(mut v: Vec<u32>) -> Vec<u32> {
 /// reason and touch nothing.
 #[test]
 fn save_state_through_the_helper_is_attribute_exact_and_bounded() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("hksave");
     let pop = population::generate(Spec::new(2000, MARK, 34));
     // Entries carry the event extension whether or not some ctnetlink
@@ -578,9 +570,7 @@ fn save_state_through_the_helper_is_attribute_exact_and_bounded() {
 /// count as missing and are left alone.
 #[test]
 fn delete_saved_through_the_helper_deletes_exactly_those_ids() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let ns = Netns::new("hkdelsaved");
     let pop = population::generate(Spec::new(1500, MARK, 35));
     population::load(&ns.name, &pop);

@@ -119,9 +119,7 @@ fn assured(n: usize, net: u8) -> Vec<Entry> {
 /// destination then holds every entry attribute-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budgeted_load_answers_early_with_the_most_valuable_entries_first() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let src = Netns::new("lb-src");
     let dst = Netns::new("lb-dst");
     let pop = population::generate(Spec::new(50_000, MARK, 0x10ad));
@@ -260,9 +258,7 @@ fn connect_from(ns: &Netns, sport: u16, dport: u16) -> (TcpListener, TcpStream, 
 /// (same kernel id, its own TCP state and timeout), not overwritten.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entry_made_by_live_traffic_meanwhile_is_counted_existed_and_kept() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let dst = Netns::new("lb-live");
     run_ok(dst.cmd("iptables").args([
         "-t",
@@ -373,9 +369,7 @@ async fn entry_made_by_live_traffic_meanwhile_is_counted_existed_and_kept() {
 /// The entries already created stay; LastLoad says why the restore ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_load_and_unregister_stop_a_running_restore() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let dst = Netns::new("lb-cancel");
     let first = assured(20_000, 1);
     let held = key(&first[10_000]);
@@ -457,9 +451,7 @@ async fn second_load_and_unregister_stop_a_running_restore() {
 /// established flows first, and they are what is in before the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_text_in_reverse_order_is_created_most_valuable_first() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let dst = Netns::new("lb-text");
     let mut entries = assured(3000, 3);
     for (i, e) in entries.iter_mut().enumerate().skip(1000) {

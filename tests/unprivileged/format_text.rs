@@ -171,9 +171,7 @@ fn without_timeout(l: &str) -> String {
 
 #[test]
 fn real_conntrack_interop() {
-    if common::tier::kernel() {
-        return;
-    }
+    common::needs!(kernel);
     let src = Netns::new("fmt-text-src");
     let dst = Netns::new("fmt-text-dst");
     for c in CREATE {
