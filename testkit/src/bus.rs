@@ -156,35 +156,48 @@ impl<'a> DaemonOpts<'a> {
     }
 }
 
-impl DaemonProc {
-    pub fn spawn(o: DaemonOpts<'_>) -> DaemonProc {
-        let log = o.state_dir.with_extension("log");
+impl DaemonOpts<'_> {
+    /// The daemon's command line and environment: the one way the kit
+    /// starts `conntrack-vmstated` (also [`Host`](crate::host::Host)'s).
+    /// Not under a test's systemd: no notify socket, no watchdog.
+    pub fn command(&self) -> Command {
         let mut argv: Vec<String> = Vec::new();
-        if let Some(ns) = o.netns {
+        if let Some(ns) = self.netns {
             argv.extend(["ip", "netns", "exec", ns].map(String::from));
         }
-        argv.extend(o.wrapper.iter().cloned());
+        argv.extend(self.wrapper.iter().cloned());
         argv.push(crate::bin("conntrack-vmstated").display().to_string());
         argv.extend([
             "--bus-address".into(),
-            o.bus.into(),
+            self.bus.into(),
             "--state-dir".into(),
-            o.state_dir.display().to_string(),
+            self.state_dir.display().to_string(),
         ]);
-        argv.extend(o.extra.iter().cloned());
-        let logf = std::fs::File::create(&log).expect("log file");
+        argv.extend(self.extra.iter().cloned());
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+}
+
+impl DaemonProc {
+    pub fn spawn(o: DaemonOpts<'_>) -> DaemonProc {
+        let log = o.state_dir.with_extension("log");
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = o
+            .command()
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env("RUST_LOG", "info");
-        for (k, v) in &o.env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn conntrack-vmstated");
+            .spawn()
+            .expect("spawn conntrack-vmstated");
         DaemonProc { child, log }
     }
 

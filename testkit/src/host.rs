@@ -17,22 +17,45 @@ static NEXT_FILE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::n
 pub use crate::WAIT;
 
 /// The real conntrack-vmstate-helper inside `ns`, listening on `sock`
-/// (removed first), once the socket exists (bounded by 20 s).
+/// (removed first); returns once it accepts connections.
 pub fn spawn_helper(ns: &Netns, dir: &Path, sock: &Path) -> Proc {
+    start_helper(ns, dir, &[], sock)
+}
+
+/// The one way the kit starts conntrack-vmstate-helper: inside `ns`,
+/// behind `wrap` (e.g. setpriv to keep only CAP_NET_ADMIN, as the packaged
+/// unit does), listening on `sock` (removed first), its output in
+/// `<dir>/helper.log`. Returns once the helper accepts connections.
+pub fn start_helper(ns: &Netns, dir: &Path, wrap: &[&str], sock: &Path) -> Proc {
     let _ = std::fs::remove_file(sock);
-    let p = Proc::spawn(
-        "helper",
-        dir,
-        Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(crate::bin("conntrack-vmstate-helper"))
-            .arg("--listen")
-            .arg(sock)
-            .args(["--idle-timeout", "0"]),
-    );
-    let end = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(Instant::now() < end, "helper socket never appeared");
+    let helper = crate::bin("conntrack-vmstate-helper");
+    let mut cmd = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = ns.cmd(first);
+            c.args(rest).arg(&helper);
+            c
+        }
+        None => ns.cmd(&helper),
+    };
+    cmd.arg("--listen")
+        .arg(sock)
+        .args(["--idle-timeout", "0"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    let mut p = Proc::spawn("helper", dir, &mut cmd);
+    let end = Instant::now() + WAIT;
+    // A connection rather than the file: bind() creates the file before
+    // listen(). The helper takes a connection closed without a request
+    // as a normal end.
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        if let Some(s) = p.try_wait() {
+            panic!("conntrack-vmstate-helper exited {s}: {}", p.output());
+        }
+        assert!(
+            Instant::now() < end,
+            "helper not listening after {WAIT:?}: {}",
+            p.output()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     p
@@ -320,23 +343,11 @@ impl Host {
     pub fn start_daemon_with(&mut self, manager_bus: &str, wrap: &[&str], extra: &[&str]) {
         let state = self.path().join("state");
         std::fs::create_dir_all(&state).expect("state dir");
-        let daemon = crate::bin("conntrack-vmstated");
-        let mut cmd = match wrap.split_first() {
-            Some((first, rest)) => {
-                let mut c = self.ns.cmd(first);
-                c.args(rest).arg(&daemon);
-                c
-            }
-            None => self.ns.cmd(&daemon),
-        };
-        cmd.arg("--bus-address")
-            .arg(manager_bus)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--idle-timeout", "0"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1");
+        let mut o = crate::bus::DaemonOpts::new(manager_bus, &state);
+        o.netns = Some(&self.ns.name);
+        o.wrapper = wrap.iter().map(|s| s.to_string()).collect();
+        o.extra.extend(extra.iter().map(|s| s.to_string()));
+        let mut cmd = o.command();
         let n = self.daemon_starts();
         let mut p = Proc::spawn(&format!("daemon{n}"), self.dir.path(), &mut cmd);
         let end = Instant::now() + WAIT;
@@ -365,36 +376,7 @@ impl Host {
     /// path once the helper accepts connections.
     pub fn start_helper(&mut self, wrap: &[&str]) -> PathBuf {
         let sock = self.path().join("helper.sock");
-        let helper = crate::bin("conntrack-vmstate-helper");
-        let mut cmd = match wrap.split_first() {
-            Some((first, rest)) => {
-                let mut c = self.ns.cmd(first);
-                c.args(rest).arg(&helper);
-                c
-            }
-            None => self.ns.cmd(&helper),
-        };
-        cmd.arg("--listen")
-            .arg(&sock)
-            .args(["--idle-timeout", "0"])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1");
-        let mut p = Proc::spawn("helper", self.dir.path(), &mut cmd);
-        let end = Instant::now() + WAIT;
-        // A connection rather than the file: bind() creates the file before
-        // listen(). The helper takes a connection closed without a request
-        // as a normal end.
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            if let Some(s) = p.try_wait() {
-                panic!("conntrack-vmstate-helper exited {s}: {}", p.output());
-            }
-            assert!(
-                Instant::now() < end,
-                "helper not listening after {WAIT:?}: {}",
-                p.output()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let p = start_helper(&self.ns, self.dir.path(), wrap, &sock);
         self.helper = Some(p);
         sock
     }
