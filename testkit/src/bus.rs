@@ -4,7 +4,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use zbus::zvariant::Variant;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-pub use crate::host::Bus;
+pub use crate::host::{Bus, Proc};
 pub use crate::{data, WAIT};
 
 /// A unique scratch directory, readable by unprivileged test users (the
@@ -30,34 +30,6 @@ pub fn scratch_dir(tag: &str) -> tempfile::TempDir {
         .expect("tempdir");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     dir
-}
-
-/// Stops a child: SIGTERM, then SIGKILL after `grace`; always reaps it.
-pub fn stop(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
-    if let Ok(Some(st)) = child.try_wait() {
-        return Some(st);
-    }
-    let pid = Pid::from_raw(child.id() as i32);
-    let _ = kill(pid, Signal::SIGTERM);
-    if let Some(st) = wait_exit(child, grace) {
-        return Some(st);
-    }
-    let _ = kill(pid, Signal::SIGKILL);
-    child.wait().ok()
-}
-
-/// Waits up to `limit` for the child to exit.
-pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let end = Instant::now() + limit;
-    loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            return Some(st);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A private message bus in its own scratch directory: the kit's one
@@ -124,9 +96,11 @@ pub async fn queued_owners(conn: &zbus::Connection, name: &str) -> Vec<String> {
     }
 }
 
-/// A `conntrack-vmstated` process.
+/// A `conntrack-vmstated` process: the kit's one process type
+/// ([`Proc`](crate::host::Proc): TERM, then KILL, on drop), its stderr in
+/// `<state dir>.log`.
 pub struct DaemonProc {
-    child: Child,
+    proc: Proc,
     pub log: PathBuf,
 }
 
@@ -190,22 +164,15 @@ impl DaemonOpts<'_> {
 impl DaemonProc {
     pub fn spawn(o: DaemonOpts<'_>) -> DaemonProc {
         let log = o.state_dir.with_extension("log");
-        let logf = std::fs::File::create(&log).expect("log file");
-        let child = o
-            .command()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .expect("spawn conntrack-vmstated");
-        DaemonProc { child, log }
+        let proc = Proc::spawn_logged("conntrack-vmstated", log.clone(), &mut o.command());
+        DaemonProc { proc, log }
     }
 
     /// Starts a daemon and waits until it owns the manager name.
     pub async fn start(o: DaemonOpts<'_>, client: &zbus::Connection) -> DaemonProc {
         let mut d = DaemonProc::spawn(o);
         if !wait_for_name(client, "org.conntrack_vmstate.Manager1", WAIT).await {
-            let st = stop(&mut d.child, Duration::from_secs(2));
+            let st = d.proc.stop();
             panic!(
                 "daemon did not own its name ({st:?}); log:\n{}",
                 d.log_text()
@@ -215,30 +182,23 @@ impl DaemonProc {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.output()
     }
 
     pub fn kill9(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-        let _ = self.child.wait();
+        self.proc.kill();
     }
 
     pub fn signal(&self, sig: Signal) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
+        let _ = kill(Pid::from_raw(self.proc.pid() as i32), sig);
     }
 
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        wait_exit(&mut self.child, limit)
-    }
-}
-
-impl Drop for DaemonProc {
-    fn drop(&mut self) {
-        stop(&mut self.child, Duration::from_secs(5));
+        self.proc.wait_exit(limit)
     }
 }
 

@@ -72,7 +72,11 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, dir: &Path, cmd: &mut Command) -> Proc {
-        let log = dir.join(format!("{name}.log"));
+        Proc::spawn_logged(name, dir.join(format!("{name}.log")), cmd)
+    }
+
+    /// As [`spawn`](Self::spawn), its output in `log`.
+    pub fn spawn_logged(name: &str, log: PathBuf, cmd: &mut Command) -> Proc {
         let out = File::create(&log).expect("create log");
         let err = out.try_clone().expect("dup log");
         let child = cmd

@@ -4,9 +4,14 @@
 //! per test binary.
 //!
 //! - [`netns`], [`ctcli`]: throw-away network namespaces and conntrack(8);
-//! - [`bus`]: a private dbus-daemon per test and the daemon processes on it;
-//! - [`host`]: a simulated hypervisor host (namespace, bus, daemon, helper,
-//!   QEMU) for migrations;
+//! - [`bus`]: a private dbus-daemon per test ([`bus::TestBus`] over
+//!   [`host::Bus`], tests/data/allow-all.conf), the daemon process
+//!   ([`bus::DaemonOpts::command`], [`bus::DaemonProc`]) and the one Register
+//!   helper ([`bus::register`]); the in-process daemon is
+//!   `conntrack_vmstate::bus::Daemon` over a [`fake::FakeAccess`];
+//! - [`host`]: the one process type ([`host::Proc`]), the helper process
+//!   ([`host::start_helper`]) and a simulated hypervisor host (namespace,
+//!   bus, daemon, helper, QEMU) for migrations;
 //! - [`qemu`]: a real QEMU over QMP;
 //! - [`population`]: the one realistic population generator;
 //! - [`entries`]: proptest strategies for single entries;
