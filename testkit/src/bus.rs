@@ -97,7 +97,7 @@ pub async fn queued_owners(conn: &zbus::Connection, name: &str) -> Vec<String> {
 }
 
 /// A `conntrack-vmstated` process: the kit's one process type
-/// ([`Proc`](crate::host::Proc): TERM, then KILL, on drop), its stderr in
+/// ([`Proc`]: TERM, then KILL, on drop), its output in
 /// `<state dir>.log`.
 pub struct DaemonProc {
     proc: Proc,
