@@ -131,6 +131,29 @@ impl<'a> DaemonOpts<'a> {
 }
 
 impl DaemonOpts<'_> {
+    /// The with-helper variant: every conntrack operation goes to the
+    /// conntrack-vmstate-helper on `sock` (see
+    /// [`start_helper`](crate::host::start_helper)).
+    pub fn helper_socket(mut self, sock: &Path) -> Self {
+        self.extra
+            .extend(["--helper-socket".to_string(), sock.display().to_string()]);
+        self
+    }
+
+    /// Without CAP_NET_ADMIN, as the packaged daemon runs beside its
+    /// helper: any entry it reports came through the helper.
+    pub fn capless(mut self) -> Self {
+        self.wrapper = [
+            "setpriv",
+            "--inh-caps=-net_admin",
+            "--bounding-set=-net_admin",
+            "--",
+        ]
+        .map(String::from)
+        .to_vec();
+        self
+    }
+
     /// The daemon's command line and environment: the one way the kit
     /// starts `conntrack-vmstated` (also [`Host`](crate::host::Host)'s).
     /// Not under a test's systemd: no notify socket, no watchdog.
@@ -200,6 +223,15 @@ impl DaemonProc {
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         self.proc.wait_exit(limit)
     }
+}
+
+/// Runs the CLI with the manager on `bus` (status not checked).
+pub fn cli(bus: &str, args: &[&str]) -> std::process::Output {
+    Command::new(crate::bin("conntrack-vmstate"))
+        .args(args)
+        .env("CONNTRACK_VMSTATE_MANAGER_ADDRESS", bus)
+        .output()
+        .expect("run conntrack-vmstate")
 }
 
 /// `gdbus call …` (GLib's client, as QEMU uses); returns (success, stdout, stderr).

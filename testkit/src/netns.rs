@@ -59,6 +59,30 @@ fn count_lines(o: &Output) -> usize {
         .count()
 }
 
+impl Netns {
+    /// Runs the ignored test `test` (full name) of the running test binary
+    /// again inside this namespace with CAP_NET_ADMIN removed from its
+    /// bounding set, with `env=1` set so the child knows it is one;
+    /// returns its output. How a test proves the kernel refuses an
+    /// operation without the capability.
+    pub fn run_test_without_net_admin(&self, test: &str, env: &str) -> Output {
+        let exe = std::env::current_exe().expect("test binary");
+        self.cmd("setpriv")
+            .args(["--bounding-set=-net_admin", "--inh-caps=-net_admin", "--"])
+            .arg(exe)
+            .args([
+                "--exact",
+                test,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(env, "1")
+            .output()
+            .expect("spawn child")
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")

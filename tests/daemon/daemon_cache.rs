@@ -287,17 +287,9 @@ async fn helper_cache_serves_save_and_watches_survive_a_helper_restart() {
         let sock = state.path().join("helper.sock");
         let mut helper = spawn_helper(&ns, state.path(), &sock);
         let client = bus.connect().await;
-        let mut o = DaemonOpts::new(&bus.address, state.path());
-        o.wrapper = [
-            "setpriv",
-            "--inh-caps=-net_admin",
-            "--bounding-set=-net_admin",
-            "--",
-        ]
-        .map(String::from)
-        .to_vec();
-        o.extra
-            .extend(["--helper-socket".to_string(), sock.display().to_string()]);
+        let o = DaemonOpts::new(&bus.address, state.path())
+            .capless()
+            .helper_socket(&sock);
         let d = DaemonProc::start(o, &client).await;
         populate(&ns);
         let vm = register(&client, &bus.address, "100").await;
@@ -379,9 +371,7 @@ async fn big_vm_saves_from_the_helpers_pre_encoded_base() {
         let sock = state.path().join("helper.sock");
         let _helper = spawn_helper(&ns, state.path(), &sock);
         let client = bus.connect().await;
-        let mut o = DaemonOpts::new(&bus.address, state.path());
-        o.extra
-            .extend(["--helper-socket".to_string(), sock.display().to_string()]);
+        let o = DaemonOpts::new(&bus.address, state.path()).helper_socket(&sock);
         let _d = DaemonProc::start(o, &client).await;
         let vm = register(&client, &bus.address, "100").await;
         big_vm_saves_from_the_base(&ns, &vm, true).await;

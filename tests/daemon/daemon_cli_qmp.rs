@@ -1,19 +1,10 @@
 //! `register --qmp` / `unregister --qmp` wire a real QEMU 7.2's dbus-vmstate
 //! object once the daemon serves the VM, and take it away again.
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::bus::{queued_owners, scratch_dir, DaemonOpts, DaemonProc, TestBus};
+use common::bus::{cli, queued_owners, scratch_dir, DaemonOpts, DaemonProc, TestBus};
 use common::qemu::{Qemu, QemuOpts};
-
-fn cli(bus: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_conntrack-vmstate"))
-        .args(args)
-        .env("CONNTRACK_VMSTATE_MANAGER_ADDRESS", bus)
-        .output()
-        .expect("run conntrack-vmstate")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_and_unregister_with_qmp_wire_qemu() {

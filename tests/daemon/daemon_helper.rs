@@ -45,17 +45,9 @@ async fn capless_daemon_saves_and_flushes_through_the_helper() {
         let client = bus.connect().await;
         // The daemon itself stays in the test's namespace and has no
         // CAP_NET_ADMIN: any entry it reports came through the helper.
-        let mut o = DaemonOpts::new(&bus.address, state.path());
-        o.wrapper = [
-            "setpriv",
-            "--inh-caps=-net_admin",
-            "--bounding-set=-net_admin",
-            "--",
-        ]
-        .map(String::from)
-        .to_vec();
-        o.extra
-            .extend(["--helper-socket".to_string(), sock.display().to_string()]);
+        let o = DaemonOpts::new(&bus.address, state.path())
+            .capless()
+            .helper_socket(&sock);
         let _d = DaemonProc::start(o, &client).await;
         let m = Manager1Proxy::new(&client).await.unwrap();
         let (vm, vs) = common::bus::register(&client, &bus.address, "100").await;
@@ -94,9 +86,7 @@ async fn save_answers_at_deadline_while_the_helper_hangs() {
         let (sock, helper) = start_helper(&ns, state.path());
         insert_vm100_tcp(&ns, 3);
         let client = bus.connect().await;
-        let mut o = DaemonOpts::new(&bus.address, state.path());
-        o.extra
-            .extend(["--helper-socket".to_string(), sock.display().to_string()]);
+        let mut o = DaemonOpts::new(&bus.address, state.path()).helper_socket(&sock);
         o.extra
             .extend(["--save-deadline-ms".to_string(), "1000".to_string()]);
         let _d = DaemonProc::start(o, &client).await;

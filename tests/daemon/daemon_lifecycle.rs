@@ -3,11 +3,10 @@
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixDatagram;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::bus::{
-    gdbus_call_as, queued_owners, scratch_dir, wait_for_name, DaemonOpts, DaemonProc, TestBus,
+    cli, gdbus_call_as, queued_owners, scratch_dir, wait_for_name, DaemonOpts, DaemonProc, TestBus,
 };
 use conntrack_vmstate::bus::proxy::{Manager1Proxy, Vm1Proxy, VmState1Proxy};
 use nix::sys::signal::Signal;
@@ -202,14 +201,6 @@ async fn registrations_survive_kill_9_and_restart() {
     })
     .await
     .expect("test timed out");
-}
-
-fn cli(bus: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_conntrack-vmstate"))
-        .args(args)
-        .env("CONNTRACK_VMSTATE_MANAGER_ADDRESS", bus)
-        .output()
-        .expect("run conntrack-vmstate")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

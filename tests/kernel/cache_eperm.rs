@@ -15,21 +15,7 @@ const CHILD_ENV: &str = "CVS_CACHE_EPERM_CHILD";
 fn cache_without_cap_net_admin_refuses_to_watch() {
     common::needs!(kernel);
     let ns = Netns::new("cacheeperm");
-    let exe = std::env::current_exe().expect("test binary");
-    let out = ns
-        .cmd("setpriv")
-        .args(["--bounding-set=-net_admin", "--inh-caps=-net_admin", "--"])
-        .arg(exe)
-        .args([
-            "--exact",
-            "cache_eperm::cache_eperm_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "1")
-        .output()
-        .expect("spawn child");
+    let out = ns.run_test_without_net_admin("cache_eperm::cache_eperm_child", CHILD_ENV);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

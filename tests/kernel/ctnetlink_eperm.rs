@@ -39,21 +39,7 @@ fn without_cap_net_admin_every_operation_is_permission_denied() {
             "9",
         ],
     );
-    let exe = std::env::current_exe().expect("test binary");
-    let out = ns
-        .cmd("setpriv")
-        .args(["--bounding-set=-net_admin", "--inh-caps=-net_admin", "--"])
-        .arg(exe)
-        .args([
-            "--exact",
-            "ctnetlink_eperm::eperm_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "1")
-        .output()
-        .expect("spawn child");
+    let out = ns.run_test_without_net_admin("ctnetlink_eperm::eperm_child", CHILD_ENV);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
