@@ -24,7 +24,7 @@ fn get_str(m: &HashMap<String, OwnedVariant>, k: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn getall_answered_while_twenty_saves_are_blocked() {
-    common::needs!(daemon);
+    common::needs!(bus);
     tokio::time::timeout(Duration::from_secs(60), async {
         let bus = TestBus::new("conc-20");
         let state = scratch_dir("conc-20-state");
@@ -164,7 +164,7 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
 /// the final counts later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_load_answers_at_deadline_and_finishes_in_background() {
-    common::needs!(daemon);
+    common::needs!(bus);
     tokio::time::timeout(Duration::from_secs(60), async {
         let bus = TestBus::new("conc-load");
         let state = scratch_dir("conc-load-state");
@@ -218,7 +218,7 @@ async fn slow_load_answers_at_deadline_and_finishes_in_background() {
 /// accepted by a process that is about to stop serving the VM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_after_idle_decision_is_refused() {
-    common::needs!(daemon);
+    common::needs!(bus);
     tokio::time::timeout(Duration::from_secs(30), async {
         let bus = TestBus::new("conc-idle");
         let state = scratch_dir("conc-idle-state");

@@ -27,7 +27,7 @@ fn object(q: &mut Qemu) -> Option<VmstateObject> {
 
 #[test]
 fn attach_creates_then_detach_deletes_the_object() {
-    common::needs!(qemu);
+    common::needs!(bus_qemu);
     let dir = tmp("create");
     let bus = Bus::start(dir.path());
     let mut q = plain_qemu(dir.path());
@@ -70,7 +70,7 @@ fn attach_creates_then_detach_deletes_the_object() {
 
 #[test]
 fn an_existing_object_keeps_other_helpers_ids() {
-    common::needs!(qemu);
+    common::needs!(bus_qemu);
     let dir = tmp("shared");
     let bus = Bus::start(dir.path());
     // Another tool created the object, under its own QOM id, for its helper.
@@ -116,7 +116,7 @@ fn an_existing_object_keeps_other_helpers_ids() {
 
 #[test]
 fn an_object_on_another_bus_is_recreated_only_when_nobody_else_uses_it() {
-    common::needs!(qemu);
+    common::needs!(bus_qemu);
     let dir = tmp("rebus");
     let old = tempfile::tempdir_in(dir.path()).unwrap();
     let new = tempfile::tempdir_in(dir.path()).unwrap();
@@ -178,7 +178,7 @@ fn an_object_on_another_bus_is_recreated_only_when_nobody_else_uses_it() {
 
 #[test]
 fn unreachable_bus_surfaces_qemus_error() {
-    common::needs!(qemu);
+    common::needs!(bus_qemu);
     let dir = tmp("nobus");
     let mut q = plain_qemu(dir.path());
     let addr = format!("unix:path={}/no-such-bus", dir.path().display());
@@ -200,7 +200,7 @@ fn unreachable_bus_surfaces_qemus_error() {
 
 #[test]
 fn absent_socket_is_a_clear_error() {
-    common::needs!(qemu);
+    common::needs!(bus_qemu);
     let dir = tmp("nosock");
     let path = dir.path().join("absent.qmp");
     let err = qmp::attach_vmstate(&path, "vm-100", "unix:path=/nowhere").unwrap_err();
@@ -217,7 +217,7 @@ fn absent_socket_is_a_clear_error() {
 
 #[test]
 fn bad_ids_are_refused_before_qemu_is_touched() {
-    common::needs!(qemu);
+    common::needs!(bus_qemu);
     let dir = tmp("badid");
     let bus = Bus::start(dir.path());
     let mut q = plain_qemu(dir.path());
@@ -238,7 +238,7 @@ fn bad_ids_are_refused_before_qemu_is_touched() {
 
 #[test]
 fn a_busy_monitor_times_out_instead_of_hanging() {
-    common::needs!(qemu);
+    common::needs!(bus_qemu);
     let dir = tmp("busy");
     let mut q = plain_qemu(dir.path());
     // Our own session holds the monitor; QEMU serves one client at a time.
@@ -261,7 +261,7 @@ fn a_busy_monitor_times_out_instead_of_hanging() {
 
 #[test]
 fn one_shot_functions_wire_a_running_qemu() {
-    common::needs!(qemu);
+    common::needs!(bus_qemu);
     let dir = tmp("oneshot");
     let bus = Bus::start(dir.path());
     let mut q = plain_qemu(dir.path());
