@@ -10,13 +10,12 @@
 //! `cargo test --all-targets` runs bench targets too).
 //!
 //! A `[[bench]]` target (harness = false, test = false) rather than an
-//! example: it reuses the test harness in tests/common (namespaces, buses,
-//! daemons and QEMU processes stopped by PID, namespaces deleted on drop),
-//! which needs the `CARGO_BIN_EXE_*` paths cargo only gives tests and
-//! benches. It is not part of the shipped package.
+//! example: it reuses the test kit (testkit/: namespaces, buses, daemons
+//! and QEMU processes stopped by PID, namespaces deleted on drop), which
+//! finds the package's binaries next to the bench binary, and a bench
+//! target is built with them. It is not part of the shipped package.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+extern crate testkit as common;
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -12,7 +12,7 @@
 //!                                         (`none` when there is none)
 //!   demo-tool populate NETNS_NAME MARK COUNT SEED NOISE
 //!                                         the tests' realistic population
-//!                                         (tests/common/population.rs) of
+//!                                         (testkit/src/population.rs) of
 //!                                         VM MARK plus NOISE×COUNT entries of
 //!                                         other VMs; prints the other marks
 //!   demo-tool compare  NETNS_A NETNS_B MARK
@@ -34,9 +34,7 @@ use serde_json::{json, Value};
 // The same generator the tests use, so the demo shows the same mix: NAT'ed
 // entries with their status bits, zones, FIXED_TIMEOUT, labels, TCP window
 // scale.
-#[allow(dead_code)]
-#[path = "../tests/common/population.rs"]
-mod population;
+use testkit::population;
 
 const WAIT: Duration = Duration::from_secs(60);
 

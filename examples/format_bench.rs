@@ -1,12 +1,12 @@
 //! One-off measurement of state format v1 on the synthetic realistic mix
-//! (`format::synth`): bytes/entry, entries in 1 MiB, encode and decode
+//! (`testkit::population::entries`): bytes/entry, entries in 1 MiB, encode and decode
 //! times. Wall time and this thread's CPU time are both reported (best of
 //! 9), because the machine is shared.
 //! `cargo run --release --example format_bench`
 
 use std::time::Instant;
 
-use conntrack_vmstate::format::{self, synth, EncodeOptions, Format};
+use conntrack_vmstate::format::{self, EncodeOptions, Format};
 
 fn cpu_now() -> f64 {
     let mut ts = libc::timespec {
@@ -36,7 +36,7 @@ fn main() {
     println!("| N | blob bytes | B/entry | encode ms wall / CPU | decode ms wall / CPU | text (Perl format) bytes | text entries in 1 MiB |");
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &[1_000usize, 5_000, 20_000, 100_000] {
-        let entries = synth::population(n, 42 + n as u64, 100);
+        let entries = testkit::population::entries(n, 42 + n as u64, 100);
         let opts = EncodeOptions {
             limit: usize::MAX,
             format: Format::Binary,
@@ -72,7 +72,7 @@ fn main() {
     println!("| input N | kept in 1 MiB | dropped | blob bytes | B/kept entry | encode with cut ms wall / CPU |");
     println!("|---:|---:|---:|---:|---:|---:|");
     for &n in &[100_000usize, 150_000, 300_000] {
-        let entries = synth::population(n, 7, 100);
+        let entries = testkit::population::entries(n, 7, 100);
         let (w, c, enc) = best_of(5, || {
             format::encode(&entries, &EncodeOptions::default()).expect("encode")
         });

@@ -6,12 +6,9 @@
 //! The window-scale subset the tests create through ctnetlink is printed as
 //! plain lines (conntrack(8) cannot set wscale).
 
-#[path = "../tests/common/population.rs"]
-#[allow(dead_code)]
-mod population;
-
 use clap::Parser;
 use std::io::Write;
+use testkit::population;
 
 #[derive(Parser)]
 struct Args {

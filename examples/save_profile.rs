@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use conntrack_vmstate::entry::Entry;
-use conntrack_vmstate::format::{self, bigvec, synth, EncodeOptions};
+use conntrack_vmstate::format::{self, bigvec, EncodeOptions};
 
 fn cpu_ms() -> f64 {
     let mut ts = libc::timespec {
@@ -49,7 +49,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(100_000);
     // Like the warm cache: entries live in a hash map, in its order.
-    let map: HashMap<u64, Entry> = synth::population(n, 42, 100)
+    let map: HashMap<u64, Entry> = testkit::population::entries(n, 42, 100)
         .into_iter()
         .enumerate()
         .map(|(i, e)| ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), e))

@@ -1,5 +1,5 @@
 fn main() {
-    let mut e = conntrack_vmstate::format::synth::population(100_000, 142, 100);
+    let mut e = testkit::population::entries(100_000, 142, 100);
     conntrack_vmstate::format::sort_by_priority(&mut e);
     let r: Vec<_> = e.iter().collect();
     let mut t = 0;

@@ -51,7 +51,7 @@ fn check(data: &[u8]) {
 /// thirds, every third base record skipped, the rest as a delta frame.
 fn patched_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
     use format::{Rec, View};
-    let v = format::synth::population(n, seed, 100);
+    let v = testkit::population::entries(n, seed, 100);
     let views: Vec<View> = v
         .iter()
         .map(|e| View::new(Rec::Full(e), e.timeout))

@@ -9,7 +9,6 @@ pub mod bigvec;
 mod binary;
 pub mod priority;
 #[doc(hidden)]
-pub mod synth;
 pub mod text;
 
 pub use priority::{priority_order, sort_by_priority, value_class, ValueClass};

@@ -260,3 +260,61 @@ impl Endpoint for FakeEndpoint {
         self.events.push("withdraw");
     }
 }
+
+/// `n` distinct established TCP entries of `mark` with pseudo-random peers
+/// (seeded), enough for the policy tests here; the realistic mix used by the
+/// integration tests and benchmarks lives in the test kit, which unit tests
+/// inside the crate cannot link.
+pub(crate) fn population(n: usize, seed: u64, mark: u32) -> Vec<Entry> {
+    use crate::entry::{status, ProtoInfo, Tuple, L4};
+    use std::net::{IpAddr, Ipv4Addr};
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n)
+        .map(|i| {
+            let r = next();
+            let src = IpAddr::V4(Ipv4Addr::new(
+                10,
+                (mark % 250) as u8,
+                (i >> 16) as u8,
+                (i >> 8) as u8,
+            ));
+            let dst = IpAddr::V4(Ipv4Addr::from((r >> 32) as u32 | 0x0100_0000));
+            let orig = Tuple {
+                src,
+                dst,
+                proto: 6,
+                l4: L4::Ports {
+                    src: 1024 + (i as u16 % 60000),
+                    dst: [443, 80, 22, 5432][(r % 4) as usize],
+                },
+                zone: None,
+            };
+            Entry {
+                reply: orig.inverse(),
+                orig,
+                status: status::SEEN_REPLY | status::ASSURED | status::CONFIRMED,
+                timeout: 3600 + (r % 400_000) as u32,
+                mark,
+                zone: 0,
+                labels: None,
+                protoinfo: Some(ProtoInfo::Tcp {
+                    state: 3,
+                    wscale_orig: 7,
+                    wscale_reply: 7,
+                    flags_orig: 0x03,
+                    flags_reply: 0x03,
+                }),
+                seq_adj_orig: None,
+                seq_adj_reply: None,
+                helper: None,
+                id: None,
+            }
+        })
+        .collect()
+}

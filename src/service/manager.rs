@@ -338,7 +338,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::format::synth::population;
+    use crate::service::fakes::population;
     use crate::service::fakes::{Events, FakeAccess, FakeEndpoint};
     use crate::service::Store;
 

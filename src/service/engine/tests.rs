@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::format::synth::population;
+use crate::service::fakes::population;
 use crate::service::fakes::{Events, FakeAccess, SaveFault};
 use crate::service::options::{OptValue, VmConfig};
 

@@ -1,0 +1,285 @@
+//! One-off measurements of the warm cache (not timed tests: they print
+//! numbers and assert only correctness). Run on an otherwise idle machine:
+//!
+//! ```text
+//! cargo test --release --test kernel cache_measure -- --ignored --nocapture --test-threads 1
+//! ```
+//!
+//! * memory: bytes the cache holds per entry (a counting allocator);
+//! * CPU of the event thread while 10k events/s of other marks go by;
+//! * Save (`dump`) latency from the cache vs a direct dump, for VM entries
+//!   that send events and for silent ones (older than the listener), with a
+//!   host table that also holds 150k entries of another namespace.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::Path;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::compare::{compare, Tolerance};
+use common::netns::Netns;
+use common::population::{self, Spec};
+use conntrack_vmstate::access::ConntrackAccess;
+use conntrack_vmstate::cache::{CacheConfig, CachedAccess};
+use conntrack_vmstate::ctnetlink::Ctnetlink;
+use conntrack_vmstate::entry::{proto, status, Entry, Selector, Tuple, L4};
+
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: delegates to the system allocator and only counts sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        LIVE.fetch_add(n as isize - l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+const MARK: u32 = 100;
+
+fn ct(ns: &Netns) -> Ctnetlink {
+    Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink")
+}
+
+fn udp(n: usize, mark: u32, a: u8) -> Vec<Entry> {
+    (0..n)
+        .map(|i| {
+            let orig = Tuple {
+                src: std::net::Ipv4Addr::new(10, a, (i >> 16) as u8, (i >> 8) as u8).into(),
+                dst: std::net::Ipv4Addr::new(192, 0, 2, i as u8).into(),
+                proto: proto::UDP,
+                l4: L4::Ports {
+                    src: 1024 + (i % 60000) as u16,
+                    dst: 53,
+                },
+                zone: None,
+            };
+            Entry {
+                orig,
+                reply: orig.inverse(),
+                status: status::CONFIRMED,
+                timeout: 3600,
+                mark,
+                zone: 0,
+                labels: None,
+                protoinfo: None,
+                seq_adj_orig: None,
+                seq_adj_reply: None,
+                helper: None,
+                id: None,
+            }
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// utime + stime of the thread named `name` in this process, in ticks.
+fn thread_ticks(name: &str) -> u64 {
+    let mut total = 0;
+    for t in std::fs::read_dir("/proc/self/task")
+        .expect("tasks")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        total += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+    }
+    total
+}
+
+#[test]
+#[ignore]
+fn measure_memory_per_entry() {
+    common::needs!(kernel);
+    let ns = Netns::new("cmmem");
+    let pop = population::generate(Spec::new(20_000, MARK, 3));
+    population::load(&ns.name, &pop);
+    let sel = Selector::mark(MARK);
+    let cache = CachedAccess::new(ct(&ns), CacheConfig::default()).expect("cache");
+    // Start the thread and socket first so only the tables are counted.
+    cache.watch(&Selector::mark(1), true).expect("watch");
+    assert!(cache.wait_trusted(&Selector::mark(1), Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(200));
+    let before = LIVE.load(Ordering::SeqCst);
+    cache.watch(&sel, true).expect("watch");
+    assert!(cache.wait_trusted(&sel, Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(200));
+    let after = LIVE.load(Ordering::SeqCst);
+    let n = cache.cached_len(&sel).expect("watched");
+    assert_eq!(n, pop.vm_count());
+    println!(
+        "MEASURE memory: {n} entries, {} bytes, {:.0} B/entry (size_of Entry {} B)",
+        after - before,
+        (after - before) as f64 / n as f64,
+        std::mem::size_of::<Entry>()
+    );
+}
+
+#[test]
+#[ignore]
+fn measure_event_thread_cpu() {
+    common::needs!(kernel);
+    let ns = Netns::new("cmcpu");
+    let sel = Selector::mark(MARK);
+    let direct = ct(&ns);
+    direct.create(&udp(2000, MARK, 1)).expect("create");
+    let cache = CachedAccess::new(ct(&ns), CacheConfig::default()).expect("cache");
+    let hz = 100.0; // USER_HZ on Linux
+                    // 5 rounds/s of 1000 creates + 1000 deletes: 10k events/s. `busy` is
+                    // the time the creating side spends in the kernel, which is where the
+                    // kernel builds and queues the events.
+    let rounds = |mark: u32| -> (u64, f64, Duration) {
+        let batch = udp(1000, mark, 2);
+        let start = Instant::now();
+        let mut busy = Duration::ZERO;
+        let mut sent = 0u64;
+        for round in 0..50u32 {
+            let due = start + Duration::from_millis(200 * u64::from(round));
+            if let Some(w) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(w);
+            }
+            let t = Instant::now();
+            direct.create(&batch).expect("create");
+            let r = direct.delete_entries(&batch).expect("delete");
+            busy += t.elapsed();
+            assert_eq!(r.deleted, 1000);
+            sent += 2000;
+        }
+        (sent, start.elapsed().as_secs_f64(), busy)
+    };
+    let (sent, wall, busy) = rounds(999);
+    println!(
+        "MEASURE no listener: {sent} creates+deletes in {wall:.1} s, creating side busy {:.0} ms",
+        ms(busy)
+    );
+    cache.watch(&sel, true).expect("watch");
+    assert!(cache.wait_trusted(&sel, Duration::from_secs(30)));
+    for (label, mark) in [("other marks", 999u32), ("the watched mark", MARK)] {
+        let t0 = thread_ticks("ct-events");
+        let s0 = cache.stats();
+        let (sent, wall, busy) = rounds(mark);
+        std::thread::sleep(Duration::from_millis(300));
+        let cpu = (thread_ticks("ct-events") - t0) as f64 / hz;
+        let s1 = cache.stats();
+        println!(
+            "MEASURE events of {label}: {sent} events in {wall:.1} s ({:.0}/s): event thread {:.2} s CPU = {:.1} % of a core; creating side busy {:.0} ms; read {}, skipped {}, losses {}",
+            sent as f64 / wall,
+            cpu,
+            cpu / wall * 100.0,
+            ms(busy),
+            s1.events_read - s0.events_read,
+            s1.events_skipped - s0.events_skipped,
+            s1.losses - s0.losses
+        );
+    }
+    let got = cache.dump(&sel).expect("dump");
+    let want = direct.dump(&sel).expect("direct");
+    assert!(compare(&want, &got, Tolerance::exact_status(2)).is_empty());
+}
+
+#[test]
+#[ignore]
+fn measure_save_latency() {
+    common::needs!(kernel);
+    let host = Netns::new("cmhost");
+    // Another namespace's 150k entries: the hash table is shared host-wide.
+    let noise = ct(&host);
+    for part in 0..3u8 {
+        let r = noise.create(&udp(50_000, 7, 100 + part)).expect("noise");
+        assert_eq!(r.created, 50_000);
+    }
+    for n in [1_000usize, 5_000, 20_000, 100_000] {
+        // evented: made after the watch; probed: made before it but with the
+        // event extension (nf_conntrack_events=1, or any listener on the
+        // host at the time); silent: made without it.
+        for kind in ["evented", "probed", "silent"] {
+            let ns = Netns::new("cmsave");
+            let pop = population::generate(Spec {
+                noise: 0.0,
+                ..Spec::new(n, MARK, 9)
+            });
+            let sel = Selector::mark(MARK);
+            let direct = ct(&ns);
+            let cfg = CacheConfig {
+                max_lookups: usize::MAX,
+                ..CacheConfig::default()
+            };
+            let cache = CachedAccess::new(ct(&ns), cfg).expect("cache");
+            let sysctl = |v: u32| {
+                common::netns::run_ok(
+                    ns.cmd("sysctl")
+                        .arg("-qw")
+                        .arg(format!("net.netfilter.nf_conntrack_events={v}")),
+                );
+            };
+            if kind != "evented" {
+                sysctl(if kind == "probed" { 1 } else { 0 });
+                population::load(&ns.name, &pop);
+                sysctl(2);
+            }
+            let t = Instant::now();
+            cache.watch(&sel, true).expect("watch");
+            assert!(cache.wait_trusted(&sel, Duration::from_secs(60)));
+            let warm = t.elapsed();
+            if kind == "evented" {
+                population::load(&ns.name, &pop);
+            } else {
+                let end = Instant::now() + Duration::from_secs(60);
+                while cache.stats().probes < pop.vm_count() as u64 && Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            let probe_done = t.elapsed();
+            let silent = kind;
+            let (mut c, mut d) = (Vec::new(), Vec::new());
+            let s0 = cache.stats();
+            for _ in 0..5 {
+                let t = Instant::now();
+                let got = cache.dump(&sel).expect("cached");
+                c.push(ms(t.elapsed()));
+                let t = Instant::now();
+                let want = direct.dump(&sel).expect("direct");
+                d.push(ms(t.elapsed()));
+                assert_eq!(got.len(), want.len());
+            }
+            let s1 = cache.stats();
+            println!(
+                "MEASURE save N={n} {silent}: cached {:.1} ms, direct {:.1} ms (median of 5); hits {}, fallbacks {}, lookups {}; warm-up {:.0} ms, probes done {:.0} ms",
+                median(c),
+                median(d),
+                s1.hits - s0.hits,
+                s1.fallbacks - s0.fallbacks,
+                s1.lookups - s0.lookups,
+                ms(warm),
+                ms(probe_done),
+            );
+        }
+    }
+}
