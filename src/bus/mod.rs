@@ -1,11 +1,9 @@
 //! The thin D-Bus edge: Manager1, VM1 and org.qemu.VMState1 objects that
 //! validate, call into [`crate::service`] and translate errors.
 
-pub mod args;
 pub mod daemon;
 pub mod error;
 pub mod ifaces;
-pub mod logging;
 pub mod proxy;
 
 pub use daemon::{run, system_bus_address, vm_object_path, Daemon, DaemonConfig, DaemonError};

@@ -204,6 +204,7 @@ impl DaemonProc {
             o.bus.into(),
             "--state-dir".into(),
             o.state_dir.display().to_string(),
+            "--in-process".into(),
         ]);
         argv.extend(o.extra.iter().cloned());
         let logf = std::fs::File::create(&log).expect("log file");

@@ -350,7 +350,7 @@ impl Host {
             .arg(manager_bus)
             .arg("--state-dir")
             .arg(&state)
-            .args(["--idle-timeout", "0"])
+            .args(["--idle-timeout", "0", "--in-process"])
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
