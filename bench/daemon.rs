@@ -142,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
                 &address,
                 "--idle-timeout",
                 "0",
+                "--in-process",
                 "--state-dir",
             ])
             .arg(&state)

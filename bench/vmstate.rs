@@ -787,7 +787,7 @@ fn hosts(others: usize, setup: Setup) -> Hosts {
         .arg(&bus.address)
         .arg("--state-dir")
         .arg(&state)
-        .args(["--idle-timeout", "0", "--no-cache"])
+        .args(["--idle-timeout", "0", "--in-process", "--no-cache"])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");
     let daemon = Proc::spawn("daemon-nocache", dir.path(), &mut cmd);

@@ -3,9 +3,13 @@
 //!
 //! Layering: the domain core ([`entry`], [`ctnetlink`], [`format`],
 //! [`service`]) never imports zbus; [`bus`] is the thin D-Bus edge and the
-//! binaries in `src/bin/` only parse arguments and call into the library.
+//! binaries in `src/bin/` only parse arguments ([`args`]) and call into the
+//! library. What the services take from and tell systemd (socket
+//! activation, sd_notify, watchdog, runtime directory, journal, stop
+//! signals) is [`systemd`]; their log set-up is [`logging`].
 
 pub mod access;
+pub mod args;
 pub mod bus;
 pub mod cache;
 pub mod cli;
@@ -13,5 +17,7 @@ pub mod ctnetlink;
 pub mod entry;
 pub mod format;
 pub mod helper;
+pub mod logging;
 pub mod qmp;
 pub mod service;
+pub mod systemd;

@@ -31,11 +31,11 @@ fn main() -> anyhow::Result<()> {
     for (page, cmd) in [
         (
             "conntrack-vmstate-helper.8",
-            conntrack_vmstate::helper::HelperArgs::command(),
+            conntrack_vmstate::args::HelperArgs::command(),
         ),
         (
             "conntrack-vmstated.8",
-            conntrack_vmstate::bus::args::DaemonArgs::command(),
+            conntrack_vmstate::args::DaemonArgs::command(),
         ),
     ] {
         let page = man.join(page);

@@ -2,62 +2,28 @@
 //! holds CAP_NET_ADMIN and does all netlink conntrack work for the daemon.
 
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use conntrack_vmstate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport};
-use conntrack_vmstate::cache::{CacheConfig, CachedAccess};
-use conntrack_vmstate::ctnetlink::Ctnetlink;
+use conntrack_vmstate::args::HelperArgs;
 use conntrack_vmstate::entry::{Entry, Selector};
-use conntrack_vmstate::helper::{self, server, HelperArgs, ServerConfig};
+use conntrack_vmstate::helper::{self, ServerConfig};
+use conntrack_vmstate::{logging, systemd};
 
 fn main() -> std::process::ExitCode {
     // Before any thread exists: reads and clears LISTEN_* from the environment.
-    let activated = server::listener_from_systemd();
+    let activated = systemd::take_listener();
     let args = HelperArgs::parse();
-    // systemd's journal adds time and unit; keep lines plain.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .without_time()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    logging::init("conntrack-vmstate-helper");
     match run(args, activated) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("conntrack-vmstate-helper: {e:#}");
+            tracing::error!("conntrack-vmstate-helper failed: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// Set by SIGTERM/SIGINT; the server polls it.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    STOP.store(true, Ordering::SeqCst);
-}
-
-/// systemd stops the helper with SIGTERM: answer what is in flight, then exit.
-fn handle_stop_signals() -> anyhow::Result<()> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let act = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGTERM, Signal::SIGINT] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { sigaction(sig, &act) }.with_context(|| format!("installing {sig} handler"))?;
-    }
-    Ok(())
 }
 
 fn run(args: HelperArgs, activated: std::io::Result<Option<UnixListener>>) -> anyhow::Result<()> {
@@ -79,31 +45,30 @@ fn run(args: HelperArgs, activated: std::io::Result<Option<UnixListener>>) -> an
             helper::DEFAULT_SOCKET
         ),
     };
-    handle_stop_signals()?;
-    let ct = Ctnetlink::open().context("opening the conntrack netlink socket")?;
-    let access: Arc<dyn ConntrackAccess> = if args.no_cache {
-        Arc::new(NoWatch(ct))
-    } else {
-        let cfg = CacheConfig::new(Duration::from_secs(args.cache_refresh_secs), !args.no_base);
-        Arc::new(CachedAccess::new(ct, cfg).context("starting the conntrack cache")?)
-    };
+    // systemd stops the helper with SIGTERM: answer what is in flight, then exit.
+    let stop = systemd::StopSignals::install().context("installing the stop signal handlers")?;
+    let mut access = args.common.open_access()?;
+    if args.common.no_cache {
+        access = Arc::new(NoWatch(access));
+    }
     let cfg = ServerConfig {
-        idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
+        idle_timeout: args.common.idle_timeout(),
         max_connections: args.max_connections.max(1),
-        stop: Some(&STOP),
+        stop: Some(stop.flag()),
         ..ServerConfig::default()
     };
+    systemd::notify_ready("Serving conntrack requests");
     tracing::info!("serving conntrack requests");
     let summary = helper::serve(listener, access, cfg).context("serving")?;
+    systemd::notify_stopping();
     tracing::info!(
-        connections = summary.connections,
-        requests = summary.requests,
-        rejected = summary.rejected,
+        CONNECTIONS = summary.connections,
+        REQUESTS = summary.requests,
+        REJECTED = summary.rejected,
         "{}",
-        if STOP.load(Ordering::SeqCst) {
-            "stopped"
-        } else {
-            "idle, exiting"
+        match stop.received() {
+            Some(sig) => format!("stopped: {sig}"),
+            None => "idle, exiting".into(),
         }
     );
     Ok(())
@@ -111,7 +76,7 @@ fn run(args: HelperArgs, activated: std::io::Result<Option<UnixListener>>) -> an
 
 /// `--no-cache`: the plain access, refusing watches so the daemon logs that
 /// its Saves dump directly.
-struct NoWatch(Ctnetlink);
+struct NoWatch(Arc<dyn ConntrackAccess>);
 
 impl ConntrackAccess for NoWatch {
     fn dump(&self, sel: &Selector) -> Result<Vec<Entry>, AccessError> {

@@ -7,44 +7,35 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use conntrack_vmstate::access::ConntrackAccess;
-use conntrack_vmstate::bus::args::DaemonArgs;
+use conntrack_vmstate::args::DaemonArgs;
 use conntrack_vmstate::bus::{self, DaemonConfig};
-use conntrack_vmstate::cache::{CacheConfig, CachedAccess};
+use conntrack_vmstate::helper::HelperClient;
+use conntrack_vmstate::{logging, systemd};
 
 fn main() -> anyhow::Result<()> {
     let args = DaemonArgs::parse();
-    bus::logging::init("conntrack-vmstated");
-    let access: Arc<dyn ConntrackAccess> = match &args.helper_socket {
-        Some(p) => Arc::new(
-            conntrack_vmstate::helper::HelperClient::new(p)
-                .with_context(|| format!("conntrack helper at {}", p.display()))?,
-        ),
-        None => {
-            let ct =
-                conntrack_vmstate::ctnetlink::Ctnetlink::open().context("opening ctnetlink")?;
-            if args.no_cache {
-                Arc::new(ct)
-            } else {
-                let cfg =
-                    CacheConfig::new(Duration::from_secs(args.cache_refresh_secs), !args.no_base);
-                Arc::new(CachedAccess::new(ct, cfg).context("starting the conntrack cache")?)
-            }
-        }
+    logging::init("conntrack-vmstated");
+    let access: Arc<dyn ConntrackAccess> = if args.in_process {
+        args.common.open_access()?
+    } else {
+        let p = &args.helper_socket;
+        Arc::new(
+            HelperClient::new(p).with_context(|| format!("conntrack helper at {}", p.display()))?,
+        )
     };
     let cfg = DaemonConfig {
         bus_address: args.bus_address,
-        state_dir: bus::args::state_dir(args.state_dir),
+        state_dir: systemd::state_dir(args.state_dir),
         save_deadline: Duration::from_millis(args.save_deadline_ms),
         load_budget: Duration::from_millis(args.load_budget_ms),
     };
-    let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
     // Few worker threads suffice: conntrack work runs on the blocking pool.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let res = rt.block_on(bus::run(cfg, access, idle));
+    let res = rt.block_on(bus::run(cfg, access, args.common.idle_timeout()));
     if let Err(e) = &res {
         tracing::error!("conntrack-vmstated failed: {e}");
     }

@@ -167,29 +167,26 @@ pub async fn run(
     access: Arc<dyn ConntrackAccess>,
     idle_timeout: Option<Duration>,
 ) -> Result<(), DaemonError> {
-    use sd_notify::NotifyState;
-    use tokio::signal::unix::{signal, SignalKind};
+    use crate::systemd;
 
-    let mut sigterm = signal(SignalKind::terminate()).ok();
-    let mut sigint = signal(SignalKind::interrupt()).ok();
+    let stop = systemd::StopSignals::install().ok();
     let daemon = Daemon::start(cfg, access).await?;
     let mut count = daemon.vm_count();
     let status = |n: usize| format!("Serving {n} VM{}", if n == 1 { "" } else { "s" });
     let n = *count.borrow_and_update();
-    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status(n))]);
+    systemd::notify_ready(&status(n));
     tracing::info!(
         "conntrack-vmstated ready on {}: {}",
         daemon.address(),
         status(n)
     );
 
-    let watchdog = sd_notify::watchdog_enabled().map(|d| {
+    let watchdog = systemd::watchdog_ping_interval().map(|d| {
         tokio::spawn(async move {
-            // Ping at half the interval, as sd_watchdog_enabled(3) advises.
-            let mut tick = tokio::time::interval(d / 2);
+            let mut tick = tokio::time::interval(d);
             loop {
                 tick.tick().await;
-                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                systemd::notify_watchdog();
             }
         })
     });
@@ -198,12 +195,13 @@ pub async fn run(
     let mut check = tokio::time::interval(Duration::from_millis(250));
     let reason = loop {
         tokio::select! {
-            _ = async { sigterm.as_mut()?.recv().await }, if sigterm.is_some() => break "SIGTERM",
-            _ = async { sigint.as_mut()?.recv().await }, if sigint.is_some() => break "SIGINT",
+            sig = async { Some(stop.as_ref()?.recv().await) }, if stop.is_some() => {
+                break sig.unwrap_or("a stop signal")
+            }
             changed = count.changed() => {
                 if changed.is_err() { break "manager state gone"; }
                 let n = *count.borrow_and_update();
-                let _ = sd_notify::notify(&[NotifyState::Status(&status(n))]);
+                systemd::notify_status(&status(n));
                 idle_since = (n == 0).then(Instant::now);
             }
             _ = check.tick() => {
@@ -215,7 +213,7 @@ pub async fn run(
             }
         }
     };
-    let _ = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("Stopping")]);
+    systemd::notify_stopping();
     tracing::info!("conntrack-vmstated stopping: {reason}");
     if let Some(w) = watchdog {
         w.abort();

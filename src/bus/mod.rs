@@ -5,12 +5,10 @@
 //! ([`daemon`]). What Register and Unregister do, and in which order, is
 //! [`crate::service::Manager`]'s.
 
-pub mod args;
 pub mod daemon;
 pub mod endpoint;
 pub mod error;
 pub mod ifaces;
-pub mod logging;
 pub mod proxy;
 
 pub use daemon::{run, Daemon, DaemonConfig, DaemonError};

@@ -6,7 +6,7 @@
 //! Save for another, and a connection that sends garbage only loses itself.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -618,6 +618,7 @@ fn connection(
         sh.touch();
         let t0 = Instant::now();
         let (resp, name) = handle_in(&payload, access, Some(&mut watches));
+        let sel = wire::request_selector(&payload);
         drop(payload);
         let mut out = wire::encode_response(&resp);
         if out.len() - 4 > wire::MAX_RESPONSE {
@@ -628,16 +629,7 @@ fn connection(
             )));
         }
         sh.requests.fetch_add(1, Ordering::Relaxed);
-        match &resp {
-            Response::Error(msg) => {
-                tracing::warn!(op = name.unwrap_or("?"), "{msg}")
-            }
-            _ => tracing::debug!(
-                op = name.unwrap_or("?"),
-                duration_us = t0.elapsed().as_micros() as u64,
-                "request done"
-            ),
-        }
+        log_request(name, sel.as_ref(), &resp, t0.elapsed());
         drop(resp);
         let w = s.write_all(&out);
         sh.busy.fetch_sub(1, Ordering::SeqCst);
@@ -646,49 +638,41 @@ fn connection(
     }
 }
 
-/// The listening socket systemd passed (`LISTEN_FDS`/`LISTEN_PID`, fd 3),
-/// or `None` when not socket-activated. The variables are removed so that
-/// nothing this process starts mistakes them for its own.
-pub fn listener_from_systemd() -> io::Result<Option<UnixListener>> {
-    let pid_ok = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        .is_some_and(|p| p == std::process::id());
-    let fds = std::env::var("LISTEN_FDS").ok();
-    // SAFETY: single-threaded at this point (called first thing in main).
-    unsafe {
-        std::env::remove_var("LISTEN_PID");
-        std::env::remove_var("LISTEN_FDS");
-        std::env::remove_var("LISTEN_FDNAMES");
+/// One line per request, with the same bare journal fields as the daemon's
+/// lines (`journalctl -u conntrack-vmstate-helper OP=save-state MARK=0x64`):
+/// errors as warnings, the rest at debug level.
+fn log_request(name: Option<&str>, sel: Option<&Selector>, resp: &Response, took: Duration) {
+    let op = name.unwrap_or("?");
+    let mark = sel.map(|s| format!("{:#x}", s.mark));
+    let mask = sel.map(|s| format!("{:#x}", s.mark_mask));
+    let zone = sel.and_then(|s| s.zone);
+    let us = took.as_micros() as u64;
+    let entries = match resp {
+        Response::Entries(es) | Response::SourcedEntries(_, es) => Some(es.len() as u64),
+        Response::Created(r) => Some(r.created),
+        Response::Deleted(n) => Some(*n),
+        Response::DeleteReport(r) => Some(r.deleted),
+        Response::SavedState(_, kept, ..) => Some(*kept),
+        Response::Error(_) | Response::Watching(_) => None,
+    };
+    match resp {
+        Response::Error(msg) => tracing::warn!(
+            OP = op,
+            MARK = mark,
+            MARK_MASK = mask,
+            ZONE = zone,
+            DURATION_US = us,
+            ERROR = msg.as_str(),
+            "{msg}"
+        ),
+        _ => tracing::debug!(
+            OP = op,
+            MARK = mark,
+            MARK_MASK = mask,
+            ZONE = zone,
+            ENTRIES = entries,
+            DURATION_US = us,
+            "request done"
+        ),
     }
-    if !pid_ok {
-        return Ok(None);
-    }
-    match fds.as_deref() {
-        Some("1") => {}
-        Some(n) => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("expected exactly one socket from systemd, got LISTEN_FDS={n}"),
-            ));
-        }
-        None => return Ok(None),
-    }
-    const SD_LISTEN_FDS_START: i32 = 3;
-    // SAFETY: systemd hands us ownership of fd 3 when LISTEN_PID is ours.
-    let fd = unsafe { OwnedFd::from_raw_fd(SD_LISTEN_FDS_START) };
-    let ty = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType)
-        .map_err(io::Error::from)?;
-    if ty != nix::sys::socket::SockType::Stream {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("socket from systemd is {ty:?}, expected a stream socket (ListenStream=)"),
-        ));
-    }
-    nix::fcntl::fcntl(
-        &fd,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .map_err(io::Error::from)?;
-    Ok(Some(UnixListener::from(fd)))
 }

@@ -781,6 +781,15 @@ pub fn decode_request(payload: &[u8]) -> Result<Request, WireError> {
     Ok(req)
 }
 
+/// The selector of a request payload without decoding the rest (every
+/// request starts with one), for the helper's log lines; `None` for what
+/// [`decode_request`] would refuse before the selector.
+pub fn request_selector(payload: &[u8]) -> Option<Selector> {
+    let mut r = R { b: payload, at: 0 };
+    header(&mut r).ok()?;
+    get_selector(&mut r).ok()
+}
+
 /// Decodes a response payload (the bytes after the length prefix).
 pub fn decode_response(payload: &[u8]) -> Result<Response, WireError> {
     let mut r = R { b: payload, at: 0 };

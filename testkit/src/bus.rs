@@ -169,6 +169,10 @@ impl DaemonOpts<'_> {
             self.bus.into(),
             "--state-dir".into(),
             self.state_dir.display().to_string(),
+            // The tests run as root without the helper unit; those that
+            // test the helper pass --helper-socket, which comes later and
+            // so wins.
+            "--in-process".into(),
         ]);
         argv.extend(self.extra.iter().cloned());
         let mut cmd = Command::new(&argv[0]);

@@ -1,30 +1,16 @@
-//! Logging set-up of the daemon: structured journald lines with bare field
-//! names (`journalctl VMID=100`), and a readable stderr log whenever stderr
-//! is not already the journal.
+//! Logging set-up of both services: structured journald lines with bare
+//! field names (`journalctl VMID=100`, `journalctl -u
+//! conntrack-vmstate-helper OP=save-state`), and a readable stderr log
+//! whenever stderr is not already the journal (by hand, in tests).
 
-use std::os::fd::AsFd;
+use std::io::IsTerminal;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// True when systemd connected our stderr to the journal (JOURNAL_STREAM
-/// names its device and inode), so a stderr log would duplicate every line.
-fn stderr_is_journal() -> bool {
-    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
-        return false;
-    };
-    let Some((dev, ino)) = v.split_once(':') else {
-        return false;
-    };
-    let stderr = std::io::stderr();
-    match nix::sys::stat::fstat(stderr.as_fd()) {
-        Ok(st) => dev == st.st_dev.to_string() && ino == st.st_ino.to_string(),
-        Err(_) => false,
-    }
-}
-
-/// Installs the global subscriber. `RUST_LOG` overrides the default `info`.
+/// Installs the global subscriber; `identifier` becomes SYSLOG_IDENTIFIER.
+/// `RUST_LOG` overrides the default `info`.
 pub fn init(identifier: &str) {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let journald = tracing_journald::layer().ok().map(|l| {
@@ -40,10 +26,12 @@ pub fn init(identifier: &str) {
             .with_priority_mappings(prio)
             .with_filter(filter())
     });
-    let stderr = (journald.is_none() || !stderr_is_journal()).then(|| {
+    let stderr = (journald.is_none() || !crate::systemd::stderr_is_journal()).then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_target(false)
+            // Escape codes only for a person at a terminal, not in log files.
+            .with_ansi(std::io::stderr().is_terminal())
             .with_filter(filter())
     });
     let _ = tracing_subscriber::registry()
