@@ -106,11 +106,23 @@ fn save_dict(r: Option<OpReport>) -> HashMap<String, OwnedVariant> {
 }
 
 fn load_dict(r: Option<OpReport>) -> HashMap<String, OwnedVariant> {
-    let extra = r
-        .as_ref()
-        .map(|r| (r.created_sync, r.complete_us, r.pending));
+    let extra = r.as_ref().map(|r| {
+        (
+            r.created_sync,
+            r.complete_us,
+            r.pending,
+            [
+                ("foreign", r.foreign),
+                ("rejected", r.rejected),
+                ("over_cap", r.over_cap),
+            ],
+        )
+    });
     let mut m = report_dict(r);
-    if let Some((created_sync, complete_us, pending)) = extra {
+    if let Some((created_sync, complete_us, pending, confined)) = extra {
+        for (k, v) in confined {
+            m.insert(k.into(), OwnedVariant::from(v));
+        }
         m.insert("created_sync".into(), OwnedVariant::from(created_sync));
         m.insert("pending".into(), OwnedVariant::from(pending));
         // Absent while pending: a reader that waits for the key never takes
@@ -175,7 +187,8 @@ impl Vm1 {
         save_dict(self.rt.last_save())
     }
 
-    /// entries, dropped, created, created_sync, existed, refused, bytes,
+    /// entries, dropped, created, created_sync, existed, refused, foreign,
+    /// rejected, over_cap, bytes,
     /// duration_us (to the answer), complete_us (to the full restore; absent
     /// while pending), pending, error, timestamp of the last Load; empty
     /// before the first.

@@ -36,6 +36,8 @@ const IDS_CHUNK: usize = 1 << 20;
 /// errno reported for entries the helper would refuse before asking the
 /// kernel (mark 0 entries: see [`super::server::validate_selector`]).
 const EPERM: i32 = 1;
+/// errno reported for entries the helper protocol cannot carry.
+const EINVAL: i32 = 22;
 
 /// A [`ConntrackAccess`] that forwards to the helper's socket.
 ///
@@ -548,19 +550,15 @@ impl HelperClient {
     /// Create or CreateBackground (`opcode`), in chunks per mark; `None`
     /// when the helper does not know the op (only CreateBackground is new,
     /// and an old helper refuses it on the first chunk, before anything was
-    /// created).
+    /// created). For callers that create entries of several marks at once
+    /// (a CLI restore); a Load's restore goes through
+    /// [`create_selected`](Self::create_selected).
     fn create_op(
         &self,
         opcode: u8,
         entries: &[Entry],
     ) -> Result<Option<CreateReport>, AccessError> {
-        let name = if opcode == op::CREATE {
-            "create"
-        } else {
-            "create-background"
-        };
         let mut report = CreateReport::default();
-        let mut answered = false;
         for (mark, group) in by_mark(entries) {
             let sel = Selector::mark(mark);
             if super::server::validate_selector(&sel).is_err() {
@@ -569,17 +567,62 @@ impl HelperClient {
                 }
                 continue;
             }
-            for chunk in group.chunks(CHUNK) {
-                let frame = wire::encode_batch(opcode, &sel, chunk.iter().copied());
-                match self.call(name, &frame)? {
-                    Response::Created(r) => {
-                        report.merge(&r);
-                        answered = true;
-                    }
-                    Response::Error(m) if unknown_op(&m, opcode) && !answered => return Ok(None),
-                    Response::Error(m) => return Err(refused(name, m)),
-                    r => return Err(unexpected(name, &r)),
+            match self.create_selected(opcode, &sel, &group, report.created > 0)? {
+                Some(r) => report.merge(&r),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(report))
+    }
+
+    /// Create or CreateBackground of `entries` under `sel`, the selector
+    /// of the VM they are created for: the helper checks every entry
+    /// against it. Entries the helper protocol cannot carry (a helper name
+    /// the kernel cannot have, a tuple mixing families, reply protocol
+    /// differing) are counted as refused (EINVAL) here instead of making
+    /// the helper refuse their whole request, and entries `sel` does not
+    /// admit as refused (EPERM): one bad entry never costs the others.
+    /// `None` as for [`create_op`](Self::create_op), unless `answered`
+    /// (some request of this create already succeeded).
+    fn create_selected(
+        &self,
+        opcode: u8,
+        sel: &Selector,
+        entries: &[&Entry],
+        mut answered: bool,
+    ) -> Result<Option<CreateReport>, AccessError> {
+        let name = if opcode == op::CREATE {
+            "create"
+        } else {
+            "create-background"
+        };
+        let mut report = CreateReport::default();
+        if super::server::validate_selector(sel).is_err() {
+            for _ in entries {
+                report.add(CreateOutcome::Refused(EPERM));
+            }
+            return Ok(Some(report));
+        }
+        let mut sendable: Vec<&Entry> = Vec::with_capacity(entries.len());
+        for e in entries {
+            if !sel.admits(e) {
+                report.add(CreateOutcome::Refused(EPERM));
+            } else if !wire::carriable(e) {
+                report.add(CreateOutcome::Refused(EINVAL));
+            } else {
+                sendable.push(e);
+            }
+        }
+        for chunk in sendable.chunks(CHUNK) {
+            let frame = wire::encode_batch(opcode, sel, chunk.iter().copied());
+            match self.call(name, &frame)? {
+                Response::Created(r) => {
+                    report.merge(&r);
+                    answered = true;
                 }
+                Response::Error(m) if unknown_op(&m, opcode) && !answered => return Ok(None),
+                Response::Error(m) => return Err(refused(name, m)),
+                r => return Err(unexpected(name, &r)),
             }
         }
         Ok(Some(report))
@@ -818,6 +861,26 @@ impl ConntrackAccess for HelperClient {
             tracing::info!("the helper predates CreateBackground; restores use plain Creates");
         }
         self.create(entries)
+    }
+
+    /// The registration's selector goes with every request, so the helper
+    /// checks each entry against the VM's own mark and zone.
+    fn create_for(
+        &self,
+        sel: &Selector,
+        entries: &[Entry],
+        background: bool,
+    ) -> Result<CreateReport, AccessError> {
+        let refs: Vec<&Entry> = entries.iter().collect();
+        if background && !self.old_helper_background.load(Ordering::Relaxed) {
+            if let Some(r) = self.create_selected(op::CREATE_BACKGROUND, sel, &refs, false)? {
+                return Ok(r);
+            }
+            self.old_helper_background.store(true, Ordering::Relaxed);
+            tracing::info!("the helper predates CreateBackground; restores use plain Creates");
+        }
+        self.create_selected(op::CREATE, sel, &refs, false)?
+            .ok_or_else(|| refused("create", "the helper does not know Create".into()))
     }
 
     fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError> {

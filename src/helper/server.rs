@@ -115,8 +115,13 @@ pub fn validate(req: &Request) -> Result<(), String> {
     | Request::CreateBackground(s, entries)
     | Request::DeleteEntries(s, entries) = req
     {
+        // Created entries must lie wholly in the selector's zone (the
+        // kernel finds entries by tuple and zone, never by mark), directional
+        // tuple zones included; a delete only names what it finds.
+        let creates = !matches!(req, Request::DeleteEntries(..));
         for (i, e) in entries.iter().enumerate() {
-            if !s.matches(e) {
+            let inside = if creates { s.admits(e) } else { s.matches(e) };
+            if !inside {
                 return Err(format!(
                     "entry {i} (mark {:#x}, zone {}) is outside the request's selector \
                      (mark {:#x}/{:#x}{})",

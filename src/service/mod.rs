@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::access::AccessError;
 
+pub mod confine;
 pub mod engine;
 pub mod options;
 pub mod persist;
