@@ -59,6 +59,24 @@ impl Dest {
         }
     }
 
+    /// Kills the daemon (SIGKILL) and starts it again on the same state.
+    async fn restart_daemon(&mut self) {
+        tokio::task::block_in_place(|| self.daemon.kill9());
+        let sock = self._state.path().join("helper.sock");
+        let mut o = DaemonOpts::new(&self.bus.address, self._state.path());
+        o.wrapper = [
+            "setpriv",
+            "--inh-caps=-net_admin",
+            "--bounding-set=-net_admin",
+            "--",
+        ]
+        .map(String::from)
+        .to_vec();
+        o.extra
+            .extend(["--helper-socket".to_string(), sock.display().to_string()]);
+        self.daemon = DaemonProc::start(o, &self.client).await;
+    }
+
     /// Registers `vm` on the test bus with `opts`; its VM1 and VMState1.
     async fn register(
         &self,
@@ -455,6 +473,157 @@ async fn a_two_million_entry_blob_does_not_flood_the_table() {
         let r = final_load(&vm).await;
         assert_eq!((r["created"], r["over_cap"]), (100, 200), "{r:?}");
         assert_eq!(d.count(&["--mark", "101"]), 100);
+    })
+    .await
+}
+
+/// Another registration's mark (under either mask) is refused at Register,
+/// whoever asks: a member of the admin group could otherwise register a VM
+/// of their own over VM 100's entries and Save, Load or flush them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_overlapping_another_vms_mark_is_refused() {
+    wrap(async {
+        let d = Dest::new("cf-overlap", &[]).await;
+        d.register("100", &[]).await;
+        let m = Manager1Proxy::new(&d.client).await.unwrap();
+        for (vm, opts) in [
+            ("evil", vec![("mark", Variant::from(100u32))]),
+            (
+                "evil-masked",
+                vec![
+                    ("mark", Variant::from(0x64u32)),
+                    ("mark_mask", Variant::from(0xffu32)),
+                ],
+            ),
+        ] {
+            let mut o: HashMap<&str, Variant<'_>> = opts.into_iter().collect();
+            o.insert("bus_address", Variant::from(d.bus.address.as_str()));
+            o.insert("id", Variant::from(vm));
+            let e = m.register(vm, o).await.unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains("org.conntrack_vmstate.Error.Conflict")
+                    && text.contains(&format!("of VM '{vm}' overlaps VM '100' (0x64/0xffffffff)")),
+                "{text}"
+            );
+        }
+        // A mark that differs under both masks is fine.
+        d.register(
+            "evil-ok",
+            &[
+                ("mark", Variant::from(0x164u32)),
+                ("id", Variant::from("ok")),
+            ],
+        )
+        .await;
+    })
+    .await
+}
+
+/// A 200-byte VM name: its saved ids are kept under a file name within
+/// NAME_MAX, so a flush after a daemon restart deletes exactly the saved
+/// entries (before, the ids file could not be written at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_after_restart_works_for_a_200_byte_vm_name() {
+    wrap(async {
+        let mut d = Dest::new("cf-long", &[]).await;
+        let name = "v".repeat(200);
+        let (_vm, vs) = d
+            .register(
+                &name,
+                &[
+                    ("mark", Variant::from(100u32)),
+                    ("id", Variant::from("long")),
+                ],
+            )
+            .await;
+        let ct = |ns: &Netns, args: &[&str]| {
+            ns.run("conntrack", args);
+        };
+        for i in 1..=4 {
+            ct(
+                &d.ns,
+                &[
+                    "-I",
+                    "-s",
+                    &format!("10.8.0.{i}"),
+                    "-d",
+                    "192.0.2.1",
+                    "-p",
+                    "tcp",
+                    "--sport",
+                    "1000",
+                    "--dport",
+                    "22",
+                    "--state",
+                    "ESTABLISHED",
+                    "-t",
+                    "600",
+                    "-u",
+                    "SEEN_REPLY,ASSURED",
+                    "--mark",
+                    "100",
+                ],
+            );
+        }
+        let blob = vs.save().await.unwrap().into_vec();
+        assert_eq!(format::decode(&blob).unwrap().entries.len(), 4);
+        let ids_written = |dir: &std::path::Path| {
+            std::fs::read_dir(dir).unwrap().flatten().any(|f| {
+                let n = f.file_name().to_string_lossy().into_owned();
+                n.starts_with("saved-") && n.ends_with(".ids")
+            })
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        while !ids_written(d._state.path()) {
+            assert!(
+                Instant::now() < end,
+                "ids file never written: {}",
+                d.daemon.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        d.restart_daemon().await;
+        // Made after the Save: not the VM's saved state, stays.
+        ct(
+            &d.ns,
+            &[
+                "-I",
+                "-s",
+                "10.8.0.99",
+                "-d",
+                "192.0.2.1",
+                "-p",
+                "tcp",
+                "--sport",
+                "1000",
+                "--dport",
+                "22",
+                "--state",
+                "ESTABLISHED",
+                "-t",
+                "600",
+                "-u",
+                "SEEN_REPLY,ASSURED",
+                "--mark",
+                "100",
+            ],
+        );
+        let log = d.daemon.log_text();
+        assert!(
+            log.contains("4 saved entry ids of the last Save kept for a flush"),
+            "{log}"
+        );
+        let m = Manager1Proxy::new(&d.client).await.unwrap();
+        m.unregister(&name, HashMap::from([("flush", Variant::from(true))]))
+            .await
+            .unwrap();
+        assert_eq!(d.count(&["--mark", "100"]), 1);
+        assert_eq!(d.count(&["--mark", "100", "-s", "10.8.0.99"]), 1);
+        assert!(
+            !ids_written(d._state.path()),
+            "ids file left after Unregister"
+        );
     })
     .await
 }

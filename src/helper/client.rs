@@ -36,6 +36,9 @@ const IDS_CHUNK: usize = 1 << 20;
 /// errno reported for entries the helper would refuse before asking the
 /// kernel (mark 0 entries: see [`super::server::validate_selector`]).
 const EPERM: i32 = 1;
+/// What a confined helper says of a selector nobody watches
+/// ([`super::server::confine`]).
+const NOT_WATCHED: &str = "is not watched: the helper serves only";
 /// errno reported for entries the helper protocol cannot carry.
 const EINVAL: i32 = 22;
 
@@ -300,6 +303,25 @@ impl HelperClient {
         Ok(resp)
     }
 
+    /// [`call`](Self::call) of a request for `sel` that a confined helper
+    /// only serves while `sel` is watched: refused as not watched although
+    /// this client watches it (the helper restarted a moment ago), the
+    /// watches are sent again and the request once more.
+    fn call_for(
+        &self,
+        op: &'static str,
+        sel: &Selector,
+        frame: &[u8],
+    ) -> Result<Response, AccessError> {
+        let r = self.call(op, frame)?;
+        match &r {
+            Response::Error(m) if m.contains(NOT_WATCHED) && self.watches.resend_for(sel) => {
+                self.call(op, frame)
+            }
+            _ => Ok(r),
+        }
+    }
+
     fn protocol(&self, op: &'static str, detail: &str) -> AccessError {
         AccessError::Helper(format!("{op}: bad reply from the helper: {detail}"))
     }
@@ -396,6 +418,31 @@ impl WatchState {
         }
         g.conn = Some(c);
         Ok(refusals)
+    }
+
+    /// Sends every watch again on a new connection if `sel` is one of
+    /// them: a request for it was refused as not watched, i.e. the helper
+    /// restarted and the monitor has not re-sent the watches yet.
+    fn resend_for(&self, sel: &Selector) -> bool {
+        let mut g = self.lock();
+        if !g.counts.contains_key(sel) {
+            return false;
+        }
+        match self.reconnect(&mut g) {
+            Ok(refusals) => {
+                self.resends.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    watches = g.counts.len(),
+                    refused = refusals.len(),
+                    "watches sent again to the helper"
+                );
+                refusals.iter().all(|(s, _)| s != sel)
+            }
+            Err(e) => {
+                tracing::debug!("sending the watches again failed: {e}");
+                false
+            }
+        }
     }
 
     fn exchange(&self, c: &mut UnixStream, req: &Request) -> io::Result<Response> {
@@ -615,7 +662,7 @@ impl HelperClient {
         }
         for chunk in sendable.chunks(CHUNK) {
             let frame = wire::encode_batch(opcode, sel, chunk.iter().copied());
-            match self.call(name, &frame)? {
+            match self.call_for(name, sel, &frame)? {
                 Response::Created(r) => {
                     report.merge(&r);
                     answered = true;
@@ -641,7 +688,7 @@ impl HelperClient {
             .unwrap_or(u32::MAX)
             .min(wire::MAX_SAVE_LIMIT);
         let frame = wire::encode_request(&Request::SaveState(*sel, limit, opts.format));
-        let (source, kept, dropped, ids, bytes) = match self.call("save-state", &frame)? {
+        let (source, kept, dropped, ids, bytes) = match self.call_for("save-state", sel, &frame)? {
             Response::SavedState(source, kept, dropped, ids, bytes) => {
                 (source, kept, dropped, ids, bytes)
             }
@@ -690,7 +737,7 @@ impl HelperClient {
         let mut report = DeleteReport::default();
         for (i, chunk) in ids.chunks(IDS_CHUNK).enumerate() {
             let frame = wire::encode_delete_saved(sel, chunk);
-            match self.call("delete-saved", &frame)? {
+            match self.call_for("delete-saved", sel, &frame)? {
                 Response::DeleteReport(r) => {
                     // Each id is either deleted or missing, exactly once.
                     if r.deleted.checked_add(r.missing) != Some(chunk.len() as u64) {
