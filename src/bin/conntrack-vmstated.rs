@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         state_dir: bus::args::state_dir(args.state_dir),
         save_deadline: Duration::from_millis(args.save_deadline_ms),
         load_budget: Duration::from_millis(args.load_budget_ms),
+        max_vm_entries: args.max_vm_entries,
     };
     let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
     // Few worker threads suffice: conntrack work runs on the blocking pool.

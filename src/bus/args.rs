@@ -39,6 +39,11 @@ pub struct DaemonArgs {
     /// the old name of the same knob.)
     #[arg(long, value_name = "MS", default_value_t = DEFAULT_LOAD_BUDGET_MS, alias = "load-deadline-ms")]
     pub load_budget_ms: u64,
+    /// Most entries one Load creates for a VM registered without its own
+    /// `max_entries`; the rest (the least valuable) are counted as
+    /// over_cap. Never more than a quarter of nf_conntrack_max.
+    #[arg(long, value_name = "N", default_value_t = crate::service::confine::DEFAULT_MAX_ENTRIES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_vm_entries: u64,
     /// How often the warm cache re-reads each registered VM's entries from
     /// the kernel to refresh remaining timeouts: the staleness bound of the
     /// timeouts Save reports. Ignored with --helper-socket (the helper keeps

@@ -200,12 +200,29 @@ pub const CONNTRACK_MAX_PATH: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 
 /// `nf_conntrack_max`, or `None` when conntrack is not loaded (the file is
 /// absent) or the value is unreadable.
+/// Said once per process: the daemon's unit hides /proc/sys
+/// (`ProcSubset=pid`), and then only the configured cap applies.
 pub fn conntrack_max() -> Option<u64> {
-    std::fs::read_to_string(CONNTRACK_MAX_PATH)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let r = std::fs::read_to_string(CONNTRACK_MAX_PATH)
+        .map_err(|e| e.to_string())
+        .and_then(|t| {
+            t.trim()
+                .parse()
+                .map_err(|e: std::num::ParseIntError| e.to_string())
+        });
+    match r {
+        Ok(n) => Some(n),
+        Err(e) => {
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!(
+                    "{CONNTRACK_MAX_PATH} is not readable ({e}): each Load is capped by the \
+                     configured per-VM entry cap only"
+                );
+            }
+            None
+        }
+    }
 }
 
 /// The cap a Load applies: the configured one, bounded by
