@@ -146,3 +146,78 @@ async fn manager_signals_reach_only_root_and_the_admin_group() {
     .await
     .expect("test timed out");
 }
+
+/// A VM registered with `qemu_pid` answers Save and Load only from that
+/// process (its bus connection's pid, as the bus daemon knows it from the
+/// kernel): another caller — here this test process, when the VM is bound
+/// to another pid — gets AccessDenied, its Load creates nothing and cannot
+/// cancel anything; bound to this process, the same calls work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn save_and_load_only_from_the_bound_qemu() {
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let bus = TestBus::new("cb-pid");
+        let ns = Netns::new("cb-pid");
+        let state = scratch_dir("cb-pid-state");
+        let client = bus.connect().await;
+        let mut o = DaemonOpts::new(&bus.address, state.path());
+        o.netns = Some(&ns.name);
+        let d = DaemonProc::start(o, &client).await;
+        let m = Manager1Proxy::new(&client).await.unwrap();
+        let empty = format::encode(&[], &EncodeOptions::default())
+            .unwrap()
+            .bytes;
+        let bind = |vm: &'static str, pid: u32| {
+            let (m, client, addr) = (m.clone(), client.clone(), bus.address.clone());
+            async move {
+                let path = m
+                    .register(
+                        vm,
+                        HashMap::from([
+                            ("bus_address", Variant::from(addr.as_str())),
+                            ("qemu_pid", Variant::from(pid)),
+                        ]),
+                    )
+                    .await
+                    .unwrap();
+                let v = Vm1Proxy::builder(&client)
+                    .path(path)
+                    .cache_properties(zbus::proxy::CacheProperties::No)
+                    .build()
+                    .await
+                    .unwrap();
+                let vs = VmState1Proxy::builder(&client)
+                    .destination(v.unique_name().await.unwrap())
+                    .build()
+                    .await
+                    .unwrap();
+                (v, vs)
+            }
+        };
+        // Bound to the daemon's own pid: certainly not this process.
+        let other = d.pid();
+        let (v, vs) = bind("100", other).await;
+        let me = std::process::id();
+        let want = format!(
+            "org.freedesktop.DBus.Error.AccessDenied: Save of VM '100' is only for its QEMU \
+             (pid {other}): called by pid {me}"
+        );
+        assert_eq!(vs.save().await.unwrap_err().to_string(), want);
+        let e = vs.load(serde_bytes::Bytes::new(&empty)).await.unwrap_err();
+        assert_eq!(e.to_string(), want.replace("Save of", "Load of"));
+        assert!(v.last_load().await.unwrap().is_empty(), "Load ran");
+        assert!(v.last_save().await.unwrap().is_empty(), "Save ran");
+        assert!(
+            d.log_text()
+                .contains(&format!("Save of VM 100 refused: called by pid {me}")),
+            "{}",
+            d.log_text()
+        );
+        // Bound to this process: served as always.
+        let (v, vs) = bind("101", me).await;
+        assert!(!vs.save().await.unwrap().is_empty());
+        vs.load(serde_bytes::Bytes::new(&empty)).await.unwrap();
+        assert!(!v.last_load().await.unwrap().is_empty());
+    })
+    .await
+    .expect("test timed out");
+}

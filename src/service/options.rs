@@ -83,10 +83,15 @@ pub struct VmConfig {
     /// `None`), always bounded by a fraction of `nf_conntrack_max`.
     #[serde(default)]
     pub max_entries: Option<u32>,
+    /// Only the process with this pid (the VM's QEMU, as the bus reports
+    /// its connection) may call Save and Load; `register --qmp` sets it
+    /// from the QMP socket's peer. `None`: whoever the bus policy lets in.
+    #[serde(default)]
+    pub qemu_pid: Option<u32>,
 }
 
 /// Option names `Register` accepts, in the order conflicts are reported.
-pub const REGISTER_OPTIONS: [&str; 9] = [
+pub const REGISTER_OPTIONS: [&str; 10] = [
     "id",
     "mark",
     "mark_mask",
@@ -96,6 +101,7 @@ pub const REGISTER_OPTIONS: [&str; 9] = [
     "zone_map",
     "helpers",
     "max_entries",
+    "qemu_pid",
 ];
 /// Option names `Unregister` accepts.
 pub const UNREGISTER_OPTIONS: [&str; 1] = ["flush"];
@@ -145,6 +151,7 @@ impl VmConfig {
         let mut zone_map = None;
         let mut helpers = None;
         let mut max_entries = None;
+        let mut qemu_pid = None;
         for (name, value) in options {
             match (name.as_str(), value) {
                 ("id", OptValue::Str(s)) => id = Some(s.clone()),
@@ -175,6 +182,13 @@ impl VmConfig {
                     })
                 }
                 ("max_entries", OptValue::U32(v)) => max_entries = Some(*v),
+                ("qemu_pid", OptValue::U32(0)) => {
+                    return Err(ServiceError::InvalidOption {
+                        option: "qemu_pid".into(),
+                        reason: "is 0, not a process".into(),
+                    })
+                }
+                ("qemu_pid", OptValue::U32(v)) => qemu_pid = Some(*v),
                 (known, v) if REGISTER_OPTIONS.contains(&known) => {
                     return Err(ServiceError::InvalidOption {
                         option: known.into(),
@@ -232,6 +246,7 @@ impl VmConfig {
             zone_map,
             helpers,
             max_entries,
+            qemu_pid,
         })
     }
 
@@ -248,7 +263,7 @@ impl VmConfig {
             h.as_ref()
                 .map_or_else(|| "(default)".into(), |h| format!("'{}'", h.join(",")))
         };
-        let pairs: [(&'static str, String, String); 9] = [
+        let pairs: [(&'static str, String, String); 10] = [
             ("id", self.id.clone(), other.id.clone()),
             ("mark", self.mark.to_string(), other.mark.to_string()),
             (
@@ -274,6 +289,7 @@ impl VmConfig {
                 opt(&self.max_entries),
                 opt(&other.max_entries),
             ),
+            ("qemu_pid", opt(&self.qemu_pid), opt(&other.qemu_pid)),
         ];
         pairs.into_iter().find(|(_, a, b)| a != b)
     }
@@ -317,7 +333,7 @@ fn parse_helpers(s: &str) -> Result<Vec<String>, ServiceError> {
 /// Typed for the error message of a wrongly typed known option.
 fn register_option_type(name: &str) -> &'static str {
     match name {
-        "mark" | "mark_mask" | "max_entries" => "u",
+        "mark" | "mark_mask" | "max_entries" | "qemu_pid" => "u",
         "zone" => "q",
         _ => "s",
     }
@@ -424,6 +440,7 @@ mod tests {
                 zone_map: None,
                 helpers: None,
                 max_entries: None,
+                qemu_pid: None,
             }
         );
     }
@@ -446,7 +463,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "unknown option 'colour' (known: id, mark, mark_mask, zone, bus_address, format, \
-             zone_map, helpers, max_entries)"
+             zone_map, helpers, max_entries, qemu_pid)"
         );
         let e = VmConfig::from_options("1", &[o("mark", OptValue::Str("1".into()))]).unwrap_err();
         assert_eq!(
@@ -552,6 +569,10 @@ mod tests {
             (
                 vec![o("max_entries", OptValue::U16(1))],
                 "invalid option 'max_entries': must be of type 'u', got 'q'",
+            ),
+            (
+                vec![o("qemu_pid", OptValue::U32(0))],
+                "invalid option 'qemu_pid': is 0, not a process",
             ),
         ] {
             assert_eq!(
