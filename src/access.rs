@@ -145,6 +145,44 @@ pub trait ConntrackAccess: Send + Sync {
         self.create(entries)
     }
 
+    /// Create `entries` for the one VM `sel` selects (a Load's restore):
+    /// an entry [`Selector::admits`] does not let in is never created and
+    /// counts as refused (EPERM). The helper client sends `sel` with every
+    /// request, so the helper checks each entry against the registration's
+    /// selector too, not against a selector made up from the entry's own
+    /// mark. `background` is [`create_background`](Self::create_background).
+    fn create_for(
+        &self,
+        sel: &Selector,
+        entries: &[Entry],
+        background: bool,
+    ) -> Result<CreateReport, AccessError> {
+        let run = |es: &[Entry]| {
+            if background {
+                self.create_background(es)
+            } else {
+                self.create(es)
+            }
+        };
+        // The restore hands over only admitted entries: no copy then.
+        if entries.iter().all(|e| sel.admits(e)) {
+            return run(entries);
+        }
+        let mut report = CreateReport::default();
+        let mut mine = Vec::with_capacity(entries.len());
+        for e in entries {
+            if sel.admits(e) {
+                mine.push(e.clone());
+            } else {
+                report.add(CreateOutcome::Refused(libc::EPERM));
+            }
+        }
+        if !mine.is_empty() {
+            report.merge(&run(&mine)?);
+        }
+        Ok(report)
+    }
+
     /// Delete every entry selected by `sel`; returns how many were deleted.
     fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError>;
 

@@ -163,6 +163,17 @@ pub struct DaemonArgs {
         env = "CONNTRACK_VMSTATE_LOAD_BUDGET_MS"
     )]
     pub load_budget_ms: u64,
+    /// Most entries one Load creates for a VM registered without its own
+    /// `max_entries`; the rest (the least valuable) are counted as
+    /// over_cap. Never more than a quarter of nf_conntrack_max.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = crate::service::confine::DEFAULT_MAX_ENTRIES,
+        value_parser = clap::value_parser!(u64).range(1..),
+        env = "CONNTRACK_VMSTATE_MAX_VM_ENTRIES"
+    )]
+    pub max_vm_entries: u64,
     #[command(flatten)]
     pub common: CommonArgs,
 }

@@ -242,3 +242,22 @@ impl Selector {
             && self.zone.is_none_or(|z| z == e.zone)
     }
 }
+
+impl Selector {
+    /// Whether `e` may be *created* for this selector: its mark under the
+    /// mask is the selector's, and it lives in the selector's zone (both
+    /// `CTA_ZONE` and any directional tuple zone). Unlike
+    /// [`matches`](Selector::matches), which picks existing entries, this is
+    /// the boundary a restore must not cross: the kernel looks entries up
+    /// by tuple and zone, never by mark, so an entry in another zone would
+    /// answer for another tenant's packets. A selector without a zone
+    /// admits any zone (it also saves every zone); hosts that separate
+    /// tenants by zone register each VM's zone (docs/trust-model.md).
+    pub fn admits(&self, e: &Entry) -> bool {
+        let zone_ok = |z: u16| self.zone.is_none_or(|s| s == z);
+        (e.mark & self.mark_mask) == (self.mark & self.mark_mask)
+            && zone_ok(e.zone)
+            && e.orig.zone.is_none_or(zone_ok)
+            && e.reply.zone.is_none_or(zone_ok)
+    }
+}

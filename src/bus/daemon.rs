@@ -26,6 +26,9 @@ pub struct DaemonConfig {
     /// Load creates entries synchronously for this long, then answers QEMU
     /// and creates the rest in the background.
     pub load_budget: Duration,
+    /// Per-VM entry cap of a Load for registrations without `max_entries`
+    /// (bounded by a quarter of nf_conntrack_max when that is readable).
+    pub max_vm_entries: u64,
 }
 
 /// Why the daemon could not start.
@@ -81,7 +84,8 @@ impl Daemon {
             })?;
         let engine = Arc::new(
             Engine::new(access, cfg.save_deadline, cfg.load_budget)
-                .with_store(Store::new(&cfg.state_dir)),
+                .with_store(Store::new(&cfg.state_dir))
+                .with_max_entries(cfg.max_vm_entries),
         );
         let mgr = Arc::new(Manager::new(
             Registry::new(Store::new(&cfg.state_dir)),

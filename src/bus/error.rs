@@ -41,7 +41,9 @@ impl From<ServiceError> for Error {
             ServiceError::UnknownOption { .. } => Error::UnknownOption(text),
             ServiceError::InvalidOption { .. } => Error::InvalidOption(text),
             ServiceError::InvalidVm { .. } => Error::InvalidVm(text),
-            ServiceError::Conflict { .. } => Error::Conflict(text),
+            ServiceError::Conflict { .. } | ServiceError::MarkOverlap { .. } => {
+                Error::Conflict(text)
+            }
             ServiceError::IdInUse { .. } => Error::IdInUse(text),
             ServiceError::NotRegistered { .. } => Error::NotRegistered(text),
             ServiceError::Persist { .. } | ServiceError::CorruptState { .. } => {

@@ -115,11 +115,23 @@ fn save_dict(r: Option<OpReport>) -> HashMap<String, OwnedVariant> {
 }
 
 fn load_dict(r: Option<OpReport>) -> HashMap<String, OwnedVariant> {
-    let extra = r
-        .as_ref()
-        .map(|r| (r.created_sync, r.complete_us, r.pending));
+    let extra = r.as_ref().map(|r| {
+        (
+            r.created_sync,
+            r.complete_us,
+            r.pending,
+            [
+                ("foreign", r.foreign),
+                ("rejected", r.rejected),
+                ("over_cap", r.over_cap),
+            ],
+        )
+    });
     let mut m = report_dict(r);
-    if let Some((created_sync, complete_us, pending)) = extra {
+    if let Some((created_sync, complete_us, pending, confined)) = extra {
+        for (k, v) in confined {
+            m.insert(k.into(), OwnedVariant::from(v));
+        }
         m.insert("created_sync".into(), OwnedVariant::from(created_sync));
         m.insert("pending".into(), OwnedVariant::from(pending));
         // Absent while pending: a reader that waits for the key never takes
@@ -184,7 +196,8 @@ impl Vm1 {
         save_dict(self.rt.last_save())
     }
 
-    /// entries, dropped, created, created_sync, existed, refused, bytes,
+    /// entries, dropped, created, created_sync, existed, refused, foreign,
+    /// rejected, over_cap, bytes,
     /// duration_us (to the answer), complete_us (to the full restore; absent
     /// while pending), pending, error, timestamp of the last Load; empty
     /// before the first.
@@ -207,15 +220,68 @@ impl VmState1 {
         self.rt.config.id.clone()
     }
 
-    /// Never an error, never empty, never more than 1 MiB (QEMU would
-    /// leave the VM running nowhere).
+    /// Never an error for the VM's QEMU, never empty, never more than 1 MiB
+    /// (QEMU would leave the VM running nowhere). A VM registered with
+    /// `qemu_pid` answers only that process; anyone else gets AccessDenied.
     #[zbus(out_args("data"))]
-    async fn save(&self) -> ByteBuf {
-        ByteBuf::from(self.engine.save(&self.rt).await)
+    async fn save(
+        &self,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> zbus::fdo::Result<ByteBuf> {
+        self.caller_is_qemu(&hdr, conn, "Save").await?;
+        Ok(ByteBuf::from(self.engine.save(&self.rt).await))
     }
 
-    /// Never an error (QEMU would exit); problems land in LastLoad.
-    async fn load(&self, data: ByteBuf) {
-        self.engine.load(&self.rt, data.into_vec()).await
+    /// Never an error for the VM's QEMU (it would exit); problems land in
+    /// LastLoad. Bound like Save: another caller could otherwise cancel a
+    /// running restore with an empty Load.
+    async fn load(
+        &self,
+        data: ByteBuf,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> zbus::fdo::Result<()> {
+        self.caller_is_qemu(&hdr, conn, "Load").await?;
+        self.engine.load(&self.rt, data.into_vec()).await;
+        Ok(())
+    }
+}
+
+impl VmState1 {
+    /// With `qemu_pid`, the caller's pid as the bus daemon reports it
+    /// (GetConnectionUnixProcessID, from the kernel's SO_PEERCRED of its
+    /// connection) must be the VM's QEMU.
+    async fn caller_is_qemu(
+        &self,
+        hdr: &zbus::message::Header<'_>,
+        conn: &zbus::Connection,
+        op: &str,
+    ) -> zbus::fdo::Result<()> {
+        let Some(want) = self.rt.config.qemu_pid else {
+            return Ok(());
+        };
+        let vm = &self.rt.config.vm;
+        let denied = |why: String| {
+            tracing::warn!(VMID = %vm, "{op} of VM {vm} refused: {why}");
+            zbus::fdo::Error::AccessDenied(format!(
+                "{op} of VM '{vm}' is only for its QEMU (pid {want}): {why}"
+            ))
+        };
+        let Some(sender) = hdr.sender() else {
+            return Err(denied("the call names no sender".into()));
+        };
+        let dbus = zbus::fdo::DBusProxy::new(conn)
+            .await
+            .map_err(|e| denied(format!("cannot ask the bus who called: {e}")))?;
+        let pid = dbus
+            .get_connection_unix_process_id(sender.clone().into())
+            .await
+            .map_err(|e| denied(format!("the bus does not say who {sender} is: {e}")))?;
+        if pid == want {
+            Ok(())
+        } else {
+            Err(denied(format!("called by pid {pid}")))
+        }
     }
 }

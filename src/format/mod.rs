@@ -223,13 +223,22 @@ impl Stream {
 /// Validates a state blob completely (any format [`decode`] reads) and
 /// returns its entries as a [`Stream`] in priority order.
 pub fn stream(bytes: &[u8]) -> Result<Stream, FormatError> {
+    stream_bounded(bytes, usize::MAX)
+}
+
+/// [`stream`], sorting at most `max_sort` entries in memory: a binary blob
+/// not in priority order with more entries than that (only a foreign or
+/// hostile encoder writes one; ~200 B per decoded entry) is handed out in
+/// blob order instead, batch by batch, so its memory stays the validated
+/// payload's. Load passes its entry cap: it never creates more anyway.
+pub fn stream_bounded(bytes: &[u8], max_sort: usize) -> Result<Stream, FormatError> {
     if bytes.starts_with(&binary::MAGIC) {
         let c = binary::check(bytes)?;
         let (truncated, dropped) = (
             c.header.flags & binary::FLAG_TRUNCATED != 0,
             Some(u64::from(c.header.dropped)),
         );
-        let inner = if c.sorted {
+        let inner = if c.sorted || c.len() > max_sort {
             StreamInner::Checked(c)
         } else {
             let mut entries = binary::decode(bytes)?.1;

@@ -36,6 +36,11 @@ const IDS_CHUNK: usize = 1 << 20;
 /// errno reported for entries the helper would refuse before asking the
 /// kernel (mark 0 entries: see [`super::server::validate_selector`]).
 const EPERM: i32 = 1;
+/// What a confined helper says of a selector nobody watches
+/// ([`super::server::confine`]).
+const NOT_WATCHED: &str = "is not watched: the helper serves only";
+/// errno reported for entries the helper protocol cannot carry.
+const EINVAL: i32 = 22;
 
 /// A [`ConntrackAccess`] that forwards to the helper's socket.
 ///
@@ -298,6 +303,25 @@ impl HelperClient {
         Ok(resp)
     }
 
+    /// [`call`](Self::call) of a request for `sel` that a confined helper
+    /// only serves while `sel` is watched: refused as not watched although
+    /// this client watches it (the helper restarted a moment ago), the
+    /// watches are sent again and the request once more.
+    fn call_for(
+        &self,
+        op: &'static str,
+        sel: &Selector,
+        frame: &[u8],
+    ) -> Result<Response, AccessError> {
+        let r = self.call(op, frame)?;
+        match &r {
+            Response::Error(m) if m.contains(NOT_WATCHED) && self.watches.resend_for(sel) => {
+                self.call(op, frame)
+            }
+            _ => Ok(r),
+        }
+    }
+
     fn protocol(&self, op: &'static str, detail: &str) -> AccessError {
         AccessError::Helper(format!("{op}: bad reply from the helper: {detail}"))
     }
@@ -394,6 +418,31 @@ impl WatchState {
         }
         g.conn = Some(c);
         Ok(refusals)
+    }
+
+    /// Sends every watch again on a new connection if `sel` is one of
+    /// them: a request for it was refused as not watched, i.e. the helper
+    /// restarted and the monitor has not re-sent the watches yet.
+    fn resend_for(&self, sel: &Selector) -> bool {
+        let mut g = self.lock();
+        if !g.counts.contains_key(sel) {
+            return false;
+        }
+        match self.reconnect(&mut g) {
+            Ok(refusals) => {
+                self.resends.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    watches = g.counts.len(),
+                    refused = refusals.len(),
+                    "watches sent again to the helper"
+                );
+                refusals.iter().all(|(s, _)| s != sel)
+            }
+            Err(e) => {
+                tracing::debug!("sending the watches again failed: {e}");
+                false
+            }
+        }
     }
 
     fn exchange(&self, c: &mut UnixStream, req: &Request) -> io::Result<Response> {
@@ -548,19 +597,15 @@ impl HelperClient {
     /// Create or CreateBackground (`opcode`), in chunks per mark; `None`
     /// when the helper does not know the op (only CreateBackground is new,
     /// and an old helper refuses it on the first chunk, before anything was
-    /// created).
+    /// created). For callers that create entries of several marks at once
+    /// (a CLI restore); a Load's restore goes through
+    /// [`create_selected`](Self::create_selected).
     fn create_op(
         &self,
         opcode: u8,
         entries: &[Entry],
     ) -> Result<Option<CreateReport>, AccessError> {
-        let name = if opcode == op::CREATE {
-            "create"
-        } else {
-            "create-background"
-        };
         let mut report = CreateReport::default();
-        let mut answered = false;
         for (mark, group) in by_mark(entries) {
             let sel = Selector::mark(mark);
             if super::server::validate_selector(&sel).is_err() {
@@ -569,17 +614,62 @@ impl HelperClient {
                 }
                 continue;
             }
-            for chunk in group.chunks(CHUNK) {
-                let frame = wire::encode_batch(opcode, &sel, chunk.iter().copied());
-                match self.call(name, &frame)? {
-                    Response::Created(r) => {
-                        report.merge(&r);
-                        answered = true;
-                    }
-                    Response::Error(m) if unknown_op(&m, opcode) && !answered => return Ok(None),
-                    Response::Error(m) => return Err(refused(name, m)),
-                    r => return Err(unexpected(name, &r)),
+            match self.create_selected(opcode, &sel, &group, report.created > 0)? {
+                Some(r) => report.merge(&r),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(report))
+    }
+
+    /// Create or CreateBackground of `entries` under `sel`, the selector
+    /// of the VM they are created for: the helper checks every entry
+    /// against it. Entries the helper protocol cannot carry (a helper name
+    /// the kernel cannot have, a tuple mixing families, reply protocol
+    /// differing) are counted as refused (EINVAL) here instead of making
+    /// the helper refuse their whole request, and entries `sel` does not
+    /// admit as refused (EPERM): one bad entry never costs the others.
+    /// `None` as for [`create_op`](Self::create_op), unless `answered`
+    /// (some request of this create already succeeded).
+    fn create_selected(
+        &self,
+        opcode: u8,
+        sel: &Selector,
+        entries: &[&Entry],
+        mut answered: bool,
+    ) -> Result<Option<CreateReport>, AccessError> {
+        let name = if opcode == op::CREATE {
+            "create"
+        } else {
+            "create-background"
+        };
+        let mut report = CreateReport::default();
+        if super::server::validate_selector(sel).is_err() {
+            for _ in entries {
+                report.add(CreateOutcome::Refused(EPERM));
+            }
+            return Ok(Some(report));
+        }
+        let mut sendable: Vec<&Entry> = Vec::with_capacity(entries.len());
+        for e in entries {
+            if !sel.admits(e) {
+                report.add(CreateOutcome::Refused(EPERM));
+            } else if !wire::carriable(e) {
+                report.add(CreateOutcome::Refused(EINVAL));
+            } else {
+                sendable.push(e);
+            }
+        }
+        for chunk in sendable.chunks(CHUNK) {
+            let frame = wire::encode_batch(opcode, sel, chunk.iter().copied());
+            match self.call_for(name, sel, &frame)? {
+                Response::Created(r) => {
+                    report.merge(&r);
+                    answered = true;
                 }
+                Response::Error(m) if unknown_op(&m, opcode) && !answered => return Ok(None),
+                Response::Error(m) => return Err(refused(name, m)),
+                r => return Err(unexpected(name, &r)),
             }
         }
         Ok(Some(report))
@@ -598,7 +688,7 @@ impl HelperClient {
             .unwrap_or(u32::MAX)
             .min(wire::MAX_SAVE_LIMIT);
         let frame = wire::encode_request(&Request::SaveState(*sel, limit, opts.format));
-        let (source, kept, dropped, ids, bytes) = match self.call("save-state", &frame)? {
+        let (source, kept, dropped, ids, bytes) = match self.call_for("save-state", sel, &frame)? {
             Response::SavedState(source, kept, dropped, ids, bytes) => {
                 (source, kept, dropped, ids, bytes)
             }
@@ -647,7 +737,7 @@ impl HelperClient {
         let mut report = DeleteReport::default();
         for (i, chunk) in ids.chunks(IDS_CHUNK).enumerate() {
             let frame = wire::encode_delete_saved(sel, chunk);
-            match self.call("delete-saved", &frame)? {
+            match self.call_for("delete-saved", sel, &frame)? {
                 Response::DeleteReport(r) => {
                     // Each id is either deleted or missing, exactly once.
                     if r.deleted.checked_add(r.missing) != Some(chunk.len() as u64) {
@@ -818,6 +908,26 @@ impl ConntrackAccess for HelperClient {
             tracing::info!("the helper predates CreateBackground; restores use plain Creates");
         }
         self.create(entries)
+    }
+
+    /// The registration's selector goes with every request, so the helper
+    /// checks each entry against the VM's own mark and zone.
+    fn create_for(
+        &self,
+        sel: &Selector,
+        entries: &[Entry],
+        background: bool,
+    ) -> Result<CreateReport, AccessError> {
+        let refs: Vec<&Entry> = entries.iter().collect();
+        if background && !self.old_helper_background.load(Ordering::Relaxed) {
+            if let Some(r) = self.create_selected(op::CREATE_BACKGROUND, sel, &refs, false)? {
+                return Ok(r);
+            }
+            self.old_helper_background.store(true, Ordering::Relaxed);
+            tracing::info!("the helper predates CreateBackground; restores use plain Creates");
+        }
+        self.create_selected(op::CREATE, sel, &refs, false)?
+            .ok_or_else(|| refused("create", "the helper does not know Create".into()))
     }
 
     fn delete_selected(&self, sel: &Selector) -> Result<u64, AccessError> {

@@ -43,6 +43,10 @@ pub struct ServerConfig {
     /// Selectors watched at once over all connections: each costs the
     /// cache's memory and a share of its refresh walks.
     pub max_watches: usize,
+    /// Serve only what the daemon needs (see [`confine`]): requests name a
+    /// selector some connection watches (the daemon watches each registered
+    /// VM's), and DeleteSelected, which the daemon never sends, is refused.
+    pub confined: bool,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +58,7 @@ impl Default for ServerConfig {
             stop: None,
             max_watches_per_connection: 2048,
             max_watches: 4096,
+            confined: true,
         }
     }
 }
@@ -80,6 +85,62 @@ struct Shared {
     rejected: AtomicU64,
     /// Watches held by all connections.
     watches: AtomicUsize,
+    /// Which selectors are watched, by how many connections.
+    watched: Mutex<HashMap<Selector, usize>>,
+}
+
+impl Shared {
+    fn watched_add(&self, sel: Selector, on: bool) {
+        let mut m = self.watched.lock().unwrap_or_else(|p| p.into_inner());
+        if on {
+            *m.entry(sel).or_insert(0) += 1;
+        } else if let Some(n) = m.get_mut(&sel) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&sel);
+            }
+        }
+    }
+
+    fn is_watched(&self, sel: &Selector) -> bool {
+        self.watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(sel)
+    }
+}
+
+/// The confined helper's rule for one validated request, on its own: an
+/// op the daemon uses, for a selector the daemon watches (it watches every
+/// registered VM from Register to Unregister). A compromised daemon, or
+/// anything else that reaches the socket, can then neither delete by an
+/// arbitrary selector (`DeleteSelected(mark 1, mask 1)` would remove every
+/// odd-marked entry) nor read, create or flush for a selector nobody
+/// registered, without first watching it, which the journal shows.
+pub fn confine(req: &Request, watched: impl Fn(&Selector) -> bool) -> Result<(), String> {
+    let sel = match req {
+        Request::DeleteSelected(_) => {
+            return Err("not an operation the daemon uses; refused".into())
+        }
+        Request::Watch(..) => return Ok(()),
+        Request::Dump(s)
+        | Request::DumpSourced(s)
+        | Request::Create(s, _)
+        | Request::CreateBackground(s, _)
+        | Request::SaveState(s, ..)
+        | Request::DeleteEntries(s, _)
+        | Request::DeleteSaved(s, _) => s,
+    };
+    if watched(sel) {
+        return Ok(());
+    }
+    Err(format!(
+        "selector mark {:#x}/{:#x}{} is not watched: the helper serves only the selectors \
+         of registered VMs (Watch first); refused",
+        sel.mark,
+        sel.mark_mask,
+        sel.zone.map(|z| format!(", zone {z}")).unwrap_or_default()
+    ))
 }
 
 impl Shared {
@@ -115,8 +176,13 @@ pub fn validate(req: &Request) -> Result<(), String> {
     | Request::CreateBackground(s, entries)
     | Request::DeleteEntries(s, entries) = req
     {
+        // Created entries must lie wholly in the selector's zone (the
+        // kernel finds entries by tuple and zone, never by mark), directional
+        // tuple zones included; a delete only names what it finds.
+        let creates = !matches!(req, Request::DeleteEntries(..));
         for (i, e) in entries.iter().enumerate() {
-            if !s.matches(e) {
+            let inside = if creates { s.admits(e) } else { s.matches(e) };
+            if !inside {
                 return Err(format!(
                     "entry {i} (mark {:#x}, zone {}) is outside the request's selector \
                      (mark {:#x}/{:#x}{})",
@@ -304,15 +370,27 @@ struct Watches<'a> {
     sh: &'a Shared,
     max_per_connection: usize,
     max_total: usize,
+    /// [`ServerConfig::confined`].
+    confined: bool,
     set: std::collections::HashSet<Selector>,
+    /// Asked for, but the access could not start keeping them warm (e.g.
+    /// no CAP_NET_ADMIN): still the daemon's word that it serves them, so a
+    /// confined helper answers their requests (with the access's own
+    /// error, typically); a later Watch tries the access again.
+    failed: std::collections::HashSet<Selector>,
 }
 
 impl Watches<'_> {
     fn run(&mut self, sel: Selector, on: bool) -> Response {
         let n = |w: &Self| u32::try_from(w.set.len()).unwrap_or(u32::MAX);
         if !on {
+            if self.failed.remove(&sel) {
+                self.sh.watches.fetch_sub(1, Ordering::SeqCst);
+                self.sh.watched_add(sel, false);
+            }
             if self.set.remove(&sel) {
                 self.sh.watches.fetch_sub(1, Ordering::SeqCst);
+                self.sh.watched_add(sel, false);
                 if let Err(e) = self.access.watch(&sel, false) {
                     return Response::Error(e.to_string());
                 }
@@ -322,7 +400,18 @@ impl Watches<'_> {
         if self.set.contains(&sel) {
             return Response::Watching(n(self));
         }
-        if self.set.len() >= self.max_per_connection {
+        if self.failed.contains(&sel) {
+            // Its reservation is held already.
+            return match self.access.watch(&sel, true) {
+                Ok(()) => {
+                    self.failed.remove(&sel);
+                    self.set.insert(sel);
+                    Response::Watching(n(self))
+                }
+                Err(e) => Response::Error(e.to_string()),
+            };
+        }
+        if self.set.len() + self.failed.len() >= self.max_per_connection {
             return Response::Error(format!(
                 "watch refused: this connection already watches {} selectors (limit {})",
                 self.set.len(),
@@ -340,10 +429,12 @@ impl Watches<'_> {
         match self.access.watch(&sel, true) {
             Ok(()) => {
                 self.set.insert(sel);
+                self.sh.watched_add(sel, true);
                 Response::Watching(n(self))
             }
             Err(e) => {
-                self.sh.watches.fetch_sub(1, Ordering::SeqCst);
+                self.failed.insert(sel);
+                self.sh.watched_add(sel, true);
                 Response::Error(e.to_string())
             }
         }
@@ -352,8 +443,13 @@ impl Watches<'_> {
 
 impl Drop for Watches<'_> {
     fn drop(&mut self) {
+        for sel in std::mem::take(&mut self.failed) {
+            self.sh.watches.fetch_sub(1, Ordering::SeqCst);
+            self.sh.watched_add(sel, false);
+        }
         for sel in std::mem::take(&mut self.set) {
             self.sh.watches.fetch_sub(1, Ordering::SeqCst);
+            self.sh.watched_add(sel, false);
             if let Err(e) = self.access.watch(&sel, false) {
                 tracing::warn!("dropping a watch of a closed connection: {e}");
             }
@@ -381,6 +477,16 @@ fn handle_in(
             Response::Error(format!("{name} refused: {msg}")),
             Some(name),
         );
+    }
+    if let Some(w) = watches.as_deref() {
+        if w.confined {
+            if let Err(msg) = confine(&req, |s| w.sh.is_watched(s)) {
+                return (
+                    Response::Error(format!("{name} refused: {msg}")),
+                    Some(name),
+                );
+            }
+        }
     }
     // The codec below is a large piece of code handling kernel input; a bug
     // in it must cost one reply, not the helper and every other connection.
@@ -413,6 +519,7 @@ pub fn serve(
         requests: AtomicU64::new(0),
         rejected: AtomicU64::new(0),
         watches: AtomicUsize::new(0),
+        watched: Mutex::new(HashMap::new()),
     });
     let threads = Mutex::new(Vec::new());
     let mut connections = 0u64;
@@ -596,6 +703,8 @@ fn connection(
         sh,
         max_per_connection: cfg.max_watches_per_connection,
         max_total: cfg.max_watches,
+        confined: cfg.confined,
+        failed: Default::default(),
         set: Default::default(),
     };
     loop {

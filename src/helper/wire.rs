@@ -422,6 +422,21 @@ pub fn encode_batch<'e>(
     })
 }
 
+/// Whether the helper's decoder and validation take `e` as it is: a
+/// helper name of 1..=[`MAX_HELPER_NAME`] bytes, one address family in
+/// both tuples, one protocol. A request carrying any other entry is
+/// refused whole, so a client drops such entries first.
+pub fn carriable(e: &Entry) -> bool {
+    let v6 = e.orig.src.is_ipv6();
+    e.helper
+        .as_ref()
+        .is_none_or(|h| (1..=MAX_HELPER_NAME).contains(&h.len()))
+        && [e.orig.dst, e.reply.src, e.reply.dst]
+            .iter()
+            .all(|a| a.is_ipv6() == v6)
+        && e.orig.proto == e.reply.proto
+}
+
 /// The complete frame (length prefix included) of a response.
 pub fn encode_response(r: &Response) -> Vec<u8> {
     match r {

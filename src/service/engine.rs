@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
+use super::confine::{self, LoadPolicy, Refused};
 use super::persist::Store;
 use super::runtime::{now_us, OpReport, Restore, RestoreCtl, VmRuntime};
 use super::ServiceError;
@@ -67,6 +68,8 @@ pub struct Engine {
     load_budget: Duration,
     /// Where the saved entries' ids are kept across restarts, if anywhere.
     store: Option<Store>,
+    /// Per-VM entry cap of a Load when the registration sets none.
+    max_entries: u64,
 }
 
 /// How long after a Save its entry ids are written to disk: QEMU is still
@@ -90,7 +93,16 @@ impl Engine {
             save_deadline,
             load_budget,
             store: None,
+            max_entries: confine::DEFAULT_MAX_ENTRIES,
         }
+    }
+
+    /// The per-VM entry cap of a Load for registrations without their own
+    /// `max_entries`; either is bounded by a fraction of the host's table
+    /// ([`confine::effective_cap`]).
+    pub fn with_max_entries(mut self, n: u64) -> Engine {
+        self.max_entries = n.max(1);
+        self
     }
 
     /// Keeps the ids of each VM's last Save in `store` too, so that a flush
@@ -317,6 +329,8 @@ impl Engine {
             start,
             budget: self.load_budget,
             bytes,
+            policy: vm.config.load_policy(),
+            cap: vm.config.max_entries.map_or(self.max_entries, u64::from),
         };
         let task = tokio::task::spawn_blocking(move || job.run(data, tx));
         vm.set_restore(Restore {
@@ -410,6 +424,25 @@ impl Engine {
     }
 }
 
+impl Progress {
+    /// The next batch of at most `n` entries, until the cap is reached.
+    fn next(
+        &mut self,
+        rest: &mut format::Stream,
+        n: usize,
+    ) -> Option<Result<Vec<Entry>, format::FormatError>> {
+        let n = n.min(self.take - self.consumed);
+        if n == 0 {
+            return None;
+        }
+        let b = rest.next_batch(n)?;
+        if let Ok(b) = &b {
+            self.consumed += b.len();
+        }
+        Some(b)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -423,6 +456,18 @@ struct RestoreJob {
     start: Instant,
     budget: Duration,
     bytes: u64,
+    /// What this VM's Load accepts from its source.
+    policy: LoadPolicy,
+    /// The configured entry cap (before the table bound).
+    cap: u64,
+}
+
+/// Where one restore stands: entries taken from the stream (at most
+/// `take`, the cap) and what the policy refused of them.
+struct Progress {
+    consumed: usize,
+    take: usize,
+    refused: Refused,
 }
 
 impl RestoreJob {
@@ -431,9 +476,14 @@ impl RestoreJob {
             bytes: self.bytes,
             ..OpReport::default()
         };
+        // The cap is known before anything is created: entries past it
+        // (the least valuable; the stream is in priority order) are never
+        // looked at, and never sorted in memory either.
+        let cap = confine::effective_cap(self.cap, confine::conntrack_max());
+        let cap = usize::try_from(cap).unwrap_or(usize::MAX);
         // The stream validates the whole blob first, so a bad one creates
         // nothing at all.
-        let mut rest = match format::stream(&data) {
+        let mut rest = match format::stream_bounded(&data, cap) {
             Ok(d) => d,
             Err(e) => {
                 report.error = format!("invalid state, nothing loaded: {e}");
@@ -446,14 +496,20 @@ impl RestoreJob {
         // The stream hands out the most valuable entries first: what the
         // guest would miss most is in before it resumes.
         let total = rest.len();
+        let mut p = Progress {
+            consumed: 0,
+            take: total.min(cap),
+            refused: Refused::default(),
+        };
+        report.over_cap = (total - p.take) as u64;
         let deadline = self.start + self.budget;
         let mut done = 0usize;
         let mut totals = CreateReport::default();
         let mut failed: Option<String> = None;
         let mut batch = FIRST_BATCH;
-        while let Some(chunk) = rest.next_batch(batch) {
+        while let Some(chunk) = p.next(&mut rest, batch) {
             let t = Instant::now();
-            let n = match self.create_one(chunk, done, total, &mut totals, false) {
+            let n = match self.create_one(chunk, done, total, &mut totals, &mut p.refused, false) {
                 Ok(n) => n,
                 Err(why) => {
                     failed = Some(why);
@@ -476,13 +532,13 @@ impl RestoreJob {
                 .clamp(MIN_BATCH, MAX_SYNC_BATCH);
         }
         report.created_sync = totals.created;
-        if failed.is_some() || done == total {
-            Self::add_totals(&mut report, &totals);
+        if failed.is_some() || done == p.take {
+            Self::add_totals(&mut report, &totals, &p.refused);
             report.error = failed.unwrap_or_default();
             return self.finish(report, Some(tx));
         }
         let mut interim = report.clone();
-        Self::add_totals(&mut interim, &totals);
+        Self::add_totals(&mut interim, &totals, &p.refused);
         interim.pending = true;
         interim.duration_us = duration_us(self.start);
         interim.timestamp_us = now_us();
@@ -500,8 +556,8 @@ impl RestoreJob {
         );
         let _ = tx.send(interim);
 
-        while let Some(chunk) = rest.next_batch(BACKGROUND_BATCH) {
-            match self.create_one(chunk, done, total, &mut totals, true) {
+        while let Some(chunk) = p.next(&mut rest, BACKGROUND_BATCH) {
+            match self.create_one(chunk, done, total, &mut totals, &mut p.refused, true) {
                 Ok(n) => done += n,
                 Err(why) => {
                     failed = Some(why);
@@ -509,13 +565,16 @@ impl RestoreJob {
                 }
             }
         }
-        Self::add_totals(&mut report, &totals);
+        Self::add_totals(&mut report, &totals, &p.refused);
         report.error = failed.unwrap_or_default();
         self.finish(report, None);
     }
 
     /// Creates one batch from the stream, unless the restore was cancelled;
     /// returns how many entries it held, or why the restore ends here.
+    /// Only entries the VM's [`LoadPolicy`] admits are created, under the
+    /// registration's selector (the helper checks each against it again);
+    /// the rest are counted in `refused`.
     /// `background`: QEMU has its answer and is resuming the guest; the
     /// kernel work then runs at a lower priority (`create_background`).
     fn create_one(
@@ -524,6 +583,7 @@ impl RestoreJob {
         done: usize,
         total: usize,
         totals: &mut CreateReport,
+        refused: &mut Refused,
         background: bool,
     ) -> Result<usize, String> {
         // A validated stream cannot fail to decode: only a bug can do that.
@@ -532,14 +592,23 @@ impl RestoreJob {
         if self.ctl.cancel.load(Ordering::SeqCst) {
             return Err(self.cancelled(done, total));
         }
-        let c = if background {
-            self.access.create_background(&chunk)
-        } else {
-            self.access.create(&chunk)
+        let n = chunk.len();
+        let mut admitted = Vec::with_capacity(n);
+        for e in chunk {
+            match self.policy.admit(e) {
+                Ok(e) => admitted.push(e),
+                Err(r) => refused.add(r),
+            }
         }
-        .map_err(|e| format!("creating entries failed after {done} of {total}: {e}"))?;
+        if admitted.is_empty() {
+            return Ok(n);
+        }
+        let c = self
+            .access
+            .create_for(&self.policy.selector, &admitted, background)
+            .map_err(|e| format!("creating entries failed after {done} of {total}: {e}"))?;
         totals.merge(&c);
-        Ok(chunk.len())
+        Ok(n)
     }
 
     fn cancelled(&self, done: usize, total: usize) -> String {
@@ -549,10 +618,15 @@ impl RestoreJob {
         )
     }
 
-    fn add_totals(report: &mut OpReport, c: &CreateReport) {
+    fn add_totals(report: &mut OpReport, c: &CreateReport, r: &Refused) {
         report.created = c.created;
         report.existed = c.existed;
         report.refused = c.refused;
+        report.foreign = r.foreign;
+        report.rejected = r.rejected;
+        if r.rejected > 0 {
+            tracing::debug!(rejected = %r.reasons(), "Load: entries the policy rejected");
+        }
         if c.refused > 0 {
             let why: Vec<String> = c
                 .refused_by_errno
@@ -606,13 +680,17 @@ fn log_reply(vm: &VmRuntime, r: &OpReport) {
         CREATED_SYNC = r.created_sync,
         EXISTED = r.existed,
         REFUSED = r.refused,
+        FOREIGN = r.foreign,
+        REJECTED = r.rejected,
+        OVER_CAP = r.over_cap,
         BYTES = r.bytes,
         DURATION_US = r.duration_us,
-        "Load of VM {} answered after {} µs: {} of {} entries created, the rest in the background{}",
+        "Load of VM {} answered after {} µs: {} of {} entries created, the rest in the background{}{}",
         c.vm,
         r.duration_us,
         r.created_sync,
         r.entries,
+        confined_text(r),
         if r.error.is_empty() { String::new() } else { format!(" ({})", r.error) }
     );
 }
@@ -629,10 +707,13 @@ fn log_complete(vm: &VmRuntime, r: &OpReport) {
             CREATED_SYNC = r.created_sync,
             EXISTED = r.existed,
             REFUSED = r.refused,
+            FOREIGN = r.foreign,
+            REJECTED = r.rejected,
+            OVER_CAP = r.over_cap,
             DURATION_US = r.duration_us,
             COMPLETE_US = r.complete_us,
-            "Load of VM {} complete after {} µs: {} created ({} before the answer), {} existed, {} refused of {} entries",
-            c.vm, r.complete_us, r.created, r.created_sync, r.existed, r.refused, r.entries
+            "Load of VM {} complete after {} µs: {} created ({} before the answer), {} existed, {} refused of {} entries{}",
+            c.vm, r.complete_us, r.created, r.created_sync, r.existed, r.refused, r.entries, confined_text(r)
         );
     } else {
         tracing::warn!(
@@ -643,11 +724,14 @@ fn log_complete(vm: &VmRuntime, r: &OpReport) {
             CREATED_SYNC = r.created_sync,
             EXISTED = r.existed,
             REFUSED = r.refused,
+            FOREIGN = r.foreign,
+            REJECTED = r.rejected,
+            OVER_CAP = r.over_cap,
             DURATION_US = r.duration_us,
             COMPLETE_US = r.complete_us,
             ERROR = %r.error,
-            "Load of VM {} ended after {} µs: {}; {} created, {} existed, {} refused of {} entries",
-            c.vm, r.complete_us, r.error, r.created, r.existed, r.refused, r.entries
+            "Load of VM {} ended after {} µs: {}; {} created, {} existed, {} refused of {} entries{}",
+            c.vm, r.complete_us, r.error, r.created, r.existed, r.refused, r.entries, confined_text(r)
         );
     }
 }
@@ -665,11 +749,14 @@ fn log_report(op: &str, vm: &VmRuntime, r: &OpReport) {
             CREATED = r.created,
             EXISTED = r.existed,
             REFUSED = r.refused,
+            FOREIGN = r.foreign,
+            REJECTED = r.rejected,
+            OVER_CAP = r.over_cap,
             BYTES = r.bytes,
             DURATION_US = r.duration_us,
             SOURCE = %r.source,
-            "{op} of VM {}: {} entries, {} dropped, {} created, {} existed, {} refused, {} bytes in {} µs{}",
-            c.vm, r.entries, r.dropped, r.created, r.existed, r.refused, r.bytes, r.duration_us,
+            "{op} of VM {}: {} entries, {} dropped, {} created, {} existed, {} refused{}, {} bytes in {} µs{}",
+            c.vm, r.entries, r.dropped, r.created, r.existed, r.refused, confined_text(r), r.bytes, r.duration_us,
             if r.source.is_empty() { String::new() } else { format!(" from the {}", r.source) }
         );
     } else {
@@ -681,6 +768,9 @@ fn log_report(op: &str, vm: &VmRuntime, r: &OpReport) {
             CREATED = r.created,
             EXISTED = r.existed,
             REFUSED = r.refused,
+            FOREIGN = r.foreign,
+            REJECTED = r.rejected,
+            OVER_CAP = r.over_cap,
             BYTES = r.bytes,
             DURATION_US = r.duration_us,
             ERROR = %r.error,
@@ -688,6 +778,22 @@ fn log_report(op: &str, vm: &VmRuntime, r: &OpReport) {
             c.vm, r.error, r.bytes, r.duration_us
         );
     }
+}
+
+/// `, 1000 foreign, 2 rejected, 5 over the cap` for what a Load's policy
+/// kept out, empty when it kept out nothing.
+fn confined_text(r: &OpReport) -> String {
+    let mut s = String::new();
+    for (n, what) in [
+        (r.foreign, "foreign (not the VM's mark or zone)"),
+        (r.rejected, "rejected by the destination's policy"),
+        (r.over_cap, "over the VM's entry cap"),
+    ] {
+        if n > 0 {
+            s += &format!(", {n} {what}");
+        }
+    }
+    s
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::access::AccessError;
 
+pub mod confine;
 pub mod engine;
 #[cfg(test)]
 mod fakes;
@@ -48,6 +49,21 @@ pub enum ServiceError {
         id: String,
         bus: String,
         other_vm: String,
+    },
+    #[error(
+        "mark {mark:#x}/{mask:#x}{zone} of VM '{vm}' overlaps VM '{other_vm}' \
+         ({other_mark:#x}/{other_mask:#x}{other_zone}): an entry could belong to both, so \
+         a Load for one could create the other's; choose marks that differ under both masks"
+    )]
+    MarkOverlap {
+        vm: String,
+        mark: u32,
+        mask: u32,
+        zone: String,
+        other_vm: String,
+        other_mark: u32,
+        other_mask: u32,
+        other_zone: String,
     },
     #[error("VM '{vm}' is not registered")]
     NotRegistered { vm: String },
@@ -142,6 +158,19 @@ impl Registry {
                 }),
             };
         }
+        if let Some(other) = self.vms.values().find(|o| overlaps(&o.config, &cfg)) {
+            let z = |c: &VmConfig| c.zone.map(|z| format!(" zone {z}")).unwrap_or_default();
+            return Err(ServiceError::MarkOverlap {
+                vm: cfg.vm.clone(),
+                mark: cfg.mark,
+                mask: cfg.mark_mask,
+                zone: z(&cfg),
+                other_vm: other.config.vm.clone(),
+                other_mark: other.config.mark,
+                other_mask: other.config.mark_mask,
+                other_zone: z(&other.config),
+            });
+        }
         if let Some(other) = self
             .vms
             .values()
@@ -192,6 +221,20 @@ impl Registry {
         let cfgs: Vec<VmConfig> = self.vms.values().map(|r| r.config.clone()).collect();
         self.store.save(&cfgs)
     }
+}
+
+/// Whether some entry could be selected by both registrations: a mark
+/// matching both (mark, mask) pairs exists exactly when the marks agree on
+/// the bits both masks keep, and two different zones never overlap. Marks
+/// are the boundary every Save, Load and flush relies on: whoever may
+/// register (root, the admin group) must not be able to register a second
+/// VM over another VM's entries.
+pub fn overlaps(a: &VmConfig, b: &VmConfig) -> bool {
+    let zones_meet = match (a.zone, b.zone) {
+        (Some(x), Some(y)) => x == y,
+        _ => true,
+    };
+    zones_meet && (a.mark ^ b.mark) & a.mark_mask & b.mark_mask == 0
 }
 
 #[cfg(test)]
@@ -253,6 +296,50 @@ mod tests {
             reg.remove("100").unwrap_err().to_string(),
             "VM '100' is not registered"
         );
+    }
+
+    #[test]
+    fn overlapping_marks_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut reg = Registry::new(Store::new(dir.path()));
+        let a = cfg(
+            "a",
+            &[
+                ("mark", OptValue::U32(0x100)),
+                ("mark_mask", OptValue::U32(0xff00)),
+            ],
+        );
+        reg.insert_runtime(Arc::new(VmRuntime::new(a))).unwrap();
+        let e = reg
+            .admit(cfg("b", &[("mark", OptValue::U32(0x1ab))]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mark 0x1ab/0xffffffff of VM 'b' overlaps VM 'a' (0x100/0xff00): an entry could \
+             belong to both, so a Load for one could create the other's; choose marks that \
+             differ under both masks"
+        );
+        // A mask keeping bits the other's mark lacks, or another zone, is fine.
+        assert!(reg
+            .admit(cfg("c", &[("mark", OptValue::U32(0x2ab))]))
+            .is_ok());
+        let z = |vm: &str, m: u32, zone: u16| {
+            cfg(
+                vm,
+                &[("mark", OptValue::U32(m)), ("zone", OptValue::U16(zone))],
+            )
+        };
+        reg.insert_runtime(Arc::new(VmRuntime::new(z("d", 0x500, 1))))
+            .unwrap();
+        assert!(reg.admit(z("e", 0x500, 2)).is_ok());
+        assert!(matches!(
+            reg.admit(z("f", 0x500, 1)),
+            Err(ServiceError::MarkOverlap { .. })
+        ));
+        assert!(matches!(
+            reg.admit(cfg("g", &[("mark", OptValue::U32(0x500))])),
+            Err(ServiceError::MarkOverlap { .. })
+        ));
     }
 
     #[test]

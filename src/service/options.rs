@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::confine::{LoadPolicy, MAX_HELPER_NAME};
 use super::ServiceError;
 use crate::entry::Selector;
 use crate::format::Format;
@@ -70,11 +71,38 @@ pub struct VmConfig {
     /// Bus of the VM's QEMU; `None` is the system bus.
     pub bus_address: Option<String>,
     pub format: SaveFormat,
+    /// Load: entries arriving in zone `.0` are created in `.1` (the
+    /// registration's zone). Absent in registrations of older versions.
+    #[serde(default)]
+    pub zone_map: Option<(u16, u16)>,
+    /// Load: conntrack helpers restored entries may name; `None` is
+    /// [`super::confine::DEFAULT_HELPERS`].
+    #[serde(default)]
+    pub helpers: Option<Vec<String>>,
+    /// Load: most entries created per Load (the daemon's default when
+    /// `None`), always bounded by a fraction of `nf_conntrack_max`.
+    #[serde(default)]
+    pub max_entries: Option<u32>,
+    /// Only the process with this pid (the VM's QEMU, as the bus reports
+    /// its connection) may call Save and Load; `register --qmp` sets it
+    /// from the QMP socket's peer. `None`: whoever the bus policy lets in.
+    #[serde(default)]
+    pub qemu_pid: Option<u32>,
 }
 
 /// Option names `Register` accepts, in the order conflicts are reported.
-pub const REGISTER_OPTIONS: [&str; 6] =
-    ["id", "mark", "mark_mask", "zone", "bus_address", "format"];
+pub const REGISTER_OPTIONS: [&str; 10] = [
+    "id",
+    "mark",
+    "mark_mask",
+    "zone",
+    "bus_address",
+    "format",
+    "zone_map",
+    "helpers",
+    "max_entries",
+    "qemu_pid",
+];
 /// Option names `Unregister` accepts.
 pub const UNREGISTER_OPTIONS: [&str; 1] = ["flush"];
 
@@ -91,6 +119,16 @@ impl VmConfig {
             mark_mask: self.mark_mask,
             zone: self.zone,
         }
+    }
+
+    /// What a Load for this VM accepts from its source.
+    pub fn load_policy(&self) -> LoadPolicy {
+        let mut p = LoadPolicy::new(self.selector());
+        p.zone_map = self.zone_map;
+        if let Some(h) = &self.helpers {
+            p.helpers = h.clone();
+        }
+        p
     }
 
     /// Key under which Ids must be unique: the bus the Id is visible on.
@@ -110,6 +148,10 @@ impl VmConfig {
         let mut zone = None;
         let mut bus_address = None;
         let mut format = None;
+        let mut zone_map = None;
+        let mut helpers = None;
+        let mut max_entries = None;
+        let mut qemu_pid = None;
         for (name, value) in options {
             match (name.as_str(), value) {
                 ("id", OptValue::Str(s)) => id = Some(s.clone()),
@@ -131,6 +173,22 @@ impl VmConfig {
                         }
                     })
                 }
+                ("zone_map", OptValue::Str(s)) => zone_map = Some(parse_zone_map(s)?),
+                ("helpers", OptValue::Str(s)) => helpers = Some(parse_helpers(s)?),
+                ("max_entries", OptValue::U32(0)) => {
+                    return Err(ServiceError::InvalidOption {
+                        option: "max_entries".into(),
+                        reason: "is 0; a Load would create nothing".into(),
+                    })
+                }
+                ("max_entries", OptValue::U32(v)) => max_entries = Some(*v),
+                ("qemu_pid", OptValue::U32(0)) => {
+                    return Err(ServiceError::InvalidOption {
+                        option: "qemu_pid".into(),
+                        reason: "is 0, not a process".into(),
+                    })
+                }
+                ("qemu_pid", OptValue::U32(v)) => qemu_pid = Some(*v),
                 (known, v) if REGISTER_OPTIONS.contains(&known) => {
                     return Err(ServiceError::InvalidOption {
                         option: known.into(),
@@ -166,6 +224,17 @@ impl VmConfig {
                 });
             }
         }
+        if let Some((from, to)) = zone_map {
+            if zone != Some(to) {
+                return Err(ServiceError::InvalidOption {
+                    option: "zone_map".into(),
+                    reason: format!(
+                        "maps zone {from} to {to}, so the registration's zone must be {to} (it is {})",
+                        zone.map_or_else(|| "not set".to_string(), |z| z.to_string())
+                    ),
+                });
+            }
+        }
         Ok(VmConfig {
             vm: vm.to_string(),
             id,
@@ -174,6 +243,10 @@ impl VmConfig {
             zone,
             bus_address,
             format: format.unwrap_or(SaveFormat::Binary),
+            zone_map,
+            helpers,
+            max_entries,
+            qemu_pid,
         })
     }
 
@@ -184,7 +257,13 @@ impl VmConfig {
             v.as_ref()
                 .map_or_else(|| "(none)".into(), |v| v.to_string())
         }
-        let pairs: [(&'static str, String, String); 6] = [
+        let zmap =
+            |m: &Option<(u16, u16)>| m.map_or_else(|| "(none)".into(), |(a, b)| format!("{a}:{b}"));
+        let helpers = |h: &Option<Vec<String>>| {
+            h.as_ref()
+                .map_or_else(|| "(default)".into(), |h| format!("'{}'", h.join(",")))
+        };
+        let pairs: [(&'static str, String, String); 10] = [
             ("id", self.id.clone(), other.id.clone()),
             ("mark", self.mark.to_string(), other.mark.to_string()),
             (
@@ -203,15 +282,58 @@ impl VmConfig {
                 self.format.as_str().into(),
                 other.format.as_str().into(),
             ),
+            ("zone_map", zmap(&self.zone_map), zmap(&other.zone_map)),
+            ("helpers", helpers(&self.helpers), helpers(&other.helpers)),
+            (
+                "max_entries",
+                opt(&self.max_entries),
+                opt(&other.max_entries),
+            ),
+            ("qemu_pid", opt(&self.qemu_pid), opt(&other.qemu_pid)),
         ];
         pairs.into_iter().find(|(_, a, b)| a != b)
     }
 }
 
+/// `OLD:NEW`: the zone the VM's entries had on the source, and the
+/// registration's zone they are created in here.
+fn parse_zone_map(s: &str) -> Result<(u16, u16), ServiceError> {
+    let bad = || ServiceError::InvalidOption {
+        option: "zone_map".into(),
+        reason: format!(
+            "'{}' is not OLD:NEW with two zone numbers 0..=65535",
+            s.escape_debug()
+        ),
+    };
+    let (a, b) = s.split_once(':').ok_or_else(bad)?;
+    Ok((
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    ))
+}
+
+/// Comma-separated helper names; empty allows none.
+fn parse_helpers(s: &str) -> Result<Vec<String>, ServiceError> {
+    let mut out = Vec::new();
+    for h in s.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+        if h.len() > MAX_HELPER_NAME || h.chars().any(|c| c.is_control() || c == '/') {
+            return Err(ServiceError::InvalidOption {
+                option: "helpers".into(),
+                reason: format!(
+                    "'{}' is not a conntrack helper name (1 to {MAX_HELPER_NAME} bytes, no '/' or control characters)",
+                    h.escape_debug()
+                ),
+            });
+        }
+        out.push(h.to_string());
+    }
+    Ok(out)
+}
+
 /// Typed for the error message of a wrongly typed known option.
 fn register_option_type(name: &str) -> &'static str {
     match name {
-        "mark" | "mark_mask" => "u",
+        "mark" | "mark_mask" | "max_entries" | "qemu_pid" => "u",
         "zone" => "q",
         _ => "s",
     }
@@ -315,6 +437,10 @@ mod tests {
                 zone: None,
                 bus_address: None,
                 format: SaveFormat::Binary,
+                zone_map: None,
+                helpers: None,
+                max_entries: None,
+                qemu_pid: None,
             }
         );
     }
@@ -336,7 +462,8 @@ mod tests {
             VmConfig::from_options("1", &[o("colour", OptValue::Str("red".into()))]).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unknown option 'colour' (known: id, mark, mark_mask, zone, bus_address, format)"
+            "unknown option 'colour' (known: id, mark, mark_mask, zone, bus_address, format, \
+             zone_map, helpers, max_entries, qemu_pid)"
         );
         let e = VmConfig::from_options("1", &[o("mark", OptValue::Str("1".into()))]).unwrap_err();
         assert_eq!(
@@ -400,6 +527,63 @@ mod tests {
             a.first_difference(&b),
             Some(("zone", "(none)".into(), "3".into()))
         );
+    }
+
+    #[test]
+    fn load_policy_options() {
+        let c = VmConfig::from_options(
+            "5",
+            &[
+                o("zone", OptValue::U16(7)),
+                o("zone_map", OptValue::Str("3:7".into())),
+                o("helpers", OptValue::Str("ftp, sip".into())),
+                o("max_entries", OptValue::U32(1000)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.zone_map, Some((3, 7)));
+        assert_eq!(c.helpers, Some(vec!["ftp".to_string(), "sip".to_string()]));
+        assert_eq!(c.max_entries, Some(1000));
+        let p = c.load_policy();
+        assert_eq!(p.zone_map, Some((3, 7)));
+        assert_eq!(p.helpers, vec!["ftp".to_string(), "sip".to_string()]);
+        let none = VmConfig::from_options("5", &[o("helpers", OptValue::Str("".into()))]).unwrap();
+        assert!(none.load_policy().helpers.is_empty());
+        for (opts, msg) in [
+            (
+                vec![o("zone_map", OptValue::Str("3:7".into()))],
+                "invalid option 'zone_map': maps zone 3 to 7, so the registration's zone must be 7 (it is not set)",
+            ),
+            (
+                vec![o("zone_map", OptValue::Str("3-7".into()))],
+                "invalid option 'zone_map': '3-7' is not OLD:NEW with two zone numbers 0..=65535",
+            ),
+            (
+                vec![o("helpers", OptValue::Str("ftp,../../x".into()))],
+                "invalid option 'helpers': '../../x' is not a conntrack helper name (1 to 15 bytes, no '/' or control characters)",
+            ),
+            (
+                vec![o("max_entries", OptValue::U32(0))],
+                "invalid option 'max_entries': is 0; a Load would create nothing",
+            ),
+            (
+                vec![o("max_entries", OptValue::U16(1))],
+                "invalid option 'max_entries': must be of type 'u', got 'q'",
+            ),
+            (
+                vec![o("qemu_pid", OptValue::U32(0))],
+                "invalid option 'qemu_pid': is 0, not a process",
+            ),
+        ] {
+            assert_eq!(
+                VmConfig::from_options("5", &opts).unwrap_err().to_string(),
+                msg
+            );
+        }
+        // Registrations written by older versions lack the new fields.
+        let old = r#"{"vm":"5","id":"x","mark":5,"mark_mask":4294967295,"zone":null,"bus_address":null,"format":"binary"}"#;
+        let c: VmConfig = serde_json::from_str(old).unwrap();
+        assert_eq!((c.zone_map, c.helpers, c.max_entries), (None, None, None));
     }
 
     #[test]

@@ -81,10 +81,24 @@ impl Store {
     }
 
     /// Where the `CTA_ID`s of `vm`'s last Save are kept. The name is hex, so
-    /// any VM name is a safe file name.
+    /// any VM name is a safe file name. A name whose hex would not fit
+    /// `NAME_MAX` with the temporary file's decoration (VM names over
+    /// [`IDS_HEX_NAME_MAX`] bytes) is cut and completed with a 64-bit hash
+    /// of the whole name; such files also carry the whole name, so a
+    /// colliding hash never hands one VM another's ids. Shorter names keep
+    /// the name they always had, so files of older versions are read.
     pub fn ids_path(&self, vm: &str) -> PathBuf {
-        let hex: String = vm.bytes().map(|b| format!("{b:02x}")).collect();
-        self.dir.join(format!("saved-{hex}.ids"))
+        let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let b = vm.as_bytes();
+        if b.len() <= IDS_HEX_NAME_MAX {
+            return self.dir.join(format!("saved-{}.ids", hex(b)));
+        }
+        let h1 = crc32c::crc32c(b);
+        let h2 = crc32c::crc32c_append(0x5a5a_5a5a, b);
+        self.dir.join(format!(
+            "saved-{}-{h1:08x}{h2:08x}.ids",
+            hex(&b[..IDS_HEX_PREFIX])
+        ))
     }
 
     /// Keeps the `CTA_ID`s of `vm`'s last Save, so that `Unregister` with
@@ -95,8 +109,15 @@ impl Store {
         if ids.is_empty() {
             return self.remove_ids(vm);
         }
-        let mut b = Vec::with_capacity(12 + 4 * ids.len());
-        b.extend_from_slice(&IDS_MAGIC);
+        let mut b = Vec::with_capacity(14 + vm.len() + 4 * ids.len());
+        if vm.len() <= IDS_HEX_NAME_MAX {
+            b.extend_from_slice(&IDS_MAGIC);
+        } else {
+            // The file name holds only a hash of this name: keep it whole.
+            b.extend_from_slice(&IDS_NAMED_MAGIC);
+            b.extend_from_slice(&(vm.len() as u16).to_le_bytes());
+            b.extend_from_slice(vm.as_bytes());
+        }
         b.extend_from_slice(&(ids.len() as u32).to_le_bytes());
         for id in ids {
             b.extend_from_slice(&id.to_le_bytes());
@@ -109,22 +130,46 @@ impl Store {
     /// The ids [`Store::save_ids`] kept for `vm`, empty when there are none.
     /// A file that cannot be read back is moved aside and reported.
     pub fn load_ids(&self, vm: &str) -> Result<Vec<u32>, ServiceError> {
-        let path = self.ids_path(vm);
-        let b = match std::fs::read(&path) {
+        let mut path = self.ids_path(vm);
+        let mut read = std::fs::read(&path);
+        if let (Err(e), Some(legacy)) = (&read, self.legacy_ids_path(vm)) {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                path = legacy;
+                read = std::fs::read(&path);
+            }
+        }
+        let b = match read {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(ServiceError::Persist { path, source: e }),
         };
         let parse = || -> Result<Vec<u32>, String> {
-            if b.len() < 12 || b[..4] != IDS_MAGIC {
+            if b.len() < 12 || (b[..4] != IDS_MAGIC && b[..4] != IDS_NAMED_MAGIC) {
                 return Err("not a saved-ids file".into());
             }
             let (body, crc) = b.split_at(b.len() - 4);
             if crc32c::crc32c(body).to_le_bytes() != crc {
                 return Err("checksum mismatch".into());
             }
-            let n = u32::from_le_bytes([body[4], body[5], body[6], body[7]]) as usize;
-            let ids = &body[8..];
+            let mut rest = &body[4..];
+            if body[..4] == IDS_NAMED_MAGIC {
+                let n = usize::from(u16::from_le_bytes([rest[0], rest[1]]));
+                let name = rest
+                    .get(2..2 + n)
+                    .ok_or_else(|| format!("declares a {n}-byte VM name it does not hold"))?;
+                if name != vm.as_bytes() {
+                    return Err(format!(
+                        "holds the ids of VM '{}'",
+                        String::from_utf8_lossy(name).escape_debug()
+                    ));
+                }
+                rest = &rest[2 + n..];
+            }
+            if rest.len() < 4 {
+                return Err("truncated".into());
+            }
+            let n = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let ids = &rest[4..];
             if ids.len() != n.saturating_mul(4) {
                 return Err(format!("declares {n} ids, holds {} bytes", ids.len()));
             }
@@ -145,7 +190,19 @@ impl Store {
         })
     }
 
+    /// The plain hex name an older version used for a name too long for
+    /// it now, when that name was a valid file name at all (NAME_MAX).
+    fn legacy_ids_path(&self, vm: &str) -> Option<PathBuf> {
+        (vm.len() > IDS_HEX_NAME_MAX && 6 + 2 * vm.len() + 4 <= 255).then(|| {
+            let hex: String = vm.bytes().map(|b| format!("{b:02x}")).collect();
+            self.dir.join(format!("saved-{hex}.ids"))
+        })
+    }
+
     pub fn remove_ids(&self, vm: &str) -> Result<(), ServiceError> {
+        if let Some(legacy) = self.legacy_ids_path(vm) {
+            let _ = std::fs::remove_file(legacy);
+        }
         let path = self.ids_path(vm);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -183,6 +240,15 @@ impl Store {
 }
 
 const IDS_MAGIC: [u8; 4] = *b"CTVI";
+/// A saved-ids file that names its VM (long names, see [`Store::ids_path`]).
+const IDS_NAMED_MAGIC: [u8; 4] = *b"CTVN";
+
+/// VM names up to this many bytes keep the plain hex file name:
+/// `.saved-<hex>.ids.<pid>.tmp` (the temporary file) then stays within
+/// NAME_MAX (255) for any pid.
+pub const IDS_HEX_NAME_MAX: usize = 110;
+/// Bytes of a longer name kept in hex before the hash.
+const IDS_HEX_PREFIX: usize = 64;
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -241,5 +307,43 @@ mod tests {
         assert!(p.with_extension("ids.corrupt").exists());
         assert!(store.load_ids("100").unwrap().is_empty());
         store.remove_ids("100").unwrap();
+    }
+
+    #[test]
+    fn long_vm_names_fit_name_max_and_never_share_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let edge = "e".repeat(IDS_HEX_NAME_MAX);
+        let a = "a".repeat(255);
+        let b = format!("{}b", "a".repeat(254));
+        for (vm, ids) in [(&edge, vec![1]), (&a, vec![2, 3]), (&b, vec![4])] {
+            let p = store.ids_path(vm);
+            let name = p.file_name().unwrap().len();
+            assert!(name + 20 <= 255, "{} is {name} bytes", p.display());
+            store.save_ids(vm, &ids).unwrap();
+            assert_eq!(store.load_ids(vm).unwrap(), ids);
+        }
+        assert_ne!(store.ids_path(&a), store.ids_path(&b));
+        // The plain name is unchanged up to the edge (older files read).
+        assert_eq!(
+            store.ids_path(&edge).file_name().unwrap().to_string_lossy(),
+            format!("saved-{}.ids", "65".repeat(IDS_HEX_NAME_MAX))
+        );
+        // A file under a long name's path that names another VM is refused.
+        std::fs::copy(store.ids_path(&a), store.ids_path(&b)).unwrap();
+        let e = store.load_ids(&b).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("holds the ids of VM '{a}'")),
+            "{e}"
+        );
+        // What an older version wrote for a 115-byte name is still found.
+        let old = "o".repeat(115);
+        let legacy = dir.path().join(format!("saved-{}.ids", "6f".repeat(115)));
+        Store::new(dir.path()).save_ids("x", &[9]).unwrap();
+        std::fs::rename(store.ids_path("x"), &legacy).unwrap();
+        assert_eq!(store.load_ids(&old).unwrap(), vec![9]);
+        store.remove_ids(&old).unwrap();
+        assert!(!legacy.exists());
     }
 }

@@ -38,6 +38,15 @@ pub struct OpReport {
     pub complete_us: u64,
     /// Load: QEMU has its reply and entries are still being created.
     pub pending: bool,
+    /// Load: entries not the VM's (mark under the mask, or zone, of
+    /// another), never created.
+    pub foreign: u64,
+    /// Load: the VM's entries carrying what the destination does not take
+    /// from a source (a helper not allowed, EXPECTED, ...), never created.
+    pub rejected: u64,
+    /// Load: entries past the VM's entry cap (the least valuable), never
+    /// looked at.
+    pub over_cap: u64,
 }
 
 pub(crate) fn now_us() -> u64 {

@@ -35,6 +35,7 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
                 state_dir: state.path().to_path_buf(),
                 save_deadline: Duration::from_millis(1500),
                 load_budget: Duration::from_secs(5),
+                max_vm_entries: conntrack_vmstate::service::confine::DEFAULT_MAX_ENTRIES,
             },
             access.clone(),
         )
@@ -175,6 +176,7 @@ async fn slow_load_answers_at_deadline_and_finishes_in_background() {
                 state_dir: state.path().to_path_buf(),
                 save_deadline: Duration::from_secs(2),
                 load_budget: Duration::from_millis(500),
+                max_vm_entries: conntrack_vmstate::service::confine::DEFAULT_MAX_ENTRIES,
             },
             access,
         )
@@ -229,6 +231,7 @@ async fn register_after_idle_decision_is_refused() {
                 state_dir: state.path().to_path_buf(),
                 save_deadline: Duration::from_secs(2),
                 load_budget: Duration::from_secs(2),
+                max_vm_entries: conntrack_vmstate::service::confine::DEFAULT_MAX_ENTRIES,
             },
             access,
         )

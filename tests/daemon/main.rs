@@ -8,6 +8,8 @@
 // `common::…` in every module: the kit, once for the whole binary.
 extern crate testkit as common;
 
+mod confine_bus;
+mod confine_load;
 mod daemon_cache;
 mod daemon_cli_qmp;
 mod daemon_concurrency;

@@ -11,6 +11,7 @@ mod cache_events;
 mod cache_measure;
 mod cache_traffic;
 mod cli_engine_netns;
+mod confine_helper;
 mod ctnetlink_delete;
 mod ctnetlink_eperm;
 mod ctnetlink_protocols;

@@ -210,9 +210,12 @@ impl Server {
     }
 }
 
+/// Unconfined: these tests drive every op directly, without the watches
+/// a confined helper wants first (tests/confine_helper.rs tests that).
 fn cfg_idle(ms: u64) -> ServerConfig {
     ServerConfig {
         idle_timeout: Some(Duration::from_millis(ms)),
+        confined: false,
         ..ServerConfig::default()
     }
 }

@@ -6,6 +6,7 @@
 extern crate testkit as common;
 
 mod cli_engine;
+mod confine_props;
 mod format_budget;
 mod format_fuzz;
 mod format_malformed;
