@@ -510,7 +510,8 @@ mod tests {
         );
         assert_eq!(
             e,
-            "unknown option 'colour' (known: id, mark, mark_mask, zone, bus_address, format)"
+            "unknown option 'colour' (known: id, mark, mark_mask, zone, bus_address, format, zone_map, \
+             helpers, max_entries, qemu_pid)"
         );
         let e = text(s.manager.register("vm-a", &[]).await);
         assert_eq!(
