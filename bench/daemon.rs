@@ -1,4 +1,4 @@
-//! Daemon benchmark (issue 3): Register round trip, idle RSS, RSS with many
+//! Daemon benchmark: Register round trip, idle RSS, RSS with many
 //! VMs registered, and Save of a VM's entries measured as a D-Bus call, on a
 //! private dbus-daemon with conntrack-vmstated inside a throw-away network
 //! namespace populated by `demo/population` + `conntrack -R` after the VM

@@ -1,4 +1,4 @@
-//! The project benchmark (issues 2 and 5): our ctnetlink codec, state format
+//! The project benchmark: our ctnetlink codec, state format
 //! and service next to conntrack(8), measured in the same run on the same
 //! throw-away network namespaces. Run it with `bench/run` (see
 //! bench/README.md); it prints Markdown tables on stdout.
@@ -270,10 +270,10 @@ fn create_all(c: &Ctnetlink, entries: &[Entry], what: &str) {
     }
 }
 
-// ---------------------------------------------------------------- issue 2
+// ------------------------------------------------------ codec and format
 
 fn part_codec(ns_list: &[usize], reps: usize) {
-    println!("## Issue 2: codec and state format vs conntrack(8)\n");
+    println!("## Codec and state format vs conntrack(8)\n");
     println!(
         "Each N: the realistic mix of VM mark {MARK} plus 20 % entries of other marks in a \
          fresh namespace (created with our codec); {reps} repetitions, median [min–max], ms.\n"
@@ -482,7 +482,7 @@ fn part_codec(ns_list: &[usize], reps: usize) {
     println!("\nconntrack(8)'s `-o save` carries no labels (and no wscale), so its payload has none and its `--load-file` creates fewer attributes than ours; labels also make conntrack 1.4.7 `--load-file` crash, which is moot here.\n");
 }
 
-// ------------------------------------------------------------- issue 5
+// ------------------------------------------------ Save, Load, migration
 
 /// Blocking D-Bus calls from the benchmark's own thread.
 struct Client {
@@ -805,7 +805,7 @@ fn hosts(others: usize, setup: Setup) -> Hosts {
 
 fn part_service(hs: &mut Hosts, ns_list: &[usize], reps: usize, others: usize, setup: Setup) {
     println!(
-        "## Issue 5: Save and Load as D-Bus calls, host table with {} other entries ({})\n",
+        "## Save and Load as D-Bus calls, host table with {} other entries ({})\n",
         thousands(others),
         setup.label()
     );
@@ -1059,7 +1059,7 @@ fn migrate_once(hs: &mut Hosts, k: usize, vmstate: Option<&str>) -> Mig {
 
 fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize, setup: Setup) {
     println!(
-        "## Issue 5: QEMU-reported downtime of a real migration ({})\n",
+        "## QEMU-reported downtime of a real migration ({})\n",
         setup.label()
     );
     println!(

@@ -21,7 +21,7 @@ fn check_stream(data: &[u8]) {
             let mut want = d.entries;
             sort_by_priority(&mut want);
             assert_eq!(got, want);
-            // Load's bounded stream (issue 12): a blob not in priority order
+            // Load's bounded stream: a blob not in priority order
             // with more entries than it may sort comes out in blob order,
             // but the same entries.
             let mut b = format::stream_bounded(data, 3).expect("validated twice");

@@ -189,7 +189,7 @@ impl Vm1 {
     }
 
     /// entries, dropped, bytes, duration_us, error, timestamp (µs since the
-    /// epoch), source (`cache` or `dump`) of the last Save; empty before the
+    /// epoch), source (`base`, `cache` or `dump`) of the last Save; empty before the
     /// first.
     #[zbus(property)]
     fn last_save(&self) -> HashMap<String, OwnedVariant> {

@@ -298,7 +298,7 @@ async fn connect(bus_address: &str) -> zbus::Result<zbus::Connection> {
         .await
 }
 
-/// The manager's well-known name (issue 3 contract).
+/// The manager's well-known name (docs/dbus-interface.md).
 pub const MANAGER_NAME: &str = "org.conntrack_vmstate.Manager1";
 
 /// One simulated host. Fields drop in declaration order: QEMU, then the

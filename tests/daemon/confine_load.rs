@@ -1,4 +1,4 @@
-//! Load confined to the VM it is addressed to (issue 12), as an attacker
+//! Load confined to the VM it is addressed to, as an attacker
 //! would try it: blobs saved "honestly" for other marks and zones, with
 //! helpers the host never allowed, or simply huge, handed to VM 100's
 //! `org.qemu.VMState1.Load` on a destination. Real kernel (a throw-away

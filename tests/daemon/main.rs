@@ -18,6 +18,7 @@ mod daemon_journal;
 mod daemon_lifecycle;
 mod daemon_manager;
 mod daemon_vmstate;
+mod dbus_contract;
 mod migration_daemon;
 mod migration_harness;
 mod qmp_vmstate;

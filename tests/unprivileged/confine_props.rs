@@ -1,4 +1,4 @@
-//! Properties of the Load policy (issue 12) over arbitrary entries: what it
+//! Properties of the Load policy (docs/trust-model.md) over arbitrary entries: what it
 //! lets through is the VM's, within every bound the destination sets, and
 //! exactly what the helper's own validation accepts; nothing it refuses
 //! could have been the VM's.
