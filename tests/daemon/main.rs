@@ -20,4 +20,5 @@ mod daemon_manager;
 mod daemon_vmstate;
 mod migration_daemon;
 mod migration_harness;
+mod proxmox_helper;
 mod qmp_vmstate;
