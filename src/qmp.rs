@@ -168,6 +168,17 @@ impl QmpClient {
         Self::connect_with_timeout(path, DEFAULT_TIMEOUT)
     }
 
+    /// Pid of the QEMU process serving this monitor, from the socket's
+    /// peer credentials (the kernel's, not anything QEMU says): the process
+    /// whose bus connection a VM registration may be bound to
+    /// (`qemu_pid`). `None` where the kernel reports no pid.
+    pub fn peer_pid(&self) -> Option<u32> {
+        nix::sys::socket::getsockopt(&self.writer, nix::sys::socket::sockopt::PeerCredentials)
+            .ok()
+            .and_then(|c| u32::try_from(c.pid()).ok())
+            .filter(|&p| p > 0)
+    }
+
     /// As [`connect`](Self::connect), with `timeout` bounding every later
     /// command as well.
     pub fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<QmpClient, QmpError> {
@@ -362,12 +373,17 @@ impl QmpClient {
         Ok(Some(VmstateObject { id, addr, ids }))
     }
 
-    fn object_add(&mut self, bus_address: &str, id_list: &str) -> Result<(), QmpError> {
+    fn object_add(
+        &mut self,
+        object_id: &str,
+        bus_address: &str,
+        id_list: &str,
+    ) -> Result<(), QmpError> {
         self.execute(
             "object-add",
             Some(json!({
                 "qom-type": VMSTATE_TYPE,
-                "id": VMSTATE_OBJECT_ID,
+                "id": object_id,
                 "addr": bus_address,
                 "id-list": id_list,
             })),
@@ -388,11 +404,22 @@ impl QmpClient {
         vmstate_id: &str,
         bus_address: &str,
     ) -> Result<AttachOutcome, QmpError> {
+        self.attach_vmstate_as(VMSTATE_OBJECT_ID, vmstate_id, bus_address)
+    }
+
+    /// [`Self::attach_vmstate`], naming a created object `object_id`
+    /// (Proxmox VE's tools expect theirs to be `pve-vmstate`).
+    pub fn attach_vmstate_as(
+        &mut self,
+        object_id: &str,
+        vmstate_id: &str,
+        bus_address: &str,
+    ) -> Result<AttachOutcome, QmpError> {
         validate_id(vmstate_id)?;
         let Some(obj) = self.find_vmstate()? else {
-            self.object_add(bus_address, vmstate_id)?;
+            self.object_add(object_id, bus_address, vmstate_id)?;
             return Ok(AttachOutcome::Created {
-                object: VMSTATE_OBJECT_ID.to_owned(),
+                object: object_id.to_owned(),
             });
         };
         let path = format!("/objects/{}", obj.id);
@@ -408,7 +435,7 @@ impl QmpClient {
             // Someone else's object with an empty id-list may be one whose
             // id-list is unset (QEMU reports both as ""), which serves every
             // helper on its bus.
-            let ours = obj.id == VMSTATE_OBJECT_ID || obj.ids.iter().any(|i| i == vmstate_id);
+            let ours = obj.id == object_id || obj.ids.iter().any(|i| i == vmstate_id);
             if !others.is_empty() || !ours {
                 return Err(QmpError::BusMismatch {
                     object: path,
@@ -422,9 +449,9 @@ impl QmpClient {
                 });
             }
             self.execute("object-del", Some(json!({"id": obj.id})))?;
-            self.object_add(bus_address, vmstate_id)?;
+            self.object_add(object_id, bus_address, vmstate_id)?;
             return Ok(AttachOutcome::Recreated {
-                object: VMSTATE_OBJECT_ID.to_owned(),
+                object: object_id.to_owned(),
             });
         }
         if obj.ids.iter().any(|i| i == vmstate_id) {

@@ -92,6 +92,7 @@ impl Daemon {
             engine,
             BusEndpoint::new(manager.clone()),
         ));
+        mgr.endpoint().set_owner(Arc::downgrade(&mgr));
         let server = manager.object_server();
         server
             .at(OBJECT_ROOT, ObjectManager)

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use tokio::task::AbortHandle;
@@ -14,15 +14,20 @@ use zbus::Connection;
 
 use super::error::Error;
 use super::ifaces::{Vm1, VmState1};
+use super::proxmox::VmStateHelper;
 use super::{system_bus_address, vm_path, MANAGER_NAME, VMSTATE_NAME, VMSTATE_PATH};
-use crate::service::{Endpoint, Engine, VmRuntime};
+use crate::service::{Endpoint, Engine, Manager, VmRuntime};
 
 /// How long connecting to a VM's bus may take before Register gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a VM connection outlives its unregistration while the Quit
+/// that caused it is answered on it.
+const QUIT_REPLY_GRACE: Duration = Duration::from_secs(1);
 
 /// One served VM: its own bus connection and the tasks that turn report
 /// changes into PropertiesChanged.
 struct Served {
+    rt: Arc<VmRuntime>,
     conn: Option<Connection>,
     /// Cleared when the VM's bus drops the connection (e.g. the bus daemon
     /// restarted), so an identical Register reconnects instead of
@@ -36,6 +41,9 @@ struct Served {
 pub struct BusEndpoint {
     manager: Connection,
     served: Mutex<HashMap<String, Served>>,
+    /// The manager serving through this endpoint, for the interfaces on a
+    /// VM's connection that act on its registration (Proxmox VE's Quit).
+    owner: OnceLock<Weak<Manager<BusEndpoint>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -49,7 +57,14 @@ impl BusEndpoint {
         BusEndpoint {
             manager,
             served: Mutex::new(HashMap::new()),
+            owner: OnceLock::new(),
         }
+    }
+
+    /// Tells the endpoint which manager serves through it (once, right
+    /// after the manager is made).
+    pub fn set_owner(&self, owner: Weak<Manager<BusEndpoint>>) {
+        let _ = self.owner.set(owner);
     }
 
     pub fn manager(&self) -> &Connection {
@@ -89,9 +104,18 @@ impl Endpoint for BusEndpoint {
             rt: rt.clone(),
             engine: engine.clone(),
         };
+        // Proxmox VE's qemu-server looks for its management interface on
+        // the VMState1 owner itself (docs/proxmox.md).
+        let pve = VmStateHelper {
+            rt: rt.clone(),
+            manager: self.owner.get().cloned().unwrap_or_default(),
+        };
         let conn = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            builder.serve_at(VMSTATE_PATH, iface).build(),
+            builder
+                .serve_at(VMSTATE_PATH, iface)
+                .serve_at(VMSTATE_PATH, pve)
+                .build(),
         )
         .await
         .map_err(|_| {
@@ -178,6 +202,7 @@ impl Endpoint for BusEndpoint {
         if let Some(old) = lock(&self.served).insert(
             vm,
             Served {
+                rt: rt.clone(),
                 conn,
                 alive,
                 watchers,
@@ -205,7 +230,16 @@ impl Endpoint for BusEndpoint {
             s.watchers.iter().for_each(AbortHandle::abort);
             if let Some(conn) = s.conn {
                 let _ = conn.release_name(VMSTATE_NAME).await;
-                let _ = conn.close().await;
+                if s.rt.quitting() {
+                    // The Quit that led here is answered on this very
+                    // connection: close it once that reply is out.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(QUIT_REPLY_GRACE).await;
+                        let _ = conn.close().await;
+                    });
+                } else {
+                    let _ = conn.close().await;
+                }
             }
         }
     }

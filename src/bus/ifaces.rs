@@ -52,9 +52,26 @@ where
     async fn register(
         &self,
         vm: String,
-        options: HashMap<String, OwnedVariant>,
+        mut options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<OwnedObjectPath, Error> {
+        // `controller` binds the VM to the calling connection; it is not a
+        // property of the registration (not persisted, not compared).
+        let controller = match options.remove("controller").as_deref() {
+            None | Some(Variant::Bool(false)) => None,
+            Some(Variant::Bool(true)) => hdr.sender().map(|s| s.to_string()),
+            Some(other) => {
+                return Err(Error::InvalidOption(format!(
+                    "option 'controller' must be a boolean (b), got {}",
+                    other.value_signature()
+                )))
+            }
+        };
         self.manager.register(&vm, &plain_options(options)).await?;
+        if let (Some(c), Some(rt)) = (controller, self.manager.get(&vm)) {
+            super::proxmox::bind_controller(&self.manager, conn, &rt, c).await;
+        }
         Ok(vm_path(&vm))
     }
 

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod endpoint;
 pub mod error;
 pub mod ifaces;
+pub mod proxmox;
 pub mod proxy;
 
 pub use daemon::{run, Daemon, DaemonConfig, DaemonError};

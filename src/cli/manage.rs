@@ -14,14 +14,14 @@ use crate::bus::{MANAGER_NAME, OBJECT_ROOT, VM_INTERFACE};
 /// Bound on each call; the first one may wait for D-Bus activation.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")
 }
 
-async fn connect(m: &ManagerArgs) -> anyhow::Result<Connection> {
+pub(super) async fn connect(m: &ManagerArgs) -> anyhow::Result<Connection> {
     let builder = match &m.manager_address {
         Some(a) => zbus::connection::Builder::address(a.as_str()),
         None => zbus::connection::Builder::system(),
@@ -34,7 +34,7 @@ async fn connect(m: &ManagerArgs) -> anyhow::Result<Connection> {
 }
 
 /// Turns a D-Bus error into its text, keeping the error name for context.
-fn call_error(e: zbus::Error) -> anyhow::Error {
+pub(super) fn call_error(e: zbus::Error) -> anyhow::Error {
     match e {
         zbus::Error::MethodError(name, text, _) => {
             anyhow!("{} ({name})", text.unwrap_or_default())
@@ -55,7 +55,9 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// Runs `call`, again after a pause while the daemon answers ShuttingDown
 /// (at most [`RETRIES`] more times).
-async fn with_retries<T>(mut call: impl AsyncFnMut() -> zbus::Result<T>) -> anyhow::Result<T> {
+pub(super) async fn with_retries<T>(
+    mut call: impl AsyncFnMut() -> zbus::Result<T>,
+) -> anyhow::Result<T> {
     let mut attempt = 0;
     loop {
         match call().await {
@@ -70,13 +72,13 @@ async fn with_retries<T>(mut call: impl AsyncFnMut() -> zbus::Result<T>) -> anyh
 
 /// A copy of call options (a `Variant` holding a descriptor cannot be
 /// cloned infallibly).
-fn clone_opts<'a>(
+pub(super) fn clone_opts<'a>(
     opts: &HashMap<&'a str, Variant<'a>>,
 ) -> zbus::Result<HashMap<&'a str, Variant<'a>>> {
     opts.iter().map(|(k, v)| Ok((*k, v.try_clone()?))).collect()
 }
 
-async fn vm_proxy<'a>(conn: &'a Connection, vm: &str) -> anyhow::Result<Vm1Proxy<'a>> {
+pub(super) async fn vm_proxy<'a>(conn: &'a Connection, vm: &str) -> anyhow::Result<Vm1Proxy<'a>> {
     let path = crate::bus::vm_object_path(vm);
     Ok(Vm1Proxy::builder(conn)
         .path(path)

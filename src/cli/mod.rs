@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub mod engine;
 pub mod manage;
+pub mod proxmox;
 
 /// Carry a VM's conntrack entries through QEMU live migration.
 #[derive(Debug, Parser)]
@@ -32,6 +33,10 @@ pub enum Command {
     Unregister(UnregisterArgs),
     /// Show registered VMs and their last Save/Load.
     Status(StatusArgs),
+    /// Proxmox VE: let `qm migrate --with-conntrack-state` use conntrack-vmstate (enable, disable, status).
+    Proxmox(ProxmoxArgs),
+    /// Serve one Proxmox VE VM for qemu-server; what pve-dbus-vmstate@<VMID>.service runs once enabled.
+    ProxmoxHelper(ProxmoxHelperArgs),
 }
 
 /// Output encoding of `save`.
@@ -184,6 +189,61 @@ pub struct StatusArgs {
     pub manager: ManagerArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct ProxmoxArgs {
+    #[command(subcommand)]
+    pub action: ProxmoxAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProxmoxAction {
+    /// Install the drop-in that makes pve-dbus-vmstate@.service run `conntrack-vmstate proxmox-helper`.
+    Enable(ProxmoxEnableArgs),
+    /// Remove that drop-in: qemu-server's own Perl helper runs again.
+    Disable(ProxmoxUnitArgs),
+    /// Say whether the drop-in is installed, and with which state format.
+    Status(ProxmoxUnitArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProxmoxUnitArgs {
+    /// systemd's directory for local unit configuration.
+    #[arg(long, default_value = "/etc/systemd/system")]
+    pub systemd_dir: PathBuf,
+    /// Do not run `systemctl daemon-reload` afterwards.
+    #[arg(long)]
+    pub no_reload: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxmoxEnableArgs {
+    /// Encoding of Save: binary, or conntrack-save while any node still runs the Perl helper.
+    #[arg(long, value_enum, default_value_t = FormatArg::Binary)]
+    pub format: FormatArg,
+    /// Install even though qemu-server's pve-dbus-vmstate@.service is not found.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub unit: ProxmoxUnitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxmoxHelperArgs {
+    /// The Proxmox VE VM id; also its CONNMARK, as pve-firewall sets it.
+    pub vmid: String,
+    /// QMP socket of the VM's QEMU.
+    #[arg(long, default_value = None, help = "QMP socket of the VM's QEMU [default: /run/qemu-server/<VMID>.qmp]")]
+    pub qmp: Option<PathBuf>,
+    /// Encoding of Save (Load reads both).
+    #[arg(long, value_enum, env = "CONNTRACK_VMSTATE_PVE_FORMAT", default_value_t = FormatArg::Binary)]
+    pub format: FormatArg,
+    /// Bus of the VM's QEMU dbus-vmstate object (default: the system bus, as on Proxmox VE).
+    #[arg(long)]
+    pub bus_address: Option<String>,
+    #[command(flatten)]
+    pub manager: ManagerArgs,
+}
+
 /// Runs one parsed command; the binary turns the error into a message and a
 /// non-zero exit.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -195,6 +255,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Register(a) => manage::register(a),
         Command::Unregister(a) => manage::unregister(a),
         Command::Status(a) => manage::status(a),
+        Command::Proxmox(a) => match a.action {
+            ProxmoxAction::Enable(a) => proxmox::enable(a),
+            ProxmoxAction::Disable(a) => proxmox::disable(a),
+            ProxmoxAction::Status(a) => proxmox::status(a),
+        },
+        Command::ProxmoxHelper(a) => proxmox::helper(a),
     }
 }
 

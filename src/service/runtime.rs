@@ -72,6 +72,13 @@ pub struct VmRuntime {
     /// Whether a `watch(sel, true)` for this VM succeeded (and so needs its
     /// `watch(sel, false)`).
     watching: AtomicBool,
+    /// Bus name of the process that controls this registration (Proxmox
+    /// VE's `pve-dbus-vmstate@<vmid>` unit): told of a Quit, and the VM is
+    /// unregistered when it disconnects.
+    controller: Mutex<Option<String>>,
+    /// A Quit is being answered on the VM's own connection, so closing that
+    /// connection must wait until the reply is out.
+    quitting: AtomicBool,
 }
 
 /// Control block of one Load's background restore.
@@ -104,7 +111,28 @@ impl VmRuntime {
             saved: Mutex::new(Vec::new()),
             restore: Mutex::new(None),
             watching: AtomicBool::new(false),
+            controller: Mutex::new(None),
+            quitting: AtomicBool::new(false),
         }
+    }
+
+    pub fn controller(&self) -> Option<String> {
+        self.controller
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_controller(&self, name: Option<String>) {
+        *self.controller.lock().unwrap_or_else(|p| p.into_inner()) = name;
+    }
+
+    pub fn set_quitting(&self, on: bool) {
+        self.quitting.store(on, Ordering::SeqCst);
+    }
+
+    pub fn quitting(&self) -> bool {
+        self.quitting.load(Ordering::SeqCst)
     }
 
     pub(crate) fn take_restore(&self) -> Option<Restore> {

@@ -21,4 +21,5 @@ mod daemon_vmstate;
 mod dbus_contract;
 mod migration_daemon;
 mod migration_harness;
+mod proxmox_helper;
 mod qmp_vmstate;
