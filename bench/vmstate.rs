@@ -44,7 +44,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Parts to run (default: all).
-    #[arg(long, value_parser = ["codec", "service", "migration"])]
+    #[arg(long, value_parser = ["codec", "service", "migration", "flow", "flow-silent"])]
     part: Vec<String>,
     /// Repetitions per measurement (default 5, quick 3).
     #[arg(long)]
@@ -1013,15 +1013,20 @@ struct Mig {
 /// One migration src → dst through a stream file, fresh QEMUs each time.
 /// `vmstate`: Ids of the dbus-vmstate objects (None: no object at all).
 fn migrate_once(hs: &mut Hosts, k: usize, vmstate: Option<&str>) -> Mig {
+    migrate_pair(&hs.src, &hs.dst, k, vmstate)
+}
+
+/// [`migrate_once`] between any two hosts.
+fn migrate_pair(src: &Host, dst: &Host, k: usize, vmstate: Option<&str>) -> Mig {
     let mk = |h: &Host, incoming: bool| QemuOpts {
         vmstate: vmstate.map(|id| (h.bus.address.clone(), Some(id.to_owned()))),
         incoming,
     };
-    let so = mk(&hs.src, false);
-    let dopt = mk(&hs.dst, true);
-    let mut sq = Qemu::start(hs.src.path(), &format!("q{k}s"), Some(&hs.src.ns), &so);
-    let mut dq = Qemu::start(hs.dst.path(), &format!("q{k}d"), Some(&hs.dst.ns), &dopt);
-    let stream = hs.src.path().join(format!("stream{k}.bin"));
+    let so = mk(src, false);
+    let dopt = mk(dst, true);
+    let mut sq = Qemu::start(src.path(), &format!("q{k}s"), Some(&src.ns), &so);
+    let mut dq = Qemu::start(dst.path(), &format!("q{k}d"), Some(&dst.ns), &dopt);
+    let stream = src.path().join(format!("stream{k}.bin"));
     let out = sq.migrate_to_file(&stream);
     assert_eq!(out.status, "completed", "migration: {}", out.query);
     dq.execute(
@@ -1201,6 +1206,187 @@ fn part_migration(hs: &mut Hosts, ns_list: &[usize], reps: usize, setup: Setup) 
     println!("\nThe conntrack(8) pipeline is not run inside a migration: its two commands are timed on the same hosts and entries and their medians added to the no-dbus-vmstate migration (the Perl helper runs exactly these inside Save and Load, plus its own D-Bus marshalling, measured at ~1–2.5 s per MiB in measured-baselines.md §5, not added here).\n");
 }
 
+/// How a VM's entries came to be before it was registered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Created while the namespace reports conntrack events
+    /// (`nf_conntrack_events=1`, as the package sets it from boot on).
+    Events,
+    /// Created while `nf_conntrack_events=0` (or before the package): the
+    /// kernel never reports their updates or their end.
+    Silent,
+}
+
+/// Starts a host's daemon (and, packaged, its helper) as a migration-time
+/// orchestrator finds it: not running, nothing warm.
+fn start_fresh(h: &mut Host, setup: Setup) {
+    match setup {
+        Setup::InProcess => h.start_daemon(),
+        Setup::Helper => {
+            let sock = h.start_helper(HELPER_PRIVS);
+            let bus = h.bus.address.clone();
+            let sock = sock.display().to_string();
+            h.start_daemon_with(&bus, DAEMON_PRIVS, &["--helper-socket", &sock]);
+        }
+    }
+}
+
+/// SIGTERM to the daemon, then the helper, as `systemctl stop` sends it;
+/// waits for each to exit within the unit's TimeoutStopSec (90 s). Returns
+/// how long the daemon took to exit.
+fn stop_host(h: &mut Host) -> f64 {
+    let mut took = 0.0;
+    for p in [h.daemon.take(), h.helper.take()].into_iter().flatten() {
+        let mut p = p;
+        let t = Instant::now();
+        let pid = nix::unistd::Pid::from_raw(p.pid() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let st = p.wait_exit(Duration::from_secs(90));
+        assert!(
+            st.is_some(),
+            "{} did not exit within 90 s of SIGTERM",
+            p.name
+        );
+        if took == 0.0 {
+            took = ms(t.elapsed());
+        }
+    }
+    took
+}
+
+/// The flow real orchestrators run (Proxmox VE starts its helper at
+/// migration time and stops it right after): the VM's entries exist before
+/// anything is registered, the daemons start fresh, the migration starts as
+/// soon as Register returned on both hosts, and right after it both VMs are
+/// unregistered and both daemons get SIGTERM. Then the destination must hold
+/// every entry, attribute-exact. Next to it, in the same repetitions, the
+/// same migration without any dbus-vmstate object.
+fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin: Origin) {
+    println!(
+        "## Orchestrated flow: entries before Register, daemons started for the migration and \
+         stopped right after ({}; entries {})\n",
+        setup.label(),
+        match origin {
+            Origin::Events => "created with nf_conntrack_events=1",
+            Origin::Silent => "created with nf_conntrack_events=0 (\"silent\")",
+        }
+    );
+    println!(
+        "Each host namespace holds {} entries of 20 other marks; {}. Per repetition: the \
+         migration without dbus-vmstate (fresh QEMUs, as in the migration part), then fresh \
+         daemons on both hosts, Register on the source and the destination (*register* = both \
+         calls until they returned, i.e. until Save would be fast), at once the migration with \
+         dbus-vmstate, right after it Unregister on both hosts and SIGTERM to both daemons \
+         (*stop* = SIGTERM → exit of the destination's daemon), then the destination's entries \
+         of the VM compared attribute by attribute with the source's taken before the \
+         migration (all of them, every repetition). *downtime* / *incoming* as in the migration \
+         part. {reps} repetitions, median [min–max], ms.\n",
+        thousands(others),
+        setup_sentence(setup)
+    );
+    let mut src = Host::new("bflsrc");
+    let mut dst = Host::new("bfldst");
+    for (h, seed) in [(&src, 1u64), (&dst, 2)] {
+        population::enable_labels(&h.ns.name);
+        sysctl_events(&h.ns, 1);
+        create_all(&ct(&h.ns), &other_entries(others, seed), "others");
+    }
+    let cl = Client::new();
+    let cs = ct(&src.ns);
+    let cd = ct(&dst.ns);
+    let mut rows = Vec::new();
+    let mut k = 0;
+    for (i, &n) in ns_list.iter().enumerate() {
+        eprintln!("flow: N = {n}");
+        let mark = 800 + i as u32;
+        if origin == Origin::Silent {
+            sysctl_events(&src.ns, 0);
+        }
+        create_all(&cs, &vm_entries(n, mark), "vm");
+        sysctl_events(&src.ns, 1);
+        let before = src.dump(mark);
+        assert_eq!(before.len(), n, "VM entries on the source");
+        let started = Instant::now();
+        let (mut none_d, mut none_i) = (Sample::new(), Sample::new());
+        let (mut svc_d, mut svc_i) = (Sample::new(), Sample::new());
+        let (mut reg, mut stop) = (Sample::new(), Sample::new());
+        let (mut our_save, mut our_load) = (Sample::new(), Sample::new());
+        let mut sources = Vec::new();
+        let mut arrived = Vec::new();
+        for _ in 0..reps {
+            k += 1;
+            let m = migrate_pair(&src, &dst, k, None);
+            none_d.push(m.downtime);
+            none_i.push(m.incoming);
+            start_fresh(&mut src, setup);
+            start_fresh(&mut dst, setup);
+            let t = Instant::now();
+            let vm = register(&cl, &src, &mark.to_string());
+            let dvm = register(&cl, &dst, &mark.to_string());
+            reg.push(ms(t.elapsed()));
+            k += 1;
+            let m = migrate_pair(&src, &dst, k, Some(&vm.id));
+            svc_d.push(m.downtime);
+            svc_i.push(m.incoming);
+            let save = vm.prop(&cl, "LastSave");
+            let load = dvm.prop(&cl, "LastLoad");
+            vm.unregister(&cl);
+            dvm.unregister(&cl);
+            stop_host(&mut src);
+            stop.push(stop_host(&mut dst));
+            let us = |r: &HashMap<String, OwnedVariant>, what: &str| {
+                get_u64(r, "duration_us")
+                    .unwrap_or_else(|| panic!("{what} without duration_us: {r:?}"))
+            };
+            our_save.push(us(&save, "LastSave") as f64 / 1e3);
+            our_load.push(us(&load, "LastLoad") as f64 / 1e3);
+            sources.push(get_str(&save, "source").unwrap_or_else(|| "–".into()));
+            // Nothing runs any more on the destination: what is there now
+            // is what the VM keeps.
+            let got = dst.dump(mark);
+            arrived.push(got.len());
+            let age = started.elapsed().as_secs() as u32 + 5;
+            common::host::assert_same_entries(
+                &format!("flow N={n}: destination after both daemons stopped"),
+                &before,
+                &got,
+                age,
+            );
+            cd.delete_selected(&Selector::mark(mark)).expect("flush");
+        }
+        let added_src = svc_d.median() - none_d.median();
+        let added_dst = svc_i.median() - none_i.median();
+        sources.sort();
+        sources.dedup();
+        rows.push(format!(
+            "| {} | {} | {} / {} | {} | {} / {} | {:+.0} / {:+.0} = **{:+.0}** | {} ({}) / {} | {} | {} of {} in every rep |",
+            thousands(n),
+            reps,
+            none_d.show(),
+            none_i.show(),
+            reg.show(),
+            svc_d.show(),
+            svc_i.show(),
+            added_src,
+            added_dst,
+            added_src + added_dst,
+            our_save.show(),
+            sources.join(", "),
+            our_load.show(),
+            stop.show(),
+            thousands(*arrived.iter().min().unwrap_or(&0)),
+            thousands(n),
+        ));
+        cs.delete_selected(&Selector::mark(mark)).expect("flush");
+    }
+    println!("| N | reps | no dbus-vmstate: downtime / incoming | register (both hosts) | with conntrack-vmstated: downtime / incoming | added (medians): source + destination | ours: Save `duration_us` (LastSave source) / Load reply `duration_us` | stop (destination daemon, SIGTERM → exit) | on the destination after both daemons stopped, attribute-exact |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!("{r}");
+    }
+    println!();
+}
+
 /// Every namespace's table is bounded by the host-wide nf_conntrack_max
 /// (read-only inside a namespace): the codec part holds N + 20 %, a host N +
 /// the other marks' entries. Refuse up front instead of failing a create
@@ -1263,7 +1449,13 @@ fn main() {
     } else {
         Setup::InProcess
     };
-    if let Err(e) = check_table_room(&ns_list, others, want("service") || want("migration")) {
+    if let Err(e) = check_table_room(
+        &ns_list,
+        others,
+        ["service", "migration", "flow", "flow-silent"]
+            .into_iter()
+            .any(want),
+    ) {
         eprintln!("vmstate bench: {e}");
         std::process::exit(2);
     }
@@ -1288,5 +1480,22 @@ fn main() {
             let mig_reps = if a.quick || a.reps.is_some() { reps } else { 9 };
             part_migration(&mut hs, &mig_n, mig_reps, setup);
         }
+    }
+    // Fresh hosts of its own: its daemons start and stop every repetition.
+    let flow_n: Vec<usize> = if chosen.is_empty() {
+        if a.quick {
+            vec![5_000]
+        } else {
+            vec![5_000, 100_000]
+        }
+    } else {
+        ns_list.clone()
+    };
+    let flow_reps = if a.quick || a.reps.is_some() { reps } else { 5 };
+    if want("flow") {
+        part_flow(&flow_n, flow_reps, others, setup, Origin::Events);
+    }
+    if want("flow-silent") {
+        part_flow(&flow_n, flow_reps, others, setup, Origin::Silent);
     }
 }
