@@ -162,6 +162,13 @@ fn load_dict(r: Option<OpReport>) -> HashMap<String, OwnedVariant> {
 
 #[interface(name = "org.conntrack_vmstate.VM1")]
 impl Vm1 {
+    /// Sent only to the VM's `controller` (unicast), when Proxmox VE's
+    /// qemu-server calls `com.proxmox.VMStateHelper.Quit`: detach QEMU's
+    /// object and unregister (docs/proxmox.md). Declared here so that the
+    /// contract lists it; `bus::proxmox` sends it to one destination.
+    #[zbus(signal)]
+    async fn quit_requested(emitter: &zbus::object_server::SignalEmitter<'_>) -> zbus::Result<()>;
+
     #[zbus(property(emits_changed_signal = "const"))]
     fn vm_id(&self) -> String {
         self.rt.config.vm.clone()
