@@ -199,20 +199,25 @@ pub const DEFAULT_MAX_ENTRIES: u64 = 262_144;
 pub const CONNTRACK_MAX_PATH: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 
 /// `nf_conntrack_max`, or `None` when conntrack is not loaded (the file is
-/// absent) or the value is unreadable.
-/// Said once per process: the daemon's unit hides /proc/sys
-/// (`ProcSubset=pid`), and then only the configured cap applies.
+/// absent) or the value is unreadable. Either is said once per process, so
+/// the journal shows which bound a Load applies (a unit that hides
+/// /proc/sys leaves only the configured cap).
 pub fn conntrack_max() -> Option<u64> {
     static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let r = std::fs::read_to_string(CONNTRACK_MAX_PATH)
         .map_err(|e| e.to_string())
-        .and_then(|t| {
-            t.trim()
-                .parse()
-                .map_err(|e: std::num::ParseIntError| e.to_string())
-        });
+        .and_then(|t| t.trim().parse::<u64>().map_err(|e| e.to_string()));
     match r {
-        Ok(n) => Some(n),
+        Ok(n) => {
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!(
+                    "nf_conntrack_max is {n}: each Load creates at most {} entries per VM \
+                     (a quarter of it) or the VM's configured cap, whichever is lower",
+                    (n / CONNTRACK_MAX_DIVISOR).max(1)
+                );
+            }
+            Some(n)
+        }
         Err(e) => {
             if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
                 tracing::info!(
