@@ -165,7 +165,7 @@ pub struct DaemonArgs {
     pub load_budget_ms: u64,
     /// Most entries one Load creates for a VM registered without its own
     /// `max_entries`; the rest (the least valuable) are counted as
-    /// over_cap. Never more than a quarter of nf_conntrack_max.
+    /// over_cap. Never more than half of nf_conntrack_max.
     #[arg(
         long,
         value_name = "N",
@@ -174,6 +174,17 @@ pub struct DaemonArgs {
         env = "CONNTRACK_VMSTATE_MAX_VM_ENTRIES"
     )]
     pub max_vm_entries: u64,
+    /// On SIGTERM, running restores (entries of a Load that QEMU already has
+    /// its answer for) are finished for up to this long; what is left is
+    /// handed over to the next start through the state directory. 0 hands
+    /// over at once. Keep it below the unit's TimeoutStopSec=.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = crate::service::engine::DEFAULT_STOP_GRACE_SECS,
+        env = "CONNTRACK_VMSTATE_STOP_GRACE_SECS"
+    )]
+    pub stop_grace_secs: u64,
     #[command(flatten)]
     pub common: CommonArgs,
 }

@@ -29,6 +29,7 @@ fn main() -> anyhow::Result<()> {
         save_deadline: Duration::from_millis(args.save_deadline_ms),
         load_budget: Duration::from_millis(args.load_budget_ms),
         max_vm_entries: args.max_vm_entries,
+        stop_grace: Duration::from_secs(args.stop_grace_secs),
     };
     // Few worker threads suffice: conntrack work runs on the blocking pool.
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -27,8 +27,11 @@ pub struct DaemonConfig {
     /// and creates the rest in the background.
     pub load_budget: Duration,
     /// Per-VM entry cap of a Load for registrations without `max_entries`
-    /// (bounded by a quarter of nf_conntrack_max when that is readable).
+    /// (bounded by half of nf_conntrack_max when that is readable).
     pub max_vm_entries: u64,
+    /// How long a stop lets running restores finish before handing the rest
+    /// over to the next start.
+    pub stop_grace: Duration,
 }
 
 /// Why the daemon could not start.
@@ -54,12 +57,21 @@ pub enum DaemonError {
         #[source]
         source: zbus::Error,
     },
+    /// Not a start failure: the daemon stopped before `n` restores ended.
+    /// Failing the unit on purpose makes systemd (`Restart=on-failure`)
+    /// start the instance that completes them, unless it was stopped.
+    #[error(
+        "stopped with {n} restore(s) unfinished after the {grace_s} s grace; \
+         the next start completes them"
+    )]
+    HandedOver { n: usize, grace_s: u64 },
 }
 
 /// A running daemon: manager name owned, registrations served.
 pub struct Daemon {
     manager: Arc<Manager<BusEndpoint>>,
     address: String,
+    stop_grace: Duration,
 }
 
 impl Daemon {
@@ -128,6 +140,7 @@ impl Daemon {
         Ok(Daemon {
             manager: mgr,
             address,
+            stop_grace: cfg.stop_grace,
         })
     }
 
@@ -157,10 +170,11 @@ impl Daemon {
         self.manager.close_if_idle().await
     }
 
-    /// Stops serving every VM (their registrations stay persisted) and
-    /// leaves the bus.
-    pub async fn shutdown(self) {
-        self.manager.shutdown().await;
+    /// Stops serving every VM (their registrations stay persisted), lets
+    /// running restores finish within the stop grace and leaves the bus.
+    /// Returns how many restores were handed over to the next start.
+    pub async fn shutdown(self) -> usize {
+        self.manager.shutdown(self.stop_grace).await
     }
 }
 
@@ -220,9 +234,14 @@ pub async fn run(
     };
     systemd::notify_stopping();
     tracing::info!("conntrack-vmstated stopping: {reason}");
+    let grace_s = daemon.stop_grace.as_secs();
+    // The watchdog keeps going while restores finish.
+    let handed = daemon.shutdown().await;
     if let Some(w) = watchdog {
         w.abort();
     }
-    daemon.shutdown().await;
+    if handed > 0 {
+        return Err(DaemonError::HandedOver { n: handed, grace_s });
+    }
     Ok(())
 }

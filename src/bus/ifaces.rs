@@ -141,6 +141,7 @@ fn load_dict(r: Option<OpReport>) -> HashMap<String, OwnedVariant> {
                 ("foreign", r.foreign),
                 ("rejected", r.rejected),
                 ("over_cap", r.over_cap),
+                ("resumed", r.resumed),
             ],
         )
     });
@@ -221,7 +222,8 @@ impl Vm1 {
     }
 
     /// entries, dropped, created, created_sync, existed, refused, foreign,
-    /// rejected, over_cap, bytes,
+    /// rejected, over_cap, resumed (entries a previous instance had handled
+    /// when it handed this restore over), bytes,
     /// duration_us (to the answer), complete_us (to the full restore; absent
     /// while pending), pending, error, timestamp of the last Load; empty
     /// before the first.

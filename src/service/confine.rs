@@ -182,10 +182,12 @@ impl Refused {
     }
 }
 
-/// Part of the host's table one VM may fill with a Load: a quarter of
-/// `nf_conntrack_max`, so that even a few VMs restored at once leave the
-/// host and every other VM room for new connections.
-pub const CONNTRACK_MAX_DIVISOR: u64 = 4;
+/// Part of the host's table one VM may fill with a Load: half of
+/// `nf_conntrack_max`, so that a hostile or oversized Load always leaves
+/// the host and the other VMs room for new connections. Not less: the
+/// stock table of a big host is 262,144 entries, and a VM with 100,000
+/// connections must arrive whole there without tuning.
+pub const CONNTRACK_MAX_DIVISOR: u64 = 2;
 
 /// Default per-VM entry cap of a Load, below the fraction of the table.
 /// 256Ki entries is more than any VM measured here keeps (the state
@@ -212,7 +214,7 @@ pub fn conntrack_max() -> Option<u64> {
             if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
                 tracing::info!(
                     "nf_conntrack_max is {n}: each Load creates at most {} entries per VM \
-                     (a quarter of it) or the VM's configured cap, whichever is lower",
+                     (half of it) or the VM's configured cap, whichever is lower",
                     (n / CONNTRACK_MAX_DIVISOR).max(1)
                 );
             }
@@ -339,7 +341,7 @@ mod tests {
     #[test]
     fn cap_is_bounded_by_the_table() {
         assert_eq!(effective_cap(1000, None), 1000);
-        assert_eq!(effective_cap(1_000_000, Some(262_144)), 65_536);
+        assert_eq!(effective_cap(1_000_000, Some(262_144)), 131_072);
         assert_eq!(effective_cap(10, Some(262_144)), 10);
         assert_eq!(effective_cap(10, Some(0)), 1);
     }

@@ -4,6 +4,7 @@
 //! the journal. Conntrack work runs on tokio's blocking pool, never on the
 //! executor that answers property reads.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use super::confine::{self, LoadPolicy, Refused};
-use super::persist::Store;
+use super::persist::{PendingRestore, Store};
 use super::runtime::{now_us, OpReport, Restore, RestoreCtl, VmRuntime};
 use super::ServiceError;
 use crate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport, SavedState};
@@ -46,11 +47,32 @@ const FIRST_BATCH: usize = 128;
 const MIN_BATCH: usize = 32;
 const MAX_SYNC_BATCH: usize = 4096;
 /// Background batches: large enough for full create speed, small enough
-/// that a cancel (new Load, Unregister) takes effect within a few ms.
+/// that a cancel (a newer Load, a stop past its grace) takes effect within
+/// a few ms.
 const BACKGROUND_BATCH: usize = 2048;
-/// How long a new Load or an Unregister waits for a running restore to stop
-/// (it stops after its current batch).
+/// How long a newer Load or a stop waits for a running restore to stop (it
+/// stops after its current batch).
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a restore keeps retrying a batch the access could not take
+/// (the helper restarting, e.g. on a package upgrade, or killed and
+/// re-activated by its socket) before it gives up on the rest.
+const RETRY_FOR: Duration = Duration::from_secs(30);
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Default of how long a stopping daemon lets running restores finish
+/// before it hands the rest over to its next start (`--stop-grace-secs`).
+/// The largest Load the cap allows (262,144 entries) takes ~1.5 s; the
+/// packaged unit's TimeoutStopSec= leaves room above this.
+pub const DEFAULT_STOP_GRACE_SECS: u64 = 30;
+
+/// A restore handed over longer ago than this is dropped at start, not
+/// resumed: its entries' timeouts are that much stale and the VM has
+/// likely moved on (a new Load supersedes a handover anyway).
+const PENDING_MAX_AGE: Duration = Duration::from_secs(600);
+
+const HANDOVER_REASON: &str =
+    "conntrack-vmstated is stopping; the rest is handed over to its next start";
 
 /// How long `Unregister(flush)` waits for the deletions.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -61,6 +83,28 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// non-empty answer that keeps the VM alive.
 const LAST_RESORT_BLOB: &[u8] = b"\0";
 
+/// Where a restore starts: when and how long it may run before answering
+/// QEMU, and how many stream entries a previous instance already handled.
+struct Begin {
+    start: Instant,
+    budget: Duration,
+    loaded_at_us: u64,
+    resume_from: usize,
+}
+
+/// Why a restore was stopped early, which decides what happens to its
+/// handover file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Stop {
+    /// Stopped for good (the file goes).
+    Cancel = 1,
+    /// A newer Load of the VM took over (the file is that Load's now).
+    Superseded = 2,
+    /// The daemon stops: the rest is written for the next start.
+    Handover = 3,
+}
+
 /// Runs Save, Load and flush for registered VMs over one conntrack access.
 pub struct Engine {
     access: Arc<dyn ConntrackAccess>,
@@ -70,6 +114,11 @@ pub struct Engine {
     store: Option<Store>,
     /// Per-VM entry cap of a Load when the registration sets none.
     max_entries: u64,
+    /// The runtime of each VM's last Load, by VM name: its restore goes on
+    /// after an Unregister (the entries are the VM's on this host now), so
+    /// only a newer Load of the same VM, registered again or not, finds and
+    /// supersedes it here; a stop finishes or hands over all of them.
+    restores: Mutex<HashMap<String, Arc<VmRuntime>>>,
 }
 
 /// How long after a Save its entry ids are written to disk: QEMU is still
@@ -94,6 +143,7 @@ impl Engine {
             load_budget,
             store: None,
             max_entries: confine::DEFAULT_MAX_ENTRIES,
+            restores: Mutex::new(HashMap::new()),
         }
     }
 
@@ -297,8 +347,18 @@ impl Engine {
     /// describes this Load.
     pub async fn load(&self, vm: &Arc<VmRuntime>, data: Vec<u8>) {
         let start = Instant::now();
+        let loaded_at_us = now_us();
         let bytes = data.len() as u64;
-        self.cancel_restore(vm, "superseded by a newer Load").await;
+        let before = lock(&self.restores).insert(vm.config.vm.clone(), vm.clone());
+        if let Some(b) = before.filter(|b| !Arc::ptr_eq(b, vm)) {
+            self.cancel_restore_as(&b, "superseded by a newer Load", Stop::Superseded)
+                .await;
+        }
+        self.cancel_restore_as(vm, "superseded by a newer Load", Stop::Superseded)
+            .await;
+        // Whatever an earlier Load of the VM left for a restart is
+        // superseded too, even if this Load turns out to create nothing.
+        self.remove_pending(&vm.config.vm);
         let refuse = |error: String| {
             let report = OpReport {
                 bytes,
@@ -320,23 +380,18 @@ impl Engine {
                 data.len()
             ));
         }
-        let ctl = Arc::new(RestoreCtl::default());
         let (tx, rx) = tokio::sync::oneshot::channel::<OpReport>();
-        let job = RestoreJob {
-            access: self.access.clone(),
-            vm: vm.clone(),
-            ctl: ctl.clone(),
-            start,
-            budget: self.load_budget,
-            bytes,
-            policy: vm.config.load_policy(),
-            cap: vm.config.max_entries.map_or(self.max_entries, u64::from),
-        };
-        let task = tokio::task::spawn_blocking(move || job.run(data, tx));
-        vm.set_restore(Restore {
-            ctl: ctl.clone(),
-            task,
-        });
+        let ctl = self.start_restore(
+            vm,
+            data,
+            Begin {
+                start,
+                budget: self.load_budget,
+                loaded_at_us,
+                resume_from: 0,
+            },
+            Some(tx),
+        );
         let reply = tokio::time::timeout(self.load_budget + LOAD_OVERRUN_CAP, rx).await;
         let replied_us = duration_us(start).max(1);
         // The restore thread recorded its answer time already unless the
@@ -374,6 +429,10 @@ impl Engine {
     /// waits (bounded) until it has: it stops after its current batch. The
     /// entries it created stay. Returns whether one was running.
     pub async fn cancel_restore(&self, vm: &Arc<VmRuntime>, reason: &str) -> bool {
+        self.cancel_restore_as(vm, reason, Stop::Cancel).await
+    }
+
+    async fn cancel_restore_as(&self, vm: &Arc<VmRuntime>, reason: &str, how: Stop) -> bool {
         let Some(r) = vm.take_restore() else {
             return false;
         };
@@ -381,6 +440,7 @@ impl Engine {
             return false;
         }
         *lock(&r.ctl.cancel_reason) = reason.to_string();
+        r.ctl.stop_as.store(how as u8, Ordering::SeqCst);
         r.ctl.cancel.store(true, Ordering::SeqCst);
         if tokio::time::timeout(CANCEL_WAIT, r.task).await.is_err() {
             tracing::warn!(
@@ -391,6 +451,173 @@ impl Engine {
             );
         }
         true
+    }
+
+    /// Starts the restore of `data` for `vm` on a blocking thread; with
+    /// `tx` it answers there once the budget is used up.
+    fn start_restore(
+        &self,
+        vm: &Arc<VmRuntime>,
+        data: Vec<u8>,
+        begin: Begin,
+        tx: Option<tokio::sync::oneshot::Sender<OpReport>>,
+    ) -> Arc<RestoreCtl> {
+        let ctl = Arc::new(RestoreCtl::default());
+        let job = RestoreJob {
+            access: self.access.clone(),
+            vm: vm.clone(),
+            ctl: ctl.clone(),
+            start: begin.start,
+            budget: begin.budget,
+            bytes: data.len() as u64,
+            policy: vm.config.load_policy(),
+            cap: vm.config.max_entries.map_or(self.max_entries, u64::from),
+            store: self.store.clone(),
+            loaded_at_us: begin.loaded_at_us,
+            resume_from: begin.resume_from,
+            keeper: None,
+        };
+        let task = tokio::task::spawn_blocking(move || job.run(data, tx));
+        vm.set_restore(Restore {
+            ctl: ctl.clone(),
+            task,
+        });
+        ctl
+    }
+
+    /// The VMs whose restore is still creating entries, registered or not.
+    pub fn restoring(&self) -> Vec<Arc<VmRuntime>> {
+        lock(&self.restores)
+            .values()
+            .filter(|rt| rt.restore_running())
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until the VM's restore, if one runs, has ended.
+    pub async fn wait_restore(&self, vm: &VmRuntime) {
+        while vm.restore_running() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// For a stop: lets running restores finish for up to `grace`, then
+    /// stops the rest after their current batch and hands what they did not
+    /// create over to the next start (kept in the state directory since
+    /// QEMU had its answer). Returns how many were handed over.
+    pub async fn finish_restores(&self, grace: Duration) -> usize {
+        let running = self.restoring();
+        if running.is_empty() {
+            return 0;
+        }
+        let names: Vec<&str> = running.iter().map(|r| r.config.vm.as_str()).collect();
+        tracing::info!(
+            "finishing the restore of VM {} before stopping (at most {} s)",
+            names.join(", "),
+            grace.as_secs()
+        );
+        let end = Instant::now() + grace;
+        while Instant::now() < end && running.iter().any(|r| r.restore_running()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut handed = 0;
+        for rt in running.iter().filter(|r| r.restore_running()) {
+            if self
+                .cancel_restore_as(rt, HANDOVER_REASON, Stop::Handover)
+                .await
+            {
+                handed += 1;
+            }
+        }
+        handed
+    }
+
+    /// Resumes every restore a previous instance handed over (or left
+    /// behind when it was killed): under the registration it was addressed
+    /// to, on that VM's runtime when `registered` has it with the same
+    /// configuration (so LastLoad shows it), else on its own. One older
+    /// than [`PENDING_MAX_AGE`] is dropped. Returns how many were resumed.
+    pub async fn resume_pending(
+        &self,
+        registered: impl Fn(&str) -> Option<Arc<VmRuntime>>,
+    ) -> usize {
+        let Some(store) = self.store.clone() else {
+            return 0;
+        };
+        let found = tokio::task::spawn_blocking(move || store.load_pending())
+            .await
+            .unwrap_or_default();
+        let mut resumed = 0;
+        for p in found {
+            let p = match p {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!("a handed-over restore is lost: {e}");
+                    continue;
+                }
+            };
+            let vm = p.config.vm.clone();
+            let age = Duration::from_micros(now_us().saturating_sub(p.loaded_at_us));
+            if age > PENDING_MAX_AGE {
+                tracing::warn!(
+                    VMID = %vm,
+                    "VM {vm}: the restore handed over {} s ago is dropped, not resumed \
+                     (older than {} s: its timeouts are stale and the VM may have moved on)",
+                    age.as_secs(),
+                    PENDING_MAX_AGE.as_secs()
+                );
+                self.remove_pending(&vm);
+                continue;
+            }
+            let rt = match registered(&vm) {
+                Some(rt) if rt.config == p.config => rt,
+                _ => Arc::new(VmRuntime::new(p.config.clone())),
+            };
+            let detached = registered(&vm).is_none_or(|r| !Arc::ptr_eq(&r, &rt));
+            if !rt.watching() {
+                // A confined helper creates only for watched selectors.
+                self.watch(&rt, true).await;
+            }
+            tracing::info!(
+                VMID = %vm,
+                VMSTATE_ID = %p.config.id,
+                RESUMED = p.consumed,
+                "Load of VM {vm}: resuming the restore a previous conntrack-vmstated handed \
+                     over, after {} of its entries (loaded {} s ago)",
+                p.consumed,
+                age.as_secs()
+            );
+            lock(&self.restores).insert(vm.clone(), rt.clone());
+            let begin = Begin {
+                start: Instant::now(),
+                budget: Duration::ZERO,
+                loaded_at_us: p.loaded_at_us,
+                resume_from: usize::try_from(p.consumed).unwrap_or(usize::MAX),
+            };
+            self.start_restore(&rt, p.blob, begin, None);
+            if detached {
+                // Its own watch ends with it.
+                let access = self.access.clone();
+                let rt2 = rt.clone();
+                tokio::spawn(async move {
+                    while rt2.restore_running() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    let sel = rt2.config.selector();
+                    let _ = tokio::task::spawn_blocking(move || access.watch(&sel, false)).await;
+                });
+            }
+            resumed += 1;
+        }
+        resumed
+    }
+
+    fn remove_pending(&self, vm: &str) {
+        if let Some(store) = &self.store {
+            if let Err(e) = store.remove_pending(vm) {
+                tracing::warn!(VMID = %vm, "{e}");
+            }
+        }
     }
 
     /// Deletes exactly the entries the VM's last successful Save took
@@ -460,6 +687,14 @@ struct RestoreJob {
     policy: LoadPolicy,
     /// The configured entry cap (before the table bound).
     cap: u64,
+    /// Where the unfinished part is kept for the next instance.
+    store: Option<Store>,
+    loaded_at_us: u64,
+    /// Entries of the stream a previous instance handled already.
+    resume_from: usize,
+    /// Writes the handover file once QEMU has its answer, beside the
+    /// restore rather than before it.
+    keeper: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Where one restore stands: entries taken from the stream (at most
@@ -471,9 +706,10 @@ struct Progress {
 }
 
 impl RestoreJob {
-    fn run(self, data: Vec<u8>, tx: tokio::sync::oneshot::Sender<OpReport>) {
+    fn run(mut self, data: Vec<u8>, tx: Option<tokio::sync::oneshot::Sender<OpReport>>) {
         let mut report = OpReport {
             bytes: self.bytes,
+            resumed: self.resume_from as u64,
             ..OpReport::default()
         };
         // The cap is known before anything is created: entries past it
@@ -487,10 +723,10 @@ impl RestoreJob {
             Ok(d) => d,
             Err(e) => {
                 report.error = format!("invalid state, nothing loaded: {e}");
-                return self.finish(report, Some(tx));
+                return self.finish(report, tx);
             }
         };
-        drop(data);
+        let data = Arc::new(data);
         report.entries = rest.len() as u64;
         report.dropped = rest.dropped.unwrap_or(0);
         // The stream hands out the most valuable entries first: what the
@@ -503,7 +739,15 @@ impl RestoreJob {
         };
         report.over_cap = (total - p.take) as u64;
         let deadline = self.start + self.budget;
-        let mut done = 0usize;
+        // A resumed restore skips what the previous instance handled; the
+        // entries are decoded (the stream is sequential) but not created.
+        while p.consumed < self.resume_from.min(p.take) {
+            let n = (self.resume_from - p.consumed).min(BACKGROUND_BATCH);
+            if p.next(&mut rest, n).is_none() {
+                break;
+            }
+        }
+        let mut done = p.consumed;
         let mut totals = CreateReport::default();
         let mut failed: Option<String> = None;
         let mut batch = FIRST_BATCH;
@@ -535,7 +779,10 @@ impl RestoreJob {
         if failed.is_some() || done == p.take {
             Self::add_totals(&mut report, &totals, &p.refused);
             report.error = failed.unwrap_or_default();
-            return self.finish(report, Some(tx));
+            if self.stopped_as() == Some(Stop::Handover) {
+                self.hand_over(&data, done, &mut report);
+            }
+            return self.finish(report, tx);
         }
         let mut interim = report.clone();
         Self::add_totals(&mut interim, &totals, &p.refused);
@@ -554,7 +801,10 @@ impl RestoreJob {
             Ordering::SeqCst,
             Ordering::SeqCst,
         );
-        let _ = tx.send(interim);
+        if let Some(tx) = tx {
+            let _ = tx.send(interim);
+        }
+        self.keep(&data, done);
 
         while let Some(chunk) = p.next(&mut rest, BACKGROUND_BATCH) {
             match self.create_one(chunk, done, total, &mut totals, &mut p.refused, true) {
@@ -567,7 +817,69 @@ impl RestoreJob {
         }
         Self::add_totals(&mut report, &totals, &p.refused);
         report.error = failed.unwrap_or_default();
+        if self.stopped_as() == Some(Stop::Handover) {
+            self.hand_over(&data, done, &mut report);
+        }
         self.finish(report, None);
+    }
+
+    fn stopped_as(&self) -> Option<Stop> {
+        match self.ctl.stop_as.load(Ordering::SeqCst) {
+            1 => Some(Stop::Cancel),
+            2 => Some(Stop::Superseded),
+            3 => Some(Stop::Handover),
+            _ => None,
+        }
+    }
+
+    /// Keeps the whole blob, and that `done` entries are handled, for the
+    /// next instance, on a thread of its own: the restore goes on meanwhile.
+    fn keep(&mut self, data: &Arc<Vec<u8>>, done: usize) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let pending = self.pending(data, done);
+        let vm = self.vm.config.vm.clone();
+        let h = std::thread::Builder::new()
+            .name("cvs-keep".into())
+            .spawn(move || {
+                if let Err(e) = store.save_pending(&pending) {
+                    tracing::warn!(
+                        VMID = %vm,
+                        "keeping the restore of VM {vm} for a restart failed: {e}; \
+                     if conntrack-vmstated stops before it ends, the rest is lost"
+                    );
+                }
+            });
+        self.keeper = h.ok();
+    }
+
+    fn pending(&self, data: &[u8], done: usize) -> PendingRestore {
+        PendingRestore {
+            config: self.vm.config.clone(),
+            consumed: done as u64,
+            loaded_at_us: self.loaded_at_us,
+            blob: data.to_vec(),
+        }
+    }
+
+    /// Records how far the restore got, for the next start to go on from.
+    fn hand_over(&mut self, data: &[u8], done: usize, report: &mut OpReport) {
+        if let Some(k) = self.keeper.take() {
+            let _ = k.join();
+        }
+        let r = match &self.store {
+            Some(store) => store
+                .save_pending(&self.pending(data, done))
+                .map_err(|e| e.to_string()),
+            None => Err("no state directory".into()),
+        };
+        if let Err(e) = r {
+            report.error = format!(
+                "{}; handing it over failed ({e}): the rest is lost",
+                report.error
+            );
+        }
     }
 
     /// Creates one batch from the stream, unless the restore was cancelled;
@@ -604,11 +916,61 @@ impl RestoreJob {
             return Ok(n);
         }
         let c = self
-            .access
-            .create_for(&self.policy.selector, &admitted, background)
+            .create_retrying(&admitted, background)
             .map_err(|e| format!("creating entries failed after {done} of {total}: {e}"))?;
         totals.merge(&c);
         Ok(n)
+    }
+
+    /// One create call, repeated for up to [`RETRY_FOR`] while the access
+    /// fails as a helper that is restarting does (gone, timing out, a
+    /// transient netlink error). A batch the helper half-made before it
+    /// went is sent whole again: its made entries then count as existed.
+    fn create_retrying(&self, entries: &[Entry], background: bool) -> Result<CreateReport, String> {
+        let mut since: Option<Instant> = None;
+        loop {
+            match self
+                .access
+                .create_for(&self.policy.selector, entries, background)
+            {
+                Ok(c) => {
+                    if let Some(t) = since {
+                        tracing::info!(
+                            VMID = %self.vm.config.vm,
+                            "restore of VM {}: creating again after {} ms",
+                            self.vm.config.vm,
+                            t.elapsed().as_millis()
+                        );
+                    }
+                    return Ok(c);
+                }
+                Err(e) => {
+                    let transient = matches!(
+                        e,
+                        AccessError::Helper(_)
+                            | AccessError::Timeout { .. }
+                            | AccessError::Netlink { .. }
+                    );
+                    let t = *since.get_or_insert_with(Instant::now);
+                    if !transient
+                        || t.elapsed() >= RETRY_FOR
+                        || self.ctl.cancel.load(Ordering::SeqCst)
+                    {
+                        return Err(e.to_string());
+                    }
+                    if t.elapsed() < RETRY_PAUSE {
+                        tracing::warn!(
+                            VMID = %self.vm.config.vm,
+                            "restore of VM {}: {e}; retrying for up to {} s (the helper may \
+                             be restarting)",
+                            self.vm.config.vm,
+                            RETRY_FOR.as_secs()
+                        );
+                    }
+                    std::thread::sleep(RETRY_PAUSE);
+                }
+            }
+        }
     }
 
     fn cancelled(&self, done: usize, total: usize) -> String {
@@ -640,7 +1002,22 @@ impl RestoreJob {
     /// Writes the final report. With `tx` (everything happened before the
     /// reply) the answering side logs it; otherwise this logs the
     /// completion of the background part.
-    fn finish(self, mut report: OpReport, tx: Option<tokio::sync::oneshot::Sender<OpReport>>) {
+    /// The handover file goes too, unless the next instance (a handover)
+    /// or a newer Load (superseded) needs it.
+    fn finish(mut self, mut report: OpReport, tx: Option<tokio::sync::oneshot::Sender<OpReport>>) {
+        if let Some(k) = self.keeper.take() {
+            let _ = k.join();
+        }
+        match self.stopped_as() {
+            Some(Stop::Handover | Stop::Superseded) => {}
+            _ => {
+                if let Some(store) = &self.store {
+                    if let Err(e) = store.remove_pending(&self.vm.config.vm) {
+                        tracing::warn!(VMID = %self.vm.config.vm, "{e}");
+                    }
+                }
+            }
+        }
         report.pending = false;
         report.complete_us = duration_us(self.start);
         report.timestamp_us = now_us();

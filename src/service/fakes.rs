@@ -5,7 +5,7 @@
 //! tested for real (kernel conntrack, dbus-daemon, QEMU) in `tests/`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +58,9 @@ pub(crate) struct FakeAccess {
     pub(crate) fail_delete: AtomicBool,
     /// Every background create call blocks this long (a slow restore).
     pub(crate) background_delay: Mutex<Duration>,
+    /// The next this many create calls fail as a helper that is away
+    /// (restarting) does, after creating nothing.
+    pub(crate) fail_creates: AtomicUsize,
 }
 
 impl FakeAccess {
@@ -97,6 +100,15 @@ impl ConntrackAccess for FakeAccess {
     }
 
     fn create(&self, entries: &[Entry]) -> Result<CreateReport, AccessError> {
+        let away = self
+            .fail_creates
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if away.is_ok() {
+            self.events.push("create failed");
+            return Err(AccessError::Helper(
+                "create: cannot connect to the helper: connection refused".into(),
+            ));
+        }
         self.events.push(format!("create {}", entries.len()));
         let mut r = CreateReport::default();
         let mut fresh = Vec::new();

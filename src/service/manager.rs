@@ -74,6 +74,8 @@ pub struct Restored<E> {
     pub unserved: Vec<(String, E)>,
     /// Why the state file could not be read (the daemon starts with none).
     pub error: Option<ServiceError>,
+    /// Restores a previous instance handed over, resumed now.
+    pub resumed: usize,
 }
 
 /// The registered VMs and what is served for them, kept consistent.
@@ -137,6 +139,7 @@ impl<E: Endpoint> Manager<E> {
             vms: Vec::new(),
             unserved: Vec::new(),
             error: None,
+            resumed: 0,
         };
         let persisted = lock(&self.registry).persisted();
         match persisted {
@@ -164,6 +167,12 @@ impl<E: Endpoint> Manager<E> {
                 out.error = Some(e);
             }
         }
+        // After the registrations, so a resumed restore of a registered VM
+        // reports in its LastLoad.
+        out.resumed = self
+            .engine
+            .resume_pending(|vm| lock(&self.registry).get(vm))
+            .await;
         self.count_changed();
         out
     }
@@ -220,8 +229,12 @@ impl<E: Endpoint> Manager<E> {
     }
 
     /// Unregisters `vm`: flush (if asked) → remove (persisted) → forget the
-    /// saved ids → unserve → stop a running restore → stop watching. A
-    /// failed flush or write leaves the VM registered and served.
+    /// saved ids → unserve → stop watching. A running restore is not
+    /// stopped: its entries are the VM's on this host from the moment QEMU
+    /// had Load's answer (Proxmox VE stops the destination's helper right
+    /// after the migration), so it goes on to its end and the watch its
+    /// creates need is dropped then. A failed flush or write leaves the VM
+    /// registered and served.
     pub async fn unregister(
         &self,
         vm: &str,
@@ -245,14 +258,20 @@ impl<E: Endpoint> Manager<E> {
         lock(&self.registry).remove(vm)?;
         self.engine.forget_saved(&rt).await;
         self.endpoint.unserve(vm).await;
-        let stopped = self
-            .engine
-            .cancel_restore(&rt, "the VM was unregistered")
-            .await;
-        if stopped {
-            tracing::info!(VMID = %vm, "Unregister of VM {vm}: stopped its running restore");
+        if rt.restore_running() {
+            tracing::info!(
+                VMID = %vm,
+                "Unregister of VM {vm}: its running restore goes on to the end"
+            );
+            let engine = self.engine.clone();
+            let rt = rt.clone();
+            tokio::spawn(async move {
+                engine.wait_restore(&rt).await;
+                engine.watch(&rt, false).await;
+            });
+        } else {
+            self.engine.watch(&rt, false).await;
         }
-        self.engine.watch(&rt, false).await;
         let (deleted, missing) = flushed.map_or((0, 0), |r| (r.deleted, r.missing));
         tracing::info!(
             VMID = %vm,
@@ -279,7 +298,8 @@ impl<E: Endpoint> Manager<E> {
     /// in between. Returns whether it decided so.
     pub async fn close_if_idle(&self) -> bool {
         let _ops = self.ops.lock().await;
-        if !lock(&self.registry).is_empty() {
+        // A restore that outlived its VM's Unregister keeps the process.
+        if !lock(&self.registry).is_empty() || !self.engine.restoring().is_empty() {
             return false;
         }
         self.closing.store(true, Ordering::SeqCst);
@@ -288,22 +308,19 @@ impl<E: Endpoint> Manager<E> {
     }
 
     /// Stops serving every VM (their registrations stay persisted, for the
-    /// next instance), stops running restores and withdraws.
-    pub async fn shutdown(&self) {
+    /// next instance), lets running restores finish for up to `grace` and
+    /// hands the rest over to the next start, and withdraws. Returns how
+    /// many restores were handed over.
+    pub async fn shutdown(&self, grace: std::time::Duration) -> usize {
         let _ops = self.ops.lock().await;
         self.closing.store(true, Ordering::SeqCst);
         let all = lock(&self.registry).all();
         for rt in &all {
             self.endpoint.unserve(&rt.config.vm).await;
         }
-        // A restore still running would keep the process alive; its VM is
-        // registered again by the next instance, the entries made so far stay.
-        for rt in &all {
-            self.engine
-                .cancel_restore(rt, "conntrack-vmstated is stopping")
-                .await;
-        }
+        let handed = self.engine.finish_restores(grace).await;
         self.endpoint.withdraw().await;
+        handed
     }
 
     /// Connects and exports; an unreachable bus is an error and exports
@@ -358,13 +375,15 @@ mod tests {
     fn setup_in(dir: tempfile::TempDir) -> Setup {
         let events = Events::default();
         let access = FakeAccess::new(events.clone());
+        setup_over(dir, access, Duration::from_secs(5))
+    }
+
+    /// As [`setup_in`] over an existing table, with a Load budget.
+    fn setup_over(dir: tempfile::TempDir, access: Arc<FakeAccess>, budget: Duration) -> Setup {
+        let events = access.events.clone();
         let engine = Arc::new(
-            Engine::new(
-                access.clone(),
-                Duration::from_secs(2),
-                Duration::from_secs(5),
-            )
-            .with_store(Store::new(dir.path())),
+            Engine::new(access.clone(), Duration::from_secs(2), budget)
+                .with_store(Store::new(dir.path())),
         );
         let manager = Manager::new(
             Registry::new(Store::new(dir.path())),
@@ -678,7 +697,7 @@ mod tests {
         s.manager.register("100", &[]).await.unwrap();
         s.manager.register("101", &[]).await.unwrap();
         s.events.take();
-        s.manager.shutdown().await;
+        s.manager.shutdown(Duration::from_secs(5)).await;
         assert_eq!(s.events.take(), ["unserve 100", "unserve 101", "withdraw"]);
         assert_eq!(s.persisted(), ["100", "101"]);
         assert_eq!(
@@ -703,7 +722,7 @@ mod tests {
             assert!(std::time::Instant::now() < end, "ids never written");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        s.manager.shutdown().await;
+        s.manager.shutdown(Duration::from_secs(5)).await;
 
         // A new instance over the same state directory.
         let s = setup_in(s.dir);
@@ -763,5 +782,165 @@ mod tests {
         assert_eq!(*s.manager.vm_count().borrow(), 0);
         s.manager.register("100", &[]).await.unwrap();
         assert_eq!(s.persisted(), ["100"]);
+    }
+
+    fn state_blob(n: usize, seed: u64, mark: u32) -> Vec<u8> {
+        let enc = crate::format::encode(
+            &population(n, seed, mark),
+            &crate::format::EncodeOptions {
+                limit: crate::format::QEMU_LIMIT,
+                format: crate::format::Format::Binary,
+            },
+        )
+        .unwrap();
+        assert_eq!(enc.dropped, 0);
+        enc.bytes
+    }
+
+    /// A destination whose Load answered after 128 entries and whose
+    /// background batches (2048 entries) take 30 ms each.
+    async fn restoring(dir: tempfile::TempDir, n: usize) -> (Setup, Arc<VmRuntime>) {
+        let access = FakeAccess::new(Events::default());
+        *access.background_delay.lock().unwrap() = Duration::from_millis(30);
+        let s = setup_over(dir, access, Duration::ZERO);
+        s.manager.register("100", &[]).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().load(&rt, state_blob(n, 3, 100)).await;
+        assert!(rt.restore_running(), "{:?}", rt.last_load());
+        s.events.take();
+        (s, rt)
+    }
+
+    async fn until_restored(rt: &VmRuntime) -> crate::service::OpReport {
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while rt.restore_running() || rt.last_load().is_some_and(|r| r.pending) {
+            assert!(std::time::Instant::now() < end, "{:?}", rt.last_load());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rt.last_load().unwrap()
+    }
+
+    #[tokio::test]
+    async fn unregister_lets_the_restore_finish_and_unwatches_after_it() {
+        let (s, rt) = restoring(tempfile::tempdir().unwrap(), 20_000).await;
+        s.manager.unregister("100", &[]).await.unwrap();
+        assert!(s.manager.get("100").is_none());
+        let ev = s.events.take();
+        assert_eq!(
+            ev.first().map(String::as_str),
+            Some("unserve 100"),
+            "{ev:?}"
+        );
+        assert!(!ev.contains(&"watch 0x64 off".to_string()), "{ev:?}");
+        assert!(rt.restore_running(), "Unregister must not stop the restore");
+        let r = until_restored(&rt).await;
+        assert_eq!((r.created, r.error.as_str()), (20_000, ""), "{r:?}");
+        assert_eq!(s.access.len(), 20_000);
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while !s.events.take().contains(&"watch 0x64 off".to_string()) {
+            assert!(std::time::Instant::now() < end, "never unwatched");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!rt.watching());
+        // Done: the next start has nothing to resume.
+        assert!(Store::new(s.dir.path()).load_pending().is_empty());
+    }
+
+    #[tokio::test]
+    async fn idle_exit_waits_for_a_restore_that_outlived_its_vm() {
+        let (s, rt) = restoring(tempfile::tempdir().unwrap(), 20_000).await;
+        s.manager.unregister("100", &[]).await.unwrap();
+        assert!(!s.manager.close_if_idle().await, "a restore runs");
+        until_restored(&rt).await;
+        assert!(s.manager.close_if_idle().await);
+        assert_eq!(s.access.len(), 20_000);
+    }
+
+    #[tokio::test]
+    async fn shutdown_finishes_a_running_restore_within_its_grace() {
+        let (s, rt) = restoring(tempfile::tempdir().unwrap(), 20_000).await;
+        assert_eq!(s.manager.shutdown(Duration::from_secs(30)).await, 0);
+        assert!(!rt.restore_running());
+        let r = rt.last_load().unwrap();
+        assert_eq!((r.created, r.error.as_str()), (20_000, ""), "{r:?}");
+        assert!(Store::new(s.dir.path()).load_pending().is_empty());
+    }
+
+    #[tokio::test]
+    async fn shutdown_past_its_grace_hands_over_and_the_next_start_completes() {
+        let (s, rt) = restoring(tempfile::tempdir().unwrap(), 20_000).await;
+        assert_eq!(s.manager.shutdown(Duration::ZERO).await, 1);
+        let r = rt.last_load().unwrap();
+        let made = s.access.len();
+        assert!((128..20_000).contains(&made), "{made}");
+        assert_eq!(
+            r.error,
+            format!(
+                "restore stopped after {made} of 20000 entries: conntrack-vmstated is \
+                 stopping; the rest is handed over to its next start"
+            )
+        );
+        let kept: Vec<_> = Store::new(s.dir.path()).load_pending();
+        assert_eq!(kept.len(), 1);
+        let p = kept[0].as_ref().unwrap();
+        assert_eq!((p.config.vm.as_str(), p.consumed), ("100", made as u64));
+
+        // The next instance, same state directory and table.
+        let Setup { access, dir, .. } = s;
+        *access.background_delay.lock().unwrap() = Duration::ZERO;
+        let next = setup_over(dir, access, Duration::ZERO);
+        let out = next.manager.restore().await;
+        assert_eq!(
+            (out.vms.as_slice(), out.resumed),
+            (&["100".to_string()][..], 1)
+        );
+        let rt = next.manager.get("100").unwrap();
+        let r = until_restored(&rt).await;
+        assert_eq!(
+            (r.resumed, r.created, r.existed, r.error.as_str()),
+            (made as u64, 20_000 - made as u64, 0, ""),
+            "{r:?}"
+        );
+        assert_eq!(next.access.len(), 20_000);
+        assert!(Store::new(next.dir.path()).load_pending().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_restore_handed_over_for_an_unregistered_vm_completes_on_its_own() {
+        let (s, _rt) = restoring(tempfile::tempdir().unwrap(), 20_000).await;
+        s.manager.unregister("100", &[]).await.unwrap();
+        assert_eq!(s.manager.shutdown(Duration::ZERO).await, 1);
+        let Setup { access, dir, .. } = s;
+        *access.background_delay.lock().unwrap() = Duration::ZERO;
+        // The first instance's deferred unwatch, once its restore stopped.
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while !access.events.take().contains(&"watch 0x64 off".to_string()) {
+            assert!(std::time::Instant::now() < end, "never unwatched");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let next = setup_over(dir, access, Duration::ZERO);
+        let out = next.manager.restore().await;
+        assert_eq!((out.vms.len(), out.resumed), (0, 1));
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while next.access.len() < 20_000 || !next.manager.engine().restoring().is_empty() {
+            assert!(std::time::Instant::now() < end, "{}", next.access.len());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(next.access.len(), 20_000);
+        // Its watch (the helper creates only for watched selectors) is
+        // taken for the restore and dropped after it.
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        let mut ev = Vec::new();
+        while !ev.contains(&"watch 0x64 off".to_string()) {
+            assert!(std::time::Instant::now() < end, "{ev:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            ev.extend(next.events.take());
+        }
+        assert_eq!(
+            ev.first().map(String::as_str),
+            Some("watch 0x64 on"),
+            "{ev:?}"
+        );
+        assert!(next.manager.close_if_idle().await);
     }
 }

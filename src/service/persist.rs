@@ -239,6 +239,137 @@ impl Store {
     }
 }
 
+/// A Load's restore that had not finished when its daemon stopped: the
+/// whole blob as QEMU gave it, how far the restore got, and the
+/// registration it was addressed to (whose policy the rest is created
+/// under). Kept from the moment QEMU has its answer until the restore ends,
+/// so the next instance completes it after a stop, a crash or a kill.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRestore {
+    pub config: VmConfig,
+    /// Entries of the (capped) priority stream already handled.
+    pub consumed: u64,
+    /// When the Load was called, microseconds since the Unix epoch.
+    pub loaded_at_us: u64,
+    pub blob: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PendingHeader {
+    config: VmConfig,
+    consumed: u64,
+    loaded_at_us: u64,
+}
+
+const PENDING_MAGIC: [u8; 4] = *b"CTVR";
+const PENDING_PREFIX: &str = "restore-";
+const PENDING_SUFFIX: &str = ".pending";
+
+impl Store {
+    /// Where the pending restore of `vm` is kept: a hash of the name (the
+    /// file holds the name itself), so any VM name fits NAME_MAX.
+    pub fn pending_path(&self, vm: &str) -> PathBuf {
+        let b = vm.as_bytes();
+        let h1 = crc32c::crc32c(b);
+        let h2 = crc32c::crc32c_append(0x5a5a_5a5a, b);
+        self.dir
+            .join(format!("{PENDING_PREFIX}{h1:08x}{h2:08x}{PENDING_SUFFIX}"))
+    }
+
+    /// Keeps (or replaces) the pending restore of its VM, atomically.
+    pub fn save_pending(&self, p: &PendingRestore) -> Result<(), ServiceError> {
+        let path = self.pending_path(&p.config.vm);
+        let header = serde_json::to_vec(&PendingHeader {
+            config: p.config.clone(),
+            consumed: p.consumed,
+            loaded_at_us: p.loaded_at_us,
+        })
+        .map_err(|e| ServiceError::Persist {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        let mut b = Vec::with_capacity(12 + header.len() + p.blob.len());
+        b.extend_from_slice(&PENDING_MAGIC);
+        b.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        b.extend_from_slice(&header);
+        b.extend_from_slice(&p.blob);
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        self.replace(&path, &b)
+    }
+
+    pub fn remove_pending(&self, vm: &str) -> Result<(), ServiceError> {
+        let path = self.pending_path(vm);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ServiceError::Persist { path, source: e }),
+        }
+    }
+
+    /// Every pending restore in the state directory. A file that cannot be
+    /// read back is moved aside (never deleted) and reported in its place.
+    pub fn load_pending(&self) -> Vec<Result<PendingRestore, ServiceError>> {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut paths: Vec<PathBuf> = dir
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(PENDING_PREFIX) && n.ends_with(PENDING_SUFFIX))
+            })
+            .collect();
+        paths.sort();
+        paths.into_iter().map(|p| self.read_pending(&p)).collect()
+    }
+
+    fn read_pending(&self, path: &Path) -> Result<PendingRestore, ServiceError> {
+        let b = std::fs::read(path).map_err(|source| ServiceError::Persist {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let parse = || -> Result<PendingRestore, String> {
+            if b.len() < 12 || b[..4] != PENDING_MAGIC {
+                return Err("not a pending-restore file".into());
+            }
+            let (body, crc) = b.split_at(b.len() - 4);
+            if crc32c::crc32c(body).to_le_bytes() != crc {
+                return Err("checksum mismatch".into());
+            }
+            let n = u32::from_le_bytes([body[4], body[5], body[6], body[7]]) as usize;
+            let header = body
+                .get(8..8usize.saturating_add(n))
+                .ok_or_else(|| format!("declares a {n}-byte header it does not hold"))?;
+            let h: PendingHeader = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+            if self.pending_path(&h.config.vm) != path {
+                return Err(format!(
+                    "holds the restore of VM '{}'",
+                    h.config.vm.escape_debug()
+                ));
+            }
+            Ok(PendingRestore {
+                config: h.config,
+                consumed: h.consumed,
+                loaded_at_us: h.loaded_at_us,
+                blob: body[8 + n..].to_vec(),
+            })
+        };
+        parse().map_err(|reason| {
+            let aside = path.with_extension("pending.corrupt");
+            let _ = std::fs::rename(path, &aside);
+            ServiceError::CorruptState {
+                what: "pending restore",
+                path: path.to_path_buf(),
+                moved_to: aside,
+                reason,
+            }
+        })
+    }
+}
+
 const IDS_MAGIC: [u8; 4] = *b"CTVI";
 /// A saved-ids file that names its VM (long names, see [`Store::ids_path`]).
 const IDS_NAMED_MAGIC: [u8; 4] = *b"CTVN";
@@ -282,6 +413,73 @@ mod tests {
         assert!(!store.path().exists());
         assert!(store.path().with_extension("json.corrupt").exists());
         assert!(store.load().unwrap().is_empty());
+    }
+
+    #[test]
+    fn pending_restore_round_trips_and_a_damaged_one_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        assert!(store.load_pending().is_empty());
+        let long = "v".repeat(250);
+        let mut p = PendingRestore {
+            config: VmConfig::from_options("100", &[]).unwrap(),
+            consumed: 128,
+            loaded_at_us: 1_700_000_000_000_000,
+            blob: vec![1, 2, 3, 0, 255],
+        };
+        store.save_pending(&p).unwrap();
+        let q = PendingRestore {
+            config: VmConfig::from_options(
+                &long,
+                &[
+                    ("mark".to_string(), crate::service::OptValue::U32(7)),
+                    (
+                        "id".to_string(),
+                        crate::service::OptValue::Str("long".into()),
+                    ),
+                ],
+            )
+            .unwrap(),
+            blob: Vec::new(),
+            ..p.clone()
+        };
+        store.save_pending(&q).unwrap();
+        let mut got: Vec<PendingRestore> = store
+            .load_pending()
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        got.sort_by_key(|p| p.config.vm.len());
+        assert_eq!(got, vec![p.clone(), q.clone()]);
+        // A later save of the same VM replaces it.
+        p.consumed = 4096;
+        store.save_pending(&p).unwrap();
+        assert_eq!(store.load_pending().len(), 2);
+        store.remove_pending(&long).unwrap();
+        store.remove_pending(&long).unwrap();
+        let got: Vec<PendingRestore> = store
+            .load_pending()
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(got, vec![p.clone()]);
+        // One flipped byte: refused, moved aside, gone from the list after.
+        let path = store.pending_path("100");
+        let mut b = std::fs::read(&path).unwrap();
+        b[10] ^= 1;
+        std::fs::write(&path, &b).unwrap();
+        let e = store.load_pending().pop().unwrap().unwrap_err().to_string();
+        assert!(
+            e.contains("pending restore in") && e.ends_with("checksum mismatch"),
+            "{e}"
+        );
+        assert!(store.load_pending().is_empty());
+        assert!(path.with_extension("pending.corrupt").exists());
+        // A file renamed to another VM's name is not taken for that VM.
+        store.save_pending(&p).unwrap();
+        std::fs::rename(store.pending_path("100"), store.pending_path("7")).unwrap();
+        let e = store.load_pending().pop().unwrap().unwrap_err().to_string();
+        assert!(e.ends_with("holds the restore of VM '100'"), "{e}");
     }
 
     #[test]

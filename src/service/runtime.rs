@@ -1,6 +1,6 @@
 //! Per-VM state the bus layer reads without ever waiting on a Save or Load.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -47,6 +47,10 @@ pub struct OpReport {
     /// Load: entries past the VM's entry cap (the least valuable), never
     /// looked at.
     pub over_cap: u64,
+    /// Load: entries a previous conntrack-vmstated had handled when it
+    /// handed this restore over (it stopped, or was killed, before the end);
+    /// 0 for a restore that ran in one process.
+    pub resumed: u64,
 }
 
 pub(crate) fn now_us() -> u64 {
@@ -86,6 +90,8 @@ pub struct VmRuntime {
 pub struct RestoreCtl {
     /// Set to stop the restore between two batches.
     pub(crate) cancel: AtomicBool,
+    /// Why, as an `engine::Stop` (0 until cancelled).
+    pub(crate) stop_as: AtomicU8,
     /// Why it was cancelled, for its final report.
     pub(crate) cancel_reason: Mutex<String>,
     /// Microseconds from the Load call to the reply to QEMU (0: not yet).

@@ -36,6 +36,7 @@ async fn getall_answered_while_twenty_saves_are_blocked() {
                 save_deadline: Duration::from_millis(1500),
                 load_budget: Duration::from_secs(5),
                 max_vm_entries: conntrack_vmstate::service::confine::DEFAULT_MAX_ENTRIES,
+                stop_grace: Duration::from_secs(30),
             },
             access.clone(),
         )
@@ -177,6 +178,7 @@ async fn slow_load_answers_at_deadline_and_finishes_in_background() {
                 save_deadline: Duration::from_secs(2),
                 load_budget: Duration::from_millis(500),
                 max_vm_entries: conntrack_vmstate::service::confine::DEFAULT_MAX_ENTRIES,
+                stop_grace: Duration::from_secs(30),
             },
             access,
         )
@@ -232,6 +234,7 @@ async fn register_after_idle_decision_is_refused() {
                 save_deadline: Duration::from_secs(2),
                 load_budget: Duration::from_secs(2),
                 max_vm_entries: conntrack_vmstate::service::confine::DEFAULT_MAX_ENTRIES,
+                stop_grace: Duration::from_secs(30),
             },
             access,
         )

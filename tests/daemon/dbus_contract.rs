@@ -83,6 +83,7 @@ async fn served_interfaces_are_the_pinned_introspection_xml() {
                 save_deadline: Duration::from_millis(1500),
                 load_budget: Duration::from_millis(3),
                 max_vm_entries: conntrack_vmstate::service::confine::DEFAULT_MAX_ENTRIES,
+                stop_grace: Duration::from_secs(30),
             },
             FakeAccess::with(Vec::new()),
         )

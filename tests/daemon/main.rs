@@ -23,3 +23,4 @@ mod migration_daemon;
 mod migration_harness;
 mod proxmox_helper;
 mod qmp_vmstate;
+mod restore_kept;

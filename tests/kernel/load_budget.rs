@@ -365,10 +365,12 @@ async fn entry_made_by_live_traffic_meanwhile_is_counted_existed_and_kept() {
 }
 
 /// A second Load stops the restore of the first (after its current batch)
-/// before starting; an Unregister (cancel_restore) stops a running one.
-/// The entries already created stay; LastLoad says why the restore ended.
+/// before starting; `cancel_restore` (what a stop past its grace does
+/// before handing the rest over) stops a running one. The entries already
+/// created stay; LastLoad says why the restore ended. (An Unregister does
+/// not stop a restore: tests/daemon/restore_kept.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn second_load_and_unregister_stop_a_running_restore() {
+async fn second_load_and_cancel_stop_a_running_restore() {
     common::needs!(kernel);
     let dst = Netns::new("lb-cancel");
     let first = assured(20_000, 1);
@@ -411,7 +413,7 @@ async fn second_load_and_unregister_stop_a_running_restore() {
     );
     assert!(second.iter().all(|e| have.contains(&key(e))));
 
-    // Unregister while a restore runs.
+    // Cancelled while a restore runs.
     ct.delete_selected(&Selector::mark(MARK)).unwrap();
     let access = recording(&dst, Some(held));
     let engine = Engine::new(
@@ -429,16 +431,14 @@ async fn second_load_and_unregister_stop_a_running_restore() {
             a.release();
         })
     };
-    assert!(engine.cancel_restore(&vm, "the VM was unregistered").await);
+    assert!(engine.cancel_restore(&vm, "the test stops it").await);
     releaser.join().unwrap();
     assert!(!vm.restore_running());
     let last = vm.last_load().unwrap();
     assert!(!last.pending);
     assert!(
         last.error.starts_with("restore stopped after ")
-            && last
-                .error
-                .ends_with(" of 20000 entries: the VM was unregistered"),
+            && last.error.ends_with(" of 20000 entries: the test stops it"),
         "{last:?}"
     );
     assert!(last.created < 20_000, "{last:?}");

@@ -1,8 +1,9 @@
 //! Save's and Load's guarantees over an in-memory table: what QEMU is
 //! promised (Save never fails, is never empty, never over QEMU's limit,
 //! answers by its deadline; Load never fails and reports what it did) and
-//! what Unregister relies on (flush, cancel_restore). The same paths over
-//! the kernel's table are in tests/load_budget.rs and tests/daemon_*.rs.
+//! what Unregister and a stop rely on (flush, restores that finish or are
+//! handed over). The same paths over the kernel's table are in
+//! tests/kernel/load_budget.rs and tests/daemon/.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -328,4 +329,27 @@ async fn saved_ids_survive_a_restart_through_the_store() {
     e.forget_saved(&again).await;
     assert!(store.load_ids("100").unwrap().is_empty());
     assert_eq!(again.saved_len(), 0);
+}
+
+#[tokio::test]
+async fn a_restore_waits_out_a_helper_that_is_away_and_loses_nothing() {
+    let access = FakeAccess::new(Events::default());
+    // The answer's first batch and four more calls find no helper (it is
+    // being restarted); the restore goes on once it is back.
+    access.fail_creates.store(5, Ordering::SeqCst);
+    let (e, rt) = (engine(&access, 2000, 0), vm(MARK));
+    e.load(&rt, blob(20_000, 9)).await;
+    let r = complete(&rt).await;
+    assert_eq!(
+        (r.entries, r.created, r.existed, r.error.as_str()),
+        (20_000, 20_000, 0, ""),
+        "{r:?}"
+    );
+    assert_eq!(access.len(), 20_000);
+    let ev = access.events.take();
+    assert_eq!(
+        ev.iter().filter(|e| *e == "create failed").count(),
+        5,
+        "{ev:?}"
+    );
 }
