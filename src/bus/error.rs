@@ -27,8 +27,11 @@ pub enum Error {
     BusUnreachable(String),
     /// The state directory could not be written; nothing was changed.
     Persistence(String),
-    /// Deleting the saved entries failed; the VM stays registered.
+    /// Deleting the saved entries (or, on an aborted destination, the
+    /// Load's) failed; the VM stays registered and prepared.
     FlushFailed(String),
+    /// Listing the VM's entries failed (Prepare on a destination).
+    DumpFailed(String),
     /// The daemon is exiting (idle timeout or signal); a new call activates
     /// a new instance.
     ShuttingDown(String),
@@ -50,6 +53,7 @@ impl From<ServiceError> for Error {
                 Error::Persistence(text)
             }
             ServiceError::Flush { .. } => Error::FlushFailed(text),
+            ServiceError::Dump { .. } => Error::DumpFailed(text),
             ServiceError::ShuttingDown => Error::ShuttingDown(text),
         }
     }

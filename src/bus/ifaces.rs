@@ -88,6 +88,35 @@ where
             .await?)
     }
 
+    /// Serves a registered VM for one migration (options: `role`
+    /// "source"|"destination", `qemu_pid`): connected to its bus, bound to
+    /// its QEMU, its cache warm; returns when Save would be fast.
+    async fn prepare(
+        &self,
+        vm: String,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<(), Error> {
+        Ok(self.manager.prepare(&vm, &plain_options(options)).await?)
+    }
+
+    /// Ends a migration that succeeded (`role`): the source deletes exactly
+    /// what its Save took, the destination keeps its entries; a VM of the
+    /// migration lifecycle then holds no bus connection again.
+    async fn finish(
+        &self,
+        vm: String,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<(), Error> {
+        Ok(self.manager.finish(&vm, &plain_options(options)).await?)
+    }
+
+    /// Ends a migration that failed (`role`, `vm_running`): the source keeps
+    /// everything, the destination deletes what its Load created unless
+    /// the VM runs there.
+    async fn abort(&self, vm: String, options: HashMap<String, OwnedVariant>) -> Result<(), Error> {
+        Ok(self.manager.abort(&vm, &plain_options(options)).await?)
+    }
+
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_string()
@@ -206,8 +235,24 @@ impl Vm1 {
         self.bus_address.clone()
     }
 
+    /// `always` (served from Register to Unregister) or `migration`
+    /// (served only from Prepare to Finish or Abort).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn lifecycle(&self) -> String {
+        self.rt.config.lifecycle.as_str().to_string()
+    }
+
+    /// `source` or `destination` from Prepare to Finish or Abort, else empty.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn prepared(&self) -> String {
+        self.rt
+            .prepared()
+            .map_or_else(String::new, |r| r.as_str().to_string())
+    }
+
     /// Unique name of the VM's own connection that queues on
-    /// `org.qemu.VMState1`; empty while its bus is unreachable.
+    /// `org.qemu.VMState1`; empty while its bus is unreachable or
+    /// the VM is not prepared (migration lifecycle).
     #[zbus(property(emits_changed_signal = "const"))]
     fn unique_name(&self) -> String {
         self.unique_name.clone()
@@ -284,7 +329,7 @@ impl VmState1 {
         conn: &zbus::Connection,
         op: &str,
     ) -> zbus::fdo::Result<()> {
-        let Some(want) = self.rt.config.qemu_pid else {
+        let Some(want) = self.rt.qemu_pid() else {
             return Ok(());
         };
         let vm = &self.rt.config.vm;

@@ -17,6 +17,9 @@ pub trait Manager1 {
         options: HashMap<&str, Variant<'_>>,
     ) -> zbus::Result<OwnedObjectPath>;
     fn unregister(&self, vm: &str, options: HashMap<&str, Variant<'_>>) -> zbus::Result<()>;
+    fn prepare(&self, vm: &str, options: HashMap<&str, Variant<'_>>) -> zbus::Result<()>;
+    fn finish(&self, vm: &str, options: HashMap<&str, Variant<'_>>) -> zbus::Result<()>;
+    fn abort(&self, vm: &str, options: HashMap<&str, Variant<'_>>) -> zbus::Result<()>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
 }
@@ -42,6 +45,10 @@ pub trait Vm1 {
     fn bus_address(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn unique_name(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn lifecycle(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn prepared(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn last_save(&self) -> zbus::Result<HashMap<String, OwnedVariant>>;
     #[zbus(property)]

@@ -87,27 +87,49 @@ pub(super) async fn vm_proxy<'a>(conn: &'a Connection, vm: &str) -> anyhow::Resu
         .await?)
 }
 
+/// Register's options from the command line (without `qemu_pid`).
+pub(super) fn registration_options(a: &RegisterArgs) -> HashMap<&'_ str, Variant<'_>> {
+    let mut opts: HashMap<&str, Variant> = HashMap::new();
+    if let Some(id) = &a.id {
+        opts.insert("id", Variant::from(id.as_str()));
+    }
+    if let Some(v) = a.mark {
+        opts.insert("mark", Variant::from(v));
+    }
+    if let Some(v) = a.mark_mask {
+        opts.insert("mark_mask", Variant::from(v));
+    }
+    if let Some(v) = a.zone {
+        opts.insert("zone", Variant::from(v));
+    }
+    if let Some(b) = &a.bus_address {
+        opts.insert("bus_address", Variant::from(b.as_str()));
+    }
+    if let Some(f) = a.format {
+        opts.insert("format", Variant::from(f.name()));
+    }
+    if let Some(l) = a.lifecycle {
+        opts.insert("lifecycle", Variant::from(l.name()));
+    }
+    opts
+}
+
 pub fn register(a: RegisterArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
+        if a.qmp.is_some() && a.lifecycle == Some(super::LifecycleArg::Migration) {
+            bail!(
+                "--qmp does not go with --lifecycle migration: such a VM's QEMU gets its \
+                 dbus-vmstate object from `prepare --qmp` only, for the migration"
+            );
+        }
         let conn = connect(&a.manager).await?;
-        let mut opts: HashMap<&str, Variant> = HashMap::new();
-        if let Some(id) = &a.id {
-            opts.insert("id", Variant::from(id.as_str()));
-        }
-        if let Some(v) = a.mark {
-            opts.insert("mark", Variant::from(v));
-        }
-        if let Some(v) = a.mark_mask {
-            opts.insert("mark_mask", Variant::from(v));
-        }
-        if let Some(v) = a.zone {
-            opts.insert("zone", Variant::from(v));
-        }
-        if let Some(b) = &a.bus_address {
-            opts.insert("bus_address", Variant::from(b.as_str()));
-        }
-        if let Some(f) = a.format {
-            opts.insert("format", Variant::from(f.name()));
+        let mut opts = registration_options(&a);
+        if let Some(sock) = &a.qmp {
+            // Save and Load then answer only this QEMU (docs/trust-model.md).
+            // Reached first: nothing is registered for an unreachable QEMU.
+            if let Some(pid) = qemu_pid(sock, &format!("VM {}'s QEMU", a.vmid)).await? {
+                opts.insert("qemu_pid", Variant::from(pid));
+            }
         }
         let m = Manager1Proxy::new(&conn).await?;
         let path = with_retries(async || m.register(&a.vmid, clone_opts(&opts)?).await).await?;
@@ -138,6 +160,15 @@ pub fn register(a: RegisterArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// The pid of `what` (a VM's QEMU) behind `sock`, from the socket's peer
+/// credentials (None where the kernel reports none).
+pub(super) async fn qemu_pid(sock: &std::path::Path, what: &str) -> anyhow::Result<Option<u32>> {
+    let s = sock.to_path_buf();
+    tokio::task::spawn_blocking(move || crate::qmp::QmpClient::connect(&s).map(|c| c.peer_pid()))
+        .await?
+        .with_context(|| format!("reaching {what} over {}", sock.display()))
 }
 
 pub fn unregister(a: UnregisterArgs) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub mod engine;
 pub mod manage;
+pub mod migrate;
 pub mod proxmox;
 
 /// Carry a VM's conntrack entries through QEMU live migration.
@@ -33,6 +34,12 @@ pub enum Command {
     Unregister(UnregisterArgs),
     /// Show registered VMs and their last Save/Load.
     Status(StatusArgs),
+    /// Before a migration, on both hosts: serve the VM (registering it, lifecycle migration, if new), warm its cache, bind and wire its QEMU; returns when Save would be fast.
+    Prepare(PrepareArgs),
+    /// After a migration succeeded, on both hosts: the source deletes exactly what it saved, the destination keeps its entries; QEMU unwired, the VM holds no bus connection again.
+    Finish(StepArgs),
+    /// After a migration failed or was cancelled, on both hosts: the source keeps everything, the destination deletes what its Load created unless the VM runs there.
+    Abort(StepArgs),
     /// Proxmox VE: let `qm migrate --with-conntrack-state` use conntrack-vmstate (enable, disable, status).
     Proxmox(ProxmoxArgs),
     /// Serve one Proxmox VE VM for qemu-server; what pve-dbus-vmstate@<VMID>.service runs once enabled.
@@ -157,9 +164,71 @@ pub struct RegisterArgs {
     /// Encoding of Save: binary, or conntrack-save for a destination running the Perl helper.
     #[arg(long, value_enum)]
     pub format: Option<FormatArg>,
+    /// When the VM is served: always (from register on), or migration (known only; served from `prepare` to `finish`/`abort`).
+    #[arg(long, value_enum)]
+    pub lifecycle: Option<LifecycleArg>,
     #[command(flatten)]
     pub manager: ManagerArgs,
-    /// QMP socket of the VM's QEMU: add the dbus-vmstate object (or set its id-list) once registered.
+    /// QMP socket of the VM's QEMU: bind Save and Load to it, and add the dbus-vmstate object (or set its id-list) once registered.
+    #[arg(long)]
+    pub qmp: Option<PathBuf>,
+}
+
+/// `--lifecycle` of `register`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LifecycleArg {
+    /// Served on its bus from register to unregister.
+    Always,
+    /// Known only; served from `prepare` to `finish` or `abort`.
+    Migration,
+}
+
+impl LifecycleArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            LifecycleArg::Always => "always",
+            LifecycleArg::Migration => "migration",
+        }
+    }
+}
+
+/// Which end of a migration this host is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// The host the VM leaves (Save).
+    Source,
+    /// The host the VM arrives on (Load).
+    Destination,
+}
+
+impl RoleArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            RoleArg::Source => "source",
+            RoleArg::Destination => "destination",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// Which end of the migration this host is.
+    #[arg(long, value_enum)]
+    pub role: RoleArg,
+    #[command(flatten)]
+    pub register: RegisterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StepArgs {
+    /// The VM given to `prepare`.
+    pub vmid: String,
+    /// Which end of the migration this host is.
+    #[arg(long, value_enum)]
+    pub role: RoleArg,
+    #[command(flatten)]
+    pub manager: ManagerArgs,
+    /// QMP socket of the VM's QEMU: delete its dbus-vmstate object first (and, on an aborted destination, ask whether the VM runs there).
     #[arg(long)]
     pub qmp: Option<PathBuf>,
 }
@@ -253,6 +322,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => engine::inspect(a),
         Command::Flush(a) => engine::flush(a),
         Command::Register(a) => manage::register(a),
+        Command::Prepare(a) => migrate::prepare(a),
+        Command::Finish(a) => migrate::finish(a),
+        Command::Abort(a) => migrate::abort(a),
         Command::Unregister(a) => manage::unregister(a),
         Command::Status(a) => manage::status(a),
         Command::Proxmox(a) => match a.action {

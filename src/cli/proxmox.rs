@@ -238,12 +238,7 @@ pub fn helper(a: ProxmoxHelperArgs) -> anyhow::Result<()> {
         opts.insert("controller", Variant::from(true));
         // Save and Load then answer only this QEMU (docs/trust-model.md):
         // its pid from the QMP socket's peer credentials.
-        let s = qmp.clone();
-        let pid = tokio::task::spawn_blocking(move || {
-            crate::qmp::QmpClient::connect(&s).map(|c| c.peer_pid())
-        })
-        .await?
-        .with_context(|| format!("reaching VM {vmid}'s QEMU over {}", qmp.display()))?;
+        let pid = super::manage::qemu_pid(&qmp, &format!("VM {vmid}'s QEMU")).await?;
         if let Some(p) = pid {
             opts.insert("qemu_pid", Variant::from(p));
         }

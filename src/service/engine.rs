@@ -4,7 +4,7 @@
 //! the journal. Conntrack work runs on tokio's blocking pool, never on the
 //! executor that answers property reads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -620,10 +620,38 @@ impl Engine {
         }
     }
 
+    /// `CTA_ID`s of the VM's entries in the table now.
+    pub async fn ids_now(&self, vm: &Arc<VmRuntime>) -> Result<HashSet<u32>, ServiceError> {
+        let access = self.access.clone();
+        let sel = vm.config.selector();
+        let r = tokio::task::spawn_blocking(move || access.dump(&sel))
+            .await
+            .unwrap_or_else(|e| Err(AccessError::Helper(format!("dump task failed: {e}"))));
+        match r {
+            Ok(es) => Ok(es.iter().filter_map(|e| e.id).collect()),
+            Err(source) => Err(ServiceError::Dump {
+                vm: vm.config.vm.clone(),
+                source,
+            }),
+        }
+    }
+
     /// Deletes exactly the entries the VM's last successful Save took
     /// (matched with their CTA_ID), for `Unregister(flush)` on the source.
     pub async fn flush(&self, vm: &Arc<VmRuntime>) -> Result<DeleteReport, ServiceError> {
         let ids = vm.saved();
+        let r = self.delete_ids(vm, ids).await?;
+        self.forget_saved(vm).await;
+        Ok(r)
+    }
+
+    /// Deletes the VM's entries with these `CTA_ID`s (what a Save took, or
+    /// what a Load created); entries gone already count as missing.
+    pub async fn delete_ids(
+        &self,
+        vm: &Arc<VmRuntime>,
+        ids: Vec<u32>,
+    ) -> Result<DeleteReport, ServiceError> {
         if ids.is_empty() {
             return Ok(DeleteReport::default());
         }
@@ -639,10 +667,7 @@ impl Engine {
             }),
         };
         match res {
-            Ok(r) => {
-                self.forget_saved(vm).await;
-                Ok(r)
-            }
+            Ok(r) => Ok(r),
             Err(source) => Err(ServiceError::Flush {
                 vm: vm.config.vm.clone(),
                 source,

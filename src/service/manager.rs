@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 
 use super::engine::Engine;
-use super::options::{parse_unregister, OptValue, VmConfig};
+use super::options::{parse_migration_step, parse_unregister, Lifecycle, OptValue, Role, VmConfig};
 use super::runtime::VmRuntime;
 use super::{Admission, Registry, ServiceError};
 
@@ -148,6 +148,13 @@ impl<E: Endpoint> Manager<E> {
                     let rt = lock(&self.registry).insert_restored(c);
                     self.engine.restore_saved(&rt);
                     let (vm, id) = (rt.config.vm.clone(), rt.config.id.clone());
+                    if rt.config.lifecycle == Lifecycle::Migration {
+                        // Known, not served: a Prepare interrupted by the
+                        // restart is run again by its caller.
+                        let _ = self.endpoint.export(&rt, None).await;
+                        out.vms.push(vm);
+                        continue;
+                    }
                     let link = match self.endpoint.connect(&rt, &self.engine).await {
                         Ok(l) => Some(l),
                         Err(e) => {
@@ -186,11 +193,54 @@ impl<E: Endpoint> Manager<E> {
         options: &[(String, OptValue)],
     ) -> Result<(), ManagerError<E::Error>> {
         let cfg = VmConfig::from_options(vm, options)?;
+        let qemu_pid = cfg.qemu_pid;
         let _ops = self.ops.lock().await;
         self.check_open()?;
         let admission = lock(&self.registry).admit(cfg)?;
         match admission {
+            Admission::Existing(rt) if rt.config.lifecycle == Lifecycle::Migration => {
+                if let Some(pid) = qemu_pid {
+                    rt.bind_qemu(pid);
+                }
+                tracing::info!(
+                    VMID = %vm,
+                    VMSTATE_ID = %rt.config.id,
+                    "Register of VM {vm}: already known with these options"
+                );
+            }
+            Admission::New(cfg) if cfg.lifecycle == Lifecycle::Migration => {
+                let rt = Arc::new(VmRuntime::new(cfg.clone()));
+                self.endpoint
+                    .export(&rt, None)
+                    .await
+                    .map_err(ManagerError::Endpoint)?;
+                let inserted = lock(&self.registry).insert_runtime(rt.clone());
+                if let Err(e) = inserted {
+                    self.endpoint.unserve(vm).await;
+                    return Err(e.into());
+                }
+                tracing::info!(
+                    VMID = %vm,
+                    VMSTATE_ID = %cfg.id,
+                    MARK = cfg.mark,
+                    BUS = %cfg.bus_key(),
+                    "Register of VM {vm}: Id {} mark {:#x}/{:#x} on bus {}, served only from \
+                     Prepare to Finish or Abort of a migration",
+                    cfg.id, cfg.mark, cfg.mark_mask, cfg.bus_key()
+                );
+                self.count_changed();
+            }
             Admission::Existing(rt) => {
+                // The VM's next QEMU (restarted, or the one of this
+                // migration) takes over the binding.
+                if let Some(pid) = qemu_pid {
+                    if rt.bind_qemu(pid) != Some(pid) {
+                        tracing::info!(
+                            VMID = %vm,
+                            "VM {vm}: Save and Load now only for QEMU pid {pid}"
+                        );
+                    }
+                }
                 // A restored VM whose bus was unreachable at start is retried.
                 if !self.endpoint.is_serving(vm) {
                     self.serve(&rt).await?;
@@ -258,19 +308,11 @@ impl<E: Endpoint> Manager<E> {
         lock(&self.registry).remove(vm)?;
         self.engine.forget_saved(&rt).await;
         self.endpoint.unserve(vm).await;
-        if rt.restore_running() {
+        if self.unwatch_after_restore(&rt).await {
             tracing::info!(
                 VMID = %vm,
                 "Unregister of VM {vm}: its running restore goes on to the end"
             );
-            let engine = self.engine.clone();
-            let rt = rt.clone();
-            tokio::spawn(async move {
-                engine.wait_restore(&rt).await;
-                engine.watch(&rt, false).await;
-            });
-        } else {
-            self.engine.watch(&rt, false).await;
         }
         let (deleted, missing) = flushed.map_or((0, 0), |r| (r.deleted, r.missing));
         tracing::info!(
@@ -290,6 +332,180 @@ impl<E: Endpoint> Manager<E> {
         );
         self.count_changed();
         Ok(())
+    }
+
+    /// Stops watching the VM, once its restore (if one runs) has ended: a
+    /// confined helper creates entries only for watched selectors. Returns
+    /// whether a restore was running.
+    async fn unwatch_after_restore(&self, rt: &Arc<VmRuntime>) -> bool {
+        if !rt.restore_running() {
+            self.engine.watch(rt, false).await;
+            return false;
+        }
+        let engine = self.engine.clone();
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            engine.wait_restore(&rt).await;
+            engine.watch(&rt, false).await;
+        });
+        true
+    }
+
+    /// Serves the VM for one migration: connects it to its bus (queued on
+    /// org.qemu.VMState1), binds it to its QEMU, warms its cache; on the
+    /// destination it also notes which of the VM's entries exist already,
+    /// so an Abort deletes only what the Load adds. Idempotent.
+    pub async fn prepare(
+        &self,
+        vm: &str,
+        options: &[(String, OptValue)],
+    ) -> Result<(), ManagerError<E::Error>> {
+        let step = parse_migration_step("Prepare", options)?;
+        let _ops = self.ops.lock().await;
+        self.check_open()?;
+        let rt = self.registered(vm)?;
+        if let Some(pid) = step.qemu_pid {
+            rt.bind_qemu(pid);
+        }
+        if !self.endpoint.is_serving(vm) {
+            self.serve(&rt).await?;
+        }
+        if !rt.watching() {
+            // Returns once Save would be answered from the warm cache.
+            self.engine.watch(&rt, true).await;
+        }
+        let before = match step.role {
+            Role::Source => None,
+            Role::Destination => Some(self.engine.ids_now(&rt).await?),
+        };
+        let existing = before.as_ref().map_or(0, |b| b.len());
+        rt.set_prepared(Some(step.role), before);
+        tracing::info!(
+            VMID = %vm,
+            VMSTATE_ID = %rt.config.id,
+            ROLE = step.role.as_str(),
+            "Prepare of VM {vm} as migration {}: served on bus {}{}{}",
+            step.role.as_str(),
+            rt.config.bus_key(),
+            rt.qemu_pid().map(|p| format!(", for QEMU pid {p}")).unwrap_or_default(),
+            if step.role == Role::Destination {
+                format!(", {existing} of its entries here already")
+            } else {
+                String::new()
+            }
+        );
+        Ok(())
+    }
+
+    /// Ends a migration that succeeded. Source: deletes exactly the entries
+    /// the Save took. Destination: keeps the entries (a running restore goes
+    /// on). Both: a VM of the migration lifecycle is known again, with no
+    /// connection and no watch. A failed flush leaves it prepared.
+    pub async fn finish(
+        &self,
+        vm: &str,
+        options: &[(String, OptValue)],
+    ) -> Result<(), ManagerError<E::Error>> {
+        let step = parse_migration_step("Finish", options)?;
+        let _ops = self.ops.lock().await;
+        self.check_open()?;
+        let rt = self.registered(vm)?;
+        if rt.prepared().is_none() {
+            tracing::info!(VMID = %vm, "Finish of VM {vm}: not prepared, nothing to do");
+            return Ok(());
+        }
+        let flushed = match step.role {
+            Role::Source => Some(self.engine.flush(&rt).await?),
+            Role::Destination => None,
+        };
+        let restoring = self.release(&rt).await;
+        let (deleted, missing) = flushed.map_or((0, 0), |r| (r.deleted, r.missing));
+        tracing::info!(
+            VMID = %vm,
+            VMSTATE_ID = %rt.config.id,
+            ROLE = step.role.as_str(),
+            DELETED = deleted,
+            MISSING = missing,
+            "Finish of VM {vm} as migration {}{}{}",
+            step.role.as_str(),
+            match step.role {
+                Role::Source =>
+                    format!(": flushed {deleted} saved entries ({missing} already gone)"),
+                Role::Destination => ": entries kept".into(),
+            },
+            if restoring { "; its running restore goes on to the end" } else { "" }
+        );
+        Ok(())
+    }
+
+    /// Ends a migration that failed or was cancelled. Source: keeps every
+    /// entry (the VM runs on here). Destination: unless the VM runs there
+    /// (`vm_running`), stops a running restore and deletes exactly what the
+    /// Load created since Prepare. Both: known again, as after Finish.
+    pub async fn abort(
+        &self,
+        vm: &str,
+        options: &[(String, OptValue)],
+    ) -> Result<(), ManagerError<E::Error>> {
+        let step = parse_migration_step("Abort", options)?;
+        let _ops = self.ops.lock().await;
+        self.check_open()?;
+        let rt = self.registered(vm)?;
+        if rt.prepared().is_none() {
+            tracing::info!(VMID = %vm, "Abort of VM {vm}: not prepared, nothing to do");
+            return Ok(());
+        }
+        let mut what = String::from(": entries kept");
+        if step.role == Role::Source {
+            self.engine.forget_saved(&rt).await;
+        } else if !step.vm_running {
+            self.engine
+                .cancel_restore(&rt, "the migration was aborted")
+                .await;
+            let before = rt.before_load().unwrap_or_default();
+            let created: Vec<u32> = self
+                .engine
+                .ids_now(&rt)
+                .await?
+                .into_iter()
+                .filter(|id| !before.contains(id))
+                .collect();
+            let r = self.engine.delete_ids(&rt, created).await?;
+            what = format!(
+                ": deleted the {} entries its Load created ({} already gone)",
+                r.deleted, r.missing
+            );
+        } else {
+            what = ": the VM runs here, entries kept".into();
+        }
+        self.release(&rt).await;
+        tracing::info!(
+            VMID = %vm,
+            VMSTATE_ID = %rt.config.id,
+            ROLE = step.role.as_str(),
+            "Abort of VM {vm} as migration {}{what}",
+            step.role.as_str()
+        );
+        Ok(())
+    }
+
+    /// After Finish or Abort: a VM of the migration lifecycle is listed
+    /// without a connection or watch again; an always-served VM stays as it
+    /// is. Returns whether a restore still runs.
+    async fn release(&self, rt: &Arc<VmRuntime>) -> bool {
+        rt.set_prepared(None, None);
+        if rt.config.lifecycle != Lifecycle::Migration {
+            return rt.restore_running();
+        }
+        self.endpoint.unserve(&rt.config.vm).await;
+        let _ = self.endpoint.export(rt, None).await;
+        self.unwatch_after_restore(rt).await
+    }
+
+    fn registered(&self, vm: &str) -> Result<Arc<VmRuntime>, ServiceError> {
+        lock(&self.registry)
+            .get(vm)
+            .ok_or_else(|| ServiceError::NotRegistered { vm: vm.into() })
     }
 
     /// If no VM is registered, decides to exit: later calls are refused and
@@ -530,7 +746,7 @@ mod tests {
         assert_eq!(
             e,
             "unknown option 'colour' (known: id, mark, mark_mask, zone, bus_address, format, zone_map, \
-             helpers, max_entries, qemu_pid)"
+             helpers, max_entries, qemu_pid, lifecycle)"
         );
         let e = text(s.manager.register("vm-a", &[]).await);
         assert_eq!(
@@ -825,7 +1041,13 @@ mod tests {
         let (s, rt) = restoring(tempfile::tempdir().unwrap(), 20_000).await;
         s.manager.unregister("100", &[]).await.unwrap();
         assert!(s.manager.get("100").is_none());
-        let ev = s.events.take();
+        // The restore's own calls go on meanwhile.
+        let ev: Vec<String> = s
+            .events
+            .take()
+            .into_iter()
+            .filter(|e| !e.starts_with("background") && !e.starts_with("create"))
+            .collect();
         assert_eq!(
             ev.first().map(String::as_str),
             Some("unserve 100"),
@@ -942,5 +1164,188 @@ mod tests {
             "{ev:?}"
         );
         assert!(next.manager.close_if_idle().await);
+    }
+
+    fn role(r: &str) -> Vec<(String, OptValue)> {
+        opts(&[("role", OptValue::Str(r.into()))])
+    }
+
+    fn migration() -> Vec<(String, OptValue)> {
+        opts(&[("lifecycle", OptValue::Str("migration".into()))])
+    }
+
+    #[tokio::test]
+    async fn a_migration_vm_is_known_without_connection_or_watch_until_prepared() {
+        let s = setup();
+        s.manager.register("100", &migration()).await.unwrap();
+        assert_eq!(s.events.take(), ["export 100 unlinked"]);
+        assert_eq!(s.persisted(), ["100"]);
+        // Registering again changes nothing; another lifecycle is a conflict.
+        s.manager.register("100", &migration()).await.unwrap();
+        assert!(s.events.take().is_empty());
+        assert_eq!(
+            text(s.manager.register("100", &[]).await),
+            "VM '100' is already registered with lifecycle migration, not always; unregister \
+             it first to change lifecycle"
+        );
+        // Its mark is reserved all the same.
+        assert!(text(
+            s.manager
+                .register("other", &opts(&[("mark", OptValue::U32(100))]))
+                .await
+        )
+        .starts_with("mark 0x64/0xffffffff of VM 'other' overlaps VM '100'"));
+
+        s.manager.prepare("100", &role("source")).await.unwrap();
+        assert_eq!(
+            s.events.take(),
+            ["connect 100", "export 100 linked", "watch 0x64 on"]
+        );
+        let rt = s.manager.get("100").unwrap();
+        assert_eq!(rt.prepared(), Some(Role::Source));
+        // Prepare again: already served, nothing more.
+        s.manager.prepare("100", &role("source")).await.unwrap();
+        assert!(s.events.take().is_empty());
+        // A restart knows it, but does not serve it.
+        s.manager.shutdown(Duration::from_secs(1)).await;
+        let Setup { dir, .. } = s;
+        let again = setup_in(dir);
+        let out = again.manager.restore().await;
+        assert_eq!(out.vms, ["100"]);
+        assert_eq!(again.events.take(), ["export 100 unlinked"]);
+        assert_eq!(again.manager.get("100").unwrap().prepared(), None);
+    }
+
+    #[tokio::test]
+    async fn finish_on_the_source_flushes_the_save_and_releases_the_vm() {
+        let s = setup();
+        s.access.insert(&population(30, 1, 100));
+        s.access.insert(&population(5, 2, 7));
+        s.manager.register("100", &migration()).await.unwrap();
+        s.manager.prepare("100", &role("source")).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().save(&rt).await;
+        s.events.take();
+        s.manager.finish("100", &role("source")).await.unwrap();
+        assert_eq!(
+            s.events.take(),
+            [
+                "delete 30",
+                "unserve 100",
+                "export 100 unlinked",
+                "watch 0x64 off"
+            ]
+        );
+        assert_eq!(s.access.len(), 5);
+        assert_eq!((rt.prepared(), rt.saved_len()), (None, 0));
+        assert!(s.manager.get("100").is_some(), "still known");
+        // Not prepared any more: a second Finish has nothing to do.
+        s.manager.finish("100", &role("source")).await.unwrap();
+        assert!(s.events.take().is_empty());
+    }
+
+    #[tokio::test]
+    async fn abort_on_the_source_keeps_everything() {
+        let s = setup();
+        s.access.insert(&population(30, 1, 100));
+        s.manager.register("100", &migration()).await.unwrap();
+        s.manager.prepare("100", &role("source")).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().save(&rt).await;
+        s.events.take();
+        s.manager.abort("100", &role("source")).await.unwrap();
+        assert_eq!(
+            s.events.take(),
+            ["unserve 100", "export 100 unlinked", "watch 0x64 off"]
+        );
+        assert_eq!((s.access.len(), rt.saved_len()), (30, 0));
+    }
+
+    #[tokio::test]
+    async fn abort_on_the_destination_deletes_exactly_what_the_load_created() {
+        let access = FakeAccess::new(Events::default());
+        let s = setup_over(tempfile::tempdir().unwrap(), access, Duration::ZERO);
+        // The VM's entries already here (it ran here before) and another VM's.
+        s.access.insert(&population(3, 9, 100));
+        s.access.insert(&population(5, 2, 7));
+        s.manager.register("100", &migration()).await.unwrap();
+        s.manager
+            .prepare("100", &role("destination"))
+            .await
+            .unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager
+            .engine()
+            .load(&rt, state_blob(2_000, 4, 100))
+            .await;
+        until_restored(&rt).await;
+        assert_eq!(s.access.len(), 2_008);
+        s.events.take();
+        s.manager.abort("100", &role("destination")).await.unwrap();
+        let ev = s.events.take();
+        assert_eq!(
+            ev.first().map(String::as_str),
+            Some("delete 2000"),
+            "{ev:?}"
+        );
+        assert_eq!(s.access.len(), 8, "the 3 older and the other VM's 5 stay");
+        assert_eq!(rt.prepared(), None);
+    }
+
+    #[tokio::test]
+    async fn abort_on_the_destination_where_the_vm_runs_and_finish_keep_the_entries() {
+        let access = FakeAccess::new(Events::default());
+        let s = setup_over(tempfile::tempdir().unwrap(), access, Duration::ZERO);
+        s.manager.register("100", &migration()).await.unwrap();
+        for (op, extra) in [("abort", true), ("finish", false)] {
+            s.manager
+                .prepare("100", &role("destination"))
+                .await
+                .unwrap();
+            let rt = s.manager.get("100").unwrap();
+            s.manager.engine().load(&rt, state_blob(500, 5, 100)).await;
+            until_restored(&rt).await;
+            let mut o = role("destination");
+            if extra {
+                o.push(("vm_running".into(), OptValue::Bool(true)));
+                s.manager.abort("100", &o).await.unwrap();
+            } else {
+                s.manager.finish("100", &o).await.unwrap();
+            }
+            assert_eq!(s.access.len(), 500, "{op}");
+            assert!(
+                !s.events.take().iter().any(|e| e.starts_with("delete")),
+                "{op}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn migration_steps_name_their_problems() {
+        let s = setup();
+        assert_eq!(
+            text(s.manager.prepare("100", &role("source")).await),
+            "VM '100' is not registered"
+        );
+        s.manager.register("100", &migration()).await.unwrap();
+        assert_eq!(
+            text(s.manager.prepare("100", &[]).await),
+            "invalid option 'role': is required: Prepare of the 'source' or the 'destination'?"
+        );
+        assert_eq!(
+            text(s.manager.finish("100", &role("sauce")).await),
+            "invalid option 'role': 'sauce' is not a role; use 'source' or 'destination'"
+        );
+        let mut o = role("source");
+        o.push(("vm_running".into(), OptValue::Bool(true)));
+        assert_eq!(
+            text(s.manager.finish("100", &o).await),
+            "unknown option 'vm_running' (known: role)"
+        );
+        let o = opts(&[("role", OptValue::U32(1))]);
+        assert_eq!(
+            text(s.manager.abort("100", &o).await),
+            "invalid option 'role': must be of type 's', got 'u'"
+        );
     }
 }

@@ -21,7 +21,10 @@ pub mod runtime;
 
 pub use engine::{Engine, DEFAULT_LOAD_BUDGET_MS, DEFAULT_SAVE_DEADLINE_MS};
 pub use manager::{Endpoint, Manager, ManagerError, Restored};
-pub use options::{escape_path_element, parse_unregister, OptValue, SaveFormat, VmConfig};
+pub use options::{
+    escape_path_element, parse_migration_step, parse_unregister, Lifecycle, MigrationStep,
+    OptValue, Role, SaveFormat, VmConfig,
+};
 pub use persist::Store;
 pub use runtime::{OpReport, RestoreCtl, VmRuntime};
 
@@ -86,6 +89,12 @@ pub enum ServiceError {
     },
     #[error("flushing the saved entries of VM '{vm}' failed: {source}")]
     Flush {
+        vm: String,
+        #[source]
+        source: AccessError,
+    },
+    #[error("listing the entries of VM '{vm}' failed: {source}")]
+    Dump {
         vm: String,
         #[source]
         source: AccessError,

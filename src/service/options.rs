@@ -86,12 +86,150 @@ pub struct VmConfig {
     /// Only the process with this pid (the VM's QEMU, as the bus reports
     /// its connection) may call Save and Load; `register --qmp` sets it
     /// from the QMP socket's peer. `None`: whoever the bus policy lets in.
-    #[serde(default)]
+    /// A binding to one QEMU process, not a property of the registration:
+    /// not compared (a Register from the VM's next QEMU moves it, see
+    /// `VmRuntime::bind_qemu`) and not persisted (after a restart a stale
+    /// pid would refuse the VM's own QEMU; the next Register binds again).
+    #[serde(skip)]
     pub qemu_pid: Option<u32>,
+    /// When the VM is served on its bus (absent in older registrations:
+    /// always).
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
+}
+
+/// When a registered VM holds a connection on its bus and a watch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Lifecycle {
+    /// From Register to Unregister (`register --qmp` at VM start).
+    #[default]
+    Always,
+    /// Only between Prepare and Finish/Abort of a migration: otherwise the
+    /// VM is known (listed, its mark reserved) but costs no bus connection,
+    /// no watch and no QEMU object.
+    Migration,
+}
+
+impl Lifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::Always => "always",
+            Lifecycle::Migration => "migration",
+        }
+    }
+}
+
+/// Which end of a migration a Prepare, Finish or Abort is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Source,
+    Destination,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        }
+    }
+}
+
+/// Options of Prepare, Finish and Abort.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationStep {
+    pub role: Role,
+    /// Prepare: bind Save and Load to this QEMU process.
+    pub qemu_pid: Option<u32>,
+    /// Abort on the destination: the VM runs here after all (the
+    /// migration completed before the abort), so nothing is deleted.
+    pub vm_running: bool,
+}
+
+/// Option names `Prepare`, `Finish` and `Abort` accept.
+pub const MIGRATION_OPTIONS: [&str; 3] = ["role", "qemu_pid", "vm_running"];
+
+/// Validates the options of Prepare, Finish or Abort (`op`); `role` is
+/// required, `qemu_pid` only for Prepare, `vm_running` only for Abort.
+pub fn parse_migration_step(
+    op: &str,
+    options: &[(String, OptValue)],
+) -> Result<MigrationStep, ServiceError> {
+    let mut role = None;
+    let mut qemu_pid = None;
+    let mut vm_running = false;
+    let invalid = |option: &str, reason: String| ServiceError::InvalidOption {
+        option: option.into(),
+        reason,
+    };
+    for (name, value) in options {
+        match (name.as_str(), value) {
+            ("role", OptValue::Str(s)) => {
+                role = Some(match s.as_str() {
+                    "source" => Role::Source,
+                    "destination" => Role::Destination,
+                    other => {
+                        return Err(invalid(
+                            "role",
+                            format!("'{other}' is not a role; use 'source' or 'destination'"),
+                        ))
+                    }
+                })
+            }
+            ("qemu_pid", OptValue::U32(0)) if op == "Prepare" => {
+                return Err(invalid("qemu_pid", "is 0, not a process".into()))
+            }
+            ("qemu_pid", OptValue::U32(v)) if op == "Prepare" => qemu_pid = Some(*v),
+            ("vm_running", OptValue::Bool(b)) if op == "Abort" => vm_running = *b,
+            ("role" | "qemu_pid" | "vm_running", v)
+                if matches!(
+                    (name.as_str(), op),
+                    ("role", _) | ("qemu_pid", "Prepare") | ("vm_running", "Abort")
+                ) =>
+            {
+                let want = match name.as_str() {
+                    "role" => "s",
+                    "qemu_pid" => "u",
+                    _ => "b",
+                };
+                return Err(invalid(
+                    name,
+                    format!("must be of type '{want}', got '{}'", v.signature()),
+                ));
+            }
+            (unknown, _) => {
+                let known: Vec<&str> = MIGRATION_OPTIONS
+                    .iter()
+                    .copied()
+                    .filter(|o| match *o {
+                        "qemu_pid" => op == "Prepare",
+                        "vm_running" => op == "Abort",
+                        _ => true,
+                    })
+                    .collect();
+                return Err(ServiceError::UnknownOption {
+                    option: unknown.into(),
+                    known: known.join(", "),
+                });
+            }
+        }
+    }
+    let role = role.ok_or_else(|| {
+        invalid(
+            "role",
+            format!("is required: {op} of the 'source' or the 'destination'?"),
+        )
+    })?;
+    Ok(MigrationStep {
+        role,
+        qemu_pid,
+        vm_running,
+    })
 }
 
 /// Option names `Register` accepts, in the order conflicts are reported.
-pub const REGISTER_OPTIONS: [&str; 10] = [
+pub const REGISTER_OPTIONS: [&str; 11] = [
     "id",
     "mark",
     "mark_mask",
@@ -102,6 +240,7 @@ pub const REGISTER_OPTIONS: [&str; 10] = [
     "helpers",
     "max_entries",
     "qemu_pid",
+    "lifecycle",
 ];
 /// Option names `Unregister` accepts.
 pub const UNREGISTER_OPTIONS: [&str; 1] = ["flush"];
@@ -152,6 +291,7 @@ impl VmConfig {
         let mut helpers = None;
         let mut max_entries = None;
         let mut qemu_pid = None;
+        let mut lifecycle = Lifecycle::Always;
         for (name, value) in options {
             match (name.as_str(), value) {
                 ("id", OptValue::Str(s)) => id = Some(s.clone()),
@@ -189,6 +329,20 @@ impl VmConfig {
                     })
                 }
                 ("qemu_pid", OptValue::U32(v)) => qemu_pid = Some(*v),
+                ("lifecycle", OptValue::Str(s)) => {
+                    lifecycle = match s.as_str() {
+                        "always" => Lifecycle::Always,
+                        "migration" => Lifecycle::Migration,
+                        other => {
+                            return Err(ServiceError::InvalidOption {
+                                option: "lifecycle".into(),
+                                reason: format!(
+                                    "'{other}' is not a lifecycle; use 'always' or 'migration'"
+                                ),
+                            })
+                        }
+                    }
+                }
                 (known, v) if REGISTER_OPTIONS.contains(&known) => {
                     return Err(ServiceError::InvalidOption {
                         option: known.into(),
@@ -247,6 +401,7 @@ impl VmConfig {
             helpers,
             max_entries,
             qemu_pid,
+            lifecycle,
         })
     }
 
@@ -289,7 +444,11 @@ impl VmConfig {
                 opt(&self.max_entries),
                 opt(&other.max_entries),
             ),
-            ("qemu_pid", opt(&self.qemu_pid), opt(&other.qemu_pid)),
+            (
+                "lifecycle",
+                self.lifecycle.as_str().into(),
+                other.lifecycle.as_str().into(),
+            ),
         ];
         pairs.into_iter().find(|(_, a, b)| a != b)
     }
@@ -441,6 +600,7 @@ mod tests {
                 helpers: None,
                 max_entries: None,
                 qemu_pid: None,
+                lifecycle: Lifecycle::Always,
             }
         );
     }
@@ -463,7 +623,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "unknown option 'colour' (known: id, mark, mark_mask, zone, bus_address, format, \
-             zone_map, helpers, max_entries, qemu_pid)"
+             zone_map, helpers, max_entries, qemu_pid, lifecycle)"
         );
         let e = VmConfig::from_options("1", &[o("mark", OptValue::Str("1".into()))]).unwrap_err();
         assert_eq!(

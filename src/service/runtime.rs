@@ -1,12 +1,13 @@
 //! Per-VM state the bus layer reads without ever waiting on a Save or Load.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use super::options::VmConfig;
+use super::options::{Role, VmConfig};
 
 /// Outcome of one Save or Load, exported as `LastSave` / `LastLoad`.
 /// Fields that do not apply to the operation stay 0.
@@ -83,6 +84,14 @@ pub struct VmRuntime {
     /// A Quit is being answered on the VM's own connection, so closing that
     /// connection must wait until the reply is out.
     quitting: AtomicBool,
+    /// The QEMU process Save and Load are only for (`qemu_pid`), if bound.
+    qemu_pid: Mutex<Option<u32>>,
+    /// The end of a migration this VM is prepared for, from Prepare to
+    /// Finish or Abort.
+    prepared: Mutex<Option<Role>>,
+    /// Destination: `CTA_ID`s of the VM's entries at Prepare, so an Abort
+    /// deletes exactly what came after (the Load's), nothing older.
+    before_load: Mutex<Option<HashSet<u32>>>,
 }
 
 /// Control block of one Load's background restore.
@@ -111,15 +120,48 @@ pub(crate) struct Restore {
 impl VmRuntime {
     pub fn new(config: VmConfig) -> VmRuntime {
         VmRuntime {
-            config,
             last_save: watch::Sender::new(None),
             last_load: watch::Sender::new(None),
             saved: Mutex::new(Vec::new()),
             restore: Mutex::new(None),
             watching: AtomicBool::new(false),
+            qemu_pid: Mutex::new(config.qemu_pid),
+            prepared: Mutex::new(None),
+            before_load: Mutex::new(None),
             controller: Mutex::new(None),
             quitting: AtomicBool::new(false),
+            config,
         }
+    }
+
+    pub fn prepared(&self) -> Option<Role> {
+        *self.prepared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_prepared(&self, role: Option<Role>, before_load: Option<HashSet<u32>>) {
+        *self.prepared.lock().unwrap_or_else(|p| p.into_inner()) = role;
+        *self.before_load.lock().unwrap_or_else(|p| p.into_inner()) = before_load;
+    }
+
+    pub(crate) fn before_load(&self) -> Option<HashSet<u32>> {
+        self.before_load
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The QEMU process Save and Load answer, if the VM is bound to one.
+    pub fn qemu_pid(&self) -> Option<u32> {
+        *self.qemu_pid.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Binds Save and Load to `pid` (the VM's current QEMU); returns the
+    /// process bound before.
+    pub fn bind_qemu(&self, pid: u32) -> Option<u32> {
+        self.qemu_pid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(pid)
     }
 
     pub fn controller(&self) -> Option<String> {

@@ -217,6 +217,17 @@ async fn save_and_load_only_from_the_bound_qemu() {
         assert!(!vs.save().await.unwrap().is_empty());
         vs.load(serde_bytes::Bytes::new(&empty)).await.unwrap();
         assert!(!v.last_load().await.unwrap().is_empty());
+        // The VM's next QEMU registers again with its own pid (not a
+        // conflicting registration): the binding moves to it.
+        let (v, vs) = bind("100", me).await;
+        assert!(!vs.save().await.unwrap().is_empty());
+        assert!(!v.last_save().await.unwrap().is_empty());
+        assert!(
+            d.log_text()
+                .contains(&format!("VM 100: Save and Load now only for QEMU pid {me}")),
+            "{}",
+            d.log_text()
+        );
     })
     .await
     .expect("test timed out");

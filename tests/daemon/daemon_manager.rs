@@ -156,7 +156,7 @@ async fn register_errors_are_named_and_idempotence_holds() {
              "VM '100' is already registered with mark 100, not 5; unregister it first to change mark"),
             ("101", { let mut o = base(); o.insert("colour", Variant::from("red")); o },
              "org.conntrack_vmstate.Error.UnknownOption",
-             "unknown option 'colour' (known: id, mark, mark_mask, zone, bus_address, format, zone_map, helpers, max_entries, qemu_pid)"),
+             "unknown option 'colour' (known: id, mark, mark_mask, zone, bus_address, format, zone_map, helpers, max_entries, qemu_pid, lifecycle)"),
             ("101", { let mut o = base(); o.insert("mark", Variant::from(-1i32)); o },
              "org.conntrack_vmstate.Error.InvalidOption",
              "invalid option 'mark': must be of type 'u', got 'i'"),

@@ -761,8 +761,8 @@ fn conntrack_helper_frozen_during_save_still_migrates() {
 }
 
 /// `register --qmp` / `unregister --qmp` against a QMP socket that is not
-/// there: a clear error naming the socket, and the registration itself
-/// stands (the VM can be wired later).
+/// there: a clear error naming the socket, and nothing registered (QEMU is
+/// reached first, for the pid that binds Save and Load).
 #[test]
 fn register_qmp_with_an_absent_socket_is_a_clear_error() {
     common::needs!(qemu);
@@ -784,12 +784,18 @@ fn register_qmp_with_an_absent_socket_is_a_clear_error() {
     assert_eq!(
         err.trim_end(),
         format!(
-            "conntrack-vmstate: VM 100 is registered, but adding Id conntrack-vmstate-100 to \
-             QEMU's dbus-vmstate over {s} failed: cannot connect to QMP socket {s}: No such \
-             file or directory (os error 2)"
+            "conntrack-vmstate: reaching VM 100's QEMU over {s}: cannot connect to QMP socket \
+             {s}: No such file or directory (os error 2)"
         )
     );
-    assert_eq!(text(&h.status_json("100"), "Id"), "conntrack-vmstate-100");
+    // QEMU is reached first (its pid binds Save and Load): nothing was
+    // registered for it.
+    let st = h.cli(&["status", "100"]);
+    assert_eq!(
+        String::from_utf8_lossy(&st.stderr).trim_end(),
+        "conntrack-vmstate: VM '100' is not registered"
+    );
+    h.cli_ok(&["register", "100", "--bus-address", &h.bus.address.clone()]);
     let out = h.cli(&["unregister", "100", "--qmp", &s]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
