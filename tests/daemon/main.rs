@@ -21,6 +21,7 @@ mod daemon_vmstate;
 mod dbus_contract;
 mod migration_daemon;
 mod migration_harness;
+mod migration_scoped;
 mod proxmox_helper;
 mod qmp_vmstate;
 mod restore_kept;

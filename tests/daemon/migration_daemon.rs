@@ -19,10 +19,10 @@ use serde_json::Value;
 /// timeout may have aged. Every hop floors to whole seconds: the source dump,
 /// the warm cache's observation and its `timeout - elapsed`, the create on the
 /// destination and the destination dump; up to ~3 s on a loaded machine.
-const AGE_SLACK_S: u32 = 5;
+pub(crate) const AGE_SLACK_S: u32 = 5;
 
 /// conntrack(8) `--load-file` lines of demo/population: the realistic mix.
-fn population(mark: u32, count: usize) -> String {
+pub(crate) fn population(mark: u32, count: usize) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/population");
     let out = Command::new(script)
         .args([mark.to_string(), count.to_string()])
@@ -54,14 +54,14 @@ fn without_tcp_flags(v: Vec<Entry>) -> Vec<Entry> {
         .collect()
 }
 
-fn v4_v6(entries: &[Entry]) -> (usize, usize) {
+pub(crate) fn v4_v6(entries: &[Entry]) -> (usize, usize) {
     let v4 = entries.iter().filter(|e| e.orig.src.is_ipv4()).count();
     (v4, entries.len() - v4)
 }
 
 /// Source QEMU running, destination QEMU waiting (`-incoming defer`); no
 /// dbus-vmstate object yet: `register --qmp` adds it on both sides.
-fn start_qemus(src: &mut Host, dst: &mut Host) {
+pub(crate) fn start_qemus(src: &mut Host, dst: &mut Host) {
     src.qemu = Some(Qemu::start(
         src.path(),
         "qemu",
@@ -79,7 +79,7 @@ fn start_qemus(src: &mut Host, dst: &mut Host) {
     ));
 }
 
-fn qemu(h: &mut Host) -> &mut Qemu {
+pub(crate) fn qemu(h: &mut Host) -> &mut Qemu {
     h.qemu.as_mut().expect("QEMU started")
 }
 
@@ -107,7 +107,7 @@ fn unregister_qmp(h: &mut Host, vm: &str, flush: bool) -> String {
     h.cli_ok(&args)
 }
 
-fn migrate(src: &mut Host, dst: &mut Host) -> (Outgoing, Incoming) {
+pub(crate) fn migrate(src: &mut Host, dst: &mut Host) -> (Outgoing, Incoming) {
     let stream = src.path().join("stream.bin");
     let out = qemu(src).migrate_to_file(&stream);
     println!(
@@ -127,7 +127,7 @@ fn migrate(src: &mut Host, dst: &mut Host) -> (Outgoing, Incoming) {
 /// Load answers QEMU after its budget (15 ms) and creates the rest of the
 /// entries in the background (docs/downtime.md): waits (bounded) until no
 /// VM of `h` has a restore pending, so the destination's table is final.
-fn wait_restores(h: &Host) {
+pub(crate) fn wait_restores(h: &Host) {
     let end = Instant::now() + Duration::from_secs(120);
     loop {
         let out = h.cli_ok(&["status", "--json"]);
@@ -148,24 +148,24 @@ fn wait_restores(h: &Host) {
     }
 }
 
-fn report(h: &Host, vm: &str, which: &str) -> Value {
+pub(crate) fn report(h: &Host, vm: &str, which: &str) -> Value {
     h.status_json(vm)
         .get(which)
         .cloned()
         .unwrap_or_else(|| panic!("status {vm}: no {which}"))
 }
 
-fn num(v: &Value, k: &str) -> u64 {
+pub(crate) fn num(v: &Value, k: &str) -> u64 {
     v.get(k)
         .and_then(Value::as_u64)
         .unwrap_or_else(|| panic!("no {k} in {v}"))
 }
 
-fn text(v: &Value, k: &str) -> String {
+pub(crate) fn text(v: &Value, k: &str) -> String {
     v.get(k).and_then(Value::as_str).unwrap_or("").to_owned()
 }
 
-fn pair(tag: &str) -> (Host, Host) {
+pub(crate) fn pair(tag: &str) -> (Host, Host) {
     let mut src = Host::new(&format!("{tag}s"));
     let mut dst = Host::new(&format!("{tag}d"));
     src.start_daemon();
