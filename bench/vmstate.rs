@@ -517,14 +517,31 @@ fn register(cl: &Client, h: &Host, vm: &str) -> Vm {
 }
 
 fn register_on(cl: &Client, bus: &str, vm: &str) -> Vm {
+    register_as(cl, bus, vm, None)
+}
+
+/// The migration-scoped flow's first step on one host: the VM registered
+/// as known (lifecycle `migration`), then prepared for `role`.
+fn prepare(cl: &Client, h: &Host, vm: &str, role: &str) -> Vm {
+    register_as(cl, &h.bus.address, vm, Some(role))
+}
+
+fn register_as(cl: &Client, bus: &str, vm: &str, role: Option<&str>) -> Vm {
     cl.on(async {
         let conn = zbus::connection::Builder::address(bus)
             .build()
             .await
             .expect("connect");
         let m = Manager1Proxy::new(&conn).await.expect("manager");
-        let opts = HashMap::from([("bus_address", Variant::from(bus))]);
+        let mut opts = HashMap::from([("bus_address", Variant::from(bus))]);
+        if role.is_some() {
+            opts.insert("lifecycle", Variant::from("migration"));
+        }
         let path = m.register(vm, opts).await.expect("Register");
+        if let Some(r) = role {
+            let o = HashMap::from([("role", Variant::from(r))]);
+            m.prepare(vm, o).await.expect("Prepare");
+        }
         let v = Vm1Proxy::builder(&conn)
             .path(path.clone())
             .cache_properties(zbus::proxy::CacheProperties::No)
@@ -579,6 +596,13 @@ impl Vm {
             } else {
                 v.last_load().await.expect("LastLoad")
             }
+        })
+    }
+    fn finish(&self, cl: &Client, role: &str) {
+        cl.on(async {
+            let m = Manager1Proxy::new(&self.conn).await.expect("manager");
+            let o = HashMap::from([("role", Variant::from(role))]);
+            m.finish(&self.name, o).await.expect("Finish");
         })
     }
     fn unregister(self, cl: &Client) {
@@ -1255,15 +1279,15 @@ fn stop_host(h: &mut Host) -> f64 {
 }
 
 /// The flow real orchestrators run (Proxmox VE starts its helper at
-/// migration time and stops it right after): the VM's entries exist before
-/// anything is registered, the daemons start fresh, the migration starts as
-/// soon as Register returned on both hosts, and right after it both VMs are
-/// unregistered and both daemons get SIGTERM. Then the destination must hold
+/// migration time and stops it right after), migration-scoped: the VM's
+/// entries exist before anything serves it, the daemons start fresh, the
+/// migration starts as soon as Prepare returned on both hosts, and right
+/// after it both hosts Finish and both daemons get SIGTERM. Then the destination must hold
 /// every entry, attribute-exact. Next to it, in the same repetitions, the
 /// same migration without any dbus-vmstate object.
 fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin: Origin) {
     println!(
-        "## Orchestrated flow: entries before Register, daemons started for the migration and \
+        "## Orchestrated flow: entries before Prepare, daemons started for the migration and \
          stopped right after ({}; entries {})\n",
         setup.label(),
         match origin {
@@ -1274,9 +1298,10 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
     println!(
         "Each host namespace holds {} entries of 20 other marks; {}. Per repetition: the \
          migration without dbus-vmstate (fresh QEMUs, as in the migration part), then fresh \
-         daemons on both hosts, Register on the source and the destination (*register* = both \
-         calls until they returned, i.e. until Save would be fast), at once the migration with \
-         dbus-vmstate, right after it Unregister on both hosts and SIGTERM to both daemons \
+         daemons on both hosts, Register (lifecycle migration) and Prepare on the source and \
+         the destination (*prepare* = the four calls until they returned, i.e. until Save would \
+         be fast), at once the migration with dbus-vmstate, right after it Finish on both hosts \
+         (the source's flushes what Save took) and SIGTERM to both daemons \
          (*stop* = SIGTERM → exit of the destination's daemon), then the destination's entries \
          of the VM compared attribute by attribute with the source's taken before the \
          migration (all of them, every repetition). *downtime* / *incoming* as in the migration \
@@ -1299,13 +1324,6 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
     for (i, &n) in ns_list.iter().enumerate() {
         eprintln!("flow: N = {n}");
         let mark = 800 + i as u32;
-        if origin == Origin::Silent {
-            sysctl_events(&src.ns, 0);
-        }
-        create_all(&cs, &vm_entries(n, mark), "vm");
-        sysctl_events(&src.ns, 1);
-        let before = src.dump(mark);
-        assert_eq!(before.len(), n, "VM entries on the source");
         let started = Instant::now();
         let (mut none_d, mut none_i) = (Sample::new(), Sample::new());
         let (mut svc_d, mut svc_i) = (Sample::new(), Sample::new());
@@ -1314,6 +1332,15 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
         let mut sources = Vec::new();
         let mut arrived = Vec::new();
         for _ in 0..reps {
+            // The VM's entries exist before anything serves it; Finish on
+            // the source flushed the previous repetition's.
+            if origin == Origin::Silent {
+                sysctl_events(&src.ns, 0);
+            }
+            create_all(&cs, &vm_entries(n, mark), "vm");
+            sysctl_events(&src.ns, 1);
+            let before = src.dump(mark);
+            assert_eq!(before.len(), n, "VM entries on the source");
             k += 1;
             let m = migrate_pair(&src, &dst, k, None);
             none_d.push(m.downtime);
@@ -1321,8 +1348,8 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
             start_fresh(&mut src, setup);
             start_fresh(&mut dst, setup);
             let t = Instant::now();
-            let vm = register(&cl, &src, &mark.to_string());
-            let dvm = register(&cl, &dst, &mark.to_string());
+            let vm = prepare(&cl, &src, &mark.to_string(), "source");
+            let dvm = prepare(&cl, &dst, &mark.to_string(), "destination");
             reg.push(ms(t.elapsed()));
             k += 1;
             let m = migrate_pair(&src, &dst, k, Some(&vm.id));
@@ -1330,8 +1357,9 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
             svc_i.push(m.incoming);
             let save = vm.prop(&cl, "LastSave");
             let load = dvm.prop(&cl, "LastLoad");
-            vm.unregister(&cl);
-            dvm.unregister(&cl);
+            vm.finish(&cl, "source");
+            dvm.finish(&cl, "destination");
+            assert!(src.dump(mark).is_empty(), "Finish did not flush the source");
             stop_host(&mut src);
             stop.push(stop_host(&mut dst));
             let us = |r: &HashMap<String, OwnedVariant>, what: &str| {
@@ -1353,6 +1381,7 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
                 age,
             );
             cd.delete_selected(&Selector::mark(mark)).expect("flush");
+            cs.delete_selected(&Selector::mark(mark)).expect("flush");
         }
         let added_src = svc_d.median() - none_d.median();
         let added_dst = svc_i.median() - none_i.median();
@@ -1377,9 +1406,8 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
             thousands(*arrived.iter().min().unwrap_or(&0)),
             thousands(n),
         ));
-        cs.delete_selected(&Selector::mark(mark)).expect("flush");
     }
-    println!("| N | reps | no dbus-vmstate: downtime / incoming | register (both hosts) | with conntrack-vmstated: downtime / incoming | added (medians): source + destination | ours: Save `duration_us` (LastSave source) / Load reply `duration_us` | stop (destination daemon, SIGTERM → exit) | on the destination after both daemons stopped, attribute-exact |");
+    println!("| N | reps | no dbus-vmstate: downtime / incoming | prepare (both hosts) | with conntrack-vmstated: downtime / incoming | added (medians): source + destination | ours: Save `duration_us` (LastSave source) / Load reply `duration_us` | stop (destination daemon, SIGTERM → exit) | on the destination after both daemons stopped, attribute-exact |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         println!("{r}");
