@@ -425,7 +425,7 @@ async fn a_two_million_entry_blob_does_not_flood_the_table() {
         // Distinct tuples for more than the cap, then one record repeated
         // (less valuable: shorter timeout), which compresses to nearly
         // nothing: how 2M entries fit QEMU's 1 MiB.
-        let unique = 65_600;
+        let unique = 131_200;
         let mut es: Vec<Entry> = (0..unique)
             .map(|i| {
                 let mut e = tcp(i % 60_000, 20 + (i / 60_000) as u8, 100);
