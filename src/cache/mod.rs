@@ -145,6 +145,7 @@ mod access;
 mod base;
 mod cached;
 mod config;
+mod index;
 mod pump;
 mod save;
 mod state;
