@@ -502,7 +502,13 @@ impl BaseSnapshot {
             .unwrap_or_else(|| format::views_default_mark(&views));
         let order = format::ranked_positions(&views);
         let ranked: Vec<View> = order.iter().map(|&p| views[p as usize]).collect();
-        let frames = format::encode_frames(&ranked, format::default_segments(ranked.len()), mark)?;
+        let mut frames =
+            format::encode_frames(&ranked, format::default_segments(ranked.len()), mark)?;
+        // The compressor's buffers have room for incompressible input, about
+        // twice what the frames take; the base is kept for up to a minute.
+        for f in &mut frames {
+            f.bytes.shrink_to_fit();
+        }
         let stored = order.len();
         built.positions = order.iter().map(|&p| self.slots[p as usize]).collect();
         built.base = Some(Base {

@@ -63,6 +63,8 @@ pub struct CacheMemory {
     pub bytes: isize,
     /// Records in the pre-encoded base (0: none was built).
     pub base_records: usize,
+    /// Its compressed size (part of `bytes`).
+    pub base_bytes: usize,
 }
 
 impl CacheMemory {
@@ -111,11 +113,14 @@ pub fn cache_memory(n: usize, seed: u64) -> CacheMemory {
     let after = live();
     let entries = cache.cached_len(&sel).expect("watched");
     assert_eq!(entries, pop.vm_count());
-    let base_records = cache.base_info(&sel).map_or(0, |b| b.records);
+    let (base_records, base_bytes) = cache
+        .base_info(&sel)
+        .map_or((0, 0), |b| (b.records, b.bytes));
     drop(cache);
     CacheMemory {
         entries,
         bytes: after - before,
         base_records,
+        base_bytes,
     }
 }

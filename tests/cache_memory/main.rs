@@ -19,11 +19,12 @@ fn cached_entries_cost_at_most_160_bytes_each() {
     common::needs!(kernel);
     let m = cache_memory(20_000, 3);
     println!(
-        "MEASURE memory: {} entries, {} bytes, {:.0} B/entry (base: {} records)",
+        "MEASURE memory: {} entries, {} bytes, {:.0} B/entry (base: {} records, {} B)",
         m.entries,
         m.bytes,
         m.per_entry(),
-        m.base_records
+        m.base_records,
+        m.base_bytes
     );
     assert!(m.base_records > 0, "the event thread built no base");
     assert!(

@@ -101,11 +101,12 @@ fn measure_memory_per_entry() {
     for n in [20_000, 100_000] {
         let m = common::memory::cache_memory(n, 3);
         println!(
-            "MEASURE memory: {} entries, {} bytes, {:.0} B/entry (base: {} records; size_of Entry {} B)",
+            "MEASURE memory: {} entries, {} bytes, {:.0} B/entry (base: {} records, {} B; size_of Entry {} B)",
             m.entries,
             m.bytes,
             m.per_entry(),
             m.base_records,
+            m.base_bytes,
             std::mem::size_of::<Entry>()
         );
     }
@@ -248,6 +249,69 @@ fn measure_save_latency() {
                 s1.lookups - s0.lookups,
                 ms(warm),
                 ms(probe_done),
+            );
+        }
+    }
+}
+
+/// Save (`save_state`, binary) answered from the cache, from the
+/// pre-encoded base and (base off) by a whole encode, for entries of the
+/// realistic mix created while the cache listens.
+#[test]
+#[ignore]
+fn measure_save_state_from_cache() {
+    use conntrack_vmstate::access::DumpSource;
+    use conntrack_vmstate::format::EncodeOptions;
+    common::needs!(kernel);
+    for n in [5_000usize, 100_000] {
+        for base in [true, false] {
+            let ns = Netns::new("cmstate");
+            population::enable_labels(&ns.name);
+            let pop = population::generate(Spec {
+                noise: 0.0,
+                ..Spec::new(n, MARK, 5)
+            });
+            let sel = Selector::mark(MARK);
+            let cache = CachedAccess::new(ct(&ns), CacheConfig::new(Duration::from_secs(30), base))
+                .expect("cache");
+            cache.watch(&sel, true).expect("watch");
+            assert!(cache.wait_trusted(&sel, Duration::from_secs(60)));
+            let direct = ct(&ns);
+            for chunk in pop.vm_entries.chunks(50_000) {
+                direct.create(chunk).expect("create");
+            }
+            let end = Instant::now() + Duration::from_secs(60);
+            while cache.cached_len(&sel) != Some(pop.vm_count()) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if base {
+                assert!(cache.rebuild_base(&sel).is_some_and(|r| r > 0));
+            }
+            let opts = EncodeOptions::default();
+            let mut t = Vec::new();
+            let mut bytes = 0;
+            for _ in 0..11 {
+                std::thread::sleep(Duration::from_millis(100));
+                let s = Instant::now();
+                let saved = cache.save_state(&sel, &opts).expect("save");
+                t.push(ms(s.elapsed()));
+                let want = if base {
+                    DumpSource::Base
+                } else {
+                    DumpSource::Cache
+                };
+                assert_eq!(saved.source, want);
+                bytes = saved.encoded.bytes.len();
+            }
+            println!(
+                "MEASURE save_state N={n} {}: {:.2} ms (median of 11, min {:.2}), {bytes} B",
+                if base {
+                    "from the base"
+                } else {
+                    "whole encode"
+                },
+                median(t.clone()),
+                t.iter().copied().fold(f64::MAX, f64::min),
             );
         }
     }
