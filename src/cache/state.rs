@@ -572,6 +572,44 @@ mod tests {
         assert!(!t.wanted(300, Some(11)));
     }
 
+    /// An id cached by two selectors (overlapping masks) is found by key
+    /// in each, and forgotten only when neither holds it any more.
+    #[test]
+    fn ids_held_by_several_selectors() {
+        let (a, b) = (
+            Selector::mark(100),
+            Selector {
+                mark: 0,
+                mark_mask: 0xff00,
+                zone: None,
+            },
+        );
+        let mut t = tables(a);
+        assert!(t.watch(b));
+        let now = Instant::now();
+        let e = entry(1, 100, 11);
+        t.apply(EventKind::New, e.clone(), now);
+        assert_eq!(t.holders.holder(11), Some(MANY));
+        // Moved to a mark neither selects: both drop it.
+        t.apply(
+            EventKind::Update,
+            Entry {
+                mark: 0x300,
+                ..e.clone()
+            },
+            now,
+        );
+        assert!(t.sels[&a].entries.is_empty() && t.sels[&b].entries.is_empty());
+        assert!(!t.wanted(0x300, Some(11)));
+        // One selector's: found through its number, even after a mark move.
+        t.unwatch(b);
+        t.apply(EventKind::New, e.clone(), now);
+        assert_eq!(t.holders.holder(11), Some(t.sels[&a].num));
+        t.apply(EventKind::Destroy, Entry { mark: 7, ..e }, now);
+        assert!(t.sels[&a].entries.is_empty());
+        assert_eq!(t.holders.holder(11), None);
+    }
+
     #[test]
     fn a_sync_without_its_log_installs_nothing() {
         let sel = Selector::mark(100);
