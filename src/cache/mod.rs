@@ -114,7 +114,7 @@
 //! The first five files split one type by concern: `Shared`, what
 //! [`CachedAccess`] shares with its event thread (each file adds an
 //! `impl Shared` block). They use `state.rs`, which uses `table.rs`, which
-//! uses `cached.rs`; none of these three imports a file above it.
+//! uses `index.rs` and `cached.rs`; none of these imports a file above it.
 //! * `access.rs`: [`CachedAccess`] itself: which calls go straight to the
 //!   kernel, starting and stopping the event thread, what tests can inspect.
 //! * `save.rs`: Save (`dump`, `save_state`) answered from the cache, or why
@@ -131,11 +131,15 @@
 //!   events, dumps and lookups into them (no I/O).
 //! * `table.rs`: one selector's entries, the records Save reads first, and
 //!   the pre-encoded `Base` (kept with the entries: every change to one
-//!   marks its base record dead in the same step).
+//!   marks its base record dead in the same step), stored compactly (a
+//!   `Cached` is rebuilt on demand).
+//! * `index.rs`: the table's key → slot hash index, 8 bytes per bucket.
 //! * `cached.rs`: one cached entry, its key, and its remaining-time estimate.
 //!
 //! What the cache costs (memory, event thread CPU, Save against a direct
-//! dump): docs/downtime.md, "Measured costs of the warm cache".
+//! dump): docs/downtime.md, "Measured costs of the warm cache"; the latest
+//! memory per entry (≤ 160 B, held by tests/cache_memory):
+//! docs/benchmarks.md, "Warm cache costs".
 //!
 //! [`ConntrackAccess`]: crate::access::ConntrackAccess
 //! [`ConntrackAccess::dump`]: crate::access::ConntrackAccess::dump
@@ -145,6 +149,7 @@ mod access;
 mod base;
 mod cached;
 mod config;
+mod index;
 mod pump;
 mod save;
 mod state;

@@ -67,7 +67,7 @@ impl Shared {
         };
         let probes: Vec<Entry> = keys
             .iter()
-            .filter_map(|k| sc.entries.get(k).map(|c| c.entry.clone()))
+            .filter_map(|k| sc.entries.get(k).map(|c| c.entry))
             .collect();
         let keys: Vec<Key> = probes.iter().map(cached::key).collect();
         if probes.is_empty() {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::access::{CachedAccess, Shared, State};
 use super::stats::bump;
-use super::table::{Base, NO_BASE};
+use super::table::{Base, Pick, Stamp, NO_BASE};
 use crate::access::{AccessError, ConntrackAccess, DumpSource, SavedState};
 use crate::entry::{Entry, Selector};
 use crate::format::{self, EncodeOptions, View};
@@ -87,29 +87,33 @@ impl Shared {
         let base_ok = use_base && sc.entries.base().is_some_and(|b| b.usable(now));
         // One pass collects the answer, as long as no entry needs a lookup
         // (the usual case); otherwise a second one finds all that do.
-        let mut views: Vec<View> = Vec::with_capacity(if base_ok { 0 } else { sc.entries.len() });
-        let mut ids: Vec<Option<u32>> = Vec::with_capacity(sc.entries.len());
+        let at = Stamp::of(now);
+        let hot = sc.entries.hot();
+        let mut picks: Vec<Pick> = Vec::with_capacity(if base_ok { 0 } else { hot.len() });
+        let mut ids: Vec<Option<u32>> = Vec::with_capacity(hot.len());
         let mut lookups = false;
-        for (h, r) in sc.entries.with_hot() {
+        for (i, h) in hot.iter().enumerate() {
             if base_ok && h.base != NO_BASE {
-                ids.push(h.id);
+                ids.push(h.id());
                 continue;
             }
-            if h.needs_lookup(now, margin) {
+            if h.needs_lookup_at(at, margin) {
                 lookups = true;
                 break;
             }
-            let left = h.estimate(now);
+            let left = h.estimate_at(at);
             if left > 0 {
-                views.push(View::with_key(r, left, h.key(left)));
-                ids.push(h.id);
+                picks.push((i as u32, left, h.key(left)));
+                ids.push(h.id());
             }
         }
         if !lookups {
             let base = sc.entries.base().filter(|_| base_ok);
+            let mut scratch = Vec::new();
+            let views = sc.entries.views(&picks, &mut scratch);
             return Ok(f(base.map(|b| (b, b.age_secs(now))), &views, ids));
         }
-        drop((views, ids));
+        drop((picks, ids));
         let keys = sc.entries.lookup_keys(now, margin);
         {
             let cost = Duration::from_nanos(st.lookup_ns.saturating_mul(keys.len() as u64));
@@ -131,20 +135,24 @@ impl Shared {
         let now = Instant::now();
         let sc = st.tables.sels.get(sel).ok_or("not watched")?;
         let base_ok = base_ok && sc.entries.base().is_some_and(|b| b.usable(now));
-        let mut views: Vec<View> = Vec::with_capacity(sc.entries.len());
-        let mut ids: Vec<Option<u32>> = Vec::with_capacity(sc.entries.len());
-        for (h, r) in sc.entries.with_hot() {
+        let at = Stamp::of(now);
+        let hot = sc.entries.hot();
+        let mut picks: Vec<Pick> = Vec::with_capacity(hot.len());
+        let mut ids: Vec<Option<u32>> = Vec::with_capacity(hot.len());
+        for (i, h) in hot.iter().enumerate() {
             if base_ok && h.base != NO_BASE {
-                ids.push(h.id);
+                ids.push(h.id());
                 continue;
             }
-            let left = h.estimate(now);
+            let left = h.estimate_at(at);
             if left > 0 {
-                views.push(View::with_key(r, left, h.key(left)));
-                ids.push(h.id);
+                picks.push((i as u32, left, h.key(left)));
+                ids.push(h.id());
             }
         }
         let base = sc.entries.base().filter(|_| base_ok);
+        let mut scratch = Vec::new();
+        let views = sc.entries.views(&picks, &mut scratch);
         Ok(f(base.map(|b| (b, b.age_secs(now))), &views, ids))
     }
 }

@@ -14,6 +14,8 @@ use crate::entry::{Entry, Selector};
 #[derive(Debug)]
 pub struct SelCache {
     pub watchers: u32,
+    /// Its number in [`Holders`].
+    num: u16,
     pub entries: EntryTable,
     /// Warm and no event lost since the last completed sync.
     pub trusted: bool,
@@ -39,9 +41,10 @@ pub struct SelCache {
 }
 
 impl SelCache {
-    fn new() -> SelCache {
+    fn new(num: u16) -> SelCache {
         SelCache {
             watchers: 0,
+            num,
             entries: EntryTable::default(),
             trusted: false,
             synced_at: None,
@@ -62,10 +65,11 @@ impl SelCache {
 #[derive(Debug, Default)]
 pub struct Tables {
     pub sels: HashMap<Selector, SelCache>,
-    /// `CTA_ID` → selectors caching an entry with it: an event for an entry
-    /// that left the mark is still recognised (ids may collide; the key and
-    /// id are checked again before anything changes).
-    holders: HashMap<u32, Vec<Selector>>,
+    /// Who caches an entry with a given `CTA_ID`: an event for an entry
+    /// that left the mark is still recognised.
+    holders: Holders,
+    /// Selectors by [`SelCache::num`].
+    nums: Vec<Option<Selector>>,
     /// Selectors with a full mark mask, by mark (the common case).
     by_mark: HashMap<u32, Vec<Selector>>,
     /// Selectors with a partial mask.
@@ -78,26 +82,60 @@ fn id_of(e: &Entry) -> u32 {
     e.id.unwrap_or(0)
 }
 
-fn hold(holders: &mut HashMap<u32, Vec<Selector>>, id: u32, sel: Selector) {
-    let v = holders.entry(id).or_default();
-    if !v.contains(&sel) {
-        v.push(sel);
-    }
-}
+/// In a [`Holders`] value: more than one selector holds the id, or a
+/// selector beyond the numbers (find them by key).
+const MANY: u16 = u16::MAX;
+/// A count that has reached this stays (never drops to a wrong zero).
+const STUCK: u32 = 0xFFFF;
 
-fn unhold(holders: &mut HashMap<u32, Vec<Selector>>, id: u32, sel: Selector) {
-    if let Some(v) = holders.get_mut(&id) {
-        v.retain(|s| *s != sel);
-        if v.is_empty() {
-            holders.remove(&id);
+/// `CTA_ID` → how many cached entries have it and, when they are all one
+/// selector's (nearly always), which: 9 bytes per entry at the map's load,
+/// where a list of selectors per id cost ~100 (ids may collide; the key
+/// and id are checked again before anything changes).
+#[derive(Debug, Default)]
+struct Holders(HashMap<u32, u32>);
+
+impl Holders {
+    fn hold(&mut self, id: u32, num: u16) {
+        let v = self.0.entry(id).or_insert(u32::from(num));
+        let count = (*v >> 16).saturating_add(1).min(STUCK);
+        let who = if *v as u16 == num { num } else { MANY };
+        *v = (count << 16) | u32::from(who);
+    }
+
+    fn unhold(&mut self, id: u32) {
+        if let Some(v) = self.0.get_mut(&id) {
+            let count = *v >> 16;
+            if count == STUCK {
+                return;
+            }
+            if count <= 1 {
+                self.0.remove(&id);
+            } else {
+                *v -= 1 << 16;
+            }
         }
+    }
+
+    /// The selector number holding `id`, [`MANY`], or `None`: nobody.
+    fn holder(&self, id: u32) -> Option<u16> {
+        self.0.get(&id).map(|&v| v as u16)
     }
 }
 
 impl Tables {
     /// Adds one watcher; true when the selector is new (needs a sync).
     pub fn watch(&mut self, sel: Selector) -> bool {
-        let sc = self.sels.entry(sel).or_insert_with(SelCache::new);
+        let free = self.nums.iter().position(Option::is_none);
+        let nums = &mut self.nums;
+        let sc = self.sels.entry(sel).or_insert_with(|| {
+            let num = free.unwrap_or(nums.len());
+            if num == nums.len() {
+                nums.push(None);
+            }
+            nums[num] = Some(sel);
+            SelCache::new(u16::try_from(num).unwrap_or(MANY))
+        });
         sc.watchers += 1;
         let new = sc.watchers == 1;
         if new {
@@ -114,8 +152,11 @@ impl Tables {
         sc.watchers = sc.watchers.saturating_sub(1);
         if sc.watchers == 0 {
             if let Some(sc) = self.sels.remove(&sel) {
-                for c in sc.entries.values() {
-                    unhold(&mut self.holders, id_of(&c.entry), sel);
+                for id in sc.entries.ids() {
+                    self.holders.unhold(id.unwrap_or(0));
+                }
+                if let Some(n) = self.nums.get_mut(usize::from(sc.num)) {
+                    *n = None;
                 }
             }
             self.reindex();
@@ -170,10 +211,21 @@ impl Tables {
             cands.extend(v.iter().copied());
         }
         cands.extend(self.masked.iter().copied().filter(|s| s.matches(&e)));
-        if let Some(v) = self.holders.get(&id_of(&e)) {
-            for s in v {
-                if !cands.contains(s) {
-                    cands.push(*s);
+        match self.holders.holder(id_of(&e)) {
+            None => {}
+            Some(MANY) => {
+                let k = key(&e);
+                for (s, sc) in &self.sels {
+                    if !cands.contains(s) && sc.entries.contains_key(&k) {
+                        cands.push(*s);
+                    }
+                }
+            }
+            Some(num) => {
+                if let Some(Some(s)) = self.nums.get(usize::from(num)) {
+                    if !cands.contains(s) {
+                        cands.push(*s);
+                    }
                 }
             }
         }
@@ -200,19 +252,19 @@ impl Tables {
             return false;
         };
         let old = std::mem::take(&mut sc.entries);
-        for c in old.values() {
-            unhold(&mut self.holders, id_of(&c.entry), sel);
+        for id in old.ids() {
+            self.holders.unhold(id.unwrap_or(0));
         }
         let mut fresh = EntryTable::with_capacity(snapshot.len());
         for e in snapshot {
             let k = key(&e);
             // Still the same incarnation: what events proved about it holds.
-            let same = old.get(&k).filter(|c| c.entry.id == e.id);
-            let evented = same.is_some_and(|c| c.evented);
-            let probed = same.is_some_and(|c| c.probed);
+            let same = old.hot_of(&k).filter(|h| h.id() == e.id);
+            let evented = same.is_some_and(|h| h.evented());
+            let probed = same.is_some_and(|h| h.probed());
             sc.probe_pending |= !evented && !probed;
-            hold(&mut self.holders, id_of(&e), sel);
-            fresh.insert(
+            self.holders.hold(id_of(&e), sc.num);
+            let replaced = fresh.insert(
                 k,
                 Cached {
                     entry: e,
@@ -222,6 +274,10 @@ impl Tables {
                     extras_known: true,
                 },
             );
+            // A dump never repeats a key; if one did, one entry is held.
+            if let Some(r) = replaced {
+                self.holders.unhold(id_of(&r.entry));
+            }
         }
         sc.entries = fresh;
         sc.fix.clear();
@@ -256,11 +312,11 @@ impl Tables {
         let k = key(e);
         if sc
             .entries
-            .get(&k)
-            .is_some_and(|c| c.entry.id == e.id && !c.evented)
+            .hot_of(&k)
+            .is_some_and(|h| h.id() == e.id && !h.evented())
         {
             sc.entries.remove(&k);
-            unhold(&mut self.holders, id_of(e), sel);
+            self.holders.unhold(id_of(e));
         }
     }
 
@@ -279,12 +335,12 @@ impl Tables {
             let Some(old) = sc.entries.remove(k) else {
                 continue;
             };
-            unhold(&mut self.holders, id_of(&old.entry), sel);
+            self.holders.unhold(id_of(&old.entry));
             let Some(e) = got else { continue };
             if !sel.matches(&e) {
                 continue; // left the selection without telling us
             }
-            hold(&mut self.holders, id_of(&e), sel);
+            self.holders.hold(id_of(&e), sc.num);
             let same = old.entry.id == e.id;
             sc.entries.insert(
                 *k,
@@ -302,7 +358,7 @@ impl Tables {
 
 impl EventSink for Tables {
     fn wanted(&self, mark: u32, id: Option<u32>) -> bool {
-        self.mark_watched(mark) || self.holders.contains_key(&id.unwrap_or(0))
+        self.mark_watched(mark) || self.holders.holder(id.unwrap_or(0)).is_some()
     }
 
     fn event(&mut self, kind: EventKind, entry: Entry) {
@@ -313,7 +369,7 @@ impl EventSink for Tables {
 
 /// The merge rules for one selector.
 fn apply_one(
-    holders: &mut HashMap<u32, Vec<Selector>>,
+    holders: &mut Holders,
     sel: Selector,
     sc: &mut SelCache,
     kind: EventKind,
@@ -325,9 +381,9 @@ fn apply_one(
         EventKind::Destroy => {
             // Only this incarnation: a DESTROY of an older one replayed over
             // a snapshot must not remove its successor.
-            if sc.entries.get(&k).is_some_and(|c| c.entry.id == e.id) {
+            if sc.entries.hot_of(&k).is_some_and(|h| h.id() == e.id) {
                 sc.entries.remove(&k);
-                unhold(holders, id_of(e), sel);
+                holders.unhold(id_of(e));
             }
         }
         EventKind::New | EventKind::Update => {
@@ -335,11 +391,11 @@ fn apply_one(
                 // Moved out of the selection (events arrive in order, so any
                 // cached incarnation with this key is older or this one).
                 if let Some(old) = sc.entries.remove(&k) {
-                    unhold(holders, id_of(&old.entry), sel);
+                    holders.unhold(id_of(&old.entry));
                 }
                 return;
             }
-            let same = sc.entries.get(&k).map(|c| c.entry.id == e.id);
+            let same = sc.entries.hot_of(&k).map(|h| h.id() == e.id);
             match same {
                 Some(true) => {
                     let complete = sc.entries.modify(&k, |c| {
@@ -352,11 +408,11 @@ fn apply_one(
                 }
                 other => {
                     if other.is_some() {
-                        if let Some(old) = sc.entries.get(&k) {
-                            unhold(holders, id_of(&old.entry), sel);
+                        if let Some(old) = sc.entries.hot_of(&k) {
+                            holders.unhold(old.id().unwrap_or(0));
                         }
                     }
-                    hold(holders, id_of(e), sel);
+                    holders.hold(id_of(e), sc.num);
                     let c = Cached {
                         entry: e.clone(),
                         seen: now,
@@ -479,13 +535,13 @@ mod tests {
         full.labels = Some([1; 16]);
         t.apply(EventKind::New, full.clone(), now);
         let sc = &t.sels[&sel];
-        assert!(sc.entries[&key(&full)].complete());
+        assert!(sc.entries.at(&key(&full)).complete());
         let mut upd = full.clone();
         upd.protoinfo = None;
         upd.labels = None;
         upd.timeout = 50;
         t.apply(EventKind::Update, upd, now);
-        let c = &t.sels[&sel].entries[&key(&full)];
+        let c = &t.sels[&sel].entries.at(&key(&full));
         assert_eq!(c.entry.protoinfo, full.protoinfo);
         assert_eq!(c.entry.labels, full.labels);
         assert_eq!(c.entry.timeout, 50);
@@ -506,7 +562,7 @@ mod tests {
         };
         assert!(t.wanted(100, Some(11)));
         t.apply(EventKind::Update, moved_in, now);
-        let c = &t.sels[&sel].entries[&key(&e)];
+        let c = &t.sels[&sel].entries.at(&key(&e));
         assert!(!c.extras_known, "first seen through an UPDATE");
         assert_eq!(t.sels[&sel].fix.len(), 1);
         // Its id is now known, so leaving the mark is recognised.
@@ -514,6 +570,44 @@ mod tests {
         t.apply(EventKind::Update, Entry { mark: 300, ..e }, now);
         assert!(t.sels[&sel].entries.is_empty());
         assert!(!t.wanted(300, Some(11)));
+    }
+
+    /// An id cached by two selectors (overlapping masks) is found by key
+    /// in each, and forgotten only when neither holds it any more.
+    #[test]
+    fn ids_held_by_several_selectors() {
+        let (a, b) = (
+            Selector::mark(100),
+            Selector {
+                mark: 0,
+                mark_mask: 0xff00,
+                zone: None,
+            },
+        );
+        let mut t = tables(a);
+        assert!(t.watch(b));
+        let now = Instant::now();
+        let e = entry(1, 100, 11);
+        t.apply(EventKind::New, e.clone(), now);
+        assert_eq!(t.holders.holder(11), Some(MANY));
+        // Moved to a mark neither selects: both drop it.
+        t.apply(
+            EventKind::Update,
+            Entry {
+                mark: 0x300,
+                ..e.clone()
+            },
+            now,
+        );
+        assert!(t.sels[&a].entries.is_empty() && t.sels[&b].entries.is_empty());
+        assert!(!t.wanted(0x300, Some(11)));
+        // One selector's: found through its number, even after a mark move.
+        t.unwatch(b);
+        t.apply(EventKind::New, e.clone(), now);
+        assert_eq!(t.holders.holder(11), Some(t.sels[&a].num));
+        t.apply(EventKind::Destroy, Entry { mark: 7, ..e }, now);
+        assert!(t.sels[&a].entries.is_empty());
+        assert_eq!(t.holders.holder(11), None);
     }
 
     #[test]
@@ -540,6 +634,6 @@ mod tests {
         let sc = &t.sels[&sel];
         assert_eq!(sc.entries.len(), 1);
         assert!(sc.entries.contains_key(&key(&a)));
-        assert!(!sc.entries[&key(&a)].evented);
+        assert!(!sc.entries.at(&key(&a)).evented);
     }
 }

@@ -130,7 +130,7 @@ impl Shared {
                 let mut keys = std::mem::take(&mut sc.fix);
                 keys.sort_unstable();
                 keys.dedup();
-                keys.retain(|k| sc.entries.get(k).is_some_and(|c| !c.complete()));
+                keys.retain(|k| sc.entries.hot_of(k).is_some_and(|h| !h.complete()));
                 if !keys.is_empty() {
                     fix = Some(Job::Fix(*sel, keys));
                 }

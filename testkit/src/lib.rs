@@ -14,6 +14,8 @@
 //!   bus, daemon, helper, QEMU) for migrations;
 //! - [`qemu`]: a real QEMU over QMP;
 //! - [`population`]: the one realistic population generator;
+//! - [`memory`]: a counting allocator and what the warm cache holds per
+//!   entry;
 //! - [`entries`]: proptest strategies for single entries;
 //! - [`fake`]: the one fake `ConntrackAccess`, for what the kernel cannot
 //!   be made to do on demand;
@@ -26,6 +28,7 @@ pub mod ctcli;
 pub mod entries;
 pub mod fake;
 pub mod host;
+pub mod memory;
 pub mod netns;
 pub mod population;
 pub mod qemu;

@@ -5,15 +5,15 @@
 //! cargo test --release --test kernel cache_measure -- --ignored --nocapture --test-threads 1
 //! ```
 //!
-//! * memory: bytes the cache holds per entry (a counting allocator);
+//! * memory: bytes the cache holds per entry at 20k and 100k entries (a
+//!   counting allocator, `testkit::memory`; the bound is held by
+//!   tests/cache_memory);
 //! * CPU of the event thread while 10k events/s of other marks go by;
 //! * Save (`dump`) latency from the cache vs a direct dump, for VM entries
 //!   that send events and for silent ones (older than the listener), with a
 //!   host table that also holds 150k entries of another namespace.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::compare::{compare, Tolerance};
@@ -24,30 +24,10 @@ use conntrack_vmstate::cache::{CacheConfig, CachedAccess};
 use conntrack_vmstate::ctnetlink::Ctnetlink;
 use conntrack_vmstate::entry::{proto, status, Entry, Selector, Tuple, L4};
 
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: delegates to the system allocator and only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        LIVE.fetch_add(n as isize - l.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
+// The whole binary's allocator: `measure_memory_per_entry` counts with it
+// (run alone, `--test-threads 1`).
 #[global_allocator]
-static A: Counting = Counting;
+static A: common::memory::Counting = common::memory::Counting;
 
 const MARK: u32 = 100;
 
@@ -118,28 +98,18 @@ fn thread_ticks(name: &str) -> u64 {
 #[ignore]
 fn measure_memory_per_entry() {
     common::needs!(kernel);
-    let ns = Netns::new("cmmem");
-    let pop = population::generate(Spec::new(20_000, MARK, 3));
-    population::load(&ns.name, &pop);
-    let sel = Selector::mark(MARK);
-    let cache = CachedAccess::new(ct(&ns), CacheConfig::default()).expect("cache");
-    // Start the thread and socket first so only the tables are counted.
-    cache.watch(&Selector::mark(1), true).expect("watch");
-    assert!(cache.wait_trusted(&Selector::mark(1), Duration::from_secs(30)));
-    std::thread::sleep(Duration::from_millis(200));
-    let before = LIVE.load(Ordering::SeqCst);
-    cache.watch(&sel, true).expect("watch");
-    assert!(cache.wait_trusted(&sel, Duration::from_secs(30)));
-    std::thread::sleep(Duration::from_millis(200));
-    let after = LIVE.load(Ordering::SeqCst);
-    let n = cache.cached_len(&sel).expect("watched");
-    assert_eq!(n, pop.vm_count());
-    println!(
-        "MEASURE memory: {n} entries, {} bytes, {:.0} B/entry (size_of Entry {} B)",
-        after - before,
-        (after - before) as f64 / n as f64,
-        std::mem::size_of::<Entry>()
-    );
+    for n in [20_000, 100_000] {
+        let m = common::memory::cache_memory(n, 3);
+        println!(
+            "MEASURE memory: {} entries, {} bytes, {:.0} B/entry (base: {} records, {} B; size_of Entry {} B)",
+            m.entries,
+            m.bytes,
+            m.per_entry(),
+            m.base_records,
+            m.base_bytes,
+            std::mem::size_of::<Entry>()
+        );
+    }
 }
 
 #[test]
@@ -279,6 +249,69 @@ fn measure_save_latency() {
                 s1.lookups - s0.lookups,
                 ms(warm),
                 ms(probe_done),
+            );
+        }
+    }
+}
+
+/// Save (`save_state`, binary) answered from the cache, from the
+/// pre-encoded base and (base off) by a whole encode, for entries of the
+/// realistic mix created while the cache listens.
+#[test]
+#[ignore]
+fn measure_save_state_from_cache() {
+    use conntrack_vmstate::access::DumpSource;
+    use conntrack_vmstate::format::EncodeOptions;
+    common::needs!(kernel);
+    for n in [5_000usize, 100_000] {
+        for base in [true, false] {
+            let ns = Netns::new("cmstate");
+            population::enable_labels(&ns.name);
+            let pop = population::generate(Spec {
+                noise: 0.0,
+                ..Spec::new(n, MARK, 5)
+            });
+            let sel = Selector::mark(MARK);
+            let cache = CachedAccess::new(ct(&ns), CacheConfig::new(Duration::from_secs(30), base))
+                .expect("cache");
+            cache.watch(&sel, true).expect("watch");
+            assert!(cache.wait_trusted(&sel, Duration::from_secs(60)));
+            let direct = ct(&ns);
+            for chunk in pop.vm_entries.chunks(50_000) {
+                direct.create(chunk).expect("create");
+            }
+            let end = Instant::now() + Duration::from_secs(60);
+            while cache.cached_len(&sel) != Some(pop.vm_count()) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if base {
+                assert!(cache.rebuild_base(&sel).is_some_and(|r| r > 0));
+            }
+            let opts = EncodeOptions::default();
+            let mut t = Vec::new();
+            let mut bytes = 0;
+            for _ in 0..11 {
+                std::thread::sleep(Duration::from_millis(100));
+                let s = Instant::now();
+                let saved = cache.save_state(&sel, &opts).expect("save");
+                t.push(ms(s.elapsed()));
+                let want = if base {
+                    DumpSource::Base
+                } else {
+                    DumpSource::Cache
+                };
+                assert_eq!(saved.source, want);
+                bytes = saved.encoded.bytes.len();
+            }
+            println!(
+                "MEASURE save_state N={n} {}: {:.2} ms (median of 11, min {:.2}), {bytes} B",
+                if base {
+                    "from the base"
+                } else {
+                    "whole encode"
+                },
+                median(t.clone()),
+                t.iter().copied().fold(f64::MAX, f64::min),
             );
         }
     }

@@ -67,6 +67,34 @@ impl Compact {
         })
     }
 
+    /// Rebuilt from the parts a packed copy of [`Compact::of`]'s result
+    /// kept (the warm cache stores IPv4 ones in half the space).
+    pub fn from_parts(
+        orig: Tuple,
+        status: u32,
+        mark: u32,
+        tcp: Option<[u8; 5]>,
+        class: u8,
+    ) -> Compact {
+        Compact {
+            orig,
+            status,
+            mark,
+            tcp,
+            class,
+        }
+    }
+
+    /// TCP state, window scales and flags, when it has protocol info.
+    pub fn tcp(&self) -> Option<[u8; 5]> {
+        self.tcp
+    }
+
+    /// The priority class while more than ABOUT_TO_EXPIRE_SECS are left.
+    pub fn class(&self) -> u8 {
+        self.class
+    }
+
     /// [`priority::value_key_at`] of the entry with `timeout` left.
     pub fn value_key_at(&self, timeout: u32) -> u64 {
         let class = if timeout <= priority::ABOUT_TO_EXPIRE_SECS {
