@@ -185,6 +185,7 @@ impl ConntrackAccess for FakeAccess {
                     },
                     source: DumpSource::Cache,
                     ids: vec![],
+                    notes: Default::default(),
                 })
             }
             SaveFault::Delay(d) => std::thread::sleep(d),
@@ -198,6 +199,7 @@ impl ConntrackAccess for FakeAccess {
             encoded,
             source: DumpSource::Kernel,
             ids: es.iter().filter_map(|e| e.id).collect(),
+            notes: Default::default(),
         })
     }
 }

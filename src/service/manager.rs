@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
-use super::engine::Engine;
+use super::engine::{Engine, Warmed};
 use super::options::{parse_unregister, OptValue, VmConfig};
 use super::runtime::VmRuntime;
 use super::{Admission, Registry, ServiceError};
@@ -159,6 +159,15 @@ impl<E: Endpoint> Manager<E> {
                     let _ = self.endpoint.export(&rt, link).await;
                     self.engine.watch(&rt, true).await;
                     tracing::info!(VMID = %vm, VMSTATE_ID = %id, "Restored registration of VM {vm}");
+                    // Not waited for: the daemon is ready (and other VMs
+                    // served) before every cache is warm; the journal says
+                    // when this one is.
+                    let (engine, rt2) = (self.engine.clone(), rt.clone());
+                    tokio::spawn(async move {
+                        if let Some(w) = engine.wait_warm(&rt2).await {
+                            log_warmed(&rt2, "restored registration", &w);
+                        }
+                    });
                     out.vms.push(vm);
                 }
             }
@@ -186,7 +195,7 @@ impl<E: Endpoint> Manager<E> {
         options: &[(String, OptValue)],
     ) -> Result<(), ManagerError<E::Error>> {
         let cfg = VmConfig::from_options(vm, options)?;
-        let _ops = self.ops.lock().await;
+        let ops = self.ops.lock().await;
         self.check_open()?;
         let admission = lock(&self.registry).admit(cfg)?;
         match admission {
@@ -198,10 +207,16 @@ impl<E: Endpoint> Manager<E> {
                 if !rt.watching() {
                     self.engine.watch(&rt, true).await;
                 }
+                drop(ops);
+                // Also here: a registration restored at start may still be
+                // warming when the orchestrator registers it before a
+                // migration.
+                let warmed = self.engine.wait_warm(&rt).await;
                 tracing::info!(
                     VMID = %vm,
                     VMSTATE_ID = %rt.config.id,
-                    "Register of VM {vm}: already registered with these options"
+                    "Register of VM {vm}: already registered with these options{}",
+                    warmed.map(|w| format!("; {}", w.describe())).unwrap_or_default()
                 );
             }
             Admission::New(cfg) => {
@@ -212,17 +227,31 @@ impl<E: Endpoint> Manager<E> {
                     self.endpoint.unserve(vm).await;
                     return Err(e.into());
                 }
-                // From now on Save is served from the warm cache.
                 self.engine.watch(&rt, true).await;
-                tracing::info!(
-                    VMID = %vm,
-                    VMSTATE_ID = %cfg.id,
-                    MARK = cfg.mark,
-                    BUS = %cfg.bus_key(),
-                    "Register of VM {vm}: Id {} mark {:#x}/{:#x} on bus {}",
-                    cfg.id, cfg.mark, cfg.mark_mask, cfg.bus_key()
-                );
                 self.count_changed();
+                // Register returns once a Save would come from the warm
+                // cache: orchestrators migrate right after it. Waited for
+                // without the lock, so other VMs' calls go on meanwhile
+                // (an Unregister meanwhile ends the wait at once).
+                drop(ops);
+                let warmed = self.engine.wait_warm(&rt).await;
+                let text = format!(
+                    "Register of VM {vm}: Id {} mark {:#x}/{:#x} on bus {}",
+                    cfg.id,
+                    cfg.mark,
+                    cfg.mark_mask,
+                    cfg.bus_key()
+                );
+                match warmed {
+                    Some(w) => log_warmed_line(&rt, &text, &w),
+                    None => tracing::info!(
+                        VMID = %vm,
+                        VMSTATE_ID = %cfg.id,
+                        MARK = cfg.mark,
+                        BUS = %cfg.bus_key(),
+                        "{text}"
+                    ),
+                }
             }
         }
         Ok(())
@@ -347,6 +376,44 @@ impl<E: Endpoint> Manager<E> {
     fn count_changed(&self) {
         let n = lock(&self.registry).len();
         self.vm_count.send_replace(n);
+    }
+}
+
+/// The journal line of a VM whose cache Register (or a restore at start)
+/// waited for: `what` of VM, then how warm it got.
+fn log_warmed(rt: &VmRuntime, what: &str, w: &Warmed) {
+    let text = format!("VM {} ({what})", rt.config.vm);
+    log_warmed_line(rt, &text, w);
+}
+
+fn log_warmed_line(rt: &VmRuntime, text: &str, w: &Warmed) {
+    let c = &rt.config;
+    let ms = w.took.as_millis() as u64;
+    let (cached, silent) = (w.warmth.entries, w.warmth.silent);
+    if w.fine() {
+        tracing::info!(
+            VMID = %c.vm,
+            VMSTATE_ID = %c.id,
+            MARK = c.mark,
+            BUS = %c.bus_key(),
+            WARM_MS = ms,
+            CACHED = cached,
+            SILENT = silent,
+            "{text}; {}",
+            w.describe()
+        );
+    } else {
+        tracing::warn!(
+            VMID = %c.vm,
+            VMSTATE_ID = %c.id,
+            MARK = c.mark,
+            BUS = %c.bus_key(),
+            WARM_MS = ms,
+            CACHED = cached,
+            SILENT = silent,
+            "{text}; {}",
+            w.describe()
+        );
     }
 }
 
