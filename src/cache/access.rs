@@ -37,6 +37,8 @@ pub(super) struct State {
     /// The selector whose entries the event thread is probing right now
     /// (taken from the table, their answers not all read yet).
     pub(super) probing: Option<Selector>,
+    /// The selector whose pre-encoded base is being built right now.
+    pub(super) building_base: Option<Selector>,
     pub(super) last_fallback: Option<&'static str>,
 }
 
@@ -100,6 +102,7 @@ impl CachedAccess {
                     events_value: None,
                     pump_miss: CacheMiss::Warming,
                     probing: None,
+                    building_base: None,
                     last_fallback: None,
                 }),
                 direct,
@@ -230,7 +233,7 @@ impl CachedAccess {
                 (Some(t), Some(s)) => t >= s,
                 _ => false,
             };
-            if !usable && !tried {
+            if !usable && (!tried || st.building_base == Some(*sel)) {
                 w.state = cold(CacheMiss::Warming);
                 return (w, false);
             }
