@@ -828,6 +828,67 @@ mod tests {
         assert_eq!(s.access.len(), 0);
     }
 
+    /// Register returns only after the warm cache said warm, after the
+    /// watch; an identical Register waits too (cheap once warm).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn register_returns_after_the_cache_is_warm() {
+        let s = setup();
+        *s.access.warm_after.lock().unwrap() = Some(Duration::from_millis(300));
+        let t = std::time::Instant::now();
+        s.manager.register("100", &[]).await.unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            s.events.take(),
+            [
+                "connect 100",
+                "export 100 linked",
+                "watch 0x64 on",
+                "wait-warm 0x64"
+            ]
+        );
+        s.manager.register("100", &[]).await.unwrap();
+        assert_eq!(s.events.take(), ["wait-warm 0x64"]);
+    }
+
+    /// One VM's wait does not hold up another's Register or Unregister:
+    /// the manager's lock is not held while waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_one_vm_does_not_hold_up_the_others() {
+        let s = Arc::new(setup());
+        s.manager.register("101", &[]).await.unwrap();
+        *s.access.warm_after.lock().unwrap() = Some(Duration::from_secs(3));
+        let s2 = s.clone();
+        let slow = tokio::spawn(async move { s2.manager.register("100", &[]).await });
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !s.events.take().contains(&"wait-warm 0x64".to_string()) {
+            assert!(std::time::Instant::now() < end, "never waited");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let t = std::time::Instant::now();
+        s.manager.unregister("101", &[]).await.unwrap();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        slow.await.unwrap().unwrap();
+    }
+
+    /// Registrations restored at start are not waited for (the daemon is
+    /// ready at once); the wait runs in the background.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restore_at_start_does_not_wait_for_the_warm_cache() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        s.manager.shutdown(Duration::from_secs(5)).await;
+        let s = setup_in(s.dir);
+        *s.access.warm_after.lock().unwrap() = Some(Duration::from_secs(5));
+        let t = std::time::Instant::now();
+        let restored = s.manager.restore().await;
+        assert_eq!(restored.vms, ["100"]);
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
+
     #[tokio::test]
     async fn restore_from_a_corrupt_state_file_starts_empty_and_says_why() {
         let dir = tempfile::tempdir().unwrap();
