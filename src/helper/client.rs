@@ -906,7 +906,7 @@ impl ConntrackAccess for HelperClient {
     }
 
     /// The helper waits (its cache is there); the reply comes within the
-    /// wait plus [`WAIT_WARM_SLACK`]. A helper that predates the op: at once.
+    /// wait plus `WAIT_WARM_SLACK`. A helper that predates the op: at once.
     fn wait_warm(&self, sel: &Selector, timeout: Duration) -> Result<Warmth, AccessError> {
         if self.old_helper_warm.load(Ordering::Relaxed) {
             return Ok(Warmth::of(WarmState::Unknown));

@@ -1195,6 +1195,15 @@ fn explain_save(vm: &VmRuntime, source: DumpSource, n: &SaveNotes, duration_us: 
                 ),
                 _ => why.as_str().to_string(),
             };
+            // Lookups of entries near expiry or missing attributes are
+            // no one's fault; only silent ones have a remedy.
+            let remedy = match why {
+                CacheMiss::LookupsCostly | CacheMiss::LookupsFailed if n.silent == 0 => {
+                    "the entries that needed a lookup were close to expiry or missing \
+                     attributes; nothing to change"
+                }
+                _ => why.remedy(),
+            };
             tracing::warn!(
                 VMID = %c.vm,
                 VMSTATE_ID = %c.id,
@@ -1205,7 +1214,7 @@ fn explain_save(vm: &VmRuntime, source: DumpSource, n: &SaveNotes, duration_us: 
                  warm cache: {cause}; {}",
                 c.vm,
                 ms(duration_us),
-                why.remedy()
+                remedy
             );
         }
         (DumpSource::Cache | DumpSource::Base, _)
