@@ -292,9 +292,27 @@ impl Engine {
         });
     }
 
-    /// Starts (`on`) or stops keeping the VM's entries warm for Save. A
-    /// failure is logged, never fatal: Save then dumps directly.
-    pub async fn watch(&self, vm: &Arc<VmRuntime>, on: bool) {
+    /// Starts (`on`) keeping the VM's entries warm for Save and returns
+    /// once a Save would be answered from the warm cache
+    /// ([`wait_warm`](Self::wait_warm)), or stops keeping them (`None`).
+    /// A failure is logged, never fatal: Save then dumps directly. Callers
+    /// that hold a lock others need, or must not wait (a restore at start),
+    /// use [`start_watch`](Self::start_watch) and wait later, or not.
+    pub async fn watch(&self, vm: &Arc<VmRuntime>, on: bool) -> Option<Warmed> {
+        self.set_watch(vm, on).await;
+        if on {
+            self.wait_warm(vm).await
+        } else {
+            None
+        }
+    }
+
+    /// [`watch`](Self::watch)`(vm, true)` without the wait.
+    pub async fn start_watch(&self, vm: &Arc<VmRuntime>) {
+        self.set_watch(vm, true).await;
+    }
+
+    async fn set_watch(&self, vm: &Arc<VmRuntime>, on: bool) {
         if !on && !vm.set_watching(false) {
             return;
         }
@@ -699,8 +717,9 @@ impl Engine {
             };
             let detached = registered(&vm).is_none_or(|r| !Arc::ptr_eq(&r, &rt));
             if !rt.watching() {
-                // A confined helper creates only for watched selectors.
-                self.watch(&rt, true).await;
+                // A confined helper creates only for watched selectors
+                // (warm or not: a restore needs no cache).
+                self.start_watch(&rt).await;
             }
             tracing::info!(
                 VMID = %vm,

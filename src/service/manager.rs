@@ -157,7 +157,7 @@ impl<E: Endpoint> Manager<E> {
                         }
                     };
                     let _ = self.endpoint.export(&rt, link).await;
-                    self.engine.watch(&rt, true).await;
+                    self.engine.start_watch(&rt).await;
                     tracing::info!(VMID = %vm, VMSTATE_ID = %id, "Restored registration of VM {vm}");
                     // Not waited for: the daemon is ready (and other VMs
                     // served) before every cache is warm; the journal says
@@ -205,7 +205,7 @@ impl<E: Endpoint> Manager<E> {
                     self.serve(&rt).await?;
                 }
                 if !rt.watching() {
-                    self.engine.watch(&rt, true).await;
+                    self.engine.start_watch(&rt).await;
                 }
                 drop(ops);
                 // Also here: a registration restored at start may still be
@@ -227,7 +227,7 @@ impl<E: Endpoint> Manager<E> {
                     self.endpoint.unserve(vm).await;
                     return Err(e.into());
                 }
-                self.engine.watch(&rt, true).await;
+                self.engine.start_watch(&rt).await;
                 self.count_changed();
                 // Register returns once a Save would come from the warm
                 // cache: orchestrators migrate right after it. Waited for
