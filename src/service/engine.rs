@@ -81,9 +81,9 @@ const HANDOVER_REASON: &str =
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long Register waits for the VM's warm cache (first sync of the VM's
-/// entries, their probes, the pre-encoded base): well under a second with
-/// 100k entries of the VM among 150k others (docs/downtime.md); 10 s is far
-/// beyond that, and far inside a D-Bus caller's 25 s.
+/// entries, their probes, the pre-encoded base): ~1 s with 100k entries of
+/// the VM among 150k others, ~0.1 s with 5k (docs/downtime.md, "Register
+/// to warm"); 10 s is far beyond that, and far inside a D-Bus caller's 25 s.
 pub const WARM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Save-time lookups of silent entries from this long on are worth a
