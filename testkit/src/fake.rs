@@ -61,8 +61,9 @@ pub struct FakeAccess {
     pub save_bytes: Mutex<Option<Vec<u8>>>,
     /// What the table backend's save_state reports about itself.
     pub save_notes: Mutex<SaveNotes>,
-    /// What wait_warm answers (after `delay`, like a cache warming up).
+    /// What wait_warm answers, after `warm_delay` (a cache warming up).
     pub warmth: Mutex<Warmth>,
+    pub warm_delay: Mutex<Duration>,
     held: Option<(Tuple, u16)>,
     gate: (Mutex<bool>, Condvar),
     /// Set once a call is waiting at the gate.
@@ -81,6 +82,7 @@ impl FakeAccess {
             save_bytes: Mutex::new(None),
             save_notes: Mutex::new(SaveNotes::default()),
             warmth: Mutex::new(Warmth::of(WarmState::Uncached)),
+            warm_delay: Mutex::new(Duration::ZERO),
             held,
             gate: (Mutex::new(held.is_none()), Condvar::new()),
             waiting: (Mutex::new(false), Condvar::new()),
@@ -313,7 +315,8 @@ impl ConntrackAccess for FakeAccess {
 
     fn wait_warm(&self, sel: &Selector, timeout: Duration) -> Result<Warmth, AccessError> {
         self.record(Call::WaitWarm(*sel, timeout.as_millis() as u64));
-        self.pause();
+        let d = *self.warm_delay.lock().expect("fake lock");
+        std::thread::sleep(d.min(timeout));
         Ok(*self.warmth.lock().expect("fake lock"))
     }
 }

@@ -2012,7 +2012,7 @@ fn client_wait_warm_and_save_notes_cross_the_helper() {
 #[test]
 fn client_wait_warm_outlasts_the_request_timeout() {
     let table = Table::with(vec![]);
-    *table.delay.lock().unwrap() = Duration::from_millis(800);
+    *table.warm_delay.lock().unwrap() = Duration::from_millis(800);
     *table.warmth.lock().unwrap() = Warmth::of(WarmState::Warm);
     let srv = Server::start(table.clone(), cfg_idle(60_000));
     let c = HelperClient::with_timeout(&srv.path, Duration::from_millis(300)).unwrap();
