@@ -40,6 +40,148 @@ pub struct SavedState {
     /// `CTA_ID` of every dumped entry, also those dropped for space: what
     /// a flush after the migration deletes ([`ConntrackAccess::delete_saved`]).
     pub ids: Vec<u32>,
+    /// Why this Save took as long as it did, for the journal (all zero /
+    /// `None` for an access without a cache, or a helper too old to say).
+    pub notes: SaveNotes,
+}
+
+/// Why a warm cache could not answer a Save (or a [`Warmth`] is not warm):
+/// the cause the journal names, with what to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMiss {
+    /// The selector is not watched (starting its watch failed, or it was
+    /// unwatched meanwhile).
+    NotWatched,
+    /// The first sync, its probes or the pre-encoded base are not done yet.
+    Warming,
+    /// Events were lost (the event socket overran); a resync follows.
+    EventsLost,
+    /// `net.netfilter.nf_conntrack_events` is 0 in the namespace.
+    EventsOff,
+    /// Save could not read the queued events within its drain budget.
+    NotCaughtUp,
+    /// The last refresh is older than twice the refresh interval.
+    RefreshOverdue,
+    /// The entries that need a lookup (mostly silent ones) would cost more
+    /// than a direct dump, or are more than the per-Save maximum.
+    LookupsCostly,
+    /// The Save-time lookups failed.
+    LookupsFailed,
+    /// The last sync dump failed (its error is in the journal).
+    SyncFailed,
+    /// A cause this side does not know (a newer helper's): treated as a miss.
+    Other,
+}
+
+impl CacheMiss {
+    /// Short text for `CacheStats::last_fallback` and journal fields.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheMiss::NotWatched => "not watched",
+            CacheMiss::Warming => "not warm yet",
+            CacheMiss::EventsLost => "events lost since the last sync",
+            CacheMiss::EventsOff => "events off",
+            CacheMiss::NotCaughtUp => "events not caught up",
+            CacheMiss::RefreshOverdue => "refresh overdue",
+            CacheMiss::LookupsCostly => "lookups would cost more than a dump",
+            CacheMiss::LookupsFailed => "lookups failed",
+            CacheMiss::SyncFailed => "sync failed",
+            CacheMiss::Other => "other",
+        }
+    }
+
+    /// What an operator can change about it (or that nothing needs to).
+    pub fn remedy(self) -> &'static str {
+        match self {
+            CacheMiss::NotWatched => {
+                "the VM's warm cache is not running: see the journal of its Register \
+                 for why it could not start"
+            }
+            CacheMiss::Warming => {
+                "the cache was still warming up: start the migration after Register \
+                 has returned (it waits until the cache is warm)"
+            }
+            CacheMiss::EventsLost => {
+                "conntrack events were lost (event socket overrun by a burst); the cache \
+                 resyncs by itself within a second"
+            }
+            CacheMiss::EventsOff => {
+                "set net.netfilter.nf_conntrack_events=1 in the VM's network namespace \
+                 (see docs/packaging.md)"
+            }
+            CacheMiss::NotCaughtUp => {
+                "the event queue was too long to read within Save's budget (an event \
+                 burst at the moment of the Save)"
+            }
+            CacheMiss::RefreshOverdue => {
+                "the cache's periodic refresh is late (an overloaded host?)"
+            }
+            CacheMiss::LookupsCostly | CacheMiss::LookupsFailed => {
+                "entries that never reported conntrack events are older than \
+                 net.netfilter.nf_conntrack_events=1 (see docs/packaging.md); they \
+                 report events once they are recreated"
+            }
+            CacheMiss::SyncFailed => "the cache's dump failed: see the journal for its error",
+            CacheMiss::Other => "see the helper's journal",
+        }
+    }
+}
+
+/// What a warm cache reports about one Save beyond the state itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SaveNotes {
+    /// Why the cache did not answer (`None`: it did, or there is none).
+    pub miss: Option<CacheMiss>,
+    /// Entries of the VM that never reported a conntrack event ("silent":
+    /// created without the event extension); each needs a kernel lookup
+    /// at Save, or made Save dump directly ([`CacheMiss::LookupsCostly`]).
+    pub silent: u64,
+    /// Kernel lookups Save made (silent entries, entries near expiry or
+    /// missing attributes), and how long they took.
+    pub lookups: u64,
+    pub lookup_us: u64,
+}
+
+/// Whether a Save of a selector would be answered from a warm cache now
+/// ([`ConntrackAccess::wait_warm`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmState {
+    /// From the cache (or its pre-encoded base): no table walk at Save.
+    Warm,
+    /// The access keeps no cache: every Save walks the kernel's table.
+    Uncached,
+    /// The helper predates the question (it may still have a cache).
+    Unknown,
+    /// Not (yet) warm: Save would dump directly, for this reason.
+    Cold(CacheMiss),
+}
+
+/// What [`ConntrackAccess::wait_warm`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Warmth {
+    pub state: WarmState,
+    /// Entries cached for the selector.
+    pub entries: u64,
+    /// Of those, entries no event has proven ("silent": probed without an
+    /// answer); each is looked up at every Save.
+    pub silent: u64,
+    /// Records in the selector's pre-encoded base (0: none).
+    pub base_records: u64,
+    /// `net.netfilter.nf_conntrack_events` of the namespace, if read.
+    pub events_sysctl: Option<u32>,
+}
+
+impl Warmth {
+    /// An access without a cache, or one that cannot say.
+    pub fn of(state: WarmState) -> Warmth {
+        Warmth {
+            state,
+            entries: 0,
+            silent: 0,
+            base_records: 0,
+            events_sysctl: None,
+        }
+    }
 }
 
 /// What happened to one entry given to [`ConntrackAccess::create`].
@@ -203,6 +345,22 @@ pub trait ConntrackAccess: Send + Sync {
         Ok(())
     }
 
+    /// Waits up to `timeout` until a Save of the watched `sel` would be
+    /// answered from the warm cache: trusted after its first sync, the
+    /// probes of its entries done, its pre-encoded base built where the
+    /// cache builds one; returns at once when it cannot get there (events
+    /// off, sync failed, too many silent entries). Register waits for it,
+    /// so a migration started right after Register has a fast Save. The
+    /// default (no cache) returns at once: every Save dumps directly.
+    fn wait_warm(
+        &self,
+        sel: &Selector,
+        timeout: std::time::Duration,
+    ) -> Result<Warmth, AccessError> {
+        let _ = (sel, timeout);
+        Ok(Warmth::of(WarmState::Uncached))
+    }
+
     /// [`dump`](ConntrackAccess::dump), also saying whether the entries came
     /// from a cache or a table walk (for `LastSave.source`). The default
     /// walks the table.
@@ -224,6 +382,7 @@ pub trait ConntrackAccess: Send + Sync {
             encoded,
             source,
             ids: entries.iter().filter_map(|e| e.id).collect(),
+            notes: SaveNotes::default(),
         })
     }
 

@@ -8,11 +8,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::config::CacheConfig;
-use super::state::Tables;
+use super::state::{SelCache, Tables};
 use super::stats::{BaseInfo, CacheStats, Counters};
 use super::wake::Wake;
 use crate::access::{
-    AccessError, ConntrackAccess, CreateReport, DeleteReport, DumpSource, SavedState,
+    AccessError, CacheMiss, ConntrackAccess, CreateReport, DeleteReport, DumpSource, SavedState,
+    WarmState, Warmth,
 };
 use crate::ctnetlink::{Ctnetlink, EventSocket, EventsSysctl};
 use crate::entry::{Entry, Selector};
@@ -29,7 +30,34 @@ pub(super) struct State {
     pub(super) lookup_ns: u64,
     /// `nf_conntrack_events` read 0 last time: syncs are pointless.
     pub(super) events_off: bool,
+    /// `nf_conntrack_events` as read last time (None: unreadable).
+    pub(super) events_value: Option<u32>,
+    /// Why the last [`Shared::pump`] that returned false did so.
+    pub(super) pump_miss: CacheMiss,
+    /// The selector whose entries the event thread is probing right now
+    /// (taken from the table, their answers not all read yet).
+    pub(super) probing: Option<Selector>,
+    /// The selector whose pre-encoded base is being built right now.
+    pub(super) building_base: Option<Selector>,
     pub(super) last_fallback: Option<&'static str>,
+}
+
+impl State {
+    /// Why Save cannot use the cache after a failed pump.
+    pub(super) fn pump_miss(&self) -> CacheMiss {
+        self.pump_miss
+    }
+
+    /// Why the untrusted `sc` cannot answer.
+    pub(super) fn untrusted_miss(&self, sc: &SelCache) -> CacheMiss {
+        if sc.sync_failed_at.is_some() {
+            CacheMiss::SyncFailed
+        } else if sc.lost_at.is_some() {
+            CacheMiss::EventsLost
+        } else {
+            CacheMiss::Warming
+        }
+    }
 }
 
 /// What [`CachedAccess`] shares with its event thread.
@@ -71,6 +99,10 @@ impl CachedAccess {
                     sysctl: None,
                     lookup_ns: INITIAL_LOOKUP_NS,
                     events_off: false,
+                    events_value: None,
+                    pump_miss: CacheMiss::Warming,
+                    probing: None,
+                    building_base: None,
                     last_fallback: None,
                 }),
                 direct,
@@ -165,6 +197,60 @@ impl CachedAccess {
         }
     }
 
+    /// How far `sel` is from a Save answered by the cache, and whether it
+    /// is settled: warm, or in a state waiting will not change soon.
+    fn warmth_now(&self, sel: &Selector) -> (Warmth, bool) {
+        let now = Instant::now();
+        let st = self.shared.lock();
+        let mut w = Warmth::of(WarmState::Cold(CacheMiss::NotWatched));
+        w.events_sysctl = st.events_value;
+        let Some(sc) = st.tables.sels.get(sel) else {
+            return (w, true);
+        };
+        w.entries = sc.entries.len() as u64;
+        w.base_records = sc.entries.base().map_or(0, |b| u64::from(b.stored));
+        let cold = |why| WarmState::Cold(why);
+        if st.events_off {
+            w.state = cold(CacheMiss::EventsOff);
+            return (w, true);
+        }
+        if !sc.trusted {
+            w.state = cold(st.untrusted_miss(sc));
+            // A failed sync is retried, but only after a second; its error
+            // is in the journal, and Save dumps meanwhile.
+            return (w, sc.sync_failed_at.is_some());
+        }
+        if sc.probe_pending || st.probing == Some(*sel) {
+            w.state = cold(CacheMiss::Warming);
+            return (w, false);
+        }
+        let cfg = &self.shared.config;
+        if sc.entries.len() >= cfg.base_min_entries {
+            let usable = sc.entries.base().is_some_and(|b| b.usable(now));
+            // Tried since the last sync and still none: it came out
+            // empty (no entry can be in one) or failed; Save encodes whole.
+            let tried = match (sc.base_tried_at, sc.synced_at) {
+                (Some(t), Some(s)) => t >= s,
+                _ => false,
+            };
+            if !usable && (!tried || st.building_base == Some(*sel)) {
+                w.state = cold(CacheMiss::Warming);
+                return (w, false);
+            }
+        }
+        w.silent = sc.entries.values().filter(|c| !c.evented).count() as u64;
+        // What Save would decide about its lookups right now.
+        let keys = sc.entries.lookup_keys(now, cfg.verify_margin_secs).len();
+        let cost = Duration::from_nanos(st.lookup_ns.saturating_mul(keys as u64));
+        let dump_cost = sc.dump_cost.unwrap_or(Duration::MAX);
+        w.state = if keys > 0 && (keys > cfg.max_lookups || cost >= dump_cost) {
+            cold(CacheMiss::LookupsCostly)
+        } else {
+            WarmState::Warm
+        };
+        (w, true)
+    }
+
     /// Starts the event socket and thread on first use.
     fn ensure_started(&self, st: &mut State) -> Result<(), AccessError> {
         if st.events.is_some() {
@@ -180,6 +266,24 @@ impl CachedAccess {
                 None
             }
         };
+        // Once per namespace (one cache each): the value decides which
+        // connections Save must look up one by one, or whether the cache
+        // works at all.
+        match sysctl.as_ref().map(|s| s.read()) {
+            Some(Ok(1)) | None => {}
+            Some(Ok(0)) => {} // the pump says so, also when it changes later
+            Some(Ok(v)) => tracing::warn!(
+                EVENTS_SYSCTL = v,
+                "net.netfilter.nf_conntrack_events is {v} in this network namespace, not 1: \
+                 connections opened while no conntrack event listener runs (before this \
+                 cache started, or while the helper is stopped) never report events, and \
+                 every Save must look them up or dump the whole table; set it to 1 \
+                 (see docs/packaging.md)"
+            ),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "nf_conntrack_events unreadable; assuming events are on")
+            }
+        }
         let bg = sh.direct.reopen()?;
         *sh.bg.lock().unwrap_or_else(|p| p.into_inner()) = Some(bg);
         let shared = Arc::clone(&self.shared);
@@ -254,6 +358,19 @@ impl ConntrackAccess for CachedAccess {
 
     fn delete_entries(&self, entries: &[Entry]) -> Result<DeleteReport, AccessError> {
         self.shared.direct.delete_entries(entries)
+    }
+
+    /// Polls (the event thread changes the state in steps of milliseconds
+    /// to a second; 5 ms is far below what a Register waits).
+    fn wait_warm(&self, sel: &Selector, timeout: Duration) -> Result<Warmth, AccessError> {
+        let end = Instant::now() + timeout;
+        loop {
+            let (w, settled) = self.warmth_now(sel);
+            if settled || Instant::now() >= end {
+                return Ok(w);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn watch(&self, sel: &Selector, on: bool) -> Result<(), AccessError> {

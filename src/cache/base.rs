@@ -42,11 +42,23 @@ impl Shared {
     /// (~1 ms).
     /// Returns the records in it, if it was built and installed.
     pub(super) fn build_base(&self, sel: Selector) -> Option<usize> {
+        let r = self.build_base_marked(sel);
+        let mut st = self.lock();
+        if st.building_base == Some(sel) {
+            st.building_base = None;
+        }
+        r
+    }
+
+    fn build_base_marked(&self, sel: Selector) -> Option<usize> {
         let started = Instant::now();
         let snap = {
             let mut st = self.lock();
             let sc = st.tables.sels.get_mut(&sel).filter(|sc| sc.trusted)?;
             sc.base_tried_at = Some(started);
+            // Until it is installed (or failed), `wait_warm` waits for it.
+            st.building_base = Some(sel);
+            let sc = st.tables.sels.get_mut(&sel)?;
             let mark = (sel.mark_mask == u32::MAX).then_some(sel.mark);
             sc.entries
                 .base_snapshot(started, mark, self.config.verify_margin_secs)

@@ -65,6 +65,16 @@
 //!   change to every entry (lost events, probes) drops the base. It only
 //!   holds trusted entries far from expiry and is used while young enough
 //!   that none of them can need a Save-time lookup.
+//! * **Warm** ([`ConntrackAccess::wait_warm`], what Register waits for): the
+//!   selector is trusted, no probe is pending or in flight, and a selector
+//!   with `base_min_entries` or more has a usable base (or its build was
+//!   tried since the last sync and is not running). Then a Save needs no
+//!   walk and, but for silent entries and those near expiry, no lookup.
+//!   It is settled without being warm when waiting cannot help: events
+//!   off, a failed sync, or silent entries that cost more to look up than
+//!   a dump. Save records in its `SaveNotes` why it dumped (the same
+//!   reasons, [`CacheMiss`]) and how many silent entries it looked up, for
+//!   the daemon's journal.
 //!
 //! # Remaining timeouts
 //! Events do not fire per packet, so a cached timeout is stored with the
@@ -142,6 +152,8 @@
 //! docs/benchmarks.md, "Warm cache costs".
 //!
 //! [`ConntrackAccess`]: crate::access::ConntrackAccess
+//! [`ConntrackAccess::wait_warm`]: crate::access::ConntrackAccess::wait_warm
+//! [`CacheMiss`]: crate::access::CacheMiss
 //! [`ConntrackAccess::dump`]: crate::access::ConntrackAccess::dump
 //! [`Ctnetlink`]: crate::ctnetlink::Ctnetlink
 

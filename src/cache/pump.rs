@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::access::{Shared, State};
 use super::cached::{self, Key};
 use super::stats::bump;
-use crate::access::AccessError;
+use crate::access::{AccessError, CacheMiss};
 use crate::ctnetlink::{Ctnetlink, EventError};
 use crate::entry::{Entry, Selector};
 
@@ -21,9 +21,12 @@ impl Shared {
             events,
             sysctl,
             events_off,
+            events_value,
+            pump_miss,
             ..
         } = st;
         let Some(ev) = events.as_mut() else {
+            *pump_miss = CacheMiss::Warming;
             return false;
         };
         let now = Instant::now();
@@ -31,24 +34,38 @@ impl Shared {
             Ok(d) => {
                 bump(&self.counters.events_read, d.read);
                 bump(&self.counters.events_skipped, d.skipped);
+                *pump_miss = CacheMiss::NotCaughtUp;
                 !d.incomplete
             }
             Err(EventError::Lost) => {
                 bump(&self.counters.losses, 1);
                 tracing::warn!("conntrack events lost; cache untrusted until resynced");
                 tables.lost(now);
+                *pump_miss = CacheMiss::EventsLost;
                 false
             }
             Err(EventError::Io(e)) => {
                 tracing::warn!(error = %e, "reading conntrack events failed; cache untrusted");
                 tables.lost(now);
+                *pump_miss = CacheMiss::EventsLost;
                 false
             }
         };
         // Entries created while delivery is off never report anything.
-        *events_off = matches!(sysctl.as_ref().map(|s| s.read()), Some(Ok(0)));
+        let value = sysctl.as_ref().and_then(|s| s.read().ok());
+        let was_off = *events_off;
+        *events_value = value;
+        *events_off = value == Some(0);
         if *events_off {
+            if !was_off {
+                tracing::warn!(
+                    "net.netfilter.nf_conntrack_events is 0 in this network namespace: \
+                     no conntrack events, so every Save dumps the whole table; set it to 1 \
+                     (see docs/packaging.md)"
+                );
+            }
             tables.lost(now);
+            *pump_miss = CacheMiss::EventsOff;
             return false;
         }
         ok

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::access::{CachedAccess, Shared, State};
 use super::stats::bump;
 use super::table::{Base, Pick, Stamp, NO_BASE};
-use crate::access::{AccessError, ConntrackAccess, DumpSource, SavedState};
+use crate::access::{AccessError, CacheMiss, ConntrackAccess, DumpSource, SaveNotes, SavedState};
 use crate::entry::{Entry, Selector};
 use crate::format::{self, EncodeOptions, View};
 
@@ -19,8 +19,8 @@ const OVERDUE_SLACK: Duration = Duration::from_secs(1);
 impl Shared {
     /// The answer for a watched, trusted selector, or why Save must dump
     /// directly.
-    fn answer_cached(&self, sel: &Selector) -> Result<Vec<Entry>, &'static str> {
-        self.with_answer(sel, false, |_, views, ids| {
+    fn answer_cached(&self, sel: &Selector) -> Result<Vec<Entry>, CacheMiss> {
+        self.with_answer(sel, false, &mut SaveNotes::default(), |_, views, ids| {
             let mut out = crate::format::bigvec::with_capacity(views.len());
             out.extend(views.iter().zip(ids).map(|(v, id)| {
                 let mut e = v.rec.to_entry(v.timeout);
@@ -39,19 +39,24 @@ impl Shared {
     /// With `use_base` and a usable pre-encoded base, `f` gets the base and
     /// its age, and the views are only the entries the base does not hold
     /// as they are now (the ids are still all of them).
+    ///
+    /// `notes` gets what the journal needs to explain a slow Save: the
+    /// lookups made, the silent entries among them, or why it must dump.
     fn with_answer<R>(
         &self,
         sel: &Selector,
         use_base: bool,
+        notes: &mut SaveNotes,
         f: impl FnOnce(Option<(&Base, u32)>, &[View], Vec<Option<u32>>) -> R,
-    ) -> Result<R, &'static str> {
+    ) -> Result<R, CacheMiss> {
         let mut st = self.lock();
-        let r = self.answer_locked(&mut st, sel, use_base, f);
+        let r = self.answer_locked(&mut st, sel, use_base, notes, f);
         if let Err(why) = r {
-            st.last_fallback = Some(why);
+            st.last_fallback = Some(why.as_str());
+            notes.miss = Some(why);
             tracing::debug!(
                 mark = sel.mark,
-                why,
+                why = why.as_str(),
                 "conntrack cache not used for this dump"
             );
         }
@@ -63,16 +68,17 @@ impl Shared {
         st: &mut State,
         sel: &Selector,
         use_base: bool,
+        notes: &mut SaveNotes,
         f: impl FnOnce(Option<(&Base, u32)>, &[View], Vec<Option<u32>>) -> R,
-    ) -> Result<R, &'static str> {
+    ) -> Result<R, CacheMiss> {
         if !self.pump(st, self.config.drain_budget) {
-            return Err("events lost, off, or not caught up");
+            return Err(st.pump_miss());
         }
         let now = Instant::now();
         let margin = self.config.verify_margin_secs;
-        let sc = st.tables.sels.get(sel).ok_or("not watched")?;
+        let sc = st.tables.sels.get(sel).ok_or(CacheMiss::NotWatched)?;
         if !sc.trusted {
-            return Err("not warm or events lost since the last sync");
+            return Err(st.untrusted_miss(sc));
         }
         // Slack for a refresh dump in progress.
         let limit = self.config.refresh_interval * 2 + OVERDUE_SLACK;
@@ -80,7 +86,7 @@ impl Shared {
             .synced_at
             .is_some_and(|t| now.saturating_duration_since(t) <= limit);
         if !fresh {
-            return Err("refresh overdue");
+            return Err(CacheMiss::RefreshOverdue);
         }
         // Entries in a base young enough need no lookup (their timeouts
         // were far from expiry when it was built).
@@ -115,6 +121,13 @@ impl Shared {
         }
         drop((picks, ids));
         let keys = sc.entries.lookup_keys(now, margin);
+        // Silent entries are the lookups an operator can do something
+        // about (docs/packaging.md); the rest are near expiry or partial.
+        let silent = keys
+            .iter()
+            .filter(|k| sc.entries.get(k).is_some_and(|c| !c.evented))
+            .count() as u64;
+        notes.silent = notes.silent.max(silent);
         {
             let cost = Duration::from_nanos(st.lookup_ns.saturating_mul(keys.len() as u64));
             let dump_cost = sc.dump_cost.unwrap_or(Duration::MAX);
@@ -125,15 +138,19 @@ impl Shared {
                     dump_us = dump_cost.as_micros() as u64,
                     "lookups would cost more than a dump"
                 );
-                return Err("lookups would cost more than a dump");
+                return Err(CacheMiss::LookupsCostly);
             }
-            if let Err(e) = self.lookup(st, &self.direct, *sel, &keys) {
+            let t0 = Instant::now();
+            let r = self.lookup(st, &self.direct, *sel, &keys);
+            notes.lookups += keys.len() as u64;
+            notes.lookup_us += t0.elapsed().as_micros() as u64;
+            if let Err(e) = r {
                 tracing::warn!(error = %e, "conntrack lookups at Save failed; dumping directly");
-                return Err("lookups failed");
+                return Err(CacheMiss::LookupsFailed);
             }
         }
         let now = Instant::now();
-        let sc = st.tables.sels.get(sel).ok_or("not watched")?;
+        let sc = st.tables.sels.get(sel).ok_or(CacheMiss::NotWatched)?;
         let base_ok = base_ok && sc.entries.base().is_some_and(|b| b.usable(now));
         let at = Stamp::of(now);
         let hot = sc.entries.hot();
@@ -189,7 +206,10 @@ impl CachedAccess {
         let watched = self.shared.lock().tables.sels.contains_key(sel);
         if !watched {
             bump(&self.shared.counters.unwatched, 1);
-            return self.shared.direct.save_state(sel, opts);
+            return self.shared.direct.save_state(sel, opts).map(|mut s| {
+                s.notes.miss = Some(CacheMiss::NotWatched);
+                s
+            });
         }
         // Encoding under the lock holds back the event thread for those
         // milliseconds; its events queue in the socket meanwhile.
@@ -203,6 +223,7 @@ impl CachedAccess {
                         encoded,
                         source: DumpSource::Cache,
                         ids: ids.into_iter().flatten().collect(),
+                        notes: SaveNotes::default(),
                     })
                 })
                 .map_err(|source| AccessError::Encode {
@@ -211,15 +232,17 @@ impl CachedAccess {
                 })
         };
         let use_base = opts.format == format::Format::Binary;
+        let mut notes = SaveNotes::default();
         let r = self
             .shared
-            .with_answer(sel, use_base, |base, views, ids| match base {
+            .with_answer(sel, use_base, &mut notes, |base, views, ids| match base {
                 None => whole(views, ids),
                 Some((b, age)) => match b.patched(age, views, opts.limit) {
                     Ok(Some(encoded)) => Ok(Some(SavedState {
                         encoded,
                         source: DumpSource::Base,
                         ids: ids.into_iter().flatten().collect(),
+                        notes: SaveNotes::default(),
                     })),
                     // Too big with the base: a whole encode decides what
                     // to drop.
@@ -233,11 +256,12 @@ impl CachedAccess {
         let r = match r {
             Ok(Ok(None)) => self
                 .shared
-                .with_answer(sel, false, |_, views, ids| whole(views, ids)),
+                .with_answer(sel, false, &mut notes, |_, views, ids| whole(views, ids)),
             other => other,
         };
         match r {
-            Ok(Ok(Some(saved))) => {
+            Ok(Ok(Some(mut saved))) => {
+                saved.notes = notes;
                 bump(&self.shared.counters.hits, 1);
                 if saved.source == DumpSource::Base {
                     bump(&self.shared.counters.base_saves, 1);
@@ -250,7 +274,11 @@ impl CachedAccess {
             Ok(Ok(None)) | Err(_) => {
                 bump(&self.shared.counters.fallbacks, 1);
                 self.shared.wake();
-                self.shared.direct.save_state(sel, opts)
+                notes.miss = notes.miss.or(Some(CacheMiss::Other));
+                self.shared.direct.save_state(sel, opts).map(|mut s| {
+                    s.notes = notes;
+                    s
+                })
             }
         }
     }

@@ -159,7 +159,18 @@ impl Shared {
     /// event and need no lookup at Save any more. Runs outside the lock; the
     /// events are applied by the next pump.
     fn probe(&self, sel: Selector) {
-        let probes = self.lock().tables.take_probes(sel);
+        let probes = {
+            let mut st = self.lock();
+            // Until their answers are read, the selector is not warm
+            // (`wait_warm`), though no probe is pending any more.
+            st.probing = Some(sel);
+            st.tables.take_probes(sel)
+        };
+        self.probe_batches(sel, &probes);
+        self.lock().probing = None;
+    }
+
+    fn probe_batches(&self, sel: Selector, probes: &[Entry]) {
         // One batch at a time, each followed by reading its UPDATE events, so
         // the probes never overrun our own receive queue.
         // An event costs about 1 KiB of the receive buffer (skb overhead).

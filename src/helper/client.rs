@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use super::wire::{self, op, Request, Response};
 use crate::access::{
-    AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport, DumpSource, SavedState,
+    AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport, DumpSource, SaveNotes,
+    SavedState, WarmState, Warmth,
 };
 use crate::entry::{Entry, Selector};
 use crate::format::{EncodeOptions, Encoded};
@@ -64,7 +65,14 @@ pub struct HelperClient {
     old_helper_delete: AtomicBool,
     /// Likewise for CreateBackground: plain Creates until then.
     old_helper_background: AtomicBool,
+    /// Likewise for WaitWarm and SaveStateNoted, added together: no wait,
+    /// and plain SaveStates, until then.
+    old_helper_warm: AtomicBool,
 }
+
+/// How much longer than the wait it asks for a WaitWarm may take to be
+/// answered before the client gives up on it.
+const WAIT_WARM_SLACK: Duration = Duration::from_secs(2);
 
 /// The watches the daemon asked for and the one connection that holds them
 /// in the helper (watches live as long as their connection).
@@ -117,6 +125,7 @@ impl HelperClient {
             old_helper_save: AtomicBool::new(false),
             old_helper_background: AtomicBool::new(false),
             old_helper_delete: AtomicBool::new(false),
+            old_helper_warm: AtomicBool::new(false),
             watches: Arc::new(WatchState {
                 path: socket.to_owned(),
                 timeout,
@@ -194,7 +203,18 @@ impl HelperClient {
     /// Sends one request frame and returns the reply, retrying once on a
     /// fresh connection when a reused one turns out to be closed.
     fn call(&self, op: &'static str, frame: &[u8]) -> Result<Response, AccessError> {
-        let deadline = Instant::now() + self.timeout;
+        self.call_within(op, frame, self.timeout)
+    }
+
+    /// [`call`](Self::call) with its own bound, for requests that wait by
+    /// design (WaitWarm).
+    fn call_within(
+        &self,
+        op: &'static str,
+        frame: &[u8],
+        timeout: Duration,
+    ) -> Result<Response, AccessError> {
+        let deadline = Instant::now() + timeout;
         if let Some(s) = self.pooled() {
             match self.attempt(op, s, frame, deadline) {
                 Ok(r) => return Ok(r),
@@ -204,6 +224,7 @@ impl HelperClient {
                     self.old_helper_save.store(false, Ordering::Relaxed);
                     self.old_helper_delete.store(false, Ordering::Relaxed);
                     self.old_helper_background.store(false, Ordering::Relaxed);
+                    self.old_helper_warm.store(false, Ordering::Relaxed);
                 }
                 Err(Fail::Other(e)) => return Err(e),
             }
@@ -559,7 +580,8 @@ fn unexpected(op: &'static str, r: &Response) -> AccessError {
         Response::DeleteReport(_) => "delete report",
         Response::Watching(_) => "watch count",
         Response::SourcedEntries(..) => "entries",
-        Response::SavedState(..) => "saved state",
+        Response::SavedState(..) | Response::SavedStateNoted(..) => "saved state",
+        Response::Warmth(_) => "warmth",
     };
     AccessError::Helper(format!("{op}: unexpected {kind} reply from the helper"))
 }
@@ -675,11 +697,13 @@ impl HelperClient {
         Ok(Some(report))
     }
 
-    /// SaveState; `None` when the helper does not know the op.
+    /// SaveStateNoted (`noted`) or SaveState; `None` when the helper does
+    /// not know the op.
     fn save_state_op(
         &self,
         sel: &Selector,
         opts: &EncodeOptions,
+        noted: bool,
     ) -> Result<Option<SavedState>, AccessError> {
         // Above the op's ceiling, asking for the ceiling still keeps the
         // state within the caller's limit; below the floor the helper
@@ -687,15 +711,27 @@ impl HelperClient {
         let limit = u32::try_from(opts.limit)
             .unwrap_or(u32::MAX)
             .min(wire::MAX_SAVE_LIMIT);
-        let frame = wire::encode_request(&Request::SaveState(*sel, limit, opts.format));
-        let (source, kept, dropped, ids, bytes) = match self.call_for("save-state", sel, &frame)? {
-            Response::SavedState(source, kept, dropped, ids, bytes) => {
-                (source, kept, dropped, ids, bytes)
-            }
-            Response::Error(m) if unknown_op(&m, op::SAVE_STATE) => return Ok(None),
-            Response::Error(m) => return Err(refused("save-state", m)),
-            r => return Err(unexpected("save-state", &r)),
+        let (req, opcode) = if noted {
+            (
+                Request::SaveStateNoted(*sel, limit, opts.format),
+                op::SAVE_STATE_NOTED,
+            )
+        } else {
+            (Request::SaveState(*sel, limit, opts.format), op::SAVE_STATE)
         };
+        let frame = wire::encode_request(&req);
+        let (source, kept, dropped, ids, bytes, notes) =
+            match self.call_for("save-state", sel, &frame)? {
+                Response::SavedState(source, kept, dropped, ids, bytes) => {
+                    (source, kept, dropped, ids, bytes, SaveNotes::default())
+                }
+                Response::SavedStateNoted(source, kept, dropped, ids, bytes, notes) => {
+                    (source, kept, dropped, ids, bytes, notes)
+                }
+                Response::Error(m) if unknown_op(&m, opcode) => return Ok(None),
+                Response::Error(m) => return Err(refused("save-state", m)),
+                r => return Err(unexpected("save-state", &r)),
+            };
         let bad = |detail: String| self.protocol("save-state", &detail);
         if bytes.is_empty() || bytes.len() > limit as usize {
             return Err(bad(format!(
@@ -724,7 +760,19 @@ impl HelperClient {
             },
             source,
             ids,
+            notes,
         }))
+    }
+
+    /// The helper predates WaitWarm and SaveStateNoted: remembered (until
+    /// a reconnect) and said once.
+    fn note_old_helper_warm(&self) {
+        if !self.old_helper_warm.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                "the helper predates WaitWarm: Register does not wait for the warm cache, \
+                 and Saves do not say why they were slow, until the helper is upgraded"
+            );
+        }
     }
 
     /// DeleteSaved of already de-duplicated ids; `None` when the helper
@@ -820,8 +868,14 @@ impl ConntrackAccess for HelperClient {
     /// A helper that predates the op (daemon upgraded first) gets the
     /// trait's default path: DumpSourced, then encoding here.
     fn save_state(&self, sel: &Selector, opts: &EncodeOptions) -> Result<SavedState, AccessError> {
+        if !self.old_helper_warm.load(Ordering::Relaxed) {
+            if let Some(saved) = self.save_state_op(sel, opts, true)? {
+                return Ok(saved);
+            }
+            self.note_old_helper_warm();
+        }
         if !self.old_helper_save.load(Ordering::Relaxed) {
-            if let Some(saved) = self.save_state_op(sel, opts)? {
+            if let Some(saved) = self.save_state_op(sel, opts, false)? {
                 return Ok(saved);
             }
             self.old_helper_save.store(true, Ordering::Relaxed);
@@ -849,6 +903,34 @@ impl ConntrackAccess for HelperClient {
             tracing::info!("the helper predates DeleteSaved; flushes dump into the daemon");
         }
         Plain(self).delete_saved(sel, ids)
+    }
+
+    /// The helper waits (its cache is there); the reply comes within the
+    /// wait plus `WAIT_WARM_SLACK`. A helper that predates the op: at once.
+    fn wait_warm(&self, sel: &Selector, timeout: Duration) -> Result<Warmth, AccessError> {
+        if self.old_helper_warm.load(Ordering::Relaxed) {
+            return Ok(Warmth::of(WarmState::Unknown));
+        }
+        let ms = u32::try_from(timeout.as_millis())
+            .unwrap_or(u32::MAX)
+            .min(wire::MAX_WAIT_WARM_MS);
+        let frame = wire::encode_request(&Request::WaitWarm(*sel, ms));
+        let within = Duration::from_millis(ms.into()) + WAIT_WARM_SLACK;
+        let mut r = self.call_within("wait-warm", &frame, within)?;
+        if matches!(&r, Response::Error(m) if m.contains(NOT_WATCHED))
+            && self.watches.resend_for(sel)
+        {
+            r = self.call_within("wait-warm", &frame, within)?;
+        }
+        match r {
+            Response::Warmth(w) => Ok(w),
+            Response::Error(m) if unknown_op(&m, op::WAIT_WARM) => {
+                self.note_old_helper_warm();
+                Ok(Warmth::of(WarmState::Unknown))
+            }
+            Response::Error(m) => Err(refused("wait-warm", m)),
+            r => Err(unexpected("wait-warm", &r)),
+        }
     }
 
     /// Watches live in the helper as long as one dedicated connection stays

@@ -128,6 +128,8 @@ pub fn confine(req: &Request, watched: impl Fn(&Selector) -> bool) -> Result<(),
         | Request::Create(s, _)
         | Request::CreateBackground(s, _)
         | Request::SaveState(s, ..)
+        | Request::SaveStateNoted(s, ..)
+        | Request::WaitWarm(s, _)
         | Request::DeleteEntries(s, _)
         | Request::DeleteSaved(s, _) => s,
     };
@@ -166,10 +168,12 @@ pub fn validate(req: &Request) -> Result<(), String> {
         | Request::CreateBackground(s, _)
         | Request::DeleteEntries(s, _)
         | Request::SaveState(s, ..)
+        | Request::SaveStateNoted(s, ..)
+        | Request::WaitWarm(s, _)
         | Request::DeleteSaved(s, _) => s,
     };
     validate_selector(sel)?;
-    if let Request::SaveState(_, limit, _) = req {
+    if let Request::SaveState(_, limit, _) | Request::SaveStateNoted(_, limit, _) = req {
         validate_save_limit(*limit)?;
     }
     if let Request::Create(s, entries)
@@ -252,7 +256,23 @@ fn execute(req: &Request, access: &dyn ConntrackAccess) -> Response {
             es.retain(|e| s.matches(e));
             Response::SourcedEntries(src, es)
         }),
-        Request::SaveState(s, limit, format) => save_state(access, s, *limit, *format),
+        Request::SaveState(s, limit, format) => {
+            save_state(access, s, *limit, *format).map(|r| match r {
+                Response::SavedStateNoted(src, kept, dropped, ids, bytes, _) => {
+                    Response::SavedState(src, kept, dropped, ids, bytes)
+                }
+                other => other,
+            })
+        }
+        Request::SaveStateNoted(s, limit, format) => save_state(access, s, *limit, *format),
+        // Bounded here too: one request must not hold a connection thread
+        // longer than the protocol allows.
+        Request::WaitWarm(s, ms) => {
+            let ms = (*ms).min(wire::MAX_WAIT_WARM_MS);
+            access
+                .wait_warm(s, Duration::from_millis(ms.into()))
+                .map(Response::Warmth)
+        }
         Request::DeleteSaved(s, ids) => {
             delete_saved_owned(access, s, ids).map(Response::DeleteReport)
         }
@@ -268,7 +288,8 @@ fn execute(req: &Request, access: &dyn ConntrackAccess) -> Response {
 /// Dump it cannot be re-filtered: the selector is applied by the access
 /// (ctnetlink filters every dump by it, the cache keeps one table per
 /// selector). Its size is checked again, since whatever the encoder did,
-/// the daemon must never be handed more than it asked for.
+/// the daemon must never be handed more than it asked for. Answers
+/// SavedStateNoted; the plain SaveState drops the notes.
 fn save_state(
     access: &dyn ConntrackAccess,
     sel: &Selector,
@@ -287,6 +308,7 @@ fn save_state(
         },
         source,
         ids,
+        notes,
     } = access.save_state(sel, &opts)?;
     if bytes.is_empty() || bytes.len() > opts.limit {
         return Ok(Response::Error(format!(
@@ -301,12 +323,13 @@ fn save_state(
             wire::MAX_SAVED_IDS
         )));
     }
-    Ok(Response::SavedState(
+    Ok(Response::SavedStateNoted(
         source,
         kept as u64,
         dropped as u64,
         ids,
         bytes,
+        notes,
     ))
 }
 
@@ -761,7 +784,8 @@ fn log_request(name: Option<&str>, sel: Option<&Selector>, resp: &Response, took
         Response::Created(r) => Some(r.created),
         Response::Deleted(n) => Some(*n),
         Response::DeleteReport(r) => Some(r.deleted),
-        Response::SavedState(_, kept, ..) => Some(*kept),
+        Response::SavedState(_, kept, ..) | Response::SavedStateNoted(_, kept, ..) => Some(*kept),
+        Response::Warmth(w) => Some(w.entries),
         Response::Error(_) | Response::Watching(_) => None,
     };
     match resp {

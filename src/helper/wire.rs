@@ -6,7 +6,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::access::{CreateReport, DeleteReport, DumpSource};
+use crate::access::{
+    CacheMiss, CreateReport, DeleteReport, DumpSource, SaveNotes, WarmState, Warmth,
+};
 use crate::entry::{Entry, ProtoInfo, Selector, SeqAdj, Tuple, L4};
 use crate::format::Format;
 
@@ -65,6 +67,15 @@ pub mod op {
     /// Load answered, run at a lower CPU priority. A helper that predates
     /// it answers `unknown opcode`; the client then sends plain Creates.
     pub const CREATE_BACKGROUND: u8 = 9;
+    /// Added in protocol 1 as well, together: wait until a watched
+    /// selector's Save would come from the warm cache (Register waits for
+    /// it), and SaveState whose reply also says why a Save was slow. A
+    /// helper that predates them answers `unknown opcode`; the client then
+    /// does not wait, and sends plain SaveStates (it learns both from the
+    /// first refusal of either, so a Save after Register pays no extra
+    /// round trip).
+    pub const WAIT_WARM: u8 = 10;
+    pub const SAVE_STATE_NOTED: u8 = 11;
     /// Replies have the high bit set.
     pub const R_ERROR: u8 = 0x80;
     pub const R_ENTRIES: u8 = 0x81;
@@ -74,7 +85,13 @@ pub mod op {
     pub const R_WATCHING: u8 = 0x85;
     pub const R_SOURCED_ENTRIES: u8 = 0x86;
     pub const R_SAVED_STATE: u8 = 0x87;
+    pub const R_WARMTH: u8 = 0x88;
+    pub const R_SAVED_STATE_NOTED: u8 = 0x89;
 }
+
+/// Longest wait a WaitWarm may ask for; longer asks wait this long. The
+/// daemon asks for 10 s.
+pub const MAX_WAIT_WARM_MS: u32 = 60_000;
 
 /// A request from the daemon. Create and DeleteEntries name the selector
 /// every one of their entries must match, so the helper can check that a
@@ -97,6 +114,11 @@ pub enum Request {
     /// Delete the selected entries whose CTA_ID is one of these
     /// (`ConntrackAccess::delete_saved`); answered with a DeleteReport.
     DeleteSaved(Selector, Vec<u32>),
+    /// Wait up to this many ms until a Save of the selector would be
+    /// answered from the warm cache (`ConntrackAccess::wait_warm`).
+    WaitWarm(Selector, u32),
+    /// SaveState answered with SavedStateNoted.
+    SaveStateNoted(Selector, u32, Format),
 }
 
 impl Request {
@@ -111,6 +133,8 @@ impl Request {
             Request::DumpSourced(_) => "dump",
             Request::SaveState(..) => "save-state",
             Request::DeleteSaved(..) => "delete-saved",
+            Request::WaitWarm(..) => "wait-warm",
+            Request::SaveStateNoted(..) => "save-state",
         }
     }
 }
@@ -129,6 +153,11 @@ pub enum Response {
     /// Answer to SaveState: source, kept, dropped, the CTA_ID of every
     /// entry dumped (kept or dropped), and the encoded state.
     SavedState(DumpSource, u64, u64, Vec<u32>, Vec<u8>),
+    /// Answer to WaitWarm.
+    Warmth(Warmth),
+    /// Answer to SaveStateNoted: SavedState's fields, then what the cache
+    /// says about the Save.
+    SavedStateNoted(DumpSource, u64, u64, Vec<u32>, Vec<u8>, SaveNotes),
 }
 
 /// Why a frame could not be decoded. The text goes back to the peer.
@@ -361,6 +390,64 @@ fn source_code(s: DumpSource) -> u8 {
     }
 }
 
+/// [`CacheMiss`] on the wire: 0 is "no miss". Codes are never reused; a
+/// reader maps codes it does not know to [`CacheMiss::Other`].
+fn miss_code(m: Option<CacheMiss>) -> u8 {
+    match m {
+        None => 0,
+        Some(CacheMiss::NotWatched) => 1,
+        Some(CacheMiss::Warming) => 2,
+        Some(CacheMiss::EventsLost) => 3,
+        Some(CacheMiss::EventsOff) => 4,
+        Some(CacheMiss::NotCaughtUp) => 5,
+        Some(CacheMiss::RefreshOverdue) => 6,
+        Some(CacheMiss::LookupsCostly) => 7,
+        Some(CacheMiss::LookupsFailed) => 8,
+        Some(CacheMiss::SyncFailed) => 9,
+        Some(CacheMiss::Other) => 255,
+    }
+}
+
+fn miss_of(code: u8) -> Option<CacheMiss> {
+    Some(match code {
+        0 => return None,
+        1 => CacheMiss::NotWatched,
+        2 => CacheMiss::Warming,
+        3 => CacheMiss::EventsLost,
+        4 => CacheMiss::EventsOff,
+        5 => CacheMiss::NotCaughtUp,
+        6 => CacheMiss::RefreshOverdue,
+        7 => CacheMiss::LookupsCostly,
+        8 => CacheMiss::LookupsFailed,
+        9 => CacheMiss::SyncFailed,
+        _ => CacheMiss::Other,
+    })
+}
+
+/// [`WarmState`] as (state code, miss code).
+fn warm_codes(s: WarmState) -> (u8, u8) {
+    match s {
+        WarmState::Warm => (0, 0),
+        WarmState::Uncached => (1, 0),
+        WarmState::Unknown => (2, 0),
+        WarmState::Cold(m) => (3, miss_code(Some(m))),
+    }
+}
+
+/// The reverse of [`warm_codes`]; what this side does not know is
+/// `Unknown` (never taken for warm), a cold state without a cause `Other`.
+fn warm_of(state: u8, miss: u8) -> WarmState {
+    match state {
+        0 => WarmState::Warm,
+        1 => WarmState::Uncached,
+        3 => WarmState::Cold(miss_of(miss).unwrap_or(CacheMiss::Other)),
+        _ => WarmState::Unknown,
+    }
+}
+
+/// `nf_conntrack_events` on the wire; `u32::MAX` is "not read".
+const SYSCTL_UNKNOWN: u32 = u32::MAX;
+
 fn frame(opcode: u8, body: impl FnOnce(&mut W)) -> Vec<u8> {
     frame_sized(opcode, 64, body)
 }
@@ -398,6 +485,15 @@ pub fn encode_request(r: &Request) -> Vec<u8> {
             w.u8(format_code(*format));
         }),
         Request::DeleteSaved(s, ids) => encode_delete_saved(s, ids),
+        Request::WaitWarm(s, ms) => frame(op::WAIT_WARM, |w| {
+            put_selector(w, s);
+            w.u32(*ms);
+        }),
+        Request::SaveStateNoted(s, limit, format) => frame(op::SAVE_STATE_NOTED, |w| {
+            put_selector(w, s);
+            w.u32(*limit);
+            w.u8(format_code(*format));
+        }),
     }
 }
 
@@ -480,6 +576,31 @@ pub fn encode_response(r: &Response) -> Vec<u8> {
                 w.bytes(bytes);
             })
         }
+        Response::Warmth(x) => frame(op::R_WARMTH, |w| {
+            let (state, miss) = warm_codes(x.state);
+            w.u8(state);
+            w.u8(miss);
+            w.u64(x.entries);
+            w.u64(x.silent);
+            w.u64(x.base_records);
+            w.u32(x.events_sysctl.unwrap_or(SYSCTL_UNKNOWN));
+        }),
+        Response::SavedStateNoted(src, kept, dropped, ids, bytes, notes) => frame_sized(
+            op::R_SAVED_STATE_NOTED,
+            64 + ids.len() * 4 + bytes.len(),
+            |w| {
+                w.u8(source_code(*src));
+                w.u64(*kept);
+                w.u64(*dropped);
+                put_ids(w, ids);
+                w.u32(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
+                w.bytes(bytes);
+                w.u8(miss_code(notes.miss));
+                w.u64(notes.silent);
+                w.u64(notes.lookups);
+                w.u64(notes.lookup_us);
+            },
+        ),
     }
 }
 
@@ -744,6 +865,31 @@ fn get_source(r: &mut R) -> Result<DumpSource, WireError> {
     }
 }
 
+fn get_format(r: &mut R) -> Result<Format, WireError> {
+    match r.u8()? {
+        0 => Ok(Format::Binary),
+        1 => Ok(Format::ConntrackSave),
+        v => Err(r.invalid("state format", v.into())),
+    }
+}
+
+/// The fields SavedState and SavedStateNoted share: source, kept,
+/// dropped, ids, state.
+type Saved = (DumpSource, u64, u64, Vec<u32>, Vec<u8>);
+
+fn get_saved(r: &mut R) -> Result<Saved, WireError> {
+    let src = get_source(r)?;
+    let kept = r.u64()?;
+    let dropped = r.u64()?;
+    let ids = get_ids(r)?;
+    let len = r.u32()?;
+    if len > MAX_SAVE_LIMIT {
+        return Err(WireError::StateTooLarge { len: len.into() });
+    }
+    let bytes = r.take(len as usize)?.to_vec();
+    Ok((src, kept, dropped, ids, bytes))
+}
+
 fn header(r: &mut R) -> Result<u8, WireError> {
     let version = r.u8()?;
     if version != VERSION {
@@ -779,16 +925,20 @@ pub fn decode_request(payload: &[u8]) -> Result<Request, WireError> {
         op::SAVE_STATE => {
             let s = get_selector(&mut r)?;
             let limit = r.u32()?;
-            let format = match r.u8()? {
-                0 => Format::Binary,
-                1 => Format::ConntrackSave,
-                v => return Err(r.invalid("state format", v.into())),
-            };
-            Request::SaveState(s, limit, format)
+            Request::SaveState(s, limit, get_format(&mut r)?)
         }
         op::DELETE_SAVED => {
             let s = get_selector(&mut r)?;
             Request::DeleteSaved(s, get_ids(&mut r)?)
+        }
+        op::WAIT_WARM => {
+            let s = get_selector(&mut r)?;
+            Request::WaitWarm(s, r.u32()?)
+        }
+        op::SAVE_STATE_NOTED => {
+            let s = get_selector(&mut r)?;
+            let limit = r.u32()?;
+            Request::SaveStateNoted(s, limit, get_format(&mut r)?)
         }
         other => return Err(WireError::Opcode(other)),
     };
@@ -842,16 +992,36 @@ pub fn decode_response(payload: &[u8]) -> Result<Response, WireError> {
             Response::SourcedEntries(src, get_entries(&mut r, usize::MAX)?)
         }
         op::R_SAVED_STATE => {
-            let src = get_source(&mut r)?;
-            let kept = r.u64()?;
-            let dropped = r.u64()?;
-            let ids = get_ids(&mut r)?;
-            let len = r.u32()?;
-            if len > MAX_SAVE_LIMIT {
-                return Err(WireError::StateTooLarge { len: len.into() });
-            }
-            let bytes = r.take(len as usize)?.to_vec();
+            let (src, kept, dropped, ids, bytes) = get_saved(&mut r)?;
             Response::SavedState(src, kept, dropped, ids, bytes)
+        }
+        // The two replies added last are extensible: a newer helper may
+        // append fields, which this side skips (hence no `end()` check).
+        op::R_WARMTH => {
+            let (state, miss) = (r.u8()?, r.u8()?);
+            let entries = r.u64()?;
+            let silent = r.u64()?;
+            let base_records = r.u64()?;
+            let sysctl = r.u32()?;
+            return Ok(Response::Warmth(Warmth {
+                state: warm_of(state, miss),
+                entries,
+                silent,
+                base_records,
+                events_sysctl: (sysctl != SYSCTL_UNKNOWN).then_some(sysctl),
+            }));
+        }
+        op::R_SAVED_STATE_NOTED => {
+            let (src, kept, dropped, ids, bytes) = get_saved(&mut r)?;
+            let notes = SaveNotes {
+                miss: miss_of(r.u8()?),
+                silent: r.u64()?,
+                lookups: r.u64()?,
+                lookup_us: r.u64()?,
+            };
+            return Ok(Response::SavedStateNoted(
+                src, kept, dropped, ids, bytes, notes,
+            ));
         }
         other => return Err(WireError::Opcode(other)),
     };

@@ -15,7 +15,10 @@ use super::confine::{self, LoadPolicy, Refused};
 use super::persist::{PendingRestore, Store};
 use super::runtime::{now_us, OpReport, Restore, RestoreCtl, VmRuntime};
 use super::ServiceError;
-use crate::access::{AccessError, ConntrackAccess, CreateReport, DeleteReport, SavedState};
+use crate::access::{
+    AccessError, CacheMiss, ConntrackAccess, CreateReport, DeleteReport, DumpSource, SaveNotes,
+    SavedState, WarmState, Warmth,
+};
 use crate::entry::Entry;
 use crate::format::{self, EncodeOptions, QEMU_LIMIT};
 
@@ -77,6 +80,78 @@ const HANDOVER_REASON: &str =
 /// How long `Unregister(flush)` waits for the deletions.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long Register waits for the VM's warm cache (first sync of the VM's
+/// entries, their probes, the pre-encoded base): ~1 s with 100k entries of
+/// the VM among 150k others, ~0.1 s with 5k (docs/downtime.md, "Register
+/// to warm"); 10 s is far beyond that, and far inside a D-Bus caller's 25 s.
+pub const WARM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Save-time lookups of silent entries from this long on are worth a
+/// warning: that much downtime goes away with nf_conntrack_events=1.
+const SLOW_LOOKUPS_US: u64 = 1000;
+
+/// What [`Engine::wait_warm`] found, and after how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Warmed {
+    pub warmth: Warmth,
+    pub took: Duration,
+}
+
+impl Warmed {
+    /// Whether Saves will come from the cache, or there is none to wait
+    /// for (the journal line is a warning otherwise).
+    pub fn fine(&self) -> bool {
+        matches!(
+            self.warmth.state,
+            WarmState::Warm | WarmState::Uncached | WarmState::Unknown
+        )
+    }
+
+    /// The journal's account of it, for the Register line.
+    pub fn describe(&self) -> String {
+        let w = &self.warmth;
+        let ms = self.took.as_millis();
+        let silent = if w.silent == 0 {
+            String::new()
+        } else {
+            format!(
+                ", {} of them silent (they never reported a conntrack event: older than \
+                 net.netfilter.nf_conntrack_events=1, see docs/packaging.md; each Save looks \
+                 them up)",
+                w.silent
+            )
+        };
+        let base = if w.base_records == 0 {
+            String::new()
+        } else {
+            format!(", pre-encoded base of {} entries", w.base_records)
+        };
+        match w.state {
+            WarmState::Warm => format!(
+                "its cache is warm after {ms} ms: {} entries cached{silent}{base}",
+                w.entries
+            ),
+            WarmState::Uncached => "no warm cache, every Save walks the conntrack table".into(),
+            WarmState::Unknown => {
+                "the helper predates WaitWarm, so Register did not wait for its warm cache".into()
+            }
+            WarmState::Cold(CacheMiss::LookupsCostly) => format!(
+                "its cache is ready after {ms} ms, but {} of its {} entries never reported \
+                 conntrack events and looking each up would cost more than a dump, so Saves \
+                 walk the table; {}",
+                w.silent,
+                w.entries,
+                CacheMiss::LookupsCostly.remedy()
+            ),
+            WarmState::Cold(why) => format!(
+                "its cache is not warm after {ms} ms ({}): Saves walk the table until it is; {}",
+                why.as_str(),
+                why.remedy()
+            ),
+        }
+    }
+}
+
 /// Returned only if even an empty state cannot be encoded (a broken build).
 /// It is the Perl helper's "no entries" payload, which every decoder (ours
 /// and the Perl helper's) reads as an empty state, and QEMU still gets the
@@ -119,6 +194,9 @@ pub struct Engine {
     /// only a newer Load of the same VM, registered again or not, finds and
     /// supersedes it here; a stop finishes or hands over all of them.
     restores: Mutex<HashMap<String, Arc<VmRuntime>>>,
+    /// A non-1 `nf_conntrack_events` was reported (once per daemon: the
+    /// helper's journal may be one the operator does not read).
+    sysctl_warned: std::sync::atomic::AtomicBool,
 }
 
 /// How long after a Save its entry ids are written to disk: QEMU is still
@@ -144,6 +222,7 @@ impl Engine {
             store: None,
             max_entries: confine::DEFAULT_MAX_ENTRIES,
             restores: Mutex::new(HashMap::new()),
+            sysctl_warned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -213,9 +292,27 @@ impl Engine {
         });
     }
 
-    /// Starts (`on`) or stops keeping the VM's entries warm for Save. A
-    /// failure is logged, never fatal: Save then dumps directly.
-    pub async fn watch(&self, vm: &Arc<VmRuntime>, on: bool) {
+    /// Starts (`on`) keeping the VM's entries warm for Save and returns
+    /// once a Save would be answered from the warm cache
+    /// ([`wait_warm`](Self::wait_warm)), or stops keeping them (`None`).
+    /// A failure is logged, never fatal: Save then dumps directly. Callers
+    /// that hold a lock others need, or must not wait (a restore at start),
+    /// use [`start_watch`](Self::start_watch) and wait later, or not.
+    pub async fn watch(&self, vm: &Arc<VmRuntime>, on: bool) -> Option<Warmed> {
+        self.set_watch(vm, on).await;
+        if on {
+            self.wait_warm(vm).await
+        } else {
+            None
+        }
+    }
+
+    /// [`watch`](Self::watch)`(vm, true)` without the wait.
+    pub async fn start_watch(&self, vm: &Arc<VmRuntime>) {
+        self.set_watch(vm, true).await;
+    }
+
+    async fn set_watch(&self, vm: &Arc<VmRuntime>, on: bool) {
         if !on && !vm.set_watching(false) {
             return;
         }
@@ -239,6 +336,50 @@ impl Engine {
                 c.vm
             ),
         }
+    }
+
+    /// Waits (bounded by [`WARM_TIMEOUT`], on the blocking pool) until a
+    /// Save of the watched VM would be answered from the warm cache; what
+    /// Register waits for. `None` when the VM is not watched (its watch
+    /// failed, and said so) or the access could not tell (logged).
+    pub async fn wait_warm(&self, vm: &Arc<VmRuntime>) -> Option<Warmed> {
+        if !vm.watching() {
+            return None;
+        }
+        let start = Instant::now();
+        let access = self.access.clone();
+        let sel = vm.config.selector();
+        let res = tokio::task::spawn_blocking(move || access.wait_warm(&sel, WARM_TIMEOUT))
+            .await
+            .unwrap_or_else(|e| Err(AccessError::Helper(format!("wait-warm task failed: {e}"))));
+        let c = &vm.config;
+        let warmth = match res {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(
+                    VMID = %c.vm,
+                    VMSTATE_ID = %c.id,
+                    "waiting for the warm cache of VM {} failed ({e}); a Save now may walk the table",
+                    c.vm
+                );
+                return None;
+            }
+        };
+        if let Some(v) = warmth.events_sysctl.filter(|&v| v != 1) {
+            if !self.sysctl_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    EVENTS_SYSCTL = v,
+                    "net.netfilter.nf_conntrack_events is {v} in the VMs' network namespace, \
+                     not 1: connections opened without the event extension never report \
+                     events, and Save must look each up or walk the whole table; set it to 1 \
+                     (see docs/packaging.md)"
+                );
+            }
+        }
+        Some(Warmed {
+            warmth,
+            took: start.elapsed(),
+        })
     }
 
     /// Answers QEMU's `Save()`: the VM's entries encoded, or, on any failure
@@ -292,6 +433,7 @@ impl Engine {
                     timestamp_us: now_us(),
                     ..OpReport::default()
                 };
+                explain_save(vm, saved.source, &saved.notes, report.duration_us);
                 // Every dumped entry, also those dropped for space, is the
                 // VM's state on this host; a flush after the migration
                 // removes all of it.
@@ -575,8 +717,9 @@ impl Engine {
             };
             let detached = registered(&vm).is_none_or(|r| !Arc::ptr_eq(&r, &rt));
             if !rt.watching() {
-                // A confined helper creates only for watched selectors.
-                self.watch(&rt, true).await;
+                // A confined helper creates only for watched selectors
+                // (warm or not: a restore needs no cache).
+                self.start_watch(&rt).await;
             }
             tracing::info!(
                 VMID = %vm,
@@ -1066,6 +1209,76 @@ impl RestoreJob {
             }
             None => log_complete(&self.vm, &report),
         }
+    }
+}
+
+/// A warning that says why a Save was slow and what to change, when the
+/// cache could not answer it or had to look up many silent entries.
+/// Nothing for an access without a cache (no notes).
+fn explain_save(vm: &VmRuntime, source: DumpSource, n: &SaveNotes, duration_us: u64) {
+    let c = &vm.config;
+    let ms = |us: u64| format!("{}.{:01}", us / 1000, us % 1000 / 100);
+    let silent_why = |silent: u64| {
+        format!(
+            "{silent} of VM {}'s entries never reported conntrack events (older than \
+             net.netfilter.nf_conntrack_events=1, see docs/packaging.md)",
+            c.vm
+        )
+    };
+    match (source, n.miss) {
+        (DumpSource::Kernel, Some(why)) => {
+            let cause = match why {
+                CacheMiss::LookupsCostly | CacheMiss::LookupsFailed if n.silent > 0 => format!(
+                    "{}; {}",
+                    silent_why(n.silent),
+                    if why == CacheMiss::LookupsCostly {
+                        "looking each up would have cost more than the walk"
+                    } else {
+                        "looking them up failed"
+                    }
+                ),
+                _ => why.as_str().to_string(),
+            };
+            // Lookups of entries near expiry or missing attributes are
+            // no one's fault; only silent ones have a remedy.
+            let remedy = match why {
+                CacheMiss::LookupsCostly | CacheMiss::LookupsFailed if n.silent == 0 => {
+                    "the entries that needed a lookup were close to expiry or missing \
+                     attributes; nothing to change"
+                }
+                _ => why.remedy(),
+            };
+            tracing::warn!(
+                VMID = %c.vm,
+                VMSTATE_ID = %c.id,
+                CAUSE = why.as_str(),
+                SILENT = n.silent,
+                DURATION_US = duration_us,
+                "Save of VM {} walked the conntrack table ({} ms) instead of answering from the \
+                 warm cache: {cause}; {}",
+                c.vm,
+                ms(duration_us),
+                remedy
+            );
+        }
+        (DumpSource::Cache | DumpSource::Base, _)
+            if n.silent > 0 && n.lookup_us >= SLOW_LOOKUPS_US =>
+        {
+            tracing::warn!(
+                VMID = %c.vm,
+                VMSTATE_ID = %c.id,
+                CAUSE = "silent entries",
+                SILENT = n.silent,
+                LOOKUPS = n.lookups,
+                LOOKUP_US = n.lookup_us,
+                "{}; Save looked them up: {} ms of its {} ms; they report events once they are \
+                 recreated",
+                silent_why(n.silent),
+                ms(n.lookup_us),
+                ms(duration_us)
+            );
+        }
+        _ => {}
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::access::{AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport};
-use crate::access::{DumpSource, SavedState};
+use crate::access::{DumpSource, SavedState, WarmState, Warmth};
 use crate::entry::{Entry, Selector};
 use crate::format::{self, EncodeOptions, Encoded};
 
@@ -61,6 +61,10 @@ pub(crate) struct FakeAccess {
     /// The next this many create calls fail as a helper that is away
     /// (restarting) does, after creating nothing.
     pub(crate) fail_creates: AtomicUsize,
+    /// Some: a cache that gets warm after this long (`wait_warm` blocks
+    /// that long, bounded by its timeout, and logs `wait-warm 0x64`).
+    /// None: no cache (the trait's default, nothing logged).
+    pub(crate) warm_after: Mutex<Option<Duration>>,
 }
 
 impl FakeAccess {
@@ -171,6 +175,15 @@ impl ConntrackAccess for FakeAccess {
         Ok(())
     }
 
+    fn wait_warm(&self, sel: &Selector, timeout: Duration) -> Result<Warmth, AccessError> {
+        let Some(after) = *self.warm_after.lock().unwrap() else {
+            return Ok(Warmth::of(WarmState::Uncached));
+        };
+        self.events.push(format!("wait-warm {:#x}", sel.mark));
+        std::thread::sleep(after.min(timeout));
+        Ok(Warmth::of(WarmState::Warm))
+    }
+
     fn save_state(&self, sel: &Selector, opts: &EncodeOptions) -> Result<SavedState, AccessError> {
         let fault = self.save_fault.lock().unwrap().clone();
         match fault {
@@ -185,6 +198,7 @@ impl ConntrackAccess for FakeAccess {
                     },
                     source: DumpSource::Cache,
                     ids: vec![],
+                    notes: Default::default(),
                 })
             }
             SaveFault::Delay(d) => std::thread::sleep(d),
@@ -198,6 +212,7 @@ impl ConntrackAccess for FakeAccess {
             encoded,
             source: DumpSource::Kernel,
             ids: es.iter().filter_map(|e| e.id).collect(),
+            notes: Default::default(),
         })
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
-use super::engine::Engine;
+use super::engine::{Engine, Warmed};
 use super::options::{parse_migration_step, parse_unregister, Lifecycle, OptValue, Role, VmConfig};
 use super::runtime::VmRuntime;
 use super::{Admission, Registry, ServiceError};
@@ -164,8 +164,17 @@ impl<E: Endpoint> Manager<E> {
                         }
                     };
                     let _ = self.endpoint.export(&rt, link).await;
-                    self.engine.watch(&rt, true).await;
+                    self.engine.start_watch(&rt).await;
                     tracing::info!(VMID = %vm, VMSTATE_ID = %id, "Restored registration of VM {vm}");
+                    // Not waited for: the daemon is ready (and other VMs
+                    // served) before every cache is warm; the journal says
+                    // when this one is.
+                    let (engine, rt2) = (self.engine.clone(), rt.clone());
+                    tokio::spawn(async move {
+                        if let Some(w) = engine.wait_warm(&rt2).await {
+                            log_warmed(&rt2, "restored registration", &w);
+                        }
+                    });
                     out.vms.push(vm);
                 }
             }
@@ -194,7 +203,7 @@ impl<E: Endpoint> Manager<E> {
     ) -> Result<(), ManagerError<E::Error>> {
         let cfg = VmConfig::from_options(vm, options)?;
         let qemu_pid = cfg.qemu_pid;
-        let _ops = self.ops.lock().await;
+        let ops = self.ops.lock().await;
         self.check_open()?;
         let admission = lock(&self.registry).admit(cfg)?;
         match admission {
@@ -246,12 +255,18 @@ impl<E: Endpoint> Manager<E> {
                     self.serve(&rt).await?;
                 }
                 if !rt.watching() {
-                    self.engine.watch(&rt, true).await;
+                    self.engine.start_watch(&rt).await;
                 }
+                drop(ops);
+                // Also here: a registration restored at start may still be
+                // warming when the orchestrator registers it before a
+                // migration.
+                let warmed = self.engine.wait_warm(&rt).await;
                 tracing::info!(
                     VMID = %vm,
                     VMSTATE_ID = %rt.config.id,
-                    "Register of VM {vm}: already registered with these options"
+                    "Register of VM {vm}: already registered with these options{}",
+                    warmed.map(|w| format!("; {}", w.describe())).unwrap_or_default()
                 );
             }
             Admission::New(cfg) => {
@@ -262,17 +277,31 @@ impl<E: Endpoint> Manager<E> {
                     self.endpoint.unserve(vm).await;
                     return Err(e.into());
                 }
-                // From now on Save is served from the warm cache.
-                self.engine.watch(&rt, true).await;
-                tracing::info!(
-                    VMID = %vm,
-                    VMSTATE_ID = %cfg.id,
-                    MARK = cfg.mark,
-                    BUS = %cfg.bus_key(),
-                    "Register of VM {vm}: Id {} mark {:#x}/{:#x} on bus {}",
-                    cfg.id, cfg.mark, cfg.mark_mask, cfg.bus_key()
-                );
+                self.engine.start_watch(&rt).await;
                 self.count_changed();
+                // Register returns once a Save would come from the warm
+                // cache: orchestrators migrate right after it. Waited for
+                // without the lock, so other VMs' calls go on meanwhile
+                // (an Unregister meanwhile ends the wait at once).
+                drop(ops);
+                let warmed = self.engine.wait_warm(&rt).await;
+                let text = format!(
+                    "Register of VM {vm}: Id {} mark {:#x}/{:#x} on bus {}",
+                    cfg.id,
+                    cfg.mark,
+                    cfg.mark_mask,
+                    cfg.bus_key()
+                );
+                match warmed {
+                    Some(w) => log_warmed_line(&rt, &text, &w),
+                    None => tracing::info!(
+                        VMID = %vm,
+                        VMSTATE_ID = %cfg.id,
+                        MARK = cfg.mark,
+                        BUS = %cfg.bus_key(),
+                        "{text}"
+                    ),
+                }
             }
         }
         Ok(())
@@ -361,7 +390,7 @@ impl<E: Endpoint> Manager<E> {
         options: &[(String, OptValue)],
     ) -> Result<(), ManagerError<E::Error>> {
         let step = parse_migration_step("Prepare", options)?;
-        let _ops = self.ops.lock().await;
+        let ops = self.ops.lock().await;
         self.check_open()?;
         let rt = self.registered(vm)?;
         if let Some(pid) = step.qemu_pid {
@@ -371,8 +400,7 @@ impl<E: Endpoint> Manager<E> {
             self.serve(&rt).await?;
         }
         if !rt.watching() {
-            // Returns once Save would be answered from the warm cache.
-            self.engine.watch(&rt, true).await;
+            self.engine.start_watch(&rt).await;
         }
         let before = match step.role {
             Role::Source => None,
@@ -380,20 +408,35 @@ impl<E: Endpoint> Manager<E> {
         };
         let existing = before.as_ref().map_or(0, |b| b.len());
         rt.set_prepared(Some(step.role), before);
-        tracing::info!(
-            VMID = %vm,
-            VMSTATE_ID = %rt.config.id,
-            ROLE = step.role.as_str(),
+        // Returns once a Save would come from the warm cache, as Register
+        // does, and without the lock: ten VMs prepared at once warm at once.
+        drop(ops);
+        let warmed = match step.role {
+            Role::Source => self.engine.wait_warm(&rt).await,
+            Role::Destination => None,
+        };
+        let text = format!(
             "Prepare of VM {vm} as migration {}: served on bus {}{}{}",
             step.role.as_str(),
             rt.config.bus_key(),
-            rt.qemu_pid().map(|p| format!(", for QEMU pid {p}")).unwrap_or_default(),
+            rt.qemu_pid()
+                .map(|p| format!(", for QEMU pid {p}"))
+                .unwrap_or_default(),
             if step.role == Role::Destination {
                 format!(", {existing} of its entries here already")
             } else {
                 String::new()
             }
         );
+        match warmed {
+            Some(w) => log_warmed_line(&rt, &text, &w),
+            None => tracing::info!(
+                VMID = %vm,
+                VMSTATE_ID = %rt.config.id,
+                ROLE = step.role.as_str(),
+                "{text}"
+            ),
+        }
         Ok(())
     }
 
@@ -563,6 +606,44 @@ impl<E: Endpoint> Manager<E> {
     fn count_changed(&self) {
         let n = lock(&self.registry).len();
         self.vm_count.send_replace(n);
+    }
+}
+
+/// The journal line of a VM whose cache Register (or a restore at start)
+/// waited for: `what` of VM, then how warm it got.
+fn log_warmed(rt: &VmRuntime, what: &str, w: &Warmed) {
+    let text = format!("VM {} ({what})", rt.config.vm);
+    log_warmed_line(rt, &text, w);
+}
+
+fn log_warmed_line(rt: &VmRuntime, text: &str, w: &Warmed) {
+    let c = &rt.config;
+    let ms = w.took.as_millis() as u64;
+    let (cached, silent) = (w.warmth.entries, w.warmth.silent);
+    if w.fine() {
+        tracing::info!(
+            VMID = %c.vm,
+            VMSTATE_ID = %c.id,
+            MARK = c.mark,
+            BUS = %c.bus_key(),
+            WARM_MS = ms,
+            CACHED = cached,
+            SILENT = silent,
+            "{text}; {}",
+            w.describe()
+        );
+    } else {
+        tracing::warn!(
+            VMID = %c.vm,
+            VMSTATE_ID = %c.id,
+            MARK = c.mark,
+            BUS = %c.bus_key(),
+            WARM_MS = ms,
+            CACHED = cached,
+            SILENT = silent,
+            "{text}; {}",
+            w.describe()
+        );
     }
 }
 
@@ -975,6 +1056,67 @@ mod tests {
         assert_eq!(s.events.take(), ["connect 101", "export 101 linked"]);
         s.manager.unregister("100", &flush(true)).await.unwrap();
         assert_eq!(s.access.len(), 0);
+    }
+
+    /// Register returns only after the warm cache said warm, after the
+    /// watch; an identical Register waits too (cheap once warm).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn register_returns_after_the_cache_is_warm() {
+        let s = setup();
+        *s.access.warm_after.lock().unwrap() = Some(Duration::from_millis(300));
+        let t = std::time::Instant::now();
+        s.manager.register("100", &[]).await.unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            s.events.take(),
+            [
+                "connect 100",
+                "export 100 linked",
+                "watch 0x64 on",
+                "wait-warm 0x64"
+            ]
+        );
+        s.manager.register("100", &[]).await.unwrap();
+        assert_eq!(s.events.take(), ["wait-warm 0x64"]);
+    }
+
+    /// One VM's wait does not hold up another's Register or Unregister:
+    /// the manager's lock is not held while waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_one_vm_does_not_hold_up_the_others() {
+        let s = Arc::new(setup());
+        s.manager.register("101", &[]).await.unwrap();
+        *s.access.warm_after.lock().unwrap() = Some(Duration::from_secs(3));
+        let s2 = s.clone();
+        let slow = tokio::spawn(async move { s2.manager.register("100", &[]).await });
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !s.events.take().contains(&"wait-warm 0x64".to_string()) {
+            assert!(std::time::Instant::now() < end, "never waited");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let t = std::time::Instant::now();
+        s.manager.unregister("101", &[]).await.unwrap();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        slow.await.unwrap().unwrap();
+    }
+
+    /// Registrations restored at start are not waited for (the daemon is
+    /// ready at once); the wait runs in the background.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restore_at_start_does_not_wait_for_the_warm_cache() {
+        let s = setup();
+        s.manager.register("100", &[]).await.unwrap();
+        s.manager.shutdown(Duration::from_secs(5)).await;
+        let s = setup_in(s.dir);
+        *s.access.warm_after.lock().unwrap() = Some(Duration::from_secs(5));
+        let t = std::time::Instant::now();
+        let restored = s.manager.restore().await;
+        assert_eq!(restored.vms, ["100"]);
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     }
 
     #[tokio::test]

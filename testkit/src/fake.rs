@@ -15,7 +15,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use conntrack_vmstate::access::{
-    AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport, DumpSource, SavedState,
+    AccessError, ConntrackAccess, CreateOutcome, CreateReport, DeleteReport, DumpSource, SaveNotes,
+    SavedState, WarmState, Warmth,
 };
 use conntrack_vmstate::entry::{status, Entry, Selector, Tuple};
 use conntrack_vmstate::format::{self, EncodeOptions, Encoded, Format};
@@ -30,6 +31,8 @@ pub enum Call {
     DeleteEntries(Vec<Entry>),
     Watch(Selector, bool),
     SaveState(Selector, usize, Format),
+    /// The wait asked for, in ms.
+    WaitWarm(Selector, u64),
 }
 
 /// An entry's identity in the table: original tuple and zone.
@@ -56,6 +59,11 @@ pub struct FakeAccess {
     /// A state save_state returns whatever the limit: an encoder bug, which
     /// the real encoder cannot be made to have.
     pub save_bytes: Mutex<Option<Vec<u8>>>,
+    /// What the table backend's save_state reports about itself.
+    pub save_notes: Mutex<SaveNotes>,
+    /// What wait_warm answers, after `warm_delay` (a cache warming up).
+    pub warmth: Mutex<Warmth>,
+    pub warm_delay: Mutex<Duration>,
     held: Option<(Tuple, u16)>,
     gate: (Mutex<bool>, Condvar),
     /// Set once a call is waiting at the gate.
@@ -72,6 +80,9 @@ impl FakeAccess {
             delay: Mutex::new(Duration::ZERO),
             panic_on_dump: AtomicBool::new(false),
             save_bytes: Mutex::new(None),
+            save_notes: Mutex::new(SaveNotes::default()),
+            warmth: Mutex::new(Warmth::of(WarmState::Uncached)),
+            warm_delay: Mutex::new(Duration::ZERO),
             held,
             gate: (Mutex::new(held.is_none()), Condvar::new()),
             waiting: (Mutex::new(false), Condvar::new()),
@@ -277,6 +288,7 @@ impl ConntrackAccess for FakeAccess {
                         },
                         source: DumpSource::Cache,
                         ids: vec![],
+                        notes: self.save_notes.lock().expect("fake lock").clone(),
                     });
                 }
                 let mut es = self.entries.lock().expect("fake lock").clone();
@@ -289,10 +301,22 @@ impl ConntrackAccess for FakeAccess {
             entries: entries.len(),
             source,
         })?;
+        let notes = match &self.backend {
+            Backend::Table => self.save_notes.lock().expect("fake lock").clone(),
+            _ => SaveNotes::default(),
+        };
         Ok(SavedState {
             encoded,
             source,
             ids: entries.iter().filter_map(|e| e.id).collect(),
+            notes,
         })
+    }
+
+    fn wait_warm(&self, sel: &Selector, timeout: Duration) -> Result<Warmth, AccessError> {
+        self.record(Call::WaitWarm(*sel, timeout.as_millis() as u64));
+        let d = *self.warm_delay.lock().expect("fake lock");
+        std::thread::sleep(d.min(timeout));
+        Ok(*self.warmth.lock().expect("fake lock"))
     }
 }

@@ -456,3 +456,179 @@ async fn big_load_answers_within_its_budget_and_reports_completion() {
     .await
     .expect("test timed out");
 }
+
+// ------------------------------------------------------- Register waits
+
+/// The VM's entries all exist before Register (made with the event
+/// extension, `nf_conntrack_events=1` as the package sets it) among other
+/// marks' entries: Register returns only once the cache is warm, so the
+/// Save right after it comes from the pre-encoded base, not from a walk
+/// of the table, and the journal says how long the warm-up took.
+async fn save_right_after_register_is_from_the_base(ns: &Netns, client: &Connection, bus: &str) {
+    let ct = Ctnetlink::open_in_netns(Path::new(&ns.path())).unwrap();
+    let entries = population::generate(Spec::new(20_000, MARK, 81)).vm_entries;
+    let r = ct.create(&entries).expect("create");
+    assert_eq!(r.created, entries.len() as u64, "{r:?}");
+    let noise = population::generate(Spec::new(10_000, 200, 82)).vm_entries;
+    ct.create(&noise).expect("create noise");
+    let vm = register(client, bus, "100").await;
+    let (saved, source) = vm.save().await;
+    assert_eq!(source, "base", "the first Save after Register");
+    assert_eq!(saved.len(), entries.len());
+    assert_same(&saved, ns);
+}
+
+fn assert_warm_line(log: &str) {
+    let line = log
+        .lines()
+        .find(|l| l.contains("Register of VM 100: Id "))
+        .unwrap_or_else(|| panic!("no Register line: {log}"));
+    assert!(
+        line.contains("; its cache is warm after ")
+            && line.contains(" ms: 20000 entries cached, pre-encoded base of "),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_returns_when_warm_in_process() {
+    common::needs!(daemon);
+    tokio::time::timeout(T, async {
+        let ns = Netns::new("dc-warm");
+        ns.run("sysctl", &["-qw", "net.netfilter.nf_conntrack_events=1"]);
+        let bus = TestBus::new("dc-warm");
+        let state = scratch_dir("dc-warm-state");
+        let client = bus.connect().await;
+        let mut o = DaemonOpts::new(&bus.address, state.path());
+        o.netns = Some(&ns.name);
+        let d = DaemonProc::start(o, &client).await;
+        save_right_after_register_is_from_the_base(&ns, &client, &bus.address).await;
+        let log = d.log_text();
+        assert_warm_line(&log);
+        assert!(
+            !log.contains("instead of answering from the warm cache"),
+            "{log}"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_returns_when_the_helpers_cache_is_warm() {
+    common::needs!(daemon);
+    tokio::time::timeout(T, async {
+        let ns = Netns::new("dc-hwarm");
+        ns.run("sysctl", &["-qw", "net.netfilter.nf_conntrack_events=1"]);
+        let bus = TestBus::new("dc-hwarm");
+        let state = scratch_dir("dc-hwarm-state");
+        let sock = state.path().join("helper.sock");
+        let _helper = spawn_helper(&ns, state.path(), &sock);
+        let client = bus.connect().await;
+        let o = DaemonOpts::new(&bus.address, state.path())
+            .capless()
+            .helper_socket(&sock);
+        let d = DaemonProc::start(o, &client).await;
+        save_right_after_register_is_from_the_base(&ns, &client, &bus.address).await;
+        assert_warm_line(&d.log_text());
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Entries made while the namespace's nf_conntrack_events was 0 never
+/// report events: they still migrate exactly, and the journal says why
+/// the Save was slow and what to change, at Register and at the Save.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_entries_are_explained_in_the_journal() {
+    common::needs!(daemon);
+    tokio::time::timeout(T, async {
+        let ns = Netns::new("dc-silent");
+        let ct = Ctnetlink::open_in_netns(Path::new(&ns.path())).unwrap();
+        ns.run("sysctl", &["-qw", "net.netfilter.nf_conntrack_events=0"]);
+        let silent = population::generate(Spec::new(3000, MARK, 83)).vm_entries;
+        let r = ct.create(&silent).expect("create");
+        assert_eq!(r.created, 3000, "{r:?}");
+        ns.run("sysctl", &["-qw", "net.netfilter.nf_conntrack_events=1"]);
+        let bus = TestBus::new("dc-silent");
+        let state = scratch_dir("dc-silent-state");
+        let client = bus.connect().await;
+        let mut o = DaemonOpts::new(&bus.address, state.path());
+        o.netns = Some(&ns.name);
+        let d = DaemonProc::start(o, &client).await;
+        let vm = register(&client, &bus.address, "100").await;
+        let (saved, source) = vm.save().await;
+        assert_eq!(saved.len(), 3000);
+        assert_same(&saved, &ns);
+        let log = d.log_text();
+        let reg = log
+            .lines()
+            .find(|l| l.contains("Register of VM 100: Id "))
+            .unwrap_or_else(|| panic!("no Register line: {log}"));
+        assert!(
+            reg.contains("3000 of them silent (they never reported a conntrack event")
+                || reg.contains("but 3000 of its 3000 entries never reported conntrack events"),
+            "{reg}"
+        );
+        // Whether Save looked the silent entries up or walked the table
+        // is the cache's cost estimate; the journal names the cause and
+        // the remedy either way.
+        let cause = "3000 of VM 100's entries never reported conntrack events (older than \
+                     net.netfilter.nf_conntrack_events=1, see docs/packaging.md)";
+        let line = log
+            .lines()
+            .find(|l| l.contains(cause))
+            .unwrap_or_else(|| panic!("no line naming the cause ({source}): {log}"));
+        if source == "dump" {
+            assert!(
+                line.contains("Save of VM 100 walked the conntrack table (")
+                    && line.contains(
+                        "instead of answering from the warm cache: 3000 of VM 100's entries"
+                    )
+                    && line.contains("looking each up would have cost more than the walk"),
+                "{line}"
+            );
+        } else {
+            assert_eq!(source, "cache");
+            assert!(line.contains("; Save looked them up: "), "{line}");
+        }
+        assert!(line.contains("WARN"), "a warning: {line}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The kernel's default nf_conntrack_events=2 (a new namespace's value):
+/// the journal says once that it is not 1, naming the sysctl and the doc.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sysctl_other_than_1_is_named_once() {
+    common::needs!(daemon);
+    tokio::time::timeout(T, async {
+        let ns = Netns::new("dc-sysctl2");
+        ns.run("sysctl", &["-qw", "net.netfilter.nf_conntrack_events=2"]);
+        let bus = TestBus::new("dc-sysctl2");
+        let state = scratch_dir("dc-sysctl2-state");
+        let client = bus.connect().await;
+        let mut o = DaemonOpts::new(&bus.address, state.path());
+        o.netns = Some(&ns.name);
+        let d = DaemonProc::start(o, &client).await;
+        add(&ns, "10.1.0.1", 40000);
+        register(&client, &bus.address, "100").await;
+        register(&client, &bus.address, "101").await;
+        let log = d.log_text();
+        let warned = |s: &str| log.lines().filter(|l| l.contains(s)).count();
+        assert_eq!(
+            warned("net.netfilter.nf_conntrack_events is 2 in the VMs' network namespace, not 1"),
+            1,
+            "{log}"
+        );
+        assert_eq!(
+            warned("net.netfilter.nf_conntrack_events is 2 in this network namespace, not 1"),
+            1,
+            "{log}"
+        );
+        assert!(log.contains("(see docs/packaging.md)"), "{log}");
+    })
+    .await
+    .expect("test timed out");
+}

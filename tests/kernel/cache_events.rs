@@ -226,7 +226,7 @@ fn cache_follows_creates_updates_deletes_and_mark_moves() {
                 st.last_fallback,
                 Some(
                     "refresh overdue"
-                        | "events lost, off, or not caught up"
+                        | "events not caught up"
                         | "lookups would cost more than a dump"
                 )
             ) && st.losses == 0,

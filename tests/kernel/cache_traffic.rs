@@ -180,7 +180,7 @@ fn cache_opened_inside_its_namespace() {
     assert_eq!(got.len(), 1);
     assert_eq!(
         cache.stats().last_fallback,
-        Some("events lost, off, or not caught up"),
+        Some("events off"),
         "the namespace's own sysctl was read"
     );
 }

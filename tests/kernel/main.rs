@@ -10,6 +10,7 @@ mod cache_eperm;
 mod cache_events;
 mod cache_measure;
 mod cache_traffic;
+mod cache_warm;
 mod cli_engine_netns;
 mod confine_helper;
 mod ctnetlink_delete;

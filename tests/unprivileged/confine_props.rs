@@ -87,17 +87,19 @@ proptest! {
     fn confinement_needs_the_exact_watched_selector(
         sel in selector(),
         watched in selector(),
-        which in 0usize..5,
+        which in 0usize..7,
     ) {
         let req = match which {
             0 => Request::Dump(sel),
             1 => Request::Create(sel, Vec::new()),
             2 => Request::DeleteSaved(sel, vec![1]),
             3 => Request::SaveState(sel, 1 << 20, conntrack_vmstate::format::Format::Binary),
+            4 => Request::WaitWarm(sel, 10_000),
+            5 => Request::SaveStateNoted(sel, 1 << 20, conntrack_vmstate::format::Format::Binary),
             _ => Request::DeleteSelected(sel),
         };
         let r = server::confine(&req, |s| *s == watched);
-        if which == 4 {
+        if which == 6 {
             prop_assert!(r.is_err());
         } else {
             prop_assert_eq!(r.is_ok(), sel == watched);

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 // selector-applying save_state, every call recorded.
 use common::fake::{Call, FakeAccess as Table};
 use conntrack_vmstate::access::{
-    AccessError, ConntrackAccess, CreateReport, DeleteReport, DumpSource,
+    AccessError, CacheMiss, ConntrackAccess, CreateReport, DeleteReport, DumpSource, SaveNotes,
+    WarmState, Warmth,
 };
 use conntrack_vmstate::entry::{proto, status, Entry, ProtoInfo, Selector, SeqAdj, Tuple, L4};
 use conntrack_vmstate::format::{self, EncodeOptions, Format};
@@ -272,6 +273,10 @@ fn every_request_round_trips() {
         Request::SaveState(Selector::mark(3), u32::MAX, Format::Binary),
         Request::DeleteSaved(sel, vec![1, u32::MAX, 0, 1]),
         Request::DeleteSaved(Selector::mark(1), vec![]),
+        Request::WaitWarm(sel, 10_000),
+        Request::WaitWarm(Selector::mark(3), u32::MAX),
+        Request::SaveStateNoted(sel, 1_048_576, Format::Binary),
+        Request::SaveStateNoted(Selector::mark(3), 32, Format::ConntrackSave),
     ] {
         let f = wire::encode_request(&req);
         assert_eq!(
@@ -311,6 +316,40 @@ fn every_response_round_trips() {
             b"CTVS and some bytes".to_vec(),
         ),
         Response::SavedState(DumpSource::Kernel, 0, 0, vec![], vec![0]),
+        Response::Warmth(Warmth {
+            state: WarmState::Warm,
+            entries: 100_000,
+            silent: 3,
+            base_records: 99_000,
+            events_sysctl: Some(1),
+        }),
+        Response::Warmth(Warmth::of(WarmState::Uncached)),
+        Response::Warmth(Warmth::of(WarmState::Unknown)),
+        Response::Warmth(Warmth {
+            events_sysctl: Some(u32::MAX - 1),
+            ..Warmth::of(WarmState::Cold(CacheMiss::EventsOff))
+        }),
+        Response::SavedStateNoted(
+            DumpSource::Kernel,
+            3,
+            1,
+            vec![7, 8, 9],
+            b"CTVS".to_vec(),
+            SaveNotes {
+                miss: Some(CacheMiss::LookupsCostly),
+                silent: 20_000,
+                lookups: 0,
+                lookup_us: 0,
+            },
+        ),
+        Response::SavedStateNoted(
+            DumpSource::Base,
+            0,
+            0,
+            vec![],
+            vec![0],
+            SaveNotes::default(),
+        ),
     ] {
         let f = wire::encode_response(&resp);
         assert_eq!(wire::decode_response(payload(&f)).unwrap(), resp);
@@ -1561,14 +1600,26 @@ fn client_falls_back_when_the_helper_predates_save_state_and_remembers() {
     let path = dir.path().join("helper.sock");
     let old = Fake::start(
         &path,
-        older_helper(table.clone(), &[op::SAVE_STATE, op::DELETE_SAVED]),
+        // Older than SaveState is older than the ops added after it too.
+        older_helper(
+            table.clone(),
+            &[
+                op::SAVE_STATE,
+                op::DELETE_SAVED,
+                op::WAIT_WARM,
+                op::SAVE_STATE_NOTED,
+            ],
+        ),
     );
     let c = HelperClient::new(&path).unwrap();
     let sel = Selector::mark(100);
 
-    // First Save: the op is refused, the daemon dumps and encodes itself.
+    // First Save: the ops are refused, the daemon dumps and encodes itself.
     let saved = c.save_state(&sel, &EncodeOptions::default()).unwrap();
-    assert_eq!(old.take_ops(), vec![op::SAVE_STATE, op::DUMP_SOURCED]);
+    assert_eq!(
+        old.take_ops(),
+        vec![op::SAVE_STATE_NOTED, op::SAVE_STATE, op::DUMP_SOURCED]
+    );
     assert_eq!(saved.source, DumpSource::Kernel);
     assert_eq!((saved.encoded.kept, saved.encoded.dropped), (8, 0));
     assert_eq!(
@@ -1623,7 +1674,7 @@ fn client_falls_back_when_the_helper_predates_save_state_and_remembers() {
     assert_eq!(new.take_ops(), vec![op::DUMP_SOURCED]);
     assert_eq!(first.ids.len(), 6);
     let up = c.save_state(&sel, &EncodeOptions::default()).unwrap();
-    assert_eq!(new.take_ops(), vec![op::SAVE_STATE]);
+    assert_eq!(new.take_ops(), vec![op::SAVE_STATE_NOTED]);
     assert_eq!(up.source, DumpSource::Cache);
     assert_eq!(up.ids.len(), 6);
     let r = c.delete_saved(&sel, &[10_000_002]).unwrap();
@@ -1698,7 +1749,13 @@ fn client_falls_back_to_a_plain_dump_with_an_even_older_helper() {
         &path,
         older_helper(
             table.clone(),
-            &[op::DUMP_SOURCED, op::SAVE_STATE, op::DELETE_SAVED],
+            &[
+                op::DUMP_SOURCED,
+                op::SAVE_STATE,
+                op::DELETE_SAVED,
+                op::WAIT_WARM,
+                op::SAVE_STATE_NOTED,
+            ],
         ),
     );
     let c = HelperClient::new(&path).unwrap();
@@ -1707,7 +1764,12 @@ fn client_falls_back_to_a_plain_dump_with_an_even_older_helper() {
         .unwrap();
     assert_eq!(
         old.take_ops(),
-        vec![op::SAVE_STATE, op::DUMP_SOURCED, op::DUMP]
+        vec![
+            op::SAVE_STATE_NOTED,
+            op::SAVE_STATE,
+            op::DUMP_SOURCED,
+            op::DUMP
+        ]
     );
     assert_eq!(saved.source, DumpSource::Kernel);
     assert_eq!(saved.encoded.kept, 4);
@@ -1740,6 +1802,17 @@ fn client_rejects_a_helper_that_breaks_the_save_contract() {
             Response::SavedState(DumpSource::Kernel, u64::MAX, 1, vec![], vec![1; 40]),
             "kept 18446744073709551615 + dropped 1 overflows".into(),
         ),
+        (
+            Response::SavedStateNoted(
+                DumpSource::Cache,
+                1,
+                0,
+                vec![1],
+                vec![],
+                SaveNotes::default(),
+            ),
+            "state of 0 bytes, outside 1..=1048576".into(),
+        ),
     ];
     for (resp, detail) in cases {
         let fake = Fake::start(&path, Arc::new(move |_: &[u8]| resp.clone()));
@@ -1754,7 +1827,7 @@ fn client_rejects_a_helper_that_breaks_the_save_contract() {
                 "conntrack helper unavailable: save-state: bad reply from the helper: {detail}"
             )
         );
-        assert_eq!(fake.take_ops(), vec![wire::op::SAVE_STATE]);
+        assert_eq!(fake.take_ops(), vec![wire::op::SAVE_STATE_NOTED]);
     }
     // The wrong kind of reply.
     let _fake = Fake::start(&path, Arc::new(|_: &[u8]| Response::Entries(vec![])));
@@ -1784,4 +1857,227 @@ fn client_rejects_a_helper_that_breaks_the_save_contract() {
         "conntrack helper unavailable: delete-saved: bad reply from the helper: 5 deleted + 0 \
          missing for 2 ids"
     );
+}
+
+// ------------------------------------------------ WaitWarm and SaveStateNoted
+
+/// The two replies added last skip fields appended by a newer helper, and
+/// codes this side does not know decode to what is never taken for warm.
+#[test]
+fn warmth_and_noted_replies_decode_unknown_values_safely() {
+    use wire::op;
+    // Warmth: state, miss, entries, silent, base records, sysctl.
+    let warmth = |state: u8, miss: u8, extra: &[u8]| {
+        let mut b = vec![wire::VERSION, op::R_WARMTH, state, miss];
+        for v in [5u64, 1, 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        b.extend_from_slice(extra);
+        match wire::decode_response(&b).unwrap() {
+            Response::Warmth(w) => w,
+            r => panic!("{r:?}"),
+        }
+    };
+    let w = warmth(0, 0, &[]);
+    assert_eq!(w.state, WarmState::Warm);
+    assert_eq!((w.entries, w.silent, w.events_sysctl), (5, 1, None));
+    assert_eq!(warmth(0, 0, &[1, 2, 3, 4]).state, WarmState::Warm);
+    assert_eq!(warmth(9, 0, &[]).state, WarmState::Unknown);
+    assert_eq!(warmth(3, 200, &[]).state, WarmState::Cold(CacheMiss::Other));
+    assert_eq!(warmth(3, 0, &[]).state, WarmState::Cold(CacheMiss::Other));
+    assert_eq!(
+        warmth(3, 4, &[]).state,
+        WarmState::Cold(CacheMiss::EventsOff)
+    );
+    // Truncated: an error, not a guess.
+    let f = wire::encode_response(&Response::Warmth(Warmth::of(WarmState::Warm)));
+    assert!(wire::decode_response(&payload(&f)[..payload(&f).len() - 1]).is_err());
+
+    // SavedStateNoted with an unknown miss code and appended fields.
+    let f = wire::encode_response(&Response::SavedStateNoted(
+        DumpSource::Kernel,
+        1,
+        0,
+        vec![4],
+        vec![9],
+        SaveNotes {
+            miss: Some(CacheMiss::Warming),
+            silent: 2,
+            lookups: 3,
+            lookup_us: 4,
+        },
+    ));
+    let mut p = payload(&f).to_vec();
+    let miss_at = p.len() - 25;
+    p[miss_at] = 77;
+    p.extend_from_slice(&[0xaa; 12]);
+    match wire::decode_response(&p).unwrap() {
+        Response::SavedStateNoted(src, 1, 0, ids, bytes, n) => {
+            assert_eq!((src, ids, bytes), (DumpSource::Kernel, vec![4], vec![9]));
+            assert_eq!(
+                n,
+                SaveNotes {
+                    miss: Some(CacheMiss::Other),
+                    silent: 2,
+                    lookups: 3,
+                    lookup_us: 4
+                }
+            );
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
+/// An old daemon sends plain SaveStates: a new helper answers them with
+/// the plain SavedState an old decoder reads (it refuses trailing bytes),
+/// and the notes only go with SaveStateNoted.
+#[test]
+fn plain_save_state_gets_the_plain_reply_and_noted_gets_the_notes() {
+    let table = Table::with(vm_entries(100, 4));
+    let notes = SaveNotes {
+        miss: None,
+        silent: 4,
+        lookups: 4,
+        lookup_us: 1500,
+    };
+    *table.save_notes.lock().unwrap() = notes.clone();
+    let sel = Selector::mark(100);
+    let plain = wire::encode_request(&Request::SaveState(sel, 1 << 20, Format::Binary));
+    let (r, _) = server::handle(payload(&plain), &*table);
+    let f = wire::encode_response(&r);
+    assert_eq!(f[5], wire::op::R_SAVED_STATE);
+    assert!(matches!(
+        wire::decode_response(payload(&f)).unwrap(),
+        Response::SavedState(DumpSource::Cache, 4, 0, _, _)
+    ));
+    let noted = wire::encode_request(&Request::SaveStateNoted(sel, 1 << 20, Format::Binary));
+    match server::handle(payload(&noted), &*table).0 {
+        Response::SavedStateNoted(DumpSource::Cache, 4, 0, _, _, n) => assert_eq!(n, notes),
+        r => panic!("{r:?}"),
+    }
+    // Validated like SaveState.
+    let bad = wire::encode_request(&Request::SaveStateNoted(sel, 1, Format::Binary));
+    assert!(error_text(Some(server::handle(payload(&bad), &*table).0)).contains("below"));
+}
+
+/// Through a real server: the client's wait reaches the access with the
+/// wait it asked for (capped by the protocol), and Saves carry the notes.
+#[test]
+fn client_wait_warm_and_save_notes_cross_the_helper() {
+    let table = Table::with(vm_entries(100, 3));
+    let warm = Warmth {
+        state: WarmState::Warm,
+        entries: 3,
+        silent: 1,
+        base_records: 0,
+        events_sysctl: Some(2),
+    };
+    *table.warmth.lock().unwrap() = warm;
+    let notes = SaveNotes {
+        miss: None,
+        silent: 1,
+        lookups: 1,
+        lookup_us: 7,
+    };
+    *table.save_notes.lock().unwrap() = notes.clone();
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let c = HelperClient::new(&srv.path).unwrap();
+    let sel = Selector::mark(100);
+    assert_eq!(
+        c.wait_warm(&sel, Duration::from_millis(1500)).unwrap(),
+        warm
+    );
+    assert_eq!(c.wait_warm(&sel, Duration::from_secs(3600)).unwrap(), warm);
+    let waits: Vec<Call> = table
+        .calls()
+        .into_iter()
+        .filter(|c| matches!(c, Call::WaitWarm(..)))
+        .collect();
+    assert_eq!(
+        waits,
+        vec![
+            Call::WaitWarm(sel, 1500),
+            Call::WaitWarm(sel, u64::from(wire::MAX_WAIT_WARM_MS))
+        ]
+    );
+    let saved = c.save_state(&sel, &EncodeOptions::default()).unwrap();
+    assert_eq!(saved.notes, notes);
+    assert_eq!(saved.encoded.kept, 3);
+}
+
+/// A helper that waits longer than the client's own request bound still
+/// answers a WaitWarm: its bound is the wait plus slack, not the bound of
+/// other requests.
+#[test]
+fn client_wait_warm_outlasts_the_request_timeout() {
+    let table = Table::with(vec![]);
+    *table.warm_delay.lock().unwrap() = Duration::from_millis(800);
+    *table.warmth.lock().unwrap() = Warmth::of(WarmState::Warm);
+    let srv = Server::start(table.clone(), cfg_idle(60_000));
+    let c = HelperClient::with_timeout(&srv.path, Duration::from_millis(300)).unwrap();
+    let w = c
+        .wait_warm(&Selector::mark(100), Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(w.state, WarmState::Warm);
+}
+
+/// An older helper refuses WaitWarm: the client returns at once, says it
+/// cannot tell, and its next Save goes straight to the plain SaveState
+/// (no extra round trip inside the downtime).
+#[test]
+fn client_against_a_helper_before_wait_warm_does_not_wait() {
+    use wire::op;
+    let table = Table::with(vm_entries(100, 2));
+    let dir = fake_dir();
+    let path = dir.path().join("helper.sock");
+    let old = Fake::start(
+        &path,
+        older_helper(table.clone(), &[op::WAIT_WARM, op::SAVE_STATE_NOTED]),
+    );
+    let c = HelperClient::new(&path).unwrap();
+    let sel = Selector::mark(100);
+    let t0 = Instant::now();
+    let w = c.wait_warm(&sel, Duration::from_secs(10)).unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert_eq!(w.state, WarmState::Unknown);
+    let saved = c.save_state(&sel, &EncodeOptions::default()).unwrap();
+    assert_eq!(saved.notes, SaveNotes::default());
+    assert_eq!(saved.encoded.kept, 2);
+    assert_eq!(old.take_ops(), vec![op::WAIT_WARM, op::SAVE_STATE]);
+    // Asked again: remembered, no request at all.
+    let w = c.wait_warm(&sel, Duration::from_secs(10)).unwrap();
+    assert_eq!(w.state, WarmState::Unknown);
+    assert!(old.take_ops().is_empty());
+}
+
+/// A confined helper answers WaitWarm only for a watched selector.
+#[test]
+fn confined_helper_refuses_wait_warm_for_unwatched_selectors() {
+    let table = Table::with(vec![]);
+    *table.warmth.lock().unwrap() = Warmth::of(WarmState::Warm);
+    let srv = Server::start(
+        table.clone(),
+        ServerConfig {
+            idle_timeout: Some(Duration::from_secs(60)),
+            ..ServerConfig::default()
+        },
+    );
+    let mut s = srv.raw();
+    let ask = wire::encode_request(&Request::WaitWarm(Selector::mark(100), 100));
+    let m = error_text(exchange(&mut s, &ask));
+    assert!(m.contains("is not watched"), "{m}");
+    assert!(!table
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::WaitWarm(..))));
+    let watch = wire::encode_request(&Request::Watch(Selector::mark(100), true));
+    assert!(matches!(
+        exchange(&mut s, &watch),
+        Some(Response::Watching(1))
+    ));
+    match exchange(&mut s, &ask) {
+        Some(Response::Warmth(w)) => assert_eq!(w.state, WarmState::Warm),
+        r => panic!("{r:?}"),
+    }
 }
