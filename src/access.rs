@@ -388,7 +388,9 @@ pub trait ConntrackAccess: Send + Sync {
 
     /// Deletes the entries of `sel` whose `CTA_ID` is in `ids` (a
     /// [`SavedState`]'s), leaving entries created since and other selectors'
-    /// alone. `missing` counts ids no longer found under `sel`.
+    /// alone. `missing` counts ids no longer found under `sel`. A `CTA_ID`
+    /// is a 32-bit hash, so among 100k entries two usually share one: both
+    /// are the VM's and both go, so `deleted` may exceed the ids.
     fn delete_saved(&self, sel: &Selector, ids: &[u32]) -> Result<DeleteReport, AccessError> {
         let wanted: std::collections::HashSet<u32> = ids.iter().copied().collect();
         let mut found: Vec<Entry> = self.dump(sel)?;
@@ -398,7 +400,14 @@ pub trait ConntrackAccess: Send + Sync {
         } else {
             self.delete_entries(&found)?
         };
-        r.missing += (wanted.len() as u64).saturating_sub(found.len() as u64);
+        r.missing += ids_not_found(&wanted, &found);
         Ok(r)
     }
+}
+
+/// How many of `wanted` no entry of `found` carries (ids shared by several
+/// entries count once).
+pub fn ids_not_found(wanted: &std::collections::HashSet<u32>, found: &[Entry]) -> u64 {
+    let have: std::collections::HashSet<u32> = found.iter().filter_map(|e| e.id).collect();
+    wanted.iter().filter(|id| !have.contains(id)).count() as u64
 }

@@ -787,8 +787,13 @@ impl HelperClient {
             let frame = wire::encode_delete_saved(sel, chunk);
             match self.call_for("delete-saved", sel, &frame)? {
                 Response::DeleteReport(r) => {
-                    // Each id is either deleted or missing, exactly once.
-                    if r.deleted.checked_add(r.missing) != Some(chunk.len() as u64) {
+                    // Each id is deleted or missing; one id may be several
+                    // entries' (CTA_ID is a 32-bit hash), never more than
+                    // the ids all missing.
+                    let accounted = r.deleted.checked_add(r.missing);
+                    if accounted.is_none_or(|n| n < chunk.len() as u64)
+                        || r.missing > chunk.len() as u64
+                    {
                         return Err(self.protocol(
                             "delete-saved",
                             &format!(

@@ -382,7 +382,7 @@ fn delete_saved_owned(
     } else {
         access.delete_entries(&targets)?
     };
-    report.missing += (wanted.len() as u64).saturating_sub(targets.len() as u64);
+    report.missing += crate::access::ids_not_found(&wanted, &targets);
     Ok(report)
 }
 

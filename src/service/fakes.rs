@@ -88,6 +88,14 @@ impl FakeAccess {
         }
     }
 
+    /// Adds an entry with this `CTA_ID` (the kernel's is a 32-bit hash, so
+    /// two entries may share one).
+    pub(crate) fn insert_with_id(&self, e: &Entry, id: u32) {
+        let mut e = e.clone();
+        e.id = Some(id);
+        self.table.lock().unwrap().push(e);
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.table.lock().unwrap().len()
     }

@@ -1838,25 +1838,30 @@ fn client_rejects_a_helper_that_breaks_the_save_contract() {
             .to_string(),
         "conntrack helper unavailable: save-state: unexpected entries reply from the helper"
     );
-    // A delete report that does not account for every id.
+    // A delete report must account for every id, and may count more
+    // entries than ids (CTA_ID is a 32-bit hash: two entries can share
+    // one), never more missing ids than were sent.
     drop(_fake);
-    let _fake = Fake::start(
-        &path,
-        Arc::new(|_: &[u8]| {
-            Response::DeleteReport(DeleteReport {
-                deleted: 5,
-                missing: 0,
-            })
-        }),
-    );
-    let c = HelperClient::new(&path).unwrap();
-    assert_eq!(
-        c.delete_saved(&Selector::mark(100), &[1, 2])
-            .unwrap_err()
-            .to_string(),
-        "conntrack helper unavailable: delete-saved: bad reply from the helper: 5 deleted + 0 \
-         missing for 2 ids"
-    );
+    for ((deleted, missing), bad) in [((3, 0), false), ((0, 1), true), ((0, 3), true)] {
+        let fake = Fake::start(
+            &path,
+            Arc::new(move |_: &[u8]| Response::DeleteReport(DeleteReport { deleted, missing })),
+        );
+        let c = HelperClient::new(&path).unwrap();
+        let r = c.delete_saved(&Selector::mark(100), &[1, 2]);
+        if bad {
+            assert_eq!(
+                r.unwrap_err().to_string(),
+                format!(
+                    "conntrack helper unavailable: delete-saved: bad reply from the helper: \
+                     {deleted} deleted + {missing} missing for 2 ids"
+                )
+            );
+        } else {
+            assert_eq!(r.unwrap(), DeleteReport { deleted, missing });
+        }
+        drop(fake);
+    }
 }
 
 // ------------------------------------------------ WaitWarm and SaveStateNoted

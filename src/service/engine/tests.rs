@@ -353,3 +353,19 @@ async fn a_restore_waits_out_a_helper_that_is_away_and_loses_nothing() {
         "{ev:?}"
     );
 }
+
+#[tokio::test]
+async fn a_flush_deletes_both_entries_of_a_shared_id_and_counts_it_once() {
+    let access = FakeAccess::new(Events::default());
+    let two = population(3, 11, MARK);
+    // CTA_ID is a 32-bit hash: among 100k entries two usually share one.
+    access.insert_with_id(&two[0], 7);
+    access.insert_with_id(&two[1], 7);
+    access.insert_with_id(&two[2], 8);
+    let (e, rt) = (engine(&access, 2000, 3), vm(MARK));
+    e.save(&rt).await;
+    assert_eq!(rt.saved(), [7, 7, 8]);
+    let r = e.flush(&rt).await.expect("flush");
+    assert_eq!((r.deleted, r.missing), (3, 0));
+    assert_eq!(access.len(), 0);
+}
