@@ -402,19 +402,20 @@ impl<E: Endpoint> Manager<E> {
         if !rt.watching() {
             self.engine.start_watch(&rt).await;
         }
+        // Returns once a Save would come from the warm cache, as Register
+        // does, and without the lock: ten VMs prepared at once warm at once.
+        // The destination waits too: its first sync walks the host's table,
+        // which must not compete with the Load and the guest's resume.
+        drop(ops);
+        let warmed = self.engine.wait_warm(&rt).await;
+        // Now answered from the cache; no Load comes before Prepare returned
+        // (QEMU is given the Id after it).
         let before = match step.role {
             Role::Source => None,
             Role::Destination => Some(self.engine.ids_now(&rt).await?),
         };
         let existing = before.as_ref().map_or(0, |b| b.len());
         rt.set_prepared(Some(step.role), before);
-        // Returns once a Save would come from the warm cache, as Register
-        // does, and without the lock: ten VMs prepared at once warm at once.
-        drop(ops);
-        let warmed = match step.role {
-            Role::Source => self.engine.wait_warm(&rt).await,
-            Role::Destination => None,
-        };
         let text = format!(
             "Prepare of VM {vm} as migration {}: served on bus {}{}{}",
             step.role.as_str(),
