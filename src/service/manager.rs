@@ -455,6 +455,22 @@ impl<E: Endpoint> Manager<E> {
         self.check_open()?;
         let rt = self.registered(vm)?;
         if rt.prepared().is_none() {
+            // A restart since Prepare forgets the preparation, not what the
+            // Save took (its ids are kept in the state directory): the
+            // source still owes that flush.
+            if step.role == Role::Source && rt.saved_len() > 0 {
+                let r = self.engine.flush(&rt).await?;
+                tracing::info!(
+                    VMID = %vm,
+                    DELETED = r.deleted,
+                    MISSING = r.missing,
+                    "Finish of VM {vm} as migration source (not prepared since a restart): \
+                     flushed {} saved entries ({} already gone)",
+                    r.deleted,
+                    r.missing
+                );
+                return Ok(());
+            }
             tracing::info!(VMID = %vm, "Finish of VM {vm}: not prepared, nothing to do");
             return Ok(());
         }
@@ -1490,5 +1506,34 @@ mod tests {
             text(s.manager.abort("100", &o).await),
             "invalid option 'role': must be of type 's', got 'u'"
         );
+    }
+
+    #[tokio::test]
+    async fn finish_on_the_source_after_a_restart_still_flushes_what_the_save_took() {
+        let s = setup();
+        s.access.insert(&population(30, 1, 100));
+        s.manager.register("100", &migration()).await.unwrap();
+        s.manager.prepare("100", &role("source")).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().save(&rt).await;
+        // The ids reach the state directory half a second after the Save.
+        let store = Store::new(s.dir.path());
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while store.load_ids("100").unwrap().len() != 30 {
+            assert!(std::time::Instant::now() < end, "ids never written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.manager.shutdown(Duration::from_secs(1)).await;
+        let Setup { access, dir, .. } = s;
+        let next = setup_over(dir, access, Duration::from_secs(5));
+        next.manager.restore().await;
+        assert_eq!(next.manager.get("100").unwrap().prepared(), None);
+        next.manager.finish("100", &role("source")).await.unwrap();
+        assert_eq!(next.access.len(), 0, "the saved entries are flushed");
+        // The destination's Finish has nothing to do then.
+        next.manager
+            .finish("100", &role("destination"))
+            .await
+            .unwrap();
     }
 }
