@@ -659,14 +659,6 @@ fn vm_entries(n: usize, mark: u32) -> Vec<Entry> {
     .vm_entries
 }
 
-fn sysctl_events(ns: &Netns, v: u32) {
-    common::netns::run_ok(
-        ns.cmd("sysctl")
-            .arg("-qw")
-            .arg(format!("net.netfilter.nf_conntrack_events={v}")),
-    );
-}
-
 /// Waits (bounded) until `mark` has `n` entries in the namespace.
 fn wait_count(c: &Ctnetlink, mark: u32, n: usize, what: &str) {
     let end = Instant::now() + Duration::from_secs(60);
@@ -921,9 +913,9 @@ fn part_service(hs: &mut Hosts, ns_list: &[usize], reps: usize, others: usize, s
         // (nf_conntrack_events = 0 while they are created, like entries
         // made before any listener existed), registered afterwards.
         let smark = 600 + i as u32;
-        sysctl_events(&hs.src.ns, 0);
+        hs.src.ns.set_conntrack_events(0);
         create_all(&cs, &vm_entries(n, smark), "silent vm");
-        sysctl_events(&hs.src.ns, 2);
+        hs.src.ns.set_conntrack_events(2);
         let svm = register(&cl, &hs.src, &smark.to_string());
         std::thread::sleep(Duration::from_millis(1500));
         for _ in 0..reps {
@@ -1313,7 +1305,7 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
     let mut dst = Host::new("bfldst");
     for (h, seed) in [(&src, 1u64), (&dst, 2)] {
         population::enable_labels(&h.ns.name);
-        sysctl_events(&h.ns, 1);
+        h.ns.set_conntrack_events(1);
         create_all(&ct(&h.ns), &other_entries(others, seed), "others");
     }
     let cl = Client::new();
@@ -1335,10 +1327,10 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
             // The VM's entries exist before anything serves it; Finish on
             // the source flushed the previous repetition's.
             if origin == Origin::Silent {
-                sysctl_events(&src.ns, 0);
+                src.ns.set_conntrack_events(0);
             }
             create_all(&cs, &vm_entries(n, mark), "vm");
-            sysctl_events(&src.ns, 1);
+            src.ns.set_conntrack_events(1);
             let before = src.dump(mark);
             assert_eq!(before.len(), n, "VM entries on the source");
             k += 1;

@@ -36,6 +36,16 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Sets `net.netfilter.nf_conntrack_events` of this namespace (a new
+    /// one starts at the kernel's default, 2; the package sets 1 on a host).
+    pub fn set_conntrack_events(&self, v: u32) {
+        run_ok(
+            self.cmd("sysctl")
+                .arg("-qw")
+                .arg(format!("net.netfilter.nf_conntrack_events={v}")),
+        );
+    }
+
     /// Path of the namespace handle, for setns(2).
     pub fn path(&self) -> String {
         format!("/run/netns/{}", self.name)

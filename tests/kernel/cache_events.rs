@@ -59,14 +59,6 @@ fn assert_not_above(cached: &[Entry], direct: &[Entry]) {
     }
 }
 
-fn events_sysctl(ns: &Netns, v: u32) {
-    run_ok(
-        ns.cmd("sysctl")
-            .arg("-qw")
-            .arg(format!("net.netfilter.nf_conntrack_events={v}")),
-    );
-}
-
 /// `n` UDP entries of `mark` from 10.77.a.b, for bursts.
 fn udp_entries(n: usize, mark: u32, base: u8) -> Vec<Entry> {
     (0..n)
@@ -110,9 +102,9 @@ fn cache_follows_creates_updates_deletes_and_mark_moves() {
     let half = pop.vm_lines.len() / 2;
     let mut before: Vec<String> = pop.vm_lines[..half].to_vec();
     before.extend(pop.noise_lines.iter().cloned());
-    events_sysctl(&ns, 0);
+    ns.set_conntrack_events(0);
     load_lines(&ns, &before);
-    events_sysctl(&ns, 2);
+    ns.set_conntrack_events(2);
 
     let sel = Selector::mark(MARK);
     let cache = cache(&ns, CacheConfig::default());
@@ -288,9 +280,9 @@ fn cache_lost_events_fall_back_then_resync() {
     let cache = cache(&ns, cfg);
     let direct = ct(&ns);
     // Silent, so that probing them sends no events into the tiny queue.
-    events_sysctl(&ns, 0);
+    ns.set_conntrack_events(0);
     direct.create(&udp_entries(100, MARK, 81)).expect("create");
-    events_sysctl(&ns, 2);
+    ns.set_conntrack_events(2);
     cache.watch(&sel, true).expect("watch");
     assert!(cache.wait_trusted(&sel, WARM));
     // One create call: the kernel emits 3000 NEW events inside our send.
@@ -431,11 +423,11 @@ fn cache_probe_tells_reporting_entries_from_silent_ones() {
     // Under 0 no entry gets the event extension. (Under 2, the default, an
     // entry gets it when a listener exists anywhere on the host at its
     // creation, checked on 6.18: not deterministic with parallel tests.)
-    events_sysctl(&ns, 0);
+    ns.set_conntrack_events(0);
     let silent = udp_entries(40, MARK, 89);
     direct.create(&silent).expect("create");
     // Under 1 every entry gets the extension, listener or not.
-    events_sysctl(&ns, 1);
+    ns.set_conntrack_events(1);
     let loud = udp_entries(60, MARK, 90);
     direct.create(&loud).expect("create");
 
@@ -490,7 +482,7 @@ fn cache_stays_exact_under_churn_during_syncs() {
     let cache = cache(&ns, cfg);
     let direct = ct(&ns);
     // Every entry reports events (none silent): Saves need no lookups.
-    events_sysctl(&ns, 1);
+    ns.set_conntrack_events(1);
     let mut live = udp_entries(3000, MARK, 91);
     direct.create(&live).expect("create");
     cache.watch(&sel, true).expect("watch");
@@ -561,7 +553,7 @@ fn cache_many_selectors_share_one_walk() {
     };
     let cache = cache(&ns, cfg);
     let direct = ct(&ns);
-    events_sysctl(&ns, 1);
+    ns.set_conntrack_events(1);
     let sels = [
         Selector::mark(101),
         Selector::mark(102),

@@ -31,11 +31,12 @@ static A: common::memory::Counting = common::memory::Counting;
 
 const MARK: u32 = 100;
 
-fn ct(ns: &Netns) -> Ctnetlink {
+pub(crate) fn ct(ns: &Netns) -> Ctnetlink {
     Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink")
 }
 
-fn udp(n: usize, mark: u32, a: u8) -> Vec<Entry> {
+/// `n` UDP entries of `mark` from 10.`a`.x.y, an hour left.
+pub(crate) fn udp(n: usize, mark: u32, a: u8) -> Vec<Entry> {
     (0..n)
         .map(|i| {
             let orig = Tuple {

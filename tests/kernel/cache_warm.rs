@@ -11,63 +11,20 @@
 //! cargo test --release --test kernel cache_warm -- --ignored --nocapture --test-threads 1
 //! ```
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::compare::{compare, Tolerance};
-use common::netns::{run_ok, Netns};
+use common::netns::Netns;
 use conntrack_vmstate::access::{CacheMiss, ConntrackAccess, DumpSource, WarmState};
 use conntrack_vmstate::cache::{CacheConfig, CachedAccess};
 use conntrack_vmstate::ctnetlink::Ctnetlink;
-use conntrack_vmstate::entry::{proto, status, Entry, Selector, Tuple, L4};
+use conntrack_vmstate::entry::{Entry, Selector};
 use conntrack_vmstate::format::{self, EncodeOptions};
 
 const MARK: u32 = 100;
 const WAIT: Duration = Duration::from_secs(60);
 
-fn ct(ns: &Netns) -> Ctnetlink {
-    Ctnetlink::open_in_netns(Path::new(&ns.path())).expect("ctnetlink in namespace")
-}
-
-fn events_sysctl(ns: &Netns, v: u32) {
-    run_ok(
-        ns.cmd("sysctl")
-            .arg("-qw")
-            .arg(format!("net.netfilter.nf_conntrack_events={v}")),
-    );
-}
-
-/// `n` UDP entries of `mark` from 10.`a`.x.y, an hour left.
-fn udp(n: usize, mark: u32, a: u8) -> Vec<Entry> {
-    (0..n)
-        .map(|i| {
-            let orig = Tuple {
-                src: std::net::Ipv4Addr::new(10, a, (i >> 16) as u8, (i >> 8) as u8).into(),
-                dst: std::net::Ipv4Addr::new(192, 0, 2, i as u8).into(),
-                proto: proto::UDP,
-                l4: L4::Ports {
-                    src: 1024 + (i % 60000) as u16,
-                    dst: 53,
-                },
-                zone: None,
-            };
-            Entry {
-                orig,
-                reply: orig.inverse(),
-                status: status::CONFIRMED,
-                timeout: 3600,
-                mark,
-                zone: 0,
-                labels: None,
-                protoinfo: None,
-                seq_adj_orig: None,
-                seq_adj_reply: None,
-                helper: None,
-                id: None,
-            }
-        })
-        .collect()
-}
+use super::cache_measure::{ct, udp};
 
 fn create(ct: &Ctnetlink, es: &[Entry]) {
     let r = ct.create(es).expect("create");
@@ -97,7 +54,7 @@ fn assert_same(want: &[Entry], state: &[u8]) {
 fn save_right_after_wait_warm_comes_from_the_base() {
     common::needs!(kernel);
     let ns = Netns::new("cwarm");
-    events_sysctl(&ns, 1);
+    ns.set_conntrack_events(1);
     let direct = ct(&ns);
     create(&direct, &udp(20_000, MARK, 31));
     create(&direct, &udp(10_000, 7, 32));
@@ -143,7 +100,7 @@ fn save_right_after_wait_warm_comes_from_the_base() {
 fn small_vm_is_warm_once_probed_and_saves_from_the_cache() {
     common::needs!(kernel);
     let ns = Netns::new("cwarmsm");
-    events_sysctl(&ns, 1);
+    ns.set_conntrack_events(1);
     let direct = ct(&ns);
     create(&direct, &udp(800, MARK, 33));
     let sel = Selector::mark(MARK);
@@ -171,9 +128,9 @@ fn silent_entries_are_counted_and_named_in_the_save_notes() {
     common::needs!(kernel);
     let ns = Netns::new("cwarmsil");
     let direct = ct(&ns);
-    events_sysctl(&ns, 0);
+    ns.set_conntrack_events(0);
     create(&direct, &udp(3_000, MARK, 34));
-    events_sysctl(&ns, 1);
+    ns.set_conntrack_events(1);
     create(&direct, &udp(1_000, MARK, 35));
     let sel = Selector::mark(MARK);
     let cache = CachedAccess::new(ct(&ns), CacheConfig::default()).expect("cache");
@@ -210,7 +167,7 @@ fn silent_entries_are_counted_and_named_in_the_save_notes() {
 fn wait_warm_with_events_off_returns_at_once() {
     common::needs!(kernel);
     let ns = Netns::new("cwarmoff");
-    events_sysctl(&ns, 0);
+    ns.set_conntrack_events(0);
     let direct = ct(&ns);
     create(&direct, &udp(100, MARK, 36));
     let sel = Selector::mark(MARK);
@@ -245,7 +202,7 @@ fn measure_register_to_warm() {
     common::needs!(kernel);
     for n in [5_000usize, 100_000] {
         let ns = Netns::new("cwarmm");
-        events_sysctl(&ns, 1);
+        ns.set_conntrack_events(1);
         let direct = ct(&ns);
         for part in 0..3u8 {
             create(&direct, &udp(50_000, 7, 100 + part));
