@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use super::confine::{self, LoadPolicy, Refused};
-use super::persist::{PendingRestore, Store};
+use super::persist::Store;
 use super::runtime::{now_us, OpReport, Restore, RestoreCtl, VmRuntime};
 use super::ServiceError;
 use crate::access::{
@@ -498,10 +498,11 @@ impl Engine {
         }
         self.cancel_restore_as(vm, "superseded by a newer Load", Stop::Superseded)
             .await;
-        // Whatever an earlier Load of the VM left for a restart is
-        // superseded too, even if this Load turns out to create nothing.
-        self.remove_pending(&vm.config.vm);
+        // What an earlier Load of the VM left for a restart is superseded:
+        // a valid Load replaces or removes that file off the downtime (its
+        // restore thread), a refused one here.
         let refuse = |error: String| {
+            self.remove_pending(&vm.config.vm);
             let report = OpReport {
                 bytes,
                 duration_us: duration_us(start),
@@ -1006,12 +1007,12 @@ impl RestoreJob {
         let Some(store) = self.store.clone() else {
             return;
         };
-        let pending = self.pending(data, done);
-        let vm = self.vm.config.vm.clone();
+        let (data, config, at) = (data.clone(), self.vm.config.clone(), self.loaded_at_us);
+        let vm = config.vm.clone();
         let h = std::thread::Builder::new()
             .name("cvs-keep".into())
             .spawn(move || {
-                if let Err(e) = store.save_pending(&pending) {
+                if let Err(e) = store.save_pending(&config, done as u64, at, &data) {
                     tracing::warn!(
                         VMID = %vm,
                         "keeping the restore of VM {vm} for a restart failed: {e}; \
@@ -1022,15 +1023,6 @@ impl RestoreJob {
         self.keeper = h.ok();
     }
 
-    fn pending(&self, data: &[u8], done: usize) -> PendingRestore {
-        PendingRestore {
-            config: self.vm.config.clone(),
-            consumed: done as u64,
-            loaded_at_us: self.loaded_at_us,
-            blob: data.to_vec(),
-        }
-    }
-
     /// Records how far the restore got, for the next start to go on from.
     fn hand_over(&mut self, data: &[u8], done: usize, report: &mut OpReport) {
         if let Some(k) = self.keeper.take() {
@@ -1038,7 +1030,7 @@ impl RestoreJob {
         }
         let r = match &self.store {
             Some(store) => store
-                .save_pending(&self.pending(data, done))
+                .save_pending(&self.vm.config, done as u64, self.loaded_at_us, data)
                 .map_err(|e| e.to_string()),
             None => Err("no state directory".into()),
         };

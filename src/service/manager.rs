@@ -322,9 +322,7 @@ impl<E: Endpoint> Manager<E> {
         let flush = parse_unregister(options)?;
         let _ops = self.ops.lock().await;
         self.check_open()?;
-        let rt = lock(&self.registry)
-            .get(vm)
-            .ok_or_else(|| ServiceError::NotRegistered { vm: vm.into() })?;
+        let rt = self.registered(vm)?;
         // Without a Save that took entries (none since the VM was
         // registered, or one that fell back to an empty state) there is
         // nothing to flush, and the log says so rather than claiming a flush.
@@ -454,23 +452,12 @@ impl<E: Endpoint> Manager<E> {
         let _ops = self.ops.lock().await;
         self.check_open()?;
         let rt = self.registered(vm)?;
-        if rt.prepared().is_none() {
-            // A restart since Prepare forgets the preparation, not what the
-            // Save took (its ids are kept in the state directory): the
-            // source still owes that flush.
-            if step.role == Role::Source && rt.saved_len() > 0 {
-                let r = self.engine.flush(&rt).await?;
-                tracing::info!(
-                    VMID = %vm,
-                    DELETED = r.deleted,
-                    MISSING = r.missing,
-                    "Finish of VM {vm} as migration source (not prepared since a restart): \
-                     flushed {} saved entries ({} already gone)",
-                    r.deleted,
-                    r.missing
-                );
-                return Ok(());
-            }
+        // A restart since Prepare forgets the preparation, not what the Save
+        // took (its ids are kept in the state directory): the source still
+        // owes that flush.
+        let prepared = rt.prepared().is_some();
+        let owes_flush = step.role == Role::Source && rt.saved_len() > 0;
+        if !prepared && !owes_flush {
             tracing::info!(VMID = %vm, "Finish of VM {vm}: not prepared, nothing to do");
             return Ok(());
         }
@@ -478,7 +465,7 @@ impl<E: Endpoint> Manager<E> {
             Role::Source => Some(self.engine.flush(&rt).await?),
             Role::Destination => None,
         };
-        let restoring = self.release(&rt).await;
+        let restoring = prepared && self.release(&rt).await;
         let (deleted, missing) = flushed.map_or((0, 0), |r| (r.deleted, r.missing));
         tracing::info!(
             VMID = %vm,

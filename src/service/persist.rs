@@ -276,23 +276,30 @@ impl Store {
             .join(format!("{PENDING_PREFIX}{h1:08x}{h2:08x}{PENDING_SUFFIX}"))
     }
 
-    /// Keeps (or replaces) the pending restore of its VM, atomically.
-    pub fn save_pending(&self, p: &PendingRestore) -> Result<(), ServiceError> {
-        let path = self.pending_path(&p.config.vm);
+    /// Keeps (or replaces) the pending restore of `config`'s VM: `blob`
+    /// whole, `consumed` of its stream entries handled; atomically.
+    pub fn save_pending(
+        &self,
+        config: &VmConfig,
+        consumed: u64,
+        loaded_at_us: u64,
+        blob: &[u8],
+    ) -> Result<(), ServiceError> {
+        let path = self.pending_path(&config.vm);
         let header = serde_json::to_vec(&PendingHeader {
-            config: p.config.clone(),
-            consumed: p.consumed,
-            loaded_at_us: p.loaded_at_us,
+            config: config.clone(),
+            consumed,
+            loaded_at_us,
         })
         .map_err(|e| ServiceError::Persist {
             path: path.clone(),
             source: std::io::Error::other(e),
         })?;
-        let mut b = Vec::with_capacity(12 + header.len() + p.blob.len());
+        let mut b = Vec::with_capacity(12 + header.len() + blob.len());
         b.extend_from_slice(&PENDING_MAGIC);
         b.extend_from_slice(&(header.len() as u32).to_le_bytes());
         b.extend_from_slice(&header);
-        b.extend_from_slice(&p.blob);
+        b.extend_from_slice(blob);
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         self.replace(&path, &b)
@@ -417,6 +424,10 @@ mod tests {
 
     #[test]
     fn pending_restore_round_trips_and_a_damaged_one_is_moved_aside() {
+        let save = |s: &Store, p: &PendingRestore| {
+            s.save_pending(&p.config, p.consumed, p.loaded_at_us, &p.blob)
+                .unwrap()
+        };
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
         assert!(store.load_pending().is_empty());
@@ -427,7 +438,7 @@ mod tests {
             loaded_at_us: 1_700_000_000_000_000,
             blob: vec![1, 2, 3, 0, 255],
         };
-        store.save_pending(&p).unwrap();
+        save(&store, &p);
         let q = PendingRestore {
             config: VmConfig::from_options(
                 &long,
@@ -443,7 +454,7 @@ mod tests {
             blob: Vec::new(),
             ..p.clone()
         };
-        store.save_pending(&q).unwrap();
+        save(&store, &q);
         let mut got: Vec<PendingRestore> = store
             .load_pending()
             .into_iter()
@@ -453,7 +464,7 @@ mod tests {
         assert_eq!(got, vec![p.clone(), q.clone()]);
         // A later save of the same VM replaces it.
         p.consumed = 4096;
-        store.save_pending(&p).unwrap();
+        save(&store, &p);
         assert_eq!(store.load_pending().len(), 2);
         store.remove_pending(&long).unwrap();
         store.remove_pending(&long).unwrap();
@@ -476,7 +487,7 @@ mod tests {
         assert!(store.load_pending().is_empty());
         assert!(path.with_extension("pending.corrupt").exists());
         // A file renamed to another VM's name is not taken for that VM.
-        store.save_pending(&p).unwrap();
+        save(&store, &p);
         std::fs::rename(store.pending_path("100"), store.pending_path("7")).unwrap();
         let e = store.load_pending().pop().unwrap().unwrap_err().to_string();
         assert!(e.ends_with("holds the restore of VM '100'"), "{e}");
