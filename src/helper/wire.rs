@@ -375,6 +375,16 @@ fn put_ids(w: &mut W, ids: &[u32]) {
     }
 }
 
+/// The fields SavedState and SavedStateNoted share, in their order.
+fn put_saved(w: &mut W, src: DumpSource, kept: u64, dropped: u64, ids: &[u32], bytes: &[u8]) {
+    w.u8(source_code(src));
+    w.u64(kept);
+    w.u64(dropped);
+    put_ids(w, ids);
+    w.u32(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
+    w.bytes(bytes);
+}
+
 fn format_code(f: Format) -> u8 {
     match f {
         Format::Binary => 0,
@@ -568,12 +578,7 @@ pub fn encode_response(r: &Response) -> Vec<u8> {
         }),
         Response::SavedState(src, kept, dropped, ids, bytes) => {
             frame_sized(op::R_SAVED_STATE, 32 + ids.len() * 4 + bytes.len(), |w| {
-                w.u8(source_code(*src));
-                w.u64(*kept);
-                w.u64(*dropped);
-                put_ids(w, ids);
-                w.u32(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
-                w.bytes(bytes);
+                put_saved(w, *src, *kept, *dropped, ids, bytes)
             })
         }
         Response::Warmth(x) => frame(op::R_WARMTH, |w| {
@@ -589,12 +594,7 @@ pub fn encode_response(r: &Response) -> Vec<u8> {
             op::R_SAVED_STATE_NOTED,
             64 + ids.len() * 4 + bytes.len(),
             |w| {
-                w.u8(source_code(*src));
-                w.u64(*kept);
-                w.u64(*dropped);
-                put_ids(w, ids);
-                w.u32(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
-                w.bytes(bytes);
+                put_saved(w, *src, *kept, *dropped, ids, bytes);
                 w.u8(miss_code(notes.miss));
                 w.u64(notes.silent);
                 w.u64(notes.lookups);
