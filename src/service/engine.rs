@@ -1187,19 +1187,21 @@ impl RestoreJob {
         } else {
             replied
         };
+        // A background completion is journalled before LastLoad shows
+        // it, so whoever sees LastLoad complete finds the line too.
+        if tx.is_none() {
+            log_complete(&self.vm, &report);
+        }
         {
             let mut finished = lock(&self.ctl.finished);
             self.vm.set_last_load(report.clone());
             *finished = true;
         }
-        match tx {
-            Some(tx) => {
-                if let Err(report) = tx.send(report) {
-                    // The answer went out already (overrun cap).
-                    log_complete(&self.vm, &report);
-                }
+        if let Some(tx) = tx {
+            if let Err(report) = tx.send(report) {
+                // The answer went out already (overrun cap).
+                log_complete(&self.vm, &report);
             }
-            None => log_complete(&self.vm, &report),
         }
     }
 }

@@ -216,6 +216,22 @@ impl DaemonProc {
         self.proc.output()
     }
 
+    /// Waits (bounded, blocking) until the log holds `needle`: a line
+    /// written after the effect a test waited for (the last entry in the
+    /// kernel) reaches the log a moment later.
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
+        let end = std::time::Instant::now() + limit;
+        loop {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn kill9(&mut self) {
         self.proc.kill();
     }

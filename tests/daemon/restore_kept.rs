@@ -92,13 +92,16 @@ async fn unregister_right_after_load_does_not_stop_the_restore() {
         let m = Manager1Proxy::new(&d.client).await.unwrap();
         m.unregister("100", Default::default()).await.unwrap();
         all_arrive(&d, "after Unregister").await;
+        let done = "Load of VM 100 complete after";
+        let logged =
+            tokio::task::block_in_place(|| d.daemon.wait_log(done, Duration::from_secs(10)));
         // Said only when the restore still ran at the Unregister.
         let log = d.daemon.log_text();
+        assert!(logged, "no {done:?} within 10 s of the last entry: {log}");
         assert!(
             log.contains("Unregister of VM 100: its running restore goes on to the end"),
             "{log}"
         );
-        assert!(log.contains("Load of VM 100 complete after"), "{log}");
         assert!(!log.contains("restore stopped after"), "{log}");
     })
     .await
