@@ -20,6 +20,7 @@ mod daemon_manager;
 mod daemon_vmstate;
 mod dbus_contract;
 mod migration_daemon;
+mod migration_failed;
 mod migration_harness;
 mod migration_scoped;
 mod proxmox_helper;
