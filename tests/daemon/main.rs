@@ -24,5 +24,6 @@ mod migration_failed;
 mod migration_harness;
 mod migration_scoped;
 mod proxmox_helper;
+mod qemu_modes;
 mod qmp_vmstate;
 mod restore_kept;
