@@ -1408,6 +1408,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_load_on_the_host_of_the_save_leaves_nothing_to_flush() {
+        let access = FakeAccess::new(Events::default());
+        let s = setup_over(tempfile::tempdir().unwrap(), access, Duration::ZERO);
+        s.access.insert(&population(30, 1, 100));
+        s.manager.register("100", &migration()).await.unwrap();
+        s.manager.prepare("100", &role("source")).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        let blob = s.manager.engine().save(&rt).await;
+        assert_eq!(rt.saved_len(), 30);
+        // Kept for a flush after a restart, half a second after the Save.
+        let store = Store::new(s.dir.path());
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while store.load_ids("100").unwrap().len() != 30 {
+            assert!(std::time::Instant::now() < end, "ids never written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Restored here (suspend to disk and back): every entry is there.
+        s.manager
+            .prepare("100", &role("destination"))
+            .await
+            .unwrap();
+        s.manager.engine().load(&rt, blob).await;
+        let load = until_restored(&rt).await;
+        assert_eq!((load.created, load.existed), (0, 30));
+        assert_eq!(rt.saved_len(), 0);
+        s.manager.finish("100", &role("destination")).await.unwrap();
+        s.events.take();
+        // A Finish of the source coming late has nothing left to flush.
+        s.manager.finish("100", &role("source")).await.unwrap();
+        assert!(
+            !s.events.take().iter().any(|e| e.starts_with("delete")),
+            "the restored VM's entries were flushed"
+        );
+        assert_eq!(s.access.len(), 30);
+        // Nor after a restart: the kept ids went with them.
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !store.load_ids("100").unwrap().is_empty() {
+            assert!(std::time::Instant::now() < end, "saved ids still kept");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
     async fn abort_on_the_destination_deletes_exactly_what_the_load_created() {
         let access = FakeAccess::new(Events::default());
         let s = setup_over(tempfile::tempdir().unwrap(), access, Duration::ZERO);

@@ -466,3 +466,49 @@ fn snapshots_of_a_vm_known_only_for_migrations_do_not_involve_us() {
     assert!(!qemu(&mut h).output().contains("dbus_vmstate_"));
     assert_same_entries("VM 100", &before, &h.dump(100), age(t0));
 }
+
+/// Suspend to disk and restore on the same host without `finish --role
+/// source` in between (the VM comes back here, its entries are still
+/// valid): the restore meets every entry (existed). A `finish --role
+/// source` coming late (a tool finishing the suspend after the restore)
+/// must not flush the entries the restored VM now runs on.
+#[test]
+fn a_late_source_finish_after_a_restore_on_the_same_host_flushes_nothing() {
+    common::needs!(qemu);
+    let mut h = Host::new("fl");
+    h.start_daemon();
+    populate(&h, 800, 38);
+    let t0 = Instant::now();
+    h.qemu = Some(Qemu::start(
+        h.path(),
+        "qemu",
+        Some(&h.ns),
+        &QemuOpts::default(),
+    ));
+    prepare(&mut h, "source");
+    let before = h.dump(100);
+    let file = h.path().join("suspended.bin");
+    assert_eq!(qemu(&mut h).migrate_to_file(&file).status, "completed");
+    assert_eq!(save_outcome(&h), (800, 0, String::new()));
+    qemu(&mut h).execute("quit", None).ok();
+    assert!(qemu(&mut h).proc.wait_exit(WAIT).is_some());
+
+    assert_eq!(restore_prepared(&mut h, "qemu2", &file), Incoming::Running);
+    assert_eq!(load_outcome(&h), (0, 800, String::new()));
+    step(&mut h, "finish", "destination");
+    h.qemu = None;
+    h.cli_ok(&["finish", "100", "--role", "source"]);
+    assert_same_entries(
+        "VM 100 after the late finish",
+        &before,
+        &h.dump(100),
+        age(t0),
+    );
+    let log = std::fs::read_to_string(h.path().join("daemon0.log")).unwrap();
+    assert!(
+        log.contains(
+            "Load of VM 100 on the host of its last Save: those entries are no longer owed a flush"
+        ) && log.contains("Finish of VM 100: not prepared, nothing to do"),
+        "{log}"
+    );
+}
