@@ -512,3 +512,65 @@ fn a_late_source_finish_after_a_restore_on_the_same_host_flushes_nothing() {
         "{log}"
     );
 }
+
+/// A live migration between two QEMUs of one host (e.g. to a newer QEMU
+/// binary): one daemon, one registration, both roles. Load meets every entry
+/// (existed), nothing is flushed, the VM runs on in the new QEMU.
+#[test]
+fn a_live_migration_within_one_host_keeps_every_entry() {
+    common::needs!(qemu);
+    let mut h = Host::new("lh");
+    h.start_daemon();
+    let noise = populate(&h, 800, 39);
+    let t0 = Instant::now();
+    let others = dumps(&h, &noise);
+    h.qemu = Some(Qemu::start(
+        h.path(),
+        "qemu",
+        Some(&h.ns),
+        &QemuOpts::default(),
+    ));
+    let mut new = Qemu::start(
+        h.path(),
+        "qemu-new",
+        Some(&h.ns),
+        &QemuOpts {
+            incoming: true,
+            ..Default::default()
+        },
+    );
+    prepare(&mut h, "source");
+    new.release_qmp();
+    let new_qmp = new.qmp_path.display().to_string();
+    let bus = h.bus.address.clone();
+    println!(
+        "{}",
+        h.cli_ok(&[
+            "prepare",
+            "100",
+            "--role",
+            "destination",
+            "--bus-address",
+            &bus,
+            "--qmp",
+            &new_qmp,
+        ])
+    );
+    let before = h.dump(100);
+    let file = h.path().join("stream.bin");
+    let out = qemu(&mut h).migrate_to_file(&file);
+    assert_eq!(out.status, "completed", "{}", qemu(&mut h).output());
+    assert_eq!(
+        new.incoming_from_file(&file),
+        Incoming::Running,
+        "{}",
+        new.output()
+    );
+    assert_eq!(save_outcome(&h), (800, 0, String::new()));
+    assert_eq!(load_outcome(&h), (0, 800, String::new()));
+    step(&mut h, "finish", "source");
+    new.release_qmp();
+    h.cli_ok(&["finish", "100", "--role", "destination", "--qmp", &new_qmp]);
+    assert_same_entries("VM 100", &before, &h.dump(100), age(t0));
+    assert_untouched("other VMs", &h, &others, t0);
+}
