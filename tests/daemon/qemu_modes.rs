@@ -514,12 +514,13 @@ fn a_late_source_finish_after_a_restore_on_the_same_host_flushes_nothing() {
 }
 
 /// A live migration between two QEMUs of one host (e.g. to a newer QEMU
-/// binary): one daemon, one registration, both roles. Load meets every entry
-/// (existed), nothing is flushed, the VM runs on in the new QEMU.
-#[test]
-fn a_live_migration_within_one_host_keeps_every_entry() {
-    common::needs!(qemu);
-    let mut h = Host::new("lh");
+/// binary): one daemon, one registration, both roles prepared. Both QEMUs
+/// are answered (the old one's Save, the new one's Load), Load meets every
+/// entry (existed), nothing is flushed, the VM runs on in the new QEMU. An
+/// always-served VM is prepared the same way and finished without `--qmp`,
+/// so the new QEMU keeps its object and the VM stays served.
+fn migrate_within_one_host(tag: &str, always: bool) {
+    let mut h = Host::new(tag);
     h.start_daemon();
     let noise = populate(&h, 800, 39);
     let t0 = Instant::now();
@@ -539,23 +540,23 @@ fn a_live_migration_within_one_host_keeps_every_entry() {
             ..Default::default()
         },
     );
+    if always {
+        register_qmp(&mut h, "100", &[]);
+    }
     prepare(&mut h, "source");
     new.release_qmp();
     let new_qmp = new.qmp_path.display().to_string();
     let bus = h.bus.address.clone();
-    println!(
-        "{}",
-        h.cli_ok(&[
-            "prepare",
-            "100",
-            "--role",
-            "destination",
-            "--bus-address",
-            &bus,
-            "--qmp",
-            &new_qmp,
-        ])
-    );
+    h.cli_ok(&[
+        "prepare",
+        "100",
+        "--role",
+        "destination",
+        "--bus-address",
+        &bus,
+        "--qmp",
+        &new_qmp,
+    ]);
     let before = h.dump(100);
     let file = h.path().join("stream.bin");
     let out = qemu(&mut h).migrate_to_file(&file);
@@ -568,9 +569,36 @@ fn a_live_migration_within_one_host_keeps_every_entry() {
     );
     assert_eq!(save_outcome(&h), (800, 0, String::new()));
     assert_eq!(load_outcome(&h), (0, 800, String::new()));
-    step(&mut h, "finish", "source");
-    new.release_qmp();
-    h.cli_ok(&["finish", "100", "--role", "destination", "--qmp", &new_qmp]);
+    if always {
+        h.cli_ok(&["finish", "100", "--role", "source"]);
+        h.cli_ok(&["finish", "100", "--role", "destination"]);
+        let o = new
+            .qmp()
+            .find_vmstate()
+            .unwrap()
+            .expect("the new QEMU's object");
+        assert_eq!(o.ids, ["conntrack-vmstate-100"]);
+        let st = h.status_json("100");
+        assert_eq!(text(&st, "Lifecycle"), "always");
+        assert!(!text(&st, "UniqueName").is_empty(), "not served: {st}");
+    } else {
+        step(&mut h, "finish", "source");
+        new.release_qmp();
+        h.cli_ok(&["finish", "100", "--role", "destination", "--qmp", &new_qmp]);
+        assert_eq!(new.qmp().find_vmstate().unwrap(), None);
+    }
     assert_same_entries("VM 100", &before, &h.dump(100), age(t0));
     assert_untouched("other VMs", &h, &others, t0);
+}
+
+#[test]
+fn a_live_migration_within_one_host_keeps_every_entry() {
+    common::needs!(qemu);
+    migrate_within_one_host("lh", false);
+}
+
+#[test]
+fn a_live_migration_within_one_host_of_an_always_served_vm_keeps_every_entry() {
+    common::needs!(qemu);
+    migrate_within_one_host("la", true);
 }
