@@ -357,7 +357,7 @@ fn postcopy_migration_loads_before_the_destination_runs() {
 /// taken with the dbus-vmstate object cannot be loaded without it.
 #[test]
 fn savevm_and_loadvm_duplicate_nothing_and_flush_nothing() {
-    common::needs!(qemu);
+    common::needs!(snapshots);
     let mut h = Host::new("sn");
     h.start_daemon();
     let noise = populate(&h, 2000, 36);
@@ -441,7 +441,7 @@ fn savevm_and_loadvm_duplicate_nothing_and_flush_nothing() {
 /// nothing to flush), and the snapshot loads in QEMU without the object.
 #[test]
 fn snapshots_of_a_vm_known_only_for_migrations_do_not_involve_us() {
-    common::needs!(qemu);
+    common::needs!(snapshots);
     let mut h = Host::new("sm");
     h.start_daemon();
     populate(&h, 300, 37);
