@@ -98,8 +98,23 @@ fn cancelled_during_the_ram_copy_abort_keeps_the_source_and_a_second_attempt_wor
     assert_eq!(report(&src, "100", "LastSave"), json!({}));
     assert_eq!(report(&dst, "100", "LastLoad"), json!({}));
 
-    println!("{}", step(&mut dst, "abort", "destination"));
-    println!("{}", step(&mut src, "abort", "source"));
+    let out = step(&mut dst, "abort", "destination");
+    assert!(
+        out.ends_with(
+            "aborted VM 100 as migration destination: the entries its Load created are deleted\n"
+        ),
+        "{out}"
+    );
+    let out = step(&mut src, "abort", "source");
+    assert!(
+        out.ends_with("aborted VM 100 as migration source: its entries are kept\n"),
+        "{out}"
+    );
+    // A tool may abort unconditionally: a second one does nothing.
+    assert_eq!(
+        step(&mut src, "abort", "source"),
+        "aborted VM 100 as migration source: it was not prepared here, its entries are kept\n"
+    );
     assert_same_entries(
         "VM 100 on the source after abort",
         &before,
