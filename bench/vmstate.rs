@@ -1037,6 +1037,7 @@ fn migrate_pair(src: &Host, dst: &Host, k: usize, vmstate: Option<&str>) -> Mig 
     let mk = |h: &Host, incoming: bool| QemuOpts {
         vmstate: vmstate.map(|id| (h.bus.address.clone(), Some(id.to_owned()))),
         incoming,
+        ..Default::default()
     };
     let so = mk(src, false);
     let dopt = mk(dst, true);

@@ -329,9 +329,15 @@ impl VmState1 {
         conn: &zbus::Connection,
         op: &str,
     ) -> zbus::fdo::Result<()> {
-        let Some(want) = self.rt.qemu_pid() else {
+        let allowed = self.rt.allowed_pids();
+        if allowed.is_empty() {
             return Ok(());
-        };
+        }
+        let want = allowed
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(" or ");
         let vm = &self.rt.config.vm;
         let denied = |why: String| {
             tracing::warn!(VMID = %vm, "{op} of VM {vm} refused: {why}");
@@ -349,7 +355,7 @@ impl VmState1 {
             .get_connection_unix_process_id(sender.clone().into())
             .await
             .map_err(|e| denied(format!("the bus does not say who {sender} is: {e}")))?;
-        if pid == want {
+        if allowed.contains(&pid) {
             Ok(())
         } else {
             Err(denied(format!("called by pid {pid}")))

@@ -126,6 +126,9 @@ fn step(a: StepArgs, verb: &'static str) -> anyhow::Result<()> {
         if verb == "abort" && dest {
             opts.insert("vm_running", Variant::from(vm_running));
         }
+        // Read before the call ends the preparation: a step on a VM not
+        // prepared here does nothing (the daemon's journal says so).
+        let prepared = !vm.prepared().await.unwrap_or_default().is_empty();
         let m = Manager1Proxy::new(&conn).await?;
         let call = async || match verb {
             "finish" => m.finish(&a.vmid, clone_opts(&opts)?).await,
@@ -135,6 +138,7 @@ fn step(a: StepArgs, verb: &'static str) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("{verb} of VM {} as migration {role}", a.vmid))?;
         let what = match (verb, dest) {
+            ("abort", _) if !prepared => "it was not prepared here, its entries are kept",
             ("finish", false) => "the entries its Save took are deleted",
             ("finish", true) | ("abort", false) => "its entries are kept",
             _ if vm_running => "the VM runs here, its entries are kept",

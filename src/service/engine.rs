@@ -491,6 +491,19 @@ impl Engine {
         let start = Instant::now();
         let loaded_at_us = now_us();
         let bytes = data.len() as u64;
+        // A Load here after a Save here (restore or loadvm on the same host,
+        // a migration between two QEMUs of one host): the saved entries are
+        // the VM's live ones again, and a later flush (Finish of the source,
+        // Unregister with flush) must not take them from under it.
+        if vm.saved_len() > 0 {
+            vm.clear_saved();
+            self.persist_saved_later(vm);
+            tracing::info!(
+                VMID = %vm.config.vm,
+                "Load of VM {} on the host of its last Save: those entries are no longer owed a flush",
+                vm.config.vm
+            );
+        }
         let before = lock(&self.restores).insert(vm.config.vm.clone(), vm.clone());
         if let Some(b) = before.filter(|b| !Arc::ptr_eq(b, vm)) {
             self.cancel_restore_as(&b, "superseded by a newer Load", Stop::Superseded)

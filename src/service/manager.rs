@@ -392,7 +392,7 @@ impl<E: Endpoint> Manager<E> {
         self.check_open()?;
         let rt = self.registered(vm)?;
         if let Some(pid) = step.qemu_pid {
-            rt.bind_qemu(pid);
+            rt.bind_for_role(step.role, pid);
         }
         if !self.endpoint.is_serving(vm) {
             self.serve(&rt).await?;
@@ -408,8 +408,12 @@ impl<E: Endpoint> Manager<E> {
         let warmed = self.engine.wait_warm(&rt).await;
         // Now answered from the cache; no Load comes before Prepare returned
         // (QEMU is given the Id after it).
+        // A source prepared on the host where this VM's destination already
+        // is (a migration between two QEMUs of one host) keeps what the
+        // destination noted: an Abort there must still know which entries
+        // were here before the Load.
         let before = match step.role {
-            Role::Source => None,
+            Role::Source => rt.before_load(),
             Role::Destination => Some(self.engine.ids_now(&rt).await?),
         };
         let existing = before.as_ref().map_or(0, |b| b.len());
@@ -465,7 +469,7 @@ impl<E: Endpoint> Manager<E> {
             Role::Source => Some(self.engine.flush(&rt).await?),
             Role::Destination => None,
         };
-        let restoring = prepared && self.release(&rt).await;
+        let restoring = prepared && self.release(&rt, true).await;
         let (deleted, missing) = flushed.map_or((0, 0), |r| (r.deleted, r.missing));
         tracing::info!(
             VMID = %vm,
@@ -499,17 +503,29 @@ impl<E: Endpoint> Manager<E> {
         self.check_open()?;
         let rt = self.registered(vm)?;
         if rt.prepared().is_none() {
-            tracing::info!(VMID = %vm, "Abort of VM {vm}: not prepared, nothing to do");
+            // As a Finish of the source still flushes after a restart, an
+            // Abort of it still forgets: the VM runs on here.
+            if step.role == Role::Source && rt.saved_len() > 0 {
+                self.engine.forget_saved(&rt).await;
+                tracing::info!(
+                    VMID = %vm,
+                    "Abort of VM {vm} as migration source: not prepared; what its last Save \
+                     took is no longer owed a flush, entries kept"
+                );
+            } else {
+                tracing::info!(VMID = %vm, "Abort of VM {vm}: not prepared, nothing to do");
+            }
             return Ok(());
         }
         let mut what = String::from(": entries kept");
         if step.role == Role::Source {
             self.engine.forget_saved(&rt).await;
-        } else if !step.vm_running {
+        } else if step.vm_running {
+            what = ": the VM runs here, entries kept".into();
+        } else if let Some(before) = rt.before_load() {
             self.engine
                 .cancel_restore(&rt, "the migration was aborted")
                 .await;
-            let before = rt.before_load().unwrap_or_default();
             let created: Vec<u32> = self
                 .engine
                 .ids_now(&rt)
@@ -523,9 +539,11 @@ impl<E: Endpoint> Manager<E> {
                 r.deleted, r.missing
             );
         } else {
-            what = ": the VM runs here, entries kept".into();
+            // Without what a Prepare as destination noted, "what the Load
+            // created" is unknown: every entry of the VM here would look new.
+            what = ": not prepared as the destination here, entries kept".into();
         }
-        self.release(&rt).await;
+        self.release(&rt, false).await;
         tracing::info!(
             VMID = %vm,
             VMSTATE_ID = %rt.config.id,
@@ -539,8 +557,9 @@ impl<E: Endpoint> Manager<E> {
     /// After Finish or Abort: a VM of the migration lifecycle is listed
     /// without a connection or watch again; an always-served VM stays as it
     /// is. Returns whether a restore still runs.
-    async fn release(&self, rt: &Arc<VmRuntime>) -> bool {
+    async fn release(&self, rt: &Arc<VmRuntime>, succeeded: bool) -> bool {
         rt.set_prepared(None, None);
+        rt.end_migration(succeeded);
         if rt.config.lifecycle != Lifecycle::Migration {
             return rt.restore_running();
         }
@@ -1405,6 +1424,140 @@ mod tests {
             ["unserve 100", "export 100 unlinked", "watch 0x64 off"]
         );
         assert_eq!((s.access.len(), rt.saved_len()), (30, 0));
+    }
+
+    #[tokio::test]
+    async fn a_load_on_the_host_of_the_save_leaves_nothing_to_flush() {
+        let access = FakeAccess::new(Events::default());
+        let s = setup_over(tempfile::tempdir().unwrap(), access, Duration::ZERO);
+        s.access.insert(&population(30, 1, 100));
+        s.manager.register("100", &migration()).await.unwrap();
+        s.manager.prepare("100", &role("source")).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        let blob = s.manager.engine().save(&rt).await;
+        assert_eq!(rt.saved_len(), 30);
+        // Kept for a flush after a restart, half a second after the Save.
+        let store = Store::new(s.dir.path());
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while store.load_ids("100").unwrap().len() != 30 {
+            assert!(std::time::Instant::now() < end, "ids never written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Restored here (suspend to disk and back): every entry is there.
+        s.manager
+            .prepare("100", &role("destination"))
+            .await
+            .unwrap();
+        s.manager.engine().load(&rt, blob).await;
+        let load = until_restored(&rt).await;
+        assert_eq!((load.created, load.existed), (0, 30));
+        assert_eq!(rt.saved_len(), 0);
+        s.manager.finish("100", &role("destination")).await.unwrap();
+        s.events.take();
+        // A Finish of the source coming late has nothing left to flush.
+        s.manager.finish("100", &role("source")).await.unwrap();
+        assert!(
+            !s.events.take().iter().any(|e| e.starts_with("delete")),
+            "the restored VM's entries were flushed"
+        );
+        assert_eq!(s.access.len(), 30);
+        // Nor after a restart: the kept ids went with them.
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !store.load_ids("100").unwrap().is_empty() {
+            assert!(std::time::Instant::now() < end, "saved ids still kept");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn role_pid(r: &str, pid: u32) -> Vec<(String, OptValue)> {
+        let mut o = role(r);
+        o.push(("qemu_pid".into(), OptValue::U32(pid)));
+        o
+    }
+
+    #[tokio::test]
+    async fn both_ends_on_one_host_answer_both_qemus_until_finish_or_abort() {
+        let s = setup();
+        s.manager.register("100", &migration()).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        for (succeeded, after) in [(true, 2), (false, 1)] {
+            s.manager
+                .prepare("100", &role_pid("source", 1))
+                .await
+                .unwrap();
+            s.manager
+                .prepare("100", &role_pid("destination", 2))
+                .await
+                .unwrap();
+            // The old QEMU's Save and the new one's Load are both answered.
+            assert_eq!(rt.allowed_pids(), [2, 1]);
+            if succeeded {
+                s.manager.finish("100", &role("source")).await.unwrap();
+            } else {
+                s.manager.abort("100", &role("destination")).await.unwrap();
+            }
+            // The VM runs in the new QEMU after a Finish, the old one after
+            // an Abort.
+            assert_eq!(rt.allowed_pids(), [after], "succeeded: {succeeded}");
+        }
+    }
+
+    #[tokio::test]
+    async fn abort_as_destination_deletes_only_with_what_a_destination_prepare_noted() {
+        let access = FakeAccess::new(Events::default());
+        let s = setup_over(tempfile::tempdir().unwrap(), access, Duration::ZERO);
+        s.access.insert(&population(20, 9, 100));
+        s.manager.register("100", &migration()).await.unwrap();
+        // The wrong host: prepared as the source, aborted as the destination.
+        s.manager.prepare("100", &role("source")).await.unwrap();
+        s.events.take();
+        s.manager.abort("100", &role("destination")).await.unwrap();
+        assert!(
+            !s.events.take().iter().any(|e| e.starts_with("delete")),
+            "the VM's entries here were taken for its Load's"
+        );
+        assert_eq!(s.access.len(), 20);
+        // Both ends here, the destination prepared first: what it noted
+        // survives the source's Prepare, and its Abort deletes the Load's only.
+        s.manager
+            .prepare("100", &role("destination"))
+            .await
+            .unwrap();
+        s.manager.prepare("100", &role("source")).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().load(&rt, state_blob(300, 4, 100)).await;
+        until_restored(&rt).await;
+        assert_eq!(s.access.len(), 320);
+        s.manager.abort("100", &role("destination")).await.unwrap();
+        assert_eq!(s.access.len(), 20);
+    }
+
+    #[tokio::test]
+    async fn abort_of_the_source_after_a_restart_forgets_what_the_save_took() {
+        let s = setup();
+        s.access.insert(&population(30, 1, 100));
+        s.manager.register("100", &migration()).await.unwrap();
+        s.manager.prepare("100", &role("source")).await.unwrap();
+        let rt = s.manager.get("100").unwrap();
+        s.manager.engine().save(&rt).await;
+        let store = Store::new(s.dir.path());
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while store.load_ids("100").unwrap().len() != 30 {
+            assert!(std::time::Instant::now() < end, "ids never written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.manager.shutdown(Duration::from_secs(1)).await;
+        let Setup { access, dir, .. } = s;
+        let next = setup_over(dir, access, Duration::from_secs(5));
+        next.manager.restore().await;
+        next.manager.abort("100", &role("source")).await.unwrap();
+        assert!(Store::new(next.dir.path())
+            .load_ids("100")
+            .unwrap()
+            .is_empty());
+        // A Finish coming after it has nothing to flush: the VM ran on here.
+        next.manager.finish("100", &role("source")).await.unwrap();
+        assert_eq!(next.access.len(), 30);
     }
 
     #[tokio::test]

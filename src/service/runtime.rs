@@ -86,6 +86,11 @@ pub struct VmRuntime {
     quitting: AtomicBool,
     /// The QEMU process Save and Load are only for (`qemu_pid`), if bound.
     qemu_pid: Mutex<Option<u32>>,
+    /// The QEMU of each end (source, destination) a Prepare bound, until
+    /// Finish or Abort: both ends on this host (a migration between two
+    /// QEMUs of one host) are both answered, the source's Save and the
+    /// destination's Load.
+    role_pids: Mutex<(Option<u32>, Option<u32>)>,
     /// The end of a migration this VM is prepared for, from Prepare to
     /// Finish or Abort.
     prepared: Mutex<Option<Role>>,
@@ -126,6 +131,7 @@ impl VmRuntime {
             restore: Mutex::new(None),
             watching: AtomicBool::new(false),
             qemu_pid: Mutex::new(config.qemu_pid),
+            role_pids: Mutex::new((None, None)),
             prepared: Mutex::new(None),
             before_load: Mutex::new(None),
             controller: Mutex::new(None),
@@ -162,6 +168,43 @@ impl VmRuntime {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .replace(pid)
+    }
+
+    /// Binds `pid` as the QEMU of this end of a migration; it is also the
+    /// VM's QEMU from now on (the latest Prepare moves the binding), while
+    /// the other end's QEMU, if prepared on this host too, stays answered.
+    pub(crate) fn bind_for_role(&self, role: Role, pid: u32) {
+        {
+            let mut r = self.role_pids.lock().unwrap_or_else(|p| p.into_inner());
+            match role {
+                Role::Source => r.0 = Some(pid),
+                Role::Destination => r.1 = Some(pid),
+            }
+        }
+        self.bind_qemu(pid);
+    }
+
+    /// Ends the migration's bindings: after a Finish the VM's QEMU is the
+    /// destination's, after an Abort the source's (the VM runs on there),
+    /// where this host bound one.
+    pub(crate) fn end_migration(&self, succeeded: bool) {
+        let (src, dst) =
+            std::mem::take(&mut *self.role_pids.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(pid) = if succeeded { dst } else { src } {
+            self.bind_qemu(pid);
+        }
+    }
+
+    /// Every process Save and Load answer; empty: anyone (not bound).
+    pub fn allowed_pids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.qemu_pid().into_iter().collect();
+        let (src, dst) = *self.role_pids.lock().unwrap_or_else(|p| p.into_inner());
+        for p in [src, dst].into_iter().flatten() {
+            if !v.contains(&p) {
+                v.push(p);
+            }
+        }
+        v
     }
 
     pub fn controller(&self) -> Option<String> {

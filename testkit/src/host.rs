@@ -464,6 +464,15 @@ impl Host {
         })
         .expect("dump")
     }
+
+    /// Deletes exactly `entries` (by tuple) over ctnetlink; returns how many
+    /// the kernel deleted.
+    pub fn delete(&self, entries: &[conntrack_vmstate::entry::Entry]) -> u64 {
+        use conntrack_vmstate::access::ConntrackAccess;
+        let ct = conntrack_vmstate::ctnetlink::Ctnetlink::open_in_netns(Path::new(&self.ns.path()))
+            .expect("open ctnetlink in netns");
+        ct.delete_entries(entries).expect("delete").deleted
+    }
 }
 
 fn name_owned(bus_address: &str, name: &str) -> bool {

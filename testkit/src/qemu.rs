@@ -19,6 +19,8 @@ pub struct QemuOpts {
     pub vmstate: Option<(String, Option<String>)>,
     /// `-incoming defer`.
     pub incoming: bool,
+    /// More arguments, e.g. [`drive_args`] for the disk a snapshot lives in.
+    pub extra: Vec<String>,
 }
 
 pub struct Qemu {
@@ -83,6 +85,7 @@ impl Qemu {
         if opts.incoming {
             cmd.args(["-incoming", "defer"]);
         }
+        cmd.args(&opts.extra);
         let mut proc = Proc::spawn(name, dir, &mut cmd);
         let end = Instant::now() + WAIT;
         let client = loop {
@@ -132,26 +135,45 @@ impl Qemu {
         .expect("qom-set id-list");
     }
 
+    /// `migrate-set-capabilities` with each (capability, state).
+    pub fn set_capabilities(&mut self, caps: &[(&str, bool)]) {
+        let caps: Vec<Value> = caps
+            .iter()
+            .map(|(c, on)| json!({"capability": c, "state": on}))
+            .collect();
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": caps })),
+        )
+        .unwrap_or_else(|e| panic!("migrate-set-capabilities {caps:?}: {e}"));
+    }
+
+    /// `migrate-set-parameters` with `params` (an object).
+    pub fn set_parameters(&mut self, params: Value) {
+        self.execute("migrate-set-parameters", Some(params.clone()))
+            .unwrap_or_else(|e| panic!("migrate-set-parameters {params}: {e}"));
+    }
+
+    /// `migrate` to `uri`, returning at once (MIGRATION events on).
+    pub fn start_migration(&mut self, uri: &str) {
+        self.set_capabilities(&[("events", true)]);
+        self.execute("migrate", Some(json!({ "uri": uri })))
+            .unwrap_or_else(|e| panic!("migrate {uri}: {e}"));
+    }
+
     /// Source side: migrates into `stream` and polls `query-migrate` (bounded)
     /// until completed or failed.
     pub fn migrate_to_file(&mut self, stream: &Path) -> Outgoing {
-        self.execute(
-            "migrate-set-capabilities",
-            Some(json!({"capabilities": [{"capability": "events", "state": true}]})),
-        )
-        .expect("migrate-set-capabilities");
         // A bootless 32 MiB guest is ~0.65 MB of stream; do not let the
         // default 32 MiB/s throttle stretch the test.
-        self.execute(
-            "migrate-set-parameters",
-            Some(json!({"max-bandwidth": 1_000_000_000u64})),
-        )
-        .expect("migrate-set-parameters");
-        self.execute(
-            "migrate",
-            Some(json!({"uri": format!("exec:cat > {}", stream.display())})),
-        )
-        .expect("migrate");
+        self.set_parameters(json!({"max-bandwidth": 1_000_000_000u64}));
+        self.start_migration(&format!("exec:cat > {}", stream.display()));
+        self.wait_migration()
+    }
+
+    /// Polls `query-migrate` (bounded) until the outgoing migration is
+    /// completed, failed or cancelled.
+    pub fn wait_migration(&mut self) -> Outgoing {
         let end = Instant::now() + WAIT;
         loop {
             let q = self.execute("query-migrate", None).expect("query-migrate");
@@ -181,14 +203,51 @@ impl Qemu {
         }
     }
 
+    /// Polls `query-migrate` (bounded) until the outgoing migration is in
+    /// `want` (e.g. `active`); panics if it ends first.
+    pub fn wait_migration_status(&mut self, want: &str) -> Value {
+        let end = Instant::now() + WAIT;
+        loop {
+            let q = self.execute("query-migrate", None).expect("query-migrate");
+            let status = q.get("status").and_then(Value::as_str).unwrap_or("");
+            if status == want {
+                return q;
+            }
+            assert!(
+                !matches!(status, "completed" | "failed" | "cancelled"),
+                "migration ended {status} before it was {want}: {q}"
+            );
+            assert!(
+                Instant::now() < end,
+                "migration still {status}, not {want}, after {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// An HMP command through QMP's `human-monitor-command`; returns its
+    /// text. HMP reports most failures as text, not as a QMP error.
+    pub fn hmp(&mut self, command: &str) -> String {
+        let v = self
+            .execute(
+                "human-monitor-command",
+                Some(json!({ "command-line": command })),
+            )
+            .unwrap_or_else(|e| panic!("HMP {command}: {e}"));
+        v.as_str().unwrap_or_default().to_owned()
+    }
+
+    /// Destination side: `migrate-incoming` from `uri`, returning at once
+    /// (a socket URI listens from then on).
+    pub fn start_incoming(&mut self, uri: &str) {
+        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .unwrap_or_else(|e| panic!("migrate-incoming {uri}: {e}"));
+    }
+
     /// Destination side: `migrate-incoming` from `stream`, then waits
     /// (bounded) until the guest runs or QEMU exits.
     pub fn incoming_from_file(&mut self, stream: &Path) -> Incoming {
-        self.execute(
-            "migrate-incoming",
-            Some(json!({"uri": format!("exec:cat {}", stream.display())})),
-        )
-        .expect("migrate-incoming");
+        self.start_incoming(&format!("exec:cat {}", stream.display()));
         self.wait_running_or_exit(WAIT)
     }
 
@@ -232,6 +291,28 @@ impl Qemu {
     pub fn output(&self) -> String {
         self.proc.output()
     }
+}
+
+/// A new qcow2 image `<dir>/<name>.qcow2` of `mib` MiB: with it attached
+/// ([`drive_args`]) `savevm` has somewhere to keep the snapshot.
+pub fn qcow2(dir: &Path, name: &str, mib: u32) -> PathBuf {
+    let path = dir.join(format!("{name}.qcow2"));
+    crate::netns::run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&path)
+            .arg(format!("{mib}M")),
+    );
+    path
+}
+
+/// `-drive` for `image` with no guest device: a bootless guest needs none,
+/// and the block layer still takes snapshots of it.
+pub fn drive_args(image: &Path) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!("file={},if=none,id=d0,format=qcow2", image.display()),
+    ]
 }
 
 /// The dbus-vmstate section of a saved stream (reference §7).

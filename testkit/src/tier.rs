@@ -1,7 +1,7 @@
 //! What a privileged test needs, and the one rule for skipping it.
 //!
 //! A test of the `kernel` or `daemon` tier starts with
-//! `common::needs!(kernel);` (or `daemon`, `qemu`; `bus`, `bus_qemu` for
+//! `common::needs!(kernel);` (or `daemon`, `qemu`, `snapshots`; `bus`, `bus_qemu` for
 //! tests that need no root). As a normal
 //! user outside CI it then skips, printing one line with its name and the
 //! reason, so the unprivileged run says what it did not cover. As root, or
@@ -26,6 +26,17 @@ const QEMU_TOOLS: &[&str] = &[
     "qemu-system-x86_64",
 ];
 
+/// Tools of the QEMU tests that take snapshots: QEMU's and qemu-img for
+/// the qcow2 disk the snapshot lives in.
+const SNAPSHOT_TOOLS: &[&str] = &[
+    "ip",
+    "conntrack",
+    "dbus-daemon",
+    "gdbus",
+    "qemu-system-x86_64",
+    "qemu-img",
+];
+
 /// Tools of tests that only need a private bus (and QEMU), not root.
 const BUS_TOOLS: &[&str] = &["dbus-daemon"];
 const BUS_QEMU_TOOLS: &[&str] = &["dbus-daemon", "qemu-system-x86_64"];
@@ -44,6 +55,11 @@ pub fn daemon() -> bool {
 /// As [`daemon`], for tests that also run QEMU.
 pub fn qemu() -> bool {
     skip_unless(QEMU_TOOLS, true)
+}
+
+/// As [`qemu`], for tests that also create a qcow2 disk.
+pub fn snapshots() -> bool {
+    skip_unless(SNAPSHOT_TOOLS, true)
 }
 
 /// A private dbus-daemon only (an in-process daemon over the fake

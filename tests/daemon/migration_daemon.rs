@@ -75,6 +75,7 @@ pub(crate) fn start_qemus(src: &mut Host, dst: &mut Host) {
         &QemuOpts {
             vmstate: None,
             incoming: true,
+            ..Default::default()
         },
     ));
 }
@@ -85,7 +86,7 @@ pub(crate) fn qemu(h: &mut Host) -> &mut Qemu {
 
 /// `register VM --qmp` on one host; our QMP session steps aside because
 /// QEMU serves one monitor client at a time.
-fn register_qmp(h: &mut Host, vm: &str, extra: &[&str]) -> String {
+pub(crate) fn register_qmp(h: &mut Host, vm: &str, extra: &[&str]) -> String {
     qemu(h).release_qmp();
     let qmp = qemu(h).qmp_path.display().to_string();
     let mut args = vec!["--qmp", qmp.as_str()];
@@ -97,7 +98,7 @@ fn register_qmp(h: &mut Host, vm: &str, extra: &[&str]) -> String {
     out
 }
 
-fn unregister_qmp(h: &mut Host, vm: &str, flush: bool) -> String {
+pub(crate) fn unregister_qmp(h: &mut Host, vm: &str, flush: bool) -> String {
     qemu(h).release_qmp();
     let qmp = qemu(h).qmp_path.display().to_string();
     let mut args = vec!["unregister", vm, "--qmp", qmp.as_str()];
@@ -311,6 +312,7 @@ fn two_vms_on_one_shared_bus_migrating_at_once_get_only_their_own() {
             &QemuOpts {
                 vmstate: None,
                 incoming: true,
+                ..Default::default()
             },
         ));
     }
@@ -531,6 +533,7 @@ fn destination_for(tag: &str, stream: &Path) -> (Host, Incoming) {
         &QemuOpts {
             vmstate: None,
             incoming: true,
+            ..Default::default()
         },
     ));
     register_qmp(&mut dst, "100", &[]);
@@ -746,6 +749,7 @@ fn conntrack_helper_frozen_during_save_still_migrates() {
         &QemuOpts {
             vmstate: None,
             incoming: true,
+            ..Default::default()
         },
     ));
     register_qmp(&mut dst2, "100", &[]);

@@ -9,6 +9,7 @@ fn with_object(h: &Host, ids: Option<&str>, incoming: bool) -> QemuOpts {
     QemuOpts {
         vmstate: Some((h.bus.address.clone(), ids.map(str::to_owned))),
         incoming,
+        ..Default::default()
     }
 }
 
@@ -93,6 +94,7 @@ fn object_only_on_the_source_makes_the_destination_exit_1() {
         &QemuOpts {
             vmstate: None,
             incoming: true,
+            ..Default::default()
         },
     );
     let stream = src.path().join("stream.bin");
@@ -119,6 +121,7 @@ fn no_object_on_either_side_migrates() {
         &QemuOpts {
             vmstate: None,
             incoming: true,
+            ..Default::default()
         },
     );
     let stream = src.path().join("stream.bin");

@@ -22,7 +22,7 @@ use super::migration_daemon::{
 
 /// `prepare 100 --role ROLE --qmp` on one host (our QMP session steps aside:
 /// QEMU serves one monitor client at a time).
-fn prepare(h: &mut Host, role: &str) -> String {
+pub(crate) fn prepare(h: &mut Host, role: &str) -> String {
     qemu(h).release_qmp();
     let qmp = qemu(h).qmp_path.display().to_string();
     let bus = h.bus.address.clone();
@@ -40,7 +40,7 @@ fn prepare(h: &mut Host, role: &str) -> String {
     out
 }
 
-fn step(h: &mut Host, verb: &str, role: &str) -> String {
+pub(crate) fn step(h: &mut Host, verb: &str, role: &str) -> String {
     let qmp = match h.qemu.as_mut() {
         Some(q) => {
             q.release_qmp();
@@ -56,7 +56,7 @@ fn step(h: &mut Host, verb: &str, role: &str) -> String {
 }
 
 /// Neither our VM connection nor QEMU's object: the VM is only known.
-fn assert_idle(h: &mut Host, what: &str) {
+pub(crate) fn assert_idle(h: &mut Host, what: &str) {
     let owners = vmstate_owners(&h.bus.address).unwrap();
     assert!(owners.is_empty(), "{what}: VMState1 owners {owners:?}");
     if let Some(q) = h.qemu.as_mut() {
@@ -79,7 +79,7 @@ fn assert_idle(h: &mut Host, what: &str) {
     );
 }
 
-fn register_known(h: &Host) {
+pub(crate) fn register_known(h: &Host) {
     let bus = h.bus.address.clone();
     h.cli_ok(&[
         "register",
@@ -148,9 +148,11 @@ fn prepare_migrate_finish_carries_the_entries_and_leaves_nothing_served() {
     assert_idle(&mut dst, "destination, finished");
 }
 
-/// A migration whose destination QEMU dies after Load: abort on both. The
-/// source keeps every entry (the VM runs on there), the destination
-/// deletes exactly what its Load created and keeps the VM's older entries.
+/// A migration whose destination QEMU dies after Load: the source resumes
+/// the guest (`cont`), abort on both. The source keeps every entry (the VM
+/// runs on there), the destination deletes exactly what its Load created
+/// and keeps the VM's older entries. A second attempt to a fresh
+/// destination QEMU then carries everything.
 #[test]
 fn abort_after_a_failed_migration_keeps_the_source_and_cleans_the_destination() {
     common::needs!(qemu);
@@ -163,6 +165,7 @@ fn abort_after_a_failed_migration_keeps_the_source_and_cleans_the_destination() 
     let mut spec = Spec::new(40, 100, 13);
     spec.noise = 0.0;
     population::load(&dst.ns.name, &population::generate(spec));
+    let t0 = Instant::now();
     let dst_before = dst.dump(100);
     assert!(!dst_before.is_empty());
     start_qemus(&mut src, &mut dst);
@@ -178,6 +181,7 @@ fn abort_after_a_failed_migration_keeps_the_source_and_cleans_the_destination() 
     // The destination's QEMU dies; the source resumes the VM.
     qemu(&mut dst).proc.kill();
     qemu(&mut src).execute("cont", None).unwrap();
+    assert_eq!(qemu(&mut src).status(), "running");
 
     println!("{}", step(&mut dst, "abort", "destination"));
     println!("{}", step(&mut src, "abort", "source"));
@@ -191,7 +195,14 @@ fn abort_after_a_failed_migration_keeps_the_source_and_cleans_the_destination() 
         ids(&dst_before),
         "the destination must keep exactly its older entries"
     );
-    assert_eq!(src.dump(100).len(), before.len(), "the source lost entries");
+    let age = || t0.elapsed().as_secs() as u32 + AGE_SLACK_S;
+    assert_same_entries(
+        "older entries (destination)",
+        &dst_before,
+        &dst.dump(100),
+        age(),
+    );
+    assert_same_entries("VM 100 (source)", &before, &src.dump(100), age());
     assert_idle(&mut src, "source, aborted");
     assert_idle(&mut dst, "destination, aborted");
     let log = std::fs::read_to_string(dst.path().join("daemon0.log")).unwrap();
@@ -202,6 +213,36 @@ fn abort_after_a_failed_migration_keeps_the_source_and_cleans_the_destination() 
         )),
         "{log}"
     );
+
+    // The second attempt, to a fresh destination QEMU: the older entries
+    // stay, the migrated ones arrive, the source is flushed of them.
+    super::migration_failed::fresh_incoming(&mut dst, "qemu2");
+    prepare(&mut src, "source");
+    prepare(&mut dst, "destination");
+    let before = src.dump(100);
+    let (out, inc) = migrate(&mut src, &mut dst);
+    assert_eq!((out.status.as_str(), inc), ("completed", Incoming::Running));
+    let want: Vec<_> = before.iter().chain(&dst_before).cloned().collect();
+    assert_same_entries(
+        "VM 100 (destination, second attempt)",
+        &want,
+        &dst.dump(100),
+        age(),
+    );
+    let load = report(&dst, "100", "LastLoad");
+    assert_eq!(
+        (
+            num(&load, "created"),
+            num(&load, "existed"),
+            text(&load, "error")
+        ),
+        (before.len() as u64, 0, String::new()),
+        "{load}"
+    );
+    step(&mut src, "finish", "source");
+    step(&mut dst, "finish", "destination");
+    assert!(src.dump(100).is_empty(), "source not flushed");
+    assert_eq!(dst.dump(100).len(), want.len());
 }
 
 /// Runs the futures concurrently, as separate callers would.

@@ -196,6 +196,7 @@ fn start_qemu(h: &mut Host, incoming: bool) {
         &QemuOpts {
             vmstate: None,
             incoming,
+            ..Default::default()
         },
     ));
 }

@@ -81,6 +81,7 @@ fn an_existing_object_keeps_other_helpers_ids() {
         &QemuOpts {
             vmstate: Some((bus.address.clone(), Some("other-a,other-b".into()))),
             incoming: false,
+            ..Default::default()
         },
     );
     let out = q.qmp().attach_vmstate("vm-100", &bus.address).unwrap();
@@ -129,6 +130,7 @@ fn an_object_on_another_bus_is_recreated_only_when_nobody_else_uses_it() {
         &QemuOpts {
             vmstate: Some((old_bus.address.clone(), Some("other".into()))),
             incoming: false,
+            ..Default::default()
         },
     );
     let err = q
