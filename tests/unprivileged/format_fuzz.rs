@@ -51,10 +51,13 @@ fn fix_crc(b: &mut [u8]) {
     }
 }
 
-/// A valid uncompressed blob (the record parser sees mutated bytes as is).
+/// A valid uncompressed blob (the record parser sees mutated bytes as is);
+/// without the saved-at frame, which needs a compressed payload.
 fn plain_blob(n: usize, seed: u64) -> Vec<u8> {
     let v = common::population::entries(n, seed, 100);
-    let mut b = format::encode(&v, &EncodeOptions::default()).unwrap().bytes;
+    let mut b = format::encode_at(&v, &EncodeOptions::default(), None)
+        .unwrap()
+        .bytes;
     let d = format::decode(&b).unwrap();
     assert_eq!(d.entries.len(), n);
     // Re-wrap the payload uncompressed: flags &= !ZSTD, payload = raw.
@@ -107,7 +110,7 @@ fn plain_segmented_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
 /// A valid patched blob (v1.2) with its segments stored uncompressed:
 /// `segs` base frames of the first two thirds of the entries, every third
 /// base record skipped, the rest as one delta frame, base aged by `seed`
-/// seconds.
+/// seconds; without the saved-at frame, which needs compressed segments.
 fn plain_patched_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
     use format::{testing, Rec, View};
     let v = common::population::entries(n, seed, 100);
@@ -133,7 +136,8 @@ fn plain_patched_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
         .map(raw)
         .collect();
     let skip: Vec<u32> = (0..nb as u32).filter(|i| i % 3 == 1).collect();
-    let mut b = format::assemble_patched(&base, seed as u32, &skip, &delta, 0, mark).unwrap();
+    let mut b =
+        format::assemble_patched_at(&base, seed as u32, &skip, &delta, 0, mark, None).unwrap();
     b[6] &= !(testing::FLAG_ZSTD as u8);
     fix_crc(&mut b);
     assert_eq!(
