@@ -174,6 +174,8 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             "format": format_name(dec.format),
             "truncated": dec.truncated,
             "dropped": dec.dropped,
+            // Timeouts above are as saved; a Load ages them from here.
+            "saved_at_us": dec.saved_at,
         }});
         writeln!(out, "{summary}").context("inspect: writing to standard output")?;
     }
