@@ -18,6 +18,7 @@ fn check_stream(data: &[u8]) {
             while let Some(b) = s.next_batch(7) {
                 got.extend(b.expect("batch of a validated blob"));
             }
+            check_aged(data, &d);
             let mut want = d.entries;
             sort_by_priority(&mut want);
             assert_eq!(got, want);
@@ -39,6 +40,34 @@ fn check_stream(data: &[u8]) {
         (Err(_), Err(_)) => {}
         (d, s) => panic!("decode {:?} but stream {:?}", d.err(), s.err()),
     }
+}
+
+/// Load's aged stream, an hour and a bit after the saved-at time (or at
+/// an arbitrary time for a state that does not say when): exactly the
+/// entries with more time left than the age, that much less each, in the
+/// order a stable priority sort of the aged entries gives.
+fn check_aged(data: &[u8], d: &format::Decoded) {
+    let now = d.saved_at.unwrap_or(0).saturating_add(3_601_000_000);
+    let mut s = format::stream_loaded_at(data, usize::MAX, now).expect("validated before");
+    let age = format::load_age(d.saved_at, now);
+    assert_eq!(s.age_secs, age);
+    let mut want: Vec<_> = d
+        .entries
+        .iter()
+        .filter(|e| age == 0 || e.timeout > age)
+        .map(|e| conntrack_vmstate::entry::Entry {
+            timeout: e.timeout - age,
+            ..e.clone()
+        })
+        .collect();
+    sort_by_priority(&mut want);
+    assert_eq!(s.expired, d.entries.len() - want.len());
+    assert_eq!(s.len(), want.len());
+    let mut got = Vec::new();
+    while let Some(b) = s.next_batch(7) {
+        got.extend(b.expect("batch of a validated blob"));
+    }
+    assert_eq!(got, want);
 }
 
 fn check(data: &[u8]) {

@@ -171,6 +171,8 @@ fn load_dict(r: Option<OpReport>) -> HashMap<String, OwnedVariant> {
                 ("rejected", r.rejected),
                 ("over_cap", r.over_cap),
                 ("resumed", r.resumed),
+                ("expired", r.expired),
+                ("age_secs", r.age_secs),
             ],
         )
     });
@@ -268,7 +270,8 @@ impl Vm1 {
 
     /// entries, dropped, created, created_sync, existed, refused, foreign,
     /// rejected, over_cap, resumed (entries a previous instance had handled
-    /// when it handed this restore over), bytes,
+    /// when it handed this restore over), expired (timeouts that ran out
+    /// since Save), age_secs (seconds every timeout was aged by), bytes,
     /// duration_us (to the answer), complete_us (to the full restore; absent
     /// while pending), pending, error, timestamp of the last Load; empty
     /// before the first.

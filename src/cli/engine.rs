@@ -104,12 +104,18 @@ pub fn save(a: SaveArgs) -> anyhow::Result<()> {
 pub fn load(a: LoadArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let bytes = read_input(a.input.as_deref()).context("load")?;
-    // The whole blob is validated before anything is created.
-    let mut dec = format::decode(&bytes).context("load: invalid state blob, nothing created")?;
-    format::sort_by_priority(&mut dec.entries);
+    // The whole blob is validated before anything is created; timeouts
+    // are aged by the time since Save and what ran out meanwhile is left
+    // out (docs/state-format.md §1.3).
+    let mut dec = format::stream_loaded_at(&bytes, usize::MAX, format::wall_clock_us())
+        .context("load: invalid state blob, nothing created")?;
+    let mut entries = Vec::with_capacity(dec.len());
+    while let Some(batch) = dec.next_batch(4096) {
+        entries.extend(batch.context("load: invalid state blob, nothing created")?);
+    }
     let ct = Ctnetlink::open().context("load: opening conntrack netlink")?;
     let report = ct
-        .create(&dec.entries)
+        .create(&entries)
         .context("load: creating conntrack entries")?;
     let mut why = String::new();
     for (errno, n) in &report.refused_by_errno {
@@ -124,8 +130,8 @@ pub fn load(a: LoadArgs) -> anyhow::Result<()> {
         why.push(')');
     }
     eprintln!(
-        "load: {} entries from {} bytes {}{}: created {}, existed {}, refused {}{}, {:.1} ms",
-        dec.entries.len(),
+        "load: {} entries from {} bytes {}{}: created {}, existed {}, refused {}{}, expired {} (timeouts aged by {} s), {:.1} ms",
+        entries.len() + dec.expired,
         bytes.len(),
         format_name(dec.format),
         match dec.dropped {
@@ -136,6 +142,8 @@ pub fn load(a: LoadArgs) -> anyhow::Result<()> {
         report.existed,
         report.refused,
         why,
+        dec.expired,
+        dec.age_secs,
         ms(t0)
     );
     Ok(())
@@ -166,6 +174,8 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<()> {
             "format": format_name(dec.format),
             "truncated": dec.truncated,
             "dropped": dec.dropped,
+            // Timeouts above are as saved; a Load ages them from here.
+            "saved_at_us": dec.saved_at,
         }});
         writeln!(out, "{summary}").context("inspect: writing to standard output")?;
     }

@@ -247,6 +247,13 @@ fn report_line(r: &serde_json::Value) -> String {
         n("bytes"),
         n("duration_us")
     );
+    if n("expired") > 0 || n("age_secs") > 0 {
+        s.push_str(&format!(
+            ", {} expired (timeouts aged by {} s)",
+            n("expired"),
+            n("age_secs")
+        ));
+    }
     if let Some(e) = o
         .get("error")
         .and_then(|v| v.as_str())

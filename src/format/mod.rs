@@ -18,8 +18,9 @@ pub use priority::{priority_order, sort_by_priority, value_class, ValueClass};
 // of the warm cache's patched Save (pre-encoded base frames, then a blob
 // of base, skips and delta).
 pub use binary::{
-    assemble_patched, default_segments, encode_frames, rank_views, representable,
-    views_default_mark, Compact, Frame, Rec, View, HEADER_LEN, MAX_ENTRIES, MAX_RAW_LEN,
+    assemble_patched, assemble_patched_at, default_segments, encode_frames, rank_views,
+    representable, views_default_mark, Compact, Frame, Rec, View, HEADER_LEN, MAX_ENTRIES,
+    MAX_RAW_LEN,
 };
 pub(crate) use binary::{rank_and_mark, ranked_positions};
 
@@ -31,14 +32,48 @@ pub(crate) use binary::{rank_and_mark, ranked_positions};
 #[doc(hidden)]
 pub mod testing {
     pub use super::binary::{
-        check, check_header, debug_stream_sizes, decode, decode_segments, encode_segmented,
-        Checked, Header, FLAG_PATCH, FLAG_SEGMENTS, FLAG_TRUNCATED, FLAG_ZSTD, MINOR, MINOR_PATCH,
+        check, check_aged, check_header, debug_stream_sizes, decode, decode_segments,
+        encode_segmented, encode_segmented_at, Checked, Header, FLAG_PATCH, FLAG_SAVED_AT,
+        FLAG_SEGMENTS, FLAG_TRUNCATED, FLAG_ZSTD, MINOR, MINOR_PATCH, MINOR_SAVED_AT,
         MINOR_SEGMENTS,
     };
 }
 
 /// QEMU's per-helper limit on the `Save()` payload.
 pub const QEMU_LIMIT: usize = 1_048_576;
+
+/// How far the saving host's clock may be ahead of the loading host's
+/// before Load believes the difference: a Load at most this long after
+/// the saved-at time ages nothing (a live migration, Save to Load in
+/// seconds, keeps its timeouts as before v1.3); a later one ages by the
+/// whole time since (`docs/state-format.md` §1.3).
+pub const SKEW_ALLOWANCE_SECS: u64 = 30;
+
+/// The wall clock (`CLOCK_REALTIME`) in microseconds since the Unix epoch,
+/// what a Save stamps and a Load compares with; 0 before the epoch.
+pub fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// Seconds to take off every timeout of a state saved at `saved_at_us`
+/// and loaded at `now_us` (both microseconds since the Unix epoch): 0 when
+/// the state does not say when it was saved (older releases, legacy
+/// text), when the saved-at time is in the future (the destination's
+/// clock is behind) or at most [`SKEW_ALLOWANCE_SECS`] ago; otherwise the
+/// whole seconds elapsed. An entry with no more than this left has expired
+/// and is not created.
+pub fn load_age(saved_at_us: Option<u64>, now_us: u64) -> u32 {
+    let Some(saved) = saved_at_us else {
+        return 0;
+    };
+    let secs = now_us.saturating_sub(saved) / 1_000_000;
+    if secs <= SKEW_ALLOWANCE_SECS {
+        return 0;
+    }
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
 
 /// Wire format of an encoded state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,18 +171,34 @@ pub struct Decoded {
     pub truncated: bool,
     /// Entries the sender dropped, when it recorded the number.
     pub dropped: Option<u64>,
+    /// When the state was saved (microseconds since the Unix epoch), when
+    /// it says so (v1.3); timeouts are as stored, not aged.
+    pub saved_at: Option<u64>,
 }
 
 /// Encodes `entries` within `opts.limit` bytes, dropping the least valuable
-/// entries ([`priority_order`]) when they do not all fit.
+/// entries ([`priority_order`]) when they do not all fit. A binary state
+/// says it was saved now (the timeouts are what is left now).
 pub fn encode(entries: &[Entry], opts: &EncodeOptions) -> Result<Encoded, FormatError> {
+    encode_at(entries, opts, Some(wall_clock_us()))
+}
+
+/// [`encode`], the binary state saying it was saved at `saved_at`
+/// (microseconds since the Unix epoch), or, with `None`, not saying when
+/// (as a release before v1.3 writes it). The text format has no place for
+/// it.
+pub fn encode_at(
+    entries: &[Entry],
+    opts: &EncodeOptions,
+    saved_at: Option<u64>,
+) -> Result<Encoded, FormatError> {
     match opts.format {
         Format::Binary => {
             let views: Vec<View> = entries
                 .iter()
                 .map(|e| View::new(Rec::Full(e), e.timeout))
                 .collect();
-            binary::encode_binary(&views, opts.limit, None)
+            binary::encode_binary(&views, opts.limit, None, saved_at)
         }
         Format::ConntrackSave => text::encode(entries, opts.limit),
     }
@@ -162,8 +213,18 @@ pub fn encode_views(
     opts: &EncodeOptions,
     mark: Option<u32>,
 ) -> Result<Encoded, FormatError> {
+    encode_views_at(views, opts, mark, Some(wall_clock_us()))
+}
+
+/// [`encode_views`] saved at `saved_at` (see [`encode_at`]).
+pub fn encode_views_at(
+    views: &[View],
+    opts: &EncodeOptions,
+    mark: Option<u32>,
+    saved_at: Option<u64>,
+) -> Result<Encoded, FormatError> {
     match opts.format {
-        Format::Binary => binary::encode_binary(views, opts.limit, mark),
+        Format::Binary => binary::encode_binary(views, opts.limit, mark, saved_at),
         Format::ConntrackSave => {
             let entries: Vec<Entry> = views.iter().map(|v| v.rec.to_entry(v.timeout)).collect();
             text::encode(&entries, opts.limit)
@@ -182,6 +243,14 @@ pub struct Stream {
     pub format: Format,
     pub truncated: bool,
     pub dropped: Option<u64>,
+    /// When the state was saved, if it says so (microseconds since the
+    /// Unix epoch).
+    pub saved_at: Option<u64>,
+    /// Seconds every timeout handed out was aged by ([`load_age`]).
+    pub age_secs: u32,
+    /// Entries of the state that had expired by then: not handed out, not
+    /// in [`len`](Self::len).
+    pub expired: usize,
 }
 
 #[derive(Debug)]
@@ -221,9 +290,19 @@ impl Stream {
 }
 
 /// Validates a state blob completely (any format [`decode`] reads) and
-/// returns its entries as a [`Stream`] in priority order.
+/// returns its entries as a [`Stream`] in priority order, timeouts as
+/// stored (not aged).
 pub fn stream(bytes: &[u8]) -> Result<Stream, FormatError> {
     stream_bounded(bytes, usize::MAX)
+}
+
+/// What Load creates from: [`stream_bounded`] for a Load at `now_us`
+/// (microseconds since the Unix epoch), every timeout aged by
+/// [`load_age`] and the entries that had expired by then left out and
+/// counted in [`Stream::expired`]. The aging is done in the one validating
+/// pass over the records.
+pub fn stream_loaded_at(bytes: &[u8], max_sort: usize, now_us: u64) -> Result<Stream, FormatError> {
+    stream_in(bytes, max_sort, Some(now_us))
 }
 
 /// [`stream`], sorting at most `max_sort` entries in memory: a binary blob
@@ -232,12 +311,21 @@ pub fn stream(bytes: &[u8]) -> Result<Stream, FormatError> {
 /// blob order instead, batch by batch, so its memory stays the validated
 /// payload's. Load passes its entry cap: it never creates more anyway.
 pub fn stream_bounded(bytes: &[u8], max_sort: usize) -> Result<Stream, FormatError> {
+    stream_in(bytes, max_sort, None)
+}
+
+fn stream_in(bytes: &[u8], max_sort: usize, now_us: Option<u64>) -> Result<Stream, FormatError> {
     if bytes.starts_with(&binary::MAGIC) {
-        let c = binary::check(bytes)?;
-        let (truncated, dropped) = (
+        let c = binary::check_aged(bytes, now_us)?;
+        let (truncated, dropped, saved_at, age_secs, expired) = (
             c.header.flags & binary::FLAG_TRUNCATED != 0,
             Some(u64::from(c.header.dropped)),
+            c.header.saved_at,
+            c.load_age,
+            c.expired,
         );
+        // An aged stream is always sorted (it merges), so the unsorted
+        // fallback only ever sees timeouts that need no aging.
         let inner = if c.sorted || c.len() > max_sort {
             StreamInner::Checked(c)
         } else {
@@ -250,8 +338,12 @@ pub fn stream_bounded(bytes: &[u8], max_sort: usize) -> Result<Stream, FormatErr
             format: Format::Binary,
             truncated,
             dropped,
+            saved_at,
+            age_secs,
+            expired,
         });
     }
+    // Legacy text does not say when it was saved: its age is unknown, so 0.
     let d = decode(bytes)?;
     let mut entries = d.entries;
     sort_by_priority(&mut entries);
@@ -260,6 +352,9 @@ pub fn stream_bounded(bytes: &[u8], max_sort: usize) -> Result<Stream, FormatErr
         format: d.format,
         truncated: d.truncated,
         dropped: d.dropped,
+        saved_at: None,
+        age_secs: 0,
+        expired: 0,
     })
 }
 
@@ -276,6 +371,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, FormatError> {
             format: Format::ConntrackSave,
             truncated: false,
             dropped: None,
+            saved_at: None,
         });
     }
     if bytes.starts_with(&binary::MAGIC) {
@@ -285,6 +381,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, FormatError> {
             format: Format::Binary,
             truncated: h.flags & binary::FLAG_TRUNCATED != 0,
             dropped: Some(u64::from(h.dropped)),
+            saved_at: h.saved_at,
         });
     }
     if bytes.len() < binary::MAGIC.len() && binary::MAGIC.starts_with(bytes) {
@@ -301,6 +398,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, FormatError> {
             format: Format::ConntrackSave,
             truncated: false,
             dropped: None,
+            saved_at: None,
         });
     }
     Err(FormatError::WrongMagic {

@@ -901,7 +901,10 @@ impl RestoreJob {
         let cap = usize::try_from(cap).unwrap_or(usize::MAX);
         // The stream validates the whole blob first, so a bad one creates
         // nothing at all.
-        let mut rest = match format::stream_bounded(&data, cap) {
+        // Aged against the time of the Load itself, which a resumed restore
+        // keeps: the same entries expire, so its count of entries handled
+        // stays valid.
+        let mut rest = match format::stream_loaded_at(&data, cap, self.loaded_at_us) {
             Ok(d) => d,
             Err(e) => {
                 report.error = format!("invalid state, nothing loaded: {e}");
@@ -909,7 +912,9 @@ impl RestoreJob {
             }
         };
         let data = Arc::new(data);
-        report.entries = rest.len() as u64;
+        report.entries = (rest.len() + rest.expired) as u64;
+        report.expired = rest.expired as u64;
+        report.age_secs = u64::from(rest.age_secs);
         report.dropped = rest.dropped.unwrap_or(0);
         // The stream hands out the most valuable entries first: what the
         // guest would miss most is in before it resumes.
@@ -1305,6 +1310,8 @@ fn log_reply(vm: &VmRuntime, r: &OpReport) {
         FOREIGN = r.foreign,
         REJECTED = r.rejected,
         OVER_CAP = r.over_cap,
+        EXPIRED = r.expired,
+        AGE_SECS = r.age_secs,
         BYTES = r.bytes,
         DURATION_US = r.duration_us,
         "Load of VM {} answered after {} µs: {} of {} entries created, the rest in the background{}{}",
@@ -1332,6 +1339,8 @@ fn log_complete(vm: &VmRuntime, r: &OpReport) {
             FOREIGN = r.foreign,
             REJECTED = r.rejected,
             OVER_CAP = r.over_cap,
+            EXPIRED = r.expired,
+            AGE_SECS = r.age_secs,
             DURATION_US = r.duration_us,
             COMPLETE_US = r.complete_us,
             "Load of VM {} complete after {} µs: {} created ({} before the answer), {} existed, {} refused of {} entries{}",
@@ -1349,6 +1358,8 @@ fn log_complete(vm: &VmRuntime, r: &OpReport) {
             FOREIGN = r.foreign,
             REJECTED = r.rejected,
             OVER_CAP = r.over_cap,
+            EXPIRED = r.expired,
+            AGE_SECS = r.age_secs,
             DURATION_US = r.duration_us,
             COMPLETE_US = r.complete_us,
             ERROR = %r.error,
@@ -1374,6 +1385,8 @@ fn log_report(op: &str, vm: &VmRuntime, r: &OpReport) {
             FOREIGN = r.foreign,
             REJECTED = r.rejected,
             OVER_CAP = r.over_cap,
+            EXPIRED = r.expired,
+            AGE_SECS = r.age_secs,
             BYTES = r.bytes,
             DURATION_US = r.duration_us,
             SOURCE = %r.source,
@@ -1393,6 +1406,8 @@ fn log_report(op: &str, vm: &VmRuntime, r: &OpReport) {
             FOREIGN = r.foreign,
             REJECTED = r.rejected,
             OVER_CAP = r.over_cap,
+            EXPIRED = r.expired,
+            AGE_SECS = r.age_secs,
             BYTES = r.bytes,
             DURATION_US = r.duration_us,
             ERROR = %r.error,
@@ -1403,17 +1418,25 @@ fn log_report(op: &str, vm: &VmRuntime, r: &OpReport) {
 }
 
 /// `, 1000 foreign, 2 rejected, 5 over the cap` for what a Load's policy
-/// kept out, empty when it kept out nothing.
+/// kept out, and `, 40 expired (saved 10800 s before)` for what ran out
+/// since Save; empty when nothing was kept out.
 fn confined_text(r: &OpReport) -> String {
     let mut s = String::new();
     for (n, what) in [
-        (r.foreign, "foreign (not the VM's mark or zone)"),
-        (r.rejected, "rejected by the destination's policy"),
-        (r.over_cap, "over the VM's entry cap"),
+        (r.foreign, "foreign (not the VM's mark or zone)".to_string()),
+        (r.rejected, "rejected by the destination's policy".into()),
+        (r.over_cap, "over the VM's entry cap".into()),
+        (
+            r.expired,
+            format!("expired (saved {} s before)", r.age_secs),
+        ),
     ] {
         if n > 0 {
             s += &format!(", {n} {what}");
         }
+    }
+    if r.expired == 0 && r.age_secs > 0 {
+        s += &format!(", timeouts aged by {} s", r.age_secs);
     }
     s
 }

@@ -48,6 +48,13 @@ pub struct OpReport {
     /// Load: entries past the VM's entry cap (the least valuable), never
     /// looked at.
     pub over_cap: u64,
+    /// Load: entries whose timeout ran out between Save and this Load (a
+    /// state saved long before, `docs/state-format.md` §1.3), never
+    /// created.
+    pub expired: u64,
+    /// Load: seconds every timeout was aged by (the time since Save, 0 for
+    /// a live migration or a state that does not say when it was saved).
+    pub age_secs: u64,
     /// Load: entries a previous conntrack-vmstated had handled when it
     /// handed this restore over (it stopped, or was killed, before the end);
     /// 0 for a restore that ran in one process.

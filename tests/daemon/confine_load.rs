@@ -731,3 +731,66 @@ async fn memory_and_tasks_at_a_100k_load_and_20_concurrent_vms() {
     })
     .await
 }
+
+/// A state saved three hours ago (a saved VM restored later) through
+/// VMState1.Load on the daemon and its helper: the entries with less than
+/// three hours left are not created and LastLoad counts them as
+/// `expired` with the age, the journal line says so, and what is created
+/// has three hours less.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_saved_hours_ago_loads_aged_without_the_expired() {
+    common::needs!(daemon);
+    wrap(async {
+        let d = Dest::new("cf-aged", &[]).await;
+        let (vm, vs) = d.register("100", &[]).await;
+        let age = 3 * 3600u32;
+        // 40 with an hour left, 60 with five days.
+        let es: Vec<Entry> = (0..100)
+            .map(|i| Entry {
+                timeout: if i < 40 { 3600 } else { 432_000 },
+                ..tcp(i, 50, 100)
+            })
+            .collect();
+        let saved_at = format::wall_clock_us() - u64::from(age) * 1_000_000;
+        let b = format::encode_at(&es, &EncodeOptions::default(), Some(saved_at))
+            .unwrap()
+            .bytes;
+        vs.load(serde_bytes::Bytes::new(&b)).await.unwrap();
+        let r = final_load(&vm).await;
+        assert_eq!(load_error(&vm).await, "");
+        assert!(
+            (u64::from(age)..u64::from(age) + 5).contains(&r["age_secs"]),
+            "{r:?}"
+        );
+        assert_eq!(
+            (r["entries"], r["created"], r["expired"], r["over_cap"]),
+            (100, 60, 40, 0),
+            "{r:?}"
+        );
+        assert_eq!(d.count(&["--mark", "100"]), 60);
+        let log = d.daemon.log_text();
+        assert!(
+            log.contains(&format!("40 expired (saved {} s before)", r["age_secs"])),
+            "{log}"
+        );
+        // What the kernel holds: five days less three hours (and the
+        // seconds since).
+        let out =
+            d.ns.cmd("conntrack")
+                .args(["-L", "-m", "100", "-o", "extended"])
+                .output()
+                .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let left: Vec<u32> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4)?.parse().ok())
+            .collect();
+        assert_eq!(left.len(), 60, "{text}");
+        let want = 432_000 - r["age_secs"] as u32;
+        assert!(
+            left.iter().all(|t| (want - 10..=want).contains(t)),
+            "want about {want}: {left:?}"
+        );
+    })
+    .await
+}

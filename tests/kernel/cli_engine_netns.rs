@@ -242,3 +242,60 @@ fn load_of_a_malformed_blob_creates_nothing() {
     assert!(err.starts_with("load: 2 entries from "), "{err}");
     assert_eq!(dst.conntrack_count(), 2);
 }
+
+/// `load` of a state saved three hours ago (a saved VM restored later):
+/// every timeout is three hours shorter, what ran out meanwhile is not
+/// created, and the summary line says how many and by how much.
+#[test]
+fn load_ages_a_state_saved_hours_ago() {
+    common::needs!(kernel);
+    let (src, _pop) = loaded("cliage", 1200, 23);
+    let saved = ct(&src).dump(&Selector::mark(MARK)).unwrap();
+    let age = 3 * 3600u32;
+    let blob = format::encode_at(
+        &saved,
+        &format::EncodeOptions::default(),
+        Some(format::wall_clock_us() - u64::from(age) * 1_000_000),
+    )
+    .unwrap()
+    .bytes;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("old.bin");
+    std::fs::write(&file, &blob).unwrap();
+    let dst = Netns::new("cliage-dst");
+    population::enable_labels(&dst.name);
+    let err = ok(&cli(&dst, &["load", "-i", file.to_str().unwrap()]));
+    // The CLI ran within seconds: its age is three hours and a few seconds
+    // at most; which entries expired follows from the age it reports.
+    let aged = |a: u32| format!("(timeouts aged by {a} s)");
+    let got = (age..age + 5)
+        .find(|a| err.contains(&aged(*a)))
+        .unwrap_or_else(|| panic!("no age of about {age} s: {err}"));
+    let want: Vec<_> = saved
+        .iter()
+        .filter(|e| e.timeout > got)
+        .map(|e| conntrack_vmstate::entry::Entry {
+            timeout: e.timeout - got,
+            ..e.clone()
+        })
+        .collect();
+    let expired = saved.len() - want.len();
+    assert!(
+        expired > 0 && !want.is_empty(),
+        "{expired} of {}",
+        saved.len()
+    );
+    assert!(
+        err.starts_with(&format!(
+            "load: {} entries from {} bytes binary: created {}, existed 0, refused 0, expired {expired} {}, ",
+            saved.len(),
+            blob.len(),
+            want.len(),
+            aged(got)
+        )),
+        "{err}"
+    );
+    let copy = ct(&dst).dump(&Selector::mark(MARK)).unwrap();
+    let diffs = compare(&want, &copy, Tolerance::exact_status(5));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}

@@ -18,4 +18,5 @@ mod ctnetlink_eperm;
 mod ctnetlink_protocols;
 mod ctnetlink_roundtrip;
 mod helper_kernel;
+mod load_aged;
 mod load_budget;

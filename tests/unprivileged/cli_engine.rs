@@ -112,6 +112,10 @@ fn inspect_json_is_one_object_per_entry_plus_summary() {
     assert_eq!(summary["dropped"], enc.dropped);
     assert_eq!(summary["format"], "binary");
     let d = format::decode(&enc.bytes).unwrap();
+    assert_eq!(
+        summary["saved_at_us"],
+        d.saved_at.expect("a Save stamps its time")
+    );
     for (o, e) in objs.iter().zip(&d.entries) {
         assert_eq!(o["orig"]["src"], e.orig.src.to_string());
         assert_eq!(o["timeout"], e.timeout);

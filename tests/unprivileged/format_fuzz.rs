@@ -18,6 +18,7 @@ fn check_stream(data: &[u8]) {
             while let Some(b) = s.next_batch(7) {
                 got.extend(b.expect("batch of a validated blob"));
             }
+            check_aged(data, &d);
             let mut want = d.entries;
             sort_by_priority(&mut want);
             assert_eq!(got, want);
@@ -25,6 +26,34 @@ fn check_stream(data: &[u8]) {
         (Err(_), Err(_)) => {}
         (d, s) => panic!("decode {:?} but stream {:?}", d.err(), s.err()),
     }
+}
+
+/// Load's aged stream, an hour and a bit after the saved-at time (or at
+/// an arbitrary time for a state that does not say when): exactly the
+/// entries with more time left than the age, that much less each, in the
+/// order a stable priority sort of the aged entries gives.
+fn check_aged(data: &[u8], d: &format::Decoded) {
+    let now = d.saved_at.unwrap_or(0).saturating_add(3_601_000_000);
+    let mut s = format::stream_loaded_at(data, usize::MAX, now).expect("validated before");
+    let age = format::load_age(d.saved_at, now);
+    assert_eq!(s.age_secs, age);
+    let mut want: Vec<_> = d
+        .entries
+        .iter()
+        .filter(|e| age == 0 || e.timeout > age)
+        .map(|e| conntrack_vmstate::entry::Entry {
+            timeout: e.timeout - age,
+            ..e.clone()
+        })
+        .collect();
+    sort_by_priority(&mut want);
+    assert_eq!(s.expired, d.entries.len() - want.len());
+    assert_eq!(s.len(), want.len());
+    let mut got = Vec::new();
+    while let Some(b) = s.next_batch(7) {
+        got.extend(b.expect("batch of a validated blob"));
+    }
+    assert_eq!(got, want);
 }
 
 fn check(data: &[u8]) {
@@ -51,10 +80,13 @@ fn fix_crc(b: &mut [u8]) {
     }
 }
 
-/// A valid uncompressed blob (the record parser sees mutated bytes as is).
+/// A valid uncompressed blob (the record parser sees mutated bytes as is);
+/// without the saved-at frame, which needs a compressed payload.
 fn plain_blob(n: usize, seed: u64) -> Vec<u8> {
     let v = common::population::entries(n, seed, 100);
-    let mut b = format::encode(&v, &EncodeOptions::default()).unwrap().bytes;
+    let mut b = format::encode_at(&v, &EncodeOptions::default(), None)
+        .unwrap()
+        .bytes;
     let d = format::decode(&b).unwrap();
     assert_eq!(d.entries.len(), n);
     // Re-wrap the payload uncompressed: flags &= !ZSTD, payload = raw.
@@ -107,7 +139,7 @@ fn plain_segmented_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
 /// A valid patched blob (v1.2) with its segments stored uncompressed:
 /// `segs` base frames of the first two thirds of the entries, every third
 /// base record skipped, the rest as one delta frame, base aged by `seed`
-/// seconds.
+/// seconds; without the saved-at frame, which needs compressed segments.
 fn plain_patched_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
     use format::{testing, Rec, View};
     let v = common::population::entries(n, seed, 100);
@@ -133,7 +165,8 @@ fn plain_patched_blob(n: usize, seed: u64, segs: usize) -> Vec<u8> {
         .map(raw)
         .collect();
     let skip: Vec<u32> = (0..nb as u32).filter(|i| i % 3 == 1).collect();
-    let mut b = format::assemble_patched(&base, seed as u32, &skip, &delta, 0, mark).unwrap();
+    let mut b =
+        format::assemble_patched_at(&base, seed as u32, &skip, &delta, 0, mark, None).unwrap();
     b[6] &= !(testing::FLAG_ZSTD as u8);
     fix_crc(&mut b);
     assert_eq!(

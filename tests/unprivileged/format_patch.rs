@@ -140,11 +140,13 @@ proptest! {
 
         let h = testing::check_header(&blob).unwrap();
         prop_assert_eq!(h.count as usize, want.len());
-        prop_assert_eq!(h.minor, testing::MINOR_PATCH);
+        prop_assert_eq!(h.minor, testing::MINOR_SAVED_AT);
         prop_assert_eq!(
             h.flags,
             testing::FLAG_SEGMENTS | testing::FLAG_ZSTD | testing::FLAG_PATCH | testing::FLAG_TRUNCATED
+                | testing::FLAG_SAVED_AT
         );
+        prop_assert!(h.saved_at.is_some());
         prop_assert_eq!(h.dropped, 3);
 
         let d = format::decode(&blob).unwrap();
@@ -312,7 +314,7 @@ fn hand_built_patch_decodes_per_spec() {
     );
     assert_eq!(
         b,
-        format::assemble_patched(&base, 5, &[0, 150, 199], &delta, 0, 4242).unwrap(),
+        format::assemble_patched_at(&base, 5, &[0, 150, 199], &delta, 0, 4242, None).unwrap(),
         "assemble_patched writes what the spec says"
     );
     let (h, parts) = testing::decode_segments(&b).unwrap();

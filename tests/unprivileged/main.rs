@@ -12,6 +12,7 @@ mod format_fuzz;
 mod format_malformed;
 mod format_patch;
 mod format_roundtrip;
+mod format_saved_at;
 mod format_segments;
 mod format_text;
 mod helper_protocol;

@@ -6,7 +6,7 @@ use super::encode::Encoder;
 use super::layout::HEADER_LEN;
 use super::rank::rank_and_mark;
 use super::record::View;
-use super::segments::{default_segments, encode_segmented};
+use super::segments::{default_segments, encode_segmented_at};
 use crate::format::{Encoded, FormatError};
 
 /// Most cut attempts the budget search makes before settling for the best
@@ -38,11 +38,13 @@ pub(super) fn partition_point(n: usize, fits: impl Fn(usize) -> bool) -> usize {
 }
 
 /// `format::encode_views` for the binary format: the most valuable views
-/// that fit in `limit` bytes, as one blob.
+/// that fit in `limit` bytes, as one blob, saying it was saved at
+/// `saved_at` (§1.3; the saved-at frame counts against the limit).
 pub(crate) fn encode_binary(
     views: &[View],
     limit: usize,
     mark: Option<u32>,
+    saved_at: Option<u64>,
 ) -> Result<Encoded, FormatError> {
     if limit < HEADER_LEN {
         return Err(FormatError::LimitTooSmall {
@@ -66,7 +68,7 @@ pub(crate) fn encode_binary(
     // The size of a whole-set attempt that did not fit seeds the search.
     let mut too_big_whole: Option<usize> = None;
     if n.saturating_mul(LIKELY_FITS_BYTES) <= limit {
-        let b = encode_segmented(&ranked, default_segments(n), total - n, mark)?;
+        let b = encode_segmented_at(&ranked, default_segments(n), total - n, mark, saved_at)?;
         if b.len() <= limit {
             return Ok(Encoded {
                 bytes: b,
@@ -76,7 +78,7 @@ pub(crate) fn encode_binary(
         }
         too_big_whole = Some(b.len());
     }
-    let mut enc = Encoder::new(&ranked, mark)?;
+    let mut enc = Encoder::new(&ranked, mark)?.saved_at(saved_at);
     // First attempt: everything, unless the raw size shows it cannot fit
     // even at a generous compression ratio; then the largest prefix whose
     // raw size could (saves compressing a table that is far too big).

@@ -28,9 +28,14 @@ pub struct Checked {
     /// Entries come out in priority order.
     pub sorted: bool,
     segs: Vec<(Vec<u8>, SegDecoder)>,
-    /// A patch's merge, when the segments overlap.
+    /// A patch's merge, when the segments overlap (or aging moved records
+    /// out of order).
     merge: Option<Merge>,
     cur: usize,
+    /// Seconds every timeout was aged by on Load (§1.3).
+    pub load_age: u32,
+    /// Records that aging left without time: not handed out.
+    pub expired: usize,
 }
 
 /// Merge state of a patch. Every kept record has a unique *order key*,
@@ -65,9 +70,9 @@ pub(super) fn order_key(key: u64, stored: usize) -> u64 {
 }
 
 impl Checked {
-    /// Entries in the blob.
+    /// Entries it hands out: those of the blob less the expired.
     pub fn len(&self) -> usize {
-        self.header.count as usize
+        self.header.count as usize - self.expired
     }
 
     pub fn is_empty(&self) -> bool {
@@ -189,13 +194,28 @@ impl Checked {
 }
 
 /// Validates a v1 blob completely without keeping its entries (see
-/// [`Checked`]); any defect anywhere fails the whole blob.
+/// [`Checked`]); any defect anywhere fails the whole blob. Timeouts are
+/// handed out as stored (a patch's base aged by its age).
 pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
+    check_aged(bytes, None)
+}
+
+/// [`check`] for a Load at `now_us` (microseconds since the Unix epoch):
+/// every timeout is aged by the time since the blob was saved
+/// ([`crate::format::load_age`], §1.3), and records that leaves without
+/// time are counted in `expired` and never handed out. The age is applied
+/// while validating, so the priority order (and the merge, when aging moved
+/// records out of it) sees the aged timeouts; nothing is decoded twice.
+pub fn check_aged(bytes: &[u8], now_us: Option<u64>) -> Result<Checked, FormatError> {
     let h = check_header(bytes)?;
+    let load_age = now_us.map_or(0, |now| crate::format::load_age(h.saved_at, now));
     let payload = &bytes[HEADER_LEN..];
     let parts = payload_segments(&h, payload)?;
     let segmented = h.flags & FLAG_SEGMENTS != 0;
     let patched = h.flags & FLAG_PATCH != 0;
+    // Order keys for a merge: a patch's segments may overlap, and aging
+    // moves records that reach the Worthless class out of order.
+    let keyed = patched || load_age > 0;
     struct Done {
         raw: Vec<u8>,
         start: SegDecoder,
@@ -205,6 +225,7 @@ pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
         /// A patch's order keys (see [`Merge`]) and its held ones.
         keys: Vec<u64>,
         held: Vec<u64>,
+        expired: usize,
     }
     let validate = |s: &Segment| -> Result<Done, FormatError> {
         let raw = inflate(
@@ -213,12 +234,17 @@ pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
             h.flags,
         )?
         .into_owned();
-        let start = SegDecoder::new(&raw, s, h.default_mark)?;
+        let mut start = SegDecoder::new(&raw, s, h.default_mark)?;
+        start.load_age = load_age;
         let mut d = start.clone();
         let (mut sorted, mut first, mut last) = (true, None, 0u64);
-        // Only a patch's segments may need merging: keep their keys.
-        let mut keys = Vec::with_capacity(if patched { d.kept() } else { 0 });
+        let mut keys = Vec::with_capacity(if keyed { d.kept() } else { 0 });
+        let mut expired: Vec<u32> = Vec::new();
         d.run(&raw, usize::MAX, |i, e| {
+            if load_age > 0 && e.timeout == 0 {
+                expired.push(i as u32);
+                return;
+            }
             let k = priority::value_key(&e);
             if first.is_none() {
                 first = Some(k);
@@ -226,11 +252,15 @@ pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
                 sorted = false;
             }
             last = k;
-            if patched {
+            if keyed {
                 keys.push(order_key(k, s.first + i));
             }
         })?;
         d.finish(&raw)?;
+        if !expired.is_empty() {
+            // Streaming then passes over them as over a patch's skips.
+            start.skip = merge_ascending(&start.skip, &expired);
+        }
         let mut held = Vec::new();
         if !sorted {
             // Held: a later record must precede it. What is left is in
@@ -252,6 +282,7 @@ pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
             ends: first.map(|f| (f, last)),
             keys,
             held,
+            expired: expired.len(),
         })
     };
     let one = |i: usize, s: &Segment| {
@@ -261,7 +292,8 @@ pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
     let each_sorted = done.iter().all(|d| d.sorted);
     let ends: Vec<(u64, u64)> = done.iter().filter_map(|d| d.ends).collect();
     let in_order = each_sorted && ends.windows(2).all(|w| w[0].1 >= w[1].0);
-    let mut merge = (!in_order && patched).then(|| Merge {
+    let expired = done.iter().map(|d| d.expired).sum();
+    let mut merge = (!in_order && keyed).then(|| Merge {
         keys: Vec::with_capacity(done.len()),
         held: Vec::new(),
         next_held: 0,
@@ -285,5 +317,25 @@ pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
         segs,
         merge,
         cur: 0,
+        load_age,
+        expired,
     })
+}
+
+/// Two disjoint ascending lists as one.
+fn merge_ascending(a: &[u32], b: &[u32]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if a[i] < b[j] {
+            out.push(a[i]);
+            i += 1;
+        } else {
+            out.push(b[j]);
+            j += 1;
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
 }

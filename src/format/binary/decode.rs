@@ -356,11 +356,14 @@ pub(super) struct SegDecoder {
     prev_timeout: u32,
     last_near: [Option<IpAddr>; 2],
     /// Stored indices of the records left out (a patch's skips), ascending.
-    skip: Vec<u32>,
+    pub(super) skip: Vec<u32>,
     /// Skips passed so far.
     skipped: usize,
     /// Seconds taken off every timeout (a patch's base segment).
     age: Option<u32>,
+    /// Seconds since the state was saved, taken off every timeout after
+    /// `age` (§1.3); a record this leaves at 0 expired. 0 when not aging.
+    pub(super) load_age: u32,
     /// Records handed out so far.
     pub(super) out: usize,
 }
@@ -381,6 +384,7 @@ impl SegDecoder {
             skip: seg.skip.clone(),
             skipped: 0,
             age: seg.age,
+            load_age: 0,
             out: 0,
         };
         if raw.is_empty() && count == 0 {
@@ -469,7 +473,8 @@ impl SegDecoder {
         let mut done = 0;
         let (mut idx, mut prev_timeout, mut last_near) =
             (self.idx, self.prev_timeout, self.last_near);
-        let (default_mark, age, count) = (self.default_mark, self.age, self.count);
+        let (default_mark, age, load_age, count) =
+            (self.default_mark, self.age, self.load_age, self.count);
         // The last kept record also takes the skipped ones behind it.
         let last = self.out + n == self.kept();
         while done < n || (last && idx < count) {
@@ -492,6 +497,9 @@ impl SegDecoder {
             if let Some(age) = age {
                 e.timeout = e.timeout.saturating_sub(age).max(1);
             }
+            // Expired records (0 left) reach only the validating pass,
+            // which adds them to `skip`.
+            e.timeout = e.timeout.saturating_sub(load_age);
             sink(idx - 1, e);
             done += 1;
         }

@@ -364,6 +364,8 @@ pub(super) struct Encoder {
     cols: Columns,
     raw: Vec<u8>,
     cctx: zstd::bulk::Compressor<'static>,
+    /// Stamped into every blob with entries (§1.3).
+    saved_at: Option<u64>,
 }
 
 pub(super) fn compressor() -> Result<zstd::bulk::Compressor<'static>, FormatError> {
@@ -387,10 +389,13 @@ pub(super) fn build_columns(views: &[View], default_mark: u32, prefixes: bool) -
     cols
 }
 
-/// Compresses a raw payload; `None` when compression would not shrink it.
+/// Compresses a raw payload; `None` when compression would not shrink it,
+/// unless `always` (the saved-at frame needs a zstd payload: a few bytes of
+/// frame header on a tiny state).
 pub(super) fn compress(
     cctx: &mut zstd::bulk::Compressor<'static>,
     raw: &[u8],
+    always: bool,
 ) -> Result<Option<Vec<u8>>, FormatError> {
     if raw.is_empty() {
         return Ok(None);
@@ -398,7 +403,7 @@ pub(super) fn compress(
     let z = cctx
         .compress(raw)
         .map_err(|e| FormatError::Compression(e.to_string()))?;
-    Ok((z.len() < raw.len()).then_some(z))
+    Ok((always || z.len() < raw.len()).then_some(z))
 }
 
 impl Encoder {
@@ -422,7 +427,14 @@ impl Encoder {
             cols,
             raw: Vec::new(),
             cctx,
+            saved_at: None,
         })
+    }
+
+    /// Blobs with entries from now on carry `saved_at` (§1.3).
+    pub fn saved_at(mut self, saved_at: Option<u64>) -> Self {
+        self.saved_at = saved_at;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -447,7 +459,9 @@ impl Encoder {
         if k > 0 {
             self.cols.write_raw(k, &mut self.raw);
         }
-        let z = compress(&mut self.cctx, &self.raw)?;
+        // Zero entries: nothing to age, so no stamp either.
+        let saved_at = self.saved_at.filter(|_| k > 0);
+        let z = compress(&mut self.cctx, &self.raw, saved_at.is_some())?;
         let (flags, payload): (u16, &[u8]) = match &z {
             Some(z) => (FLAG_ZSTD, z),
             None => (0, &self.raw),
@@ -460,6 +474,7 @@ impl Encoder {
             default_mark: self.cols.default_mark,
             raw_len: self.raw.len() as u32,
             payload_len: 0,
+            saved_at,
         };
         Ok(assemble(&h, &[payload]))
     }

@@ -12,6 +12,9 @@ pub const MINOR: u8 = 0;
 pub const MINOR_SEGMENTS: u8 = 1;
 /// Minor version of a patched blob (v1.2; only the PATCH flag is new).
 pub const MINOR_PATCH: u8 = 2;
+/// Minor version of a blob that says when it was saved (v1.3: the
+/// SAVED_AT flag and its frame, in any of the layouts above).
+pub const MINOR_SAVED_AT: u8 = 3;
 /// Length of the header, and so of the smallest blob (no entries).
 pub const HEADER_LEN: usize = 32;
 
@@ -19,6 +22,11 @@ pub const HEADER_LEN: usize = 32;
 pub const FLAG_TRUNCATED: u16 = 1 << 0;
 /// Header flag: the payload is one zstd frame.
 pub const FLAG_ZSTD: u16 = 1 << 1;
+/// Header flag (informational, v1.3): the payload ends in a saved-at frame
+/// (`docs/state-format.md` §1.3). Informational, so an older decoder
+/// ignores the flag, and the frame is a zstd skippable frame, which its
+/// zstd decompression steps over.
+pub const FLAG_SAVED_AT: u16 = 1 << 2;
 /// Header flag (required, v1.1): the payload is a segment table and
 /// independently coded segments (`docs/state-format.md` §1.1).
 pub const FLAG_SEGMENTS: u16 = 1 << 8;
@@ -29,8 +37,15 @@ pub const FLAG_PATCH: u16 = 1 << 9;
 /// Flags this decoder understands. Unknown bits 0–7 are informational and
 /// ignored; unknown bits 8–15 change the meaning of the payload and are an
 /// error.
-pub(super) const KNOWN_FLAGS: u16 = FLAG_TRUNCATED | FLAG_ZSTD | FLAG_SEGMENTS | FLAG_PATCH;
+pub(super) const KNOWN_FLAGS: u16 =
+    FLAG_TRUNCATED | FLAG_ZSTD | FLAG_SAVED_AT | FLAG_SEGMENTS | FLAG_PATCH;
 pub(super) const REQUIRED_FLAG_MASK: u16 = 0xff00;
+
+/// The saved-at frame: a zstd skippable frame (magic 0x184D2A50, LE),
+/// content length 8 (u32 LE), then the time (u64 LE, microseconds since the
+/// Unix epoch).
+pub(super) const SAVED_AT_MAGIC: u32 = 0x184D_2A50;
+pub(super) const SAVED_AT_LEN: usize = 16;
 
 /// Ceiling on the decompressed payload a decoder accepts (64 MiB).
 pub const MAX_RAW_LEN: usize = 64 << 20;
@@ -129,6 +144,15 @@ pub(super) fn le16(b: &[u8], at: usize) -> u16 {
 }
 pub(super) fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// The saved-at frame for `us` microseconds since the Unix epoch.
+pub(super) fn saved_at_frame(us: u64) -> [u8; SAVED_AT_LEN] {
+    let mut f = [0u8; SAVED_AT_LEN];
+    f[..4].copy_from_slice(&SAVED_AT_MAGIC.to_le_bytes());
+    f[4..8].copy_from_slice(&8u32.to_le_bytes());
+    f[8..].copy_from_slice(&us.to_le_bytes());
+    f
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! * `encode`: the v1.0 encoder (columns, one zstd frame, any prefix)
 //! * `segments`: v1.1 segments, built and compressed in parallel
 //! * `patch`: v1.2 patched blobs (base frames, age, skips, delta)
+//!   (the v1.3 saved-at frame: `layout`, written by `header` and `patch`)
 //! * `budget`: fitting a state into a byte limit
 //! * `decode`: the decoder (payload segments, columns back into entries)
 //! * `check`: validating a whole blob, then streaming it batch by batch
@@ -29,16 +30,16 @@ mod record;
 mod segments;
 
 pub(crate) use budget::encode_binary;
-pub use check::{check, Checked};
+pub use check::{check, check_aged, Checked};
 pub use debug::debug_stream_sizes;
 pub use decode::{decode, decode_segments};
 pub use header::{check_header, Header};
 pub use layout::{
-    FLAG_PATCH, FLAG_SEGMENTS, FLAG_TRUNCATED, FLAG_ZSTD, HEADER_LEN, MAGIC, MAX_ENTRIES,
-    MAX_RAW_LEN, MINOR, MINOR_PATCH, MINOR_SEGMENTS,
+    FLAG_PATCH, FLAG_SAVED_AT, FLAG_SEGMENTS, FLAG_TRUNCATED, FLAG_ZSTD, HEADER_LEN, MAGIC,
+    MAX_ENTRIES, MAX_RAW_LEN, MINOR, MINOR_PATCH, MINOR_SAVED_AT, MINOR_SEGMENTS,
 };
-pub use patch::assemble_patched;
+pub use patch::{assemble_patched, assemble_patched_at};
 pub(crate) use rank::{rank_and_mark, ranked_positions};
 pub use rank::{rank_views, views_default_mark};
 pub use record::{representable, Compact, Rec, View};
-pub use segments::{default_segments, encode_frames, encode_segmented, Frame};
+pub use segments::{default_segments, encode_frames, encode_segmented, encode_segmented_at, Frame};

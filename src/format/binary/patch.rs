@@ -16,6 +16,9 @@ use crate::format::FormatError;
 ///
 /// On Save's hot path: one allocation of the exact size, one copy of each
 /// frame, one checksum pass; nothing else looks at the frames' bytes.
+///
+/// The blob says it was saved now (§1.3); [`assemble_patched_at`] takes
+/// the time.
 pub fn assemble_patched(
     base: &[Frame],
     age_secs: u32,
@@ -23,6 +26,21 @@ pub fn assemble_patched(
     delta: &[Frame],
     dropped: usize,
     default_mark: u32,
+) -> Result<Vec<u8>, FormatError> {
+    let now = Some(crate::format::wall_clock_us());
+    assemble_patched_at(base, age_secs, skip, delta, dropped, default_mark, now)
+}
+
+/// [`assemble_patched`] saved at `saved_at` (microseconds since the Unix
+/// epoch; `None`: no saved-at frame, as a release before v1.3 writes it).
+pub fn assemble_patched_at(
+    base: &[Frame],
+    age_secs: u32,
+    skip: &[u32],
+    delta: &[Frame],
+    dropped: usize,
+    default_mark: u32,
+    saved_at: Option<u64>,
 ) -> Result<Vec<u8>, FormatError> {
     let bad = |m: String| Err(FormatError::Patch(m));
     if base.is_empty() {
@@ -82,7 +100,10 @@ pub fn assemble_patched(
         block_len += varint_len(s - next);
         next = s + 1;
     }
-    let payload_len = block_len as u64 + 1 + (SEGMENT_ENTRY_LEN * n) as u64 + bytes;
+    let stamp = saved_at.map(saved_at_frame);
+    let stamp: &[u8] = stamp.as_ref().map_or(&[], |s| s.as_slice());
+    let payload_len =
+        block_len as u64 + 1 + (SEGMENT_ENTRY_LEN * n) as u64 + bytes + stamp.len() as u64;
     let Ok(payload_len) = u32::try_from(payload_len) else {
         return bad(format!("payload of {payload_len} bytes exceeds 32 bits"));
     };
@@ -90,9 +111,16 @@ pub fn assemble_patched(
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(&MAGIC);
     out.push(MAJOR);
-    out.push(MINOR_PATCH);
-    let flags =
-        FLAG_SEGMENTS | FLAG_ZSTD | FLAG_PATCH | if dropped > 0 { FLAG_TRUNCATED } else { 0 };
+    out.push(if saved_at.is_some() {
+        MINOR_SAVED_AT
+    } else {
+        MINOR_PATCH
+    });
+    let flags = FLAG_SEGMENTS
+        | FLAG_ZSTD
+        | FLAG_PATCH
+        | if dropped > 0 { FLAG_TRUNCATED } else { 0 }
+        | if saved_at.is_some() { FLAG_SAVED_AT } else { 0 };
     out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&((records - skip.len() as u64) as u32).to_le_bytes());
     out.extend_from_slice(&dropped_u32(dropped).to_le_bytes());
@@ -108,10 +136,11 @@ pub fn assemble_patched(
         put_varint(&mut out, u64::from(s - next));
         next = s + 1;
     }
-    put_segment_table(&mut out, n, base.iter().chain(delta));
+    put_segment_table(&mut out, n, base.iter().chain(delta), stamp.len());
     for f in base.iter().chain(delta) {
         out.extend_from_slice(&f.bytes);
     }
+    out.extend_from_slice(stamp);
     debug_assert_eq!(out.len(), total);
     let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..28]), &out[HEADER_LEN..]);
     out[28..32].copy_from_slice(&crc.to_le_bytes());

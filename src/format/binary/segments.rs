@@ -33,20 +33,38 @@ pub struct Frame {
 /// independent parts built and compressed in parallel (Save is migration
 /// downtime and the guest is stopped, so the CPUs are free). One segment
 /// gives the plain v1.0 layout. Layout: `docs/state-format.md` §1.1.
+///
+/// Without a saved-at time, as a release before v1.3 writes it (tests
+/// build such blobs); [`encode_segmented_at`] stamps it.
 pub fn encode_segmented(
     views: &[View],
     segments: usize,
     dropped: usize,
     default_mark: u32,
 ) -> Result<Vec<u8>, FormatError> {
+    encode_segmented_at(views, segments, dropped, default_mark, None)
+}
+
+/// [`encode_segmented`], the blob saying it was saved at `saved_at`
+/// (microseconds since the Unix epoch, §1.3) when it holds entries.
+pub fn encode_segmented_at(
+    views: &[View],
+    segments: usize,
+    dropped: usize,
+    default_mark: u32,
+    saved_at: Option<u64>,
+) -> Result<Vec<u8>, FormatError> {
     let segments = segments.clamp(1, MAX_SEGMENTS).min(views.len().max(1));
     if segments == 1 {
         let n = views.len();
-        return Encoder::whole(views, default_mark)?.blob(n, dropped);
+        return Encoder::whole(views, default_mark)?
+            .saved_at(saved_at)
+            .blob(n, dropped);
     }
     let frames = encode_frames(views, segments, default_mark)?;
     let mut table = Vec::with_capacity(1 + SEGMENT_ENTRY_LEN * frames.len());
-    put_segment_table(&mut table, frames.len(), frames.iter());
+    let stamp = if saved_at.is_some() { SAVED_AT_LEN } else { 0 };
+    put_segment_table(&mut table, frames.len(), frames.iter(), stamp);
     let h = Header {
         minor: MINOR_SEGMENTS,
         flags: FLAG_SEGMENTS | FLAG_ZSTD | if dropped > 0 { FLAG_TRUNCATED } else { 0 },
@@ -55,23 +73,27 @@ pub fn encode_segmented(
         default_mark,
         raw_len: frames.iter().map(|f| f.raw_len).sum(),
         payload_len: 0,
+        saved_at,
     };
     let mut refs: Vec<&[u8]> = vec![&table];
     refs.extend(frames.iter().map(|f| f.bytes.as_slice()));
     Ok(assemble(&h, &refs))
 }
 
-/// `n`, then one row per frame (§1.1).
+/// `n`, then one row per frame (§1.1); the last segment's stored bytes
+/// are followed by `trailer` more (the saved-at frame, §1.3).
 pub(super) fn put_segment_table<'a>(
     out: &mut Vec<u8>,
     n: usize,
     frames: impl Iterator<Item = &'a Frame>,
+    trailer: usize,
 ) {
     out.push(n as u8);
-    for f in frames {
+    for (i, f) in frames.enumerate() {
+        let stored = f.bytes.len() + if i + 1 == n { trailer } else { 0 };
         out.extend_from_slice(&f.count.to_le_bytes());
         out.extend_from_slice(&f.raw_len.to_le_bytes());
-        out.extend_from_slice(&(f.bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(stored as u32).to_le_bytes());
     }
 }
 
