@@ -14,6 +14,9 @@
 //!                                     exists, then prints one report line per
 //!                                     flow
 //!
+//! Every 200 ms the client prints `progress idle_ms=A,B,C,D,E` (ms since
+//! each flow last delivered, `failed` for a flow that failed).
+//!
 //! A report line: `flow=NAME rx=N max_gap_ms=G gap_start_ms=T idle_ms=I
 //! status=alive|hung|error:…`. `gap_start_ms` is the Unix time in ms at which
 //! the largest pause in received data began, so the caller can relate it to
@@ -133,6 +136,10 @@ fn bulk_source(mut s: TcpStream) {
 /// Sends numbered lines and checks that the server echoes them in order; on
 /// any mismatch it drops the connection, which the server reports.
 fn nat_client(s: TcpStream) {
+    // A connection the firewall cut hangs rather than fails: give it up
+    // after a quiet spell longer than any stall the scenario allows, so the
+    // next run of the server gets a new one.
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
     let mut w = s.try_clone().expect("clone");
     thread::spawn(move || {
         let mut seq = 0u64;
@@ -348,8 +355,29 @@ fn client(a: &[String]) -> Res<()> {
     }
     println!("ready");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
+    // Progress for the caller, which waits for every flow to deliver again
+    // after the switchover instead of guessing how long that takes.
+    let mut tick = 0u32;
     while !std::path::Path::new(stop).exists() {
         thread::sleep(Duration::from_millis(50));
+        tick += 1;
+        if tick.is_multiple_of(4) {
+            let now = Instant::now();
+            let idle: Vec<String> = all
+                .iter()
+                .map(|st| {
+                    let s = st.lock().unwrap();
+                    let i = s.last.map_or(999_999, |(t, _)| (now - t).as_millis());
+                    if s.error.is_some() {
+                        "failed".into()
+                    } else {
+                        i.to_string()
+                    }
+                })
+                .collect();
+            println!("progress idle_ms={}", idle.join(","));
+            std::io::stdout().flush().map_err(|e| e.to_string())?;
+        }
     }
     let now = Instant::now();
     let udp_sent = *udp_sent.lock().unwrap();
