@@ -7,6 +7,8 @@
 //!                                         `status=… downtime_ms=… total_ms=…`
 //!   demo-tool incoming QMP_SOCKET STREAM  destination: migrate-incoming from
 //!                                         STREAM, wait until the guest runs
+//!                                         (STREAM `unix:PATH`: a socket, for
+//!                                         both, instead of a file)
 //!   demo-tool status   QMP_SOCKET         print query-status' status
 //!   demo-tool vmstate  QMP_SOCKET         print QEMU's dbus-vmstate object
 //!                                         (`none` when there is none)
@@ -90,6 +92,17 @@ fn status(qmp: &mut QmpClient) -> anyhow::Result<String> {
         .to_owned())
 }
 
+/// A stream file through `exec:` (QEMU 7.2 has no `file:` URI; exec: is what
+/// its own tests use), or a `unix:` socket for a live migration whose
+/// destination receives while the source sends.
+fn uri(stream: &str, cat: &str) -> String {
+    if stream.starts_with("unix:") {
+        stream.to_owned()
+    } else {
+        format!("exec:{cat} {stream}")
+    }
+}
+
 fn migrate(qmp: &mut QmpClient, stream: &str) -> anyhow::Result<()> {
     qmp.execute(
         "migrate-set-capabilities",
@@ -99,11 +112,7 @@ fn migrate(qmp: &mut QmpClient, stream: &str) -> anyhow::Result<()> {
         "migrate-set-parameters",
         Some(json!({"max-bandwidth": 1_000_000_000u64})),
     )?;
-    // QEMU 7.2 has no file: URI; exec: is what its own tests use
-    qmp.execute(
-        "migrate",
-        Some(json!({"uri": format!("exec:cat > {stream}")})),
-    )?;
+    qmp.execute("migrate", Some(json!({"uri": uri(stream, "cat >")})))?;
     let end = Instant::now() + WAIT;
     loop {
         let q = qmp.execute("query-migrate", None)?;
@@ -136,10 +145,7 @@ fn migrate(qmp: &mut QmpClient, stream: &str) -> anyhow::Result<()> {
 }
 
 fn incoming(qmp: &mut QmpClient, stream: &str) -> anyhow::Result<()> {
-    qmp.execute(
-        "migrate-incoming",
-        Some(json!({"uri": format!("exec:cat {stream}")})),
-    )?;
+    qmp.execute("migrate-incoming", Some(json!({"uri": uri(stream, "cat")})))?;
     let end = Instant::now() + WAIT;
     loop {
         // A failed incoming migration makes QEMU 7.2 exit 1: the QMP error
