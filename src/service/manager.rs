@@ -1438,11 +1438,7 @@ mod tests {
         assert_eq!(rt.saved_len(), 30);
         // Kept for a flush after a restart, half a second after the Save.
         let store = Store::new(s.dir.path());
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        while store.load_ids("100").unwrap().len() != 30 {
-            assert!(std::time::Instant::now() < end, "ids never written");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        kept_ids_reach(&store, 30).await;
         // Restored here (suspend to disk and back): every entry is there.
         s.manager
             .prepare("100", &role("destination"))
@@ -1462,9 +1458,22 @@ mod tests {
         );
         assert_eq!(s.access.len(), 30);
         // Nor after a restart: the kept ids went with them.
+        kept_ids_reach(&store, 0).await;
+    }
+
+    /// Waits (bounded) until VM 100's saved ids in the state directory
+    /// number `n`: they are written a little after a Save or a Load.
+    async fn kept_ids_reach(store: &Store, n: usize) {
         let end = std::time::Instant::now() + Duration::from_secs(10);
-        while !store.load_ids("100").unwrap().is_empty() {
-            assert!(std::time::Instant::now() < end, "saved ids still kept");
+        loop {
+            let got = store.load_ids("100").unwrap().len();
+            if got == n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "{got} saved ids kept, want {n}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -1541,11 +1550,7 @@ mod tests {
         let rt = s.manager.get("100").unwrap();
         s.manager.engine().save(&rt).await;
         let store = Store::new(s.dir.path());
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        while store.load_ids("100").unwrap().len() != 30 {
-            assert!(std::time::Instant::now() < end, "ids never written");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        kept_ids_reach(&store, 30).await;
         s.manager.shutdown(Duration::from_secs(1)).await;
         let Setup { access, dir, .. } = s;
         let next = setup_over(dir, access, Duration::from_secs(5));
@@ -1658,11 +1663,7 @@ mod tests {
         s.manager.engine().save(&rt).await;
         // The ids reach the state directory half a second after the Save.
         let store = Store::new(s.dir.path());
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        while store.load_ids("100").unwrap().len() != 30 {
-            assert!(std::time::Instant::now() < end, "ids never written");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        kept_ids_reach(&store, 30).await;
         s.manager.shutdown(Duration::from_secs(1)).await;
         let Setup { access, dir, .. } = s;
         let next = setup_over(dir, access, Duration::from_secs(5));
