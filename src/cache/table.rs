@@ -503,7 +503,7 @@ impl BaseSnapshot {
         let order = format::ranked_positions(&views);
         let ranked: Vec<View> = order.iter().map(|&p| views[p as usize]).collect();
         let mut frames =
-            format::encode_frames(&ranked, format::default_segments(ranked.len()), mark)?;
+            format::encode_frames_headed(&ranked, format::default_segments(ranked.len()), mark)?;
         // The compressor's buffers have room for incompressible input, about
         // twice what the frames take; the base is kept for up to a minute.
         for f in &mut frames {

@@ -18,9 +18,9 @@ pub use priority::{priority_order, sort_by_priority, value_class, ValueClass};
 // of the warm cache's patched Save (pre-encoded base frames, then a blob
 // of base, skips and delta).
 pub use binary::{
-    assemble_patched, assemble_patched_at, default_segments, encode_frames, rank_views,
-    representable, views_default_mark, Compact, Frame, Rec, View, HEADER_LEN, MAX_ENTRIES,
-    MAX_RAW_LEN,
+    assemble_patched, assemble_patched_at, default_segments, encode_frames, encode_frames_headed,
+    rank_views, representable, views_default_mark, Compact, Frame, Rec, View, HEADER_LEN,
+    HEAD_ENTRIES, MAX_ENTRIES, MAX_RAW_LEN,
 };
 pub(crate) use binary::{rank_and_mark, ranked_positions};
 
@@ -32,10 +32,10 @@ pub(crate) use binary::{rank_and_mark, ranked_positions};
 #[doc(hidden)]
 pub mod testing {
     pub use super::binary::{
-        check, check_aged, check_header, debug_stream_sizes, decode, decode_segments,
-        encode_segmented, encode_segmented_at, Checked, Header, FLAG_PATCH, FLAG_SAVED_AT,
-        FLAG_SEGMENTS, FLAG_TRUNCATED, FLAG_ZSTD, MINOR, MINOR_PATCH, MINOR_SAVED_AT,
-        MINOR_SEGMENTS,
+        check, check_aged, check_header, check_progressive, debug_stream_sizes, decode,
+        decode_segments, encode_segmented, encode_segmented_at, Checked, Header, FLAG_PATCH,
+        FLAG_SAVED_AT, FLAG_SEGMENTS, FLAG_TRUNCATED, FLAG_ZSTD, MINOR, MINOR_PATCH,
+        MINOR_SAVED_AT, MINOR_SEGMENTS,
     };
 }
 
@@ -271,8 +271,26 @@ impl Stream {
         self.len() == 0
     }
 
-    /// The next up to `n` entries, or `None` after the last. An error can
-    /// only mean a bug: the blob was validated before.
+    /// A [`stream_progressive`] whose blob is not validated to the end yet:
+    /// [`next_batch`](Self::next_batch) hands out the first segment's
+    /// entries at most until [`complete`](Self::complete).
+    pub fn is_pending(&self) -> bool {
+        matches!(&self.inner, StreamInner::Checked(c) if c.is_pending())
+    }
+
+    /// Validates the rest of a [`stream_progressive`]'s blob, `bytes` being
+    /// that blob; nothing to do for any other stream. After an error it
+    /// hands out nothing more.
+    pub fn complete(&mut self, bytes: &[u8]) -> Result<(), FormatError> {
+        match &mut self.inner {
+            StreamInner::Checked(c) => c.complete(bytes),
+            StreamInner::Sorted { .. } => Ok(()),
+        }
+    }
+
+    /// The next up to `n` entries, or `None` after the last (or, while
+    /// [`is_pending`](Self::is_pending), after the validated part's). An
+    /// error can only mean a bug: the blob was validated before.
     pub fn next_batch(&mut self, n: usize) -> Option<Result<Vec<Entry>, FormatError>> {
         match &mut self.inner {
             StreamInner::Checked(c) => c.next_batch(n),
@@ -314,9 +332,36 @@ pub fn stream_bounded(bytes: &[u8], max_sort: usize) -> Result<Stream, FormatErr
     stream_in(bytes, max_sort, None)
 }
 
+/// [`stream_loaded_at`] for Load's answer: of a binary blob with several
+/// segments, only the first (with a patch's deltas) is validated now, the
+/// rest by [`Stream::complete`] (`binary::check_progressive`), so the
+/// most valuable entries are created after a fraction of the validation.
+/// Everything the header, the checksum and the segment table can show is
+/// checked before the first entry is handed out.
+pub fn stream_progressive(
+    bytes: &[u8],
+    max_sort: usize,
+    now_us: u64,
+) -> Result<Stream, FormatError> {
+    stream_with(bytes, max_sort, Some(now_us), true)
+}
+
 fn stream_in(bytes: &[u8], max_sort: usize, now_us: Option<u64>) -> Result<Stream, FormatError> {
+    stream_with(bytes, max_sort, now_us, false)
+}
+
+fn stream_with(
+    bytes: &[u8],
+    max_sort: usize,
+    now_us: Option<u64>,
+    progressive: bool,
+) -> Result<Stream, FormatError> {
     if bytes.starts_with(&binary::MAGIC) {
-        let c = binary::check_aged(bytes, now_us)?;
+        let c = if progressive {
+            binary::check_progressive(bytes, now_us)?
+        } else {
+            binary::check_aged(bytes, now_us)?
+        };
         let (truncated, dropped, saved_at, age_secs, expired) = (
             c.header.flags & binary::FLAG_TRUNCATED != 0,
             Some(u64::from(c.header.dropped)),

@@ -899,18 +899,28 @@ impl RestoreJob {
         // looked at, and never sorted in memory either.
         let cap = confine::effective_cap(self.cap, confine::conntrack_max());
         let cap = usize::try_from(cap).unwrap_or(usize::MAX);
-        // The stream validates the whole blob first, so a bad one creates
-        // nothing at all.
+        // The header, the checksum over the whole blob and the segment
+        // table are checked first, and of a large blob the first segment
+        // (a patch's deltas with it) is validated: a damaged or bad one
+        // creates nothing. The other segments are validated after the
+        // answer (`complete` below), before anything of them is created.
         // Aged against the time of the Load itself, which a resumed restore
         // keeps: the same entries expire, so its count of entries handled
         // stays valid.
-        let mut rest = match format::stream_loaded_at(&data, cap, self.loaded_at_us) {
+        let mut rest = match format::stream_progressive(&data, cap, self.loaded_at_us) {
             Ok(d) => d,
             Err(e) => {
                 report.error = format!("invalid state, nothing loaded: {e}");
                 return self.finish(report, tx);
             }
         };
+        if self.resume_from > 0 {
+            // Nothing is answered any more: validate it all before skipping.
+            if let Err(e) = rest.complete(&data) {
+                report.error = format!("invalid state, nothing loaded: {e}");
+                return self.finish(report, tx);
+            }
+        }
         let data = Arc::new(data);
         report.entries = (rest.len() + rest.expired) as u64;
         report.expired = rest.expired as u64;
@@ -992,6 +1002,22 @@ impl RestoreJob {
             let _ = tx.send(interim);
         }
         self.keep(&data, done);
+        // Only a source that is broken or hostile sends a blob whose first
+        // segment is valid and a later one not (the checksum covers it
+        // all): what was created stays, as valid entries of the VM, and
+        // nothing more is.
+        // At a lower priority, like the creates after it: QEMU is resuming
+        // the guest now, and on a host with few cores this validation would
+        // compete with it.
+        let checked = crate::ctnetlink::at_low_priority(|| rest.complete(&data));
+        if let Err(e) = checked {
+            Self::add_totals(&mut report, &totals, &p.refused);
+            report.error = format!(
+                "invalid state: {e}; the restore stopped after the {done} entries of \
+                 its first segment, handled before the answer"
+            );
+            return self.finish(report, None);
+        }
 
         while let Some(chunk) = p.next(&mut rest, BACKGROUND_BATCH) {
             match self.create_one(chunk, done, total, &mut totals, &mut p.refused, true) {

@@ -26,6 +26,47 @@ fn check_stream(data: &[u8]) {
         (Err(_), Err(_)) => {}
         (d, s) => panic!("decode {:?} but stream {:?}", d.err(), s.err()),
     }
+    check_progressive(data);
+}
+
+/// Load's progressive stream (first segment now, the rest on `complete`)
+/// accepts in the end exactly what the full decoder accepts, and hands out
+/// the same entries; a blob the decoder refuses is refused either at once
+/// or by `complete`, which then ends the stream.
+fn check_progressive(data: &[u8]) {
+    // At the saved-at time: not aged, so the progressive path is taken.
+    let now = format::testing::check_header(data)
+        .ok()
+        .and_then(|h| h.saved_at)
+        .unwrap_or(0);
+    let full = format::decode(data);
+    let mut s = match (format::stream_progressive(data, usize::MAX, now), &full) {
+        (Ok(s), _) => s,
+        (Err(_), Err(_)) => return,
+        (Err(e), Ok(_)) => panic!("decode accepts, the progressive stream refuses: {e}"),
+    };
+    let mut got = Vec::new();
+    while let Some(b) = s.next_batch(7) {
+        got.extend(b.expect("batch of a validated segment"));
+    }
+    match (s.complete(data), &full) {
+        (Ok(()), Ok(d)) => {
+            while let Some(b) = s.next_batch(7) {
+                got.extend(b.expect("batch of a validated blob"));
+            }
+            let key = |v: &[conntrack_vmstate::entry::Entry]| {
+                let mut k: Vec<String> = v.iter().map(|e| format!("{e:?}")).collect();
+                k.sort();
+                k
+            };
+            assert_eq!(key(&got), key(&d.entries));
+        }
+        (Err(_), Err(_)) => assert!(
+            s.next_batch(7).is_none(),
+            "handed out after a failed complete"
+        ),
+        (c, d) => panic!("decode {:?} but complete {:?}", d.as_ref().err(), c.err()),
+    }
 }
 
 /// Load's aged stream, an hour and a bit after the saved-at time (or at

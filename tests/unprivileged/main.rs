@@ -11,6 +11,7 @@ mod format_budget;
 mod format_fuzz;
 mod format_malformed;
 mod format_patch;
+mod format_progressive;
 mod format_roundtrip;
 mod format_saved_at;
 mod format_segments;

@@ -6,7 +6,7 @@ use super::encode::Encoder;
 use super::layout::HEADER_LEN;
 use super::rank::rank_and_mark;
 use super::record::View;
-use super::segments::{default_segments, encode_segmented_at};
+use super::segments::{default_segments, encode_segmented_headed_at};
 use crate::format::{Encoded, FormatError};
 
 /// Most cut attempts the budget search makes before settling for the best
@@ -68,7 +68,8 @@ pub(crate) fn encode_binary(
     // The size of a whole-set attempt that did not fit seeds the search.
     let mut too_big_whole: Option<usize> = None;
     if n.saturating_mul(LIKELY_FITS_BYTES) <= limit {
-        let b = encode_segmented_at(&ranked, default_segments(n), total - n, mark, saved_at)?;
+        let b =
+            encode_segmented_headed_at(&ranked, default_segments(n), total - n, mark, saved_at)?;
         if b.len() <= limit {
             return Ok(Encoded {
                 bytes: b,

@@ -36,6 +36,27 @@ pub struct Checked {
     pub load_age: u32,
     /// Records that aging left without time: not handed out.
     pub expired: usize,
+    /// A progressive check ([`check_progressive`]): the segments
+    /// [`complete`](Self::complete) has yet to validate.
+    pending: Option<Box<Pending>>,
+}
+
+/// What a progressive check left for [`Checked::complete`].
+#[derive(Debug)]
+struct Pending {
+    /// Segments not validated yet, each with its place in `segs`.
+    parts: Vec<(usize, Segment)>,
+    /// Per segment: its records in priority order, and the first and last
+    /// key handed out (validated segments only so far).
+    order: Vec<(bool, Option<(u64, u64)>)>,
+    /// Entries that may be handed out before `complete`: the first
+    /// segment's, so that no unvalidated segment can hold a record that
+    /// ranks above one handed out (in a blob of our encoder).
+    limit: usize,
+    handed: usize,
+    /// The blob's length and header, to refuse completing with another.
+    len: usize,
+    head: [u8; HEADER_LEN],
 }
 
 /// Merge state of a patch. Every kept record has a unique *order key*,
@@ -80,8 +101,95 @@ impl Checked {
     }
 
     /// The next up to `n` entries, or `None` after the last.
+    /// Before [`complete`](Self::complete) of a progressive check, `None`
+    /// once the validated part's allowance is handed out.
     pub fn next_batch(&mut self, n: usize) -> Option<Result<Vec<Entry>, FormatError>> {
-        let n = n.max(1);
+        let mut n = n.max(1);
+        if let Some(p) = &self.pending {
+            n = n.min(p.limit - p.handed);
+            if n == 0 {
+                return None;
+            }
+        }
+        let r = self.next_unlimited(n);
+        if let (Some(p), Some(Ok(b))) = (&mut self.pending, &r) {
+            p.handed += b.len();
+        }
+        r
+    }
+
+    /// A progressive check not yet [`complete`](Self::complete)d.
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Validates what a progressive check ([`check_progressive`]) left,
+    /// `bytes` being the blob it checked; then every entry can be handed
+    /// out, in the order a whole check gives for a blob of our encoder.
+    /// Nothing to do for a whole check. After an error nothing more is
+    /// handed out.
+    pub fn complete(&mut self, bytes: &[u8]) -> Result<(), FormatError> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let r = self.complete_with(*p, bytes);
+        if r.is_err() {
+            self.segs.clear();
+            self.merge = None;
+        }
+        r
+    }
+
+    fn complete_with(&mut self, p: Pending, bytes: &[u8]) -> Result<(), FormatError> {
+        if bytes.len() != p.len || bytes[..HEADER_LEN] != p.head {
+            return Err(FormatError::Corrupt(
+                "completing the check of another blob than the one checked".into(),
+            ));
+        }
+        let payload = &bytes[HEADER_LEN..];
+        let h = &self.header;
+        let one = |_: usize, (i, s): &(usize, Segment)| {
+            validate_segment(payload, h, s, 0, true).map_err(|e| in_segment(*i, e))
+        };
+        let done = in_parallel(&p.parts, one, decoder_panicked)?;
+        let mut order = p.order;
+        let mut held_new = Vec::new();
+        let Some(m) = self.merge.as_mut() else {
+            return Err(FormatError::Corrupt(
+                "progressive check without a merge".into(),
+            ));
+        };
+        for ((i, _), d) in p.parts.iter().zip(done) {
+            order[*i] = (d.sorted, d.ends);
+            self.segs[*i] = (d.raw, d.start);
+            m.keys[*i] = d.keys;
+            held_new.extend(d.held);
+        }
+        let ends: Vec<(u64, u64)> = order.iter().filter_map(|o| o.1).collect();
+        let in_order = order.iter().all(|o| o.0) && ends.windows(2).all(|w| w[0].1 >= w[1].0);
+        let rest_untouched = self.segs.iter().skip(1).all(|(_, d)| d.out == 0);
+        if in_order && m.held.is_empty() && rest_untouched {
+            // Blob order from where the first segment stands: cheaper than
+            // merging, and the same order.
+            self.merge = None;
+            return Ok(());
+        }
+        // The held records still to come, and those of the new segments,
+        // in one descending list.
+        let mut held: Vec<(u64, Option<Entry>)> = m
+            .held
+            .drain(m.next_held..)
+            .zip(m.held_entries.drain(m.next_held..))
+            .collect();
+        held.extend(held_new.into_iter().map(|k| (k, None)));
+        held.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
+        m.held = held.iter().map(|h| h.0).collect();
+        m.held_entries = held.into_iter().map(|h| h.1).collect();
+        m.next_held = 0;
+        Ok(())
+    }
+
+    fn next_unlimited(&mut self, n: usize) -> Option<Result<Vec<Entry>, FormatError>> {
         if self.merge.is_some() {
             return self.next_merged(n);
         }
@@ -207,88 +315,132 @@ pub fn check(bytes: &[u8]) -> Result<Checked, FormatError> {
 /// while validating, so the priority order (and the merge, when aging moved
 /// records out of it) sees the aged timeouts; nothing is decoded twice.
 pub fn check_aged(bytes: &[u8], now_us: Option<u64>) -> Result<Checked, FormatError> {
+    check_in(bytes, now_us, false)
+}
+
+/// [`check_aged`] for Load's answer: the header, the checksum over the
+/// whole blob, the segment table and the patch block are checked, but of
+/// the segments only the first (for a patch, the first base segment and
+/// the delta segments) is validated, so that the most valuable entries can
+/// be created at once; [`Checked::complete`] validates the rest (on
+/// Load's restore thread, after the answer). Until then at most the first
+/// segment's count of entries is handed out. A whole check instead when
+/// that would validate everything anyway (one segment, or only the first
+/// plus the deltas) or when the state is aged (the expired count is part
+/// of what the first answer reports).
+pub fn check_progressive(bytes: &[u8], now_us: Option<u64>) -> Result<Checked, FormatError> {
+    check_in(bytes, now_us, true)
+}
+
+/// Result of validating one segment.
+struct Done {
+    raw: Vec<u8>,
+    start: SegDecoder,
+    sorted: bool,
+    /// First and last key of the records handed out.
+    ends: Option<(u64, u64)>,
+    /// Order keys (see [`Merge`]) and the held ones, when keyed.
+    keys: Vec<u64>,
+    held: Vec<u64>,
+    expired: usize,
+}
+
+fn validate_segment(
+    payload: &[u8],
+    h: &Header,
+    s: &Segment,
+    load_age: u32,
+    keyed: bool,
+) -> Result<Done, FormatError> {
+    let raw = inflate(
+        &payload[s.at..s.at + s.stored_len],
+        s.raw_len as u32,
+        h.flags,
+    )?
+    .into_owned();
+    let mut start = SegDecoder::new(&raw, s, h.default_mark)?;
+    start.load_age = load_age;
+    let mut d = start.clone();
+    let (mut sorted, mut first, mut last) = (true, None, 0u64);
+    let mut keys = Vec::with_capacity(if keyed { d.kept() } else { 0 });
+    let mut expired: Vec<u32> = Vec::new();
+    d.run(&raw, usize::MAX, |i, e| {
+        if load_age > 0 && e.timeout == 0 {
+            expired.push(i as u32);
+            return;
+        }
+        let k = priority::value_key(&e);
+        if first.is_none() {
+            first = Some(k);
+        } else if k > last {
+            sorted = false;
+        }
+        last = k;
+        if keyed {
+            keys.push(order_key(k, s.first + i));
+        }
+    })?;
+    d.finish(&raw)?;
+    if !expired.is_empty() {
+        // Streaming then passes over them as over a patch's skips.
+        start.skip = merge_ascending(&start.skip, &expired);
+    }
+    let mut held = Vec::new();
+    if !sorted {
+        // Held: a later record must precede it. What is left is in
+        // order: each such record precedes everything after it.
+        let mut later = 0u64;
+        for k in keys.iter_mut().rev() {
+            if *k < later {
+                held.push(*k);
+                *k |= HELD;
+            } else {
+                later = *k;
+            }
+        }
+    }
+    Ok(Done {
+        raw,
+        start,
+        sorted,
+        ends: first.map(|f| (f, last)),
+        keys,
+        held,
+        expired: expired.len(),
+    })
+}
+
+fn check_in(bytes: &[u8], now_us: Option<u64>, progressive: bool) -> Result<Checked, FormatError> {
     let h = check_header(bytes)?;
     let load_age = now_us.map_or(0, |now| crate::format::load_age(h.saved_at, now));
     let payload = &bytes[HEADER_LEN..];
-    let parts = payload_segments(&h, payload)?;
+    let mut parts = payload_segments(&h, payload)?;
     let segmented = h.flags & FLAG_SEGMENTS != 0;
     let patched = h.flags & FLAG_PATCH != 0;
-    // Order keys for a merge: a patch's segments may overlap, and aging
-    // moves records that reach the Worthless class out of order.
-    let keyed = patched || load_age > 0;
-    struct Done {
-        raw: Vec<u8>,
-        start: SegDecoder,
-        sorted: bool,
-        /// First and last key of the records handed out.
-        ends: Option<(u64, u64)>,
-        /// A patch's order keys (see [`Merge`]) and its held ones.
-        keys: Vec<u64>,
-        held: Vec<u64>,
-        expired: usize,
-    }
-    let validate = |s: &Segment| -> Result<Done, FormatError> {
-        let raw = inflate(
-            &payload[s.at..s.at + s.stored_len],
-            s.raw_len as u32,
-            h.flags,
-        )?
-        .into_owned();
-        let mut start = SegDecoder::new(&raw, s, h.default_mark)?;
-        start.load_age = load_age;
-        let mut d = start.clone();
-        let (mut sorted, mut first, mut last) = (true, None, 0u64);
-        let mut keys = Vec::with_capacity(if keyed { d.kept() } else { 0 });
-        let mut expired: Vec<u32> = Vec::new();
-        d.run(&raw, usize::MAX, |i, e| {
-            if load_age > 0 && e.timeout == 0 {
-                expired.push(i as u32);
-                return;
+    // The first segment, and a patch's delta segments (they hold what
+    // changed since the base, ranked anywhere in it).
+    let first_group = |i: usize, s: &Segment| i == 0 || (patched && s.age.is_none());
+    let progressive =
+        progressive && load_age == 0 && parts.iter().enumerate().any(|(i, s)| !first_group(i, s));
+    // Order keys for a merge: a patch's segments may overlap, aging moves
+    // records that reach the Worthless class out of order, and a
+    // progressive check always merges (it cannot know yet whether the
+    // segments are in order).
+    let keyed = patched || load_age > 0 || progressive;
+    let one = |i: usize, s: &Segment| {
+        validate_segment(payload, &h, s, load_age, keyed).map_err(|e| {
+            if segmented {
+                in_segment(i, e)
+            } else {
+                e
             }
-            let k = priority::value_key(&e);
-            if first.is_none() {
-                first = Some(k);
-            } else if k > last {
-                sorted = false;
-            }
-            last = k;
-            if keyed {
-                keys.push(order_key(k, s.first + i));
-            }
-        })?;
-        d.finish(&raw)?;
-        if !expired.is_empty() {
-            // Streaming then passes over them as over a patch's skips.
-            start.skip = merge_ascending(&start.skip, &expired);
-        }
-        let mut held = Vec::new();
-        if !sorted {
-            // Held: a later record must precede it. What is left is in
-            // order: each such record precedes everything after it.
-            let mut later = 0u64;
-            for k in keys.iter_mut().rev() {
-                if *k < later {
-                    held.push(*k);
-                    *k |= HELD;
-                } else {
-                    later = *k;
-                }
-            }
-        }
-        Ok(Done {
-            raw,
-            start,
-            sorted,
-            ends: first.map(|f| (f, last)),
-            keys,
-            held,
-            expired: expired.len(),
         })
     };
-    let one = |i: usize, s: &Segment| {
-        validate(s).map_err(|e| if segmented { in_segment(i, e) } else { e })
-    };
+    if progressive {
+        return check_first(bytes, h, parts, first_group, one);
+    }
     let done = in_parallel(&parts, one, decoder_panicked)?;
+    parts.clear();
     let each_sorted = done.iter().all(|d| d.sorted);
     let ends: Vec<(u64, u64)> = done.iter().filter_map(|d| d.ends).collect();
     let in_order = each_sorted && ends.windows(2).all(|w| w[0].1 >= w[1].0);
@@ -319,6 +471,75 @@ pub fn check_aged(bytes: &[u8], now_us: Option<u64>) -> Result<Checked, FormatEr
         cur: 0,
         load_age,
         expired,
+        pending: None,
+    })
+}
+
+/// The progressive part of [`check_in`]: validates the first group, merges
+/// over it, and leaves the other segments for [`Checked::complete`].
+fn check_first(
+    bytes: &[u8],
+    h: Header,
+    parts: Vec<Segment>,
+    first_group: impl Fn(usize, &Segment) -> bool,
+    one: impl Fn(usize, &Segment) -> Result<Done, FormatError> + Sync,
+) -> Result<Checked, FormatError> {
+    let n = parts.len();
+    let (now, later): (Vec<_>, Vec<_>) = parts
+        .into_iter()
+        .enumerate()
+        .partition(|(i, s)| first_group(*i, s));
+    let done = in_parallel(&now, |_, (i, s)| one(*i, s), decoder_panicked)?;
+    // Stand-ins for the segments not validated yet: nothing to hand out.
+    let none = Segment {
+        count: 0,
+        raw_len: 0,
+        stored_len: 0,
+        at: 0,
+        first: 0,
+        skip: Vec::new(),
+        age: None,
+    };
+    let blank = SegDecoder::new(&[], &none, h.default_mark)?;
+    let mut segs: Vec<(Vec<u8>, SegDecoder)> =
+        (0..n).map(|_| (Vec::new(), blank.clone())).collect();
+    let mut m = Merge {
+        keys: vec![Vec::new(); n],
+        held: Vec::new(),
+        next_held: 0,
+        held_entries: Vec::new(),
+    };
+    let mut order = vec![(true, None); n];
+    let mut limit = 0;
+    for ((i, _), d) in now.iter().zip(done) {
+        if *i == 0 {
+            limit = d.start.kept();
+        }
+        order[*i] = (d.sorted, d.ends);
+        m.keys[*i] = d.keys;
+        m.held.extend(d.held);
+        segs[*i] = (d.raw, d.start);
+    }
+    m.held.sort_unstable_by(|a, b| b.cmp(a));
+    m.held_entries = (0..m.held.len()).map(|_| None).collect();
+    let mut head = [0u8; HEADER_LEN];
+    head.copy_from_slice(&bytes[..HEADER_LEN]);
+    Ok(Checked {
+        header: h,
+        sorted: true,
+        segs,
+        merge: Some(m),
+        cur: 0,
+        load_age: 0,
+        expired: 0,
+        pending: Some(Box::new(Pending {
+            parts: later,
+            order,
+            limit,
+            handed: 0,
+            len: bytes.len(),
+            head,
+        })),
     })
 }
 

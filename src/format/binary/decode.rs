@@ -52,6 +52,7 @@ pub(super) fn decoder_panicked() -> FormatError {
 /// One segment to decode: a row of the segment table (or the whole payload
 /// of an unsegmented blob), where its body starts in the payload, and what
 /// a patch block says about it.
+#[derive(Debug)]
 pub(super) struct Segment {
     pub(super) count: usize,
     pub(super) raw_len: usize,

@@ -30,7 +30,7 @@ mod record;
 mod segments;
 
 pub(crate) use budget::encode_binary;
-pub use check::{check, check_aged, Checked};
+pub use check::{check, check_aged, check_progressive, Checked};
 pub use debug::debug_stream_sizes;
 pub use decode::{decode, decode_segments};
 pub use header::{check_header, Header};
@@ -42,4 +42,7 @@ pub use patch::{assemble_patched, assemble_patched_at};
 pub(crate) use rank::{rank_and_mark, ranked_positions};
 pub use rank::{rank_views, views_default_mark};
 pub use record::{representable, Compact, Rec, View};
-pub use segments::{default_segments, encode_frames, encode_segmented, encode_segmented_at, Frame};
+pub use segments::{
+    default_segments, encode_frames, encode_frames_headed, encode_segmented, encode_segmented_at,
+    Frame, HEAD_ENTRIES,
+};

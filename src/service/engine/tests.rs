@@ -243,6 +243,62 @@ async fn load_past_its_budget_answers_then_finishes_in_the_background() {
     assert!(ev.contains(&"background".to_string()), "{ev:?}");
 }
 
+/// 3000 entries in three segments of 1000, the third replaced by one that
+/// decodes to no columns (what only a broken or hostile encoder sends; the
+/// checksum is right), or not.
+fn three_segments(spoil: bool) -> Vec<u8> {
+    let v = population(3000, 8, MARK);
+    let r = format::rank_views(
+        &v.iter()
+            .map(|e| format::View::new(format::Rec::Full(e), e.timeout))
+            .collect::<Vec<_>>(),
+    );
+    let mark = format::views_default_mark(&r);
+    let mut frames = format::encode_frames(&r, 3, mark).expect("frames");
+    if spoil {
+        let raw = vec![0u8; frames[2].raw_len as usize];
+        frames[2].bytes = zstd::bulk::compress(&raw, 1).expect("zstd");
+    }
+    format::assemble_patched(&frames, 0, &[], &[], 0, mark).expect("assemble")
+}
+
+/// Load validates the first segment before its answer and the rest after:
+/// everything arrives from a good blob; from one whose last segment is
+/// bad, only what the first segment gave before the answer, and LastLoad
+/// says which segment and how much.
+#[tokio::test]
+async fn load_validates_later_segments_after_its_answer() {
+    let access = FakeAccess::new(Events::default());
+    // A budget that would create all 3000 at once: the first segment's
+    // 1000 are what may be created before the rest is validated.
+    let (e, rt) = (engine(&access, 2000, 5000), vm(MARK));
+    e.load(&rt, three_segments(false)).await;
+    let answered = rt.last_load().expect("LastLoad");
+    assert_eq!(answered.created_sync, 1000);
+    let r = complete(&rt).await;
+    assert_eq!((r.entries, r.created, r.created_sync), (3000, 3000, 1000));
+    assert_eq!(r.error, "");
+    assert_eq!(access.len(), 3000);
+
+    let access = FakeAccess::new(Events::default());
+    let (e, rt) = (engine(&access, 2000, 5000), vm(MARK));
+    e.load(&rt, three_segments(true)).await;
+    let r = complete(&rt).await;
+    assert_eq!((r.entries, r.created, r.created_sync), (3000, 1000, 1000));
+    assert!(
+        r.error
+            .starts_with("invalid state: corrupt state payload: segment 2: payload has 0 columns")
+            && r.error.ends_with(
+                "; the restore stopped after the 1000 entries of its first segment, handled \
+             before the answer"
+            ),
+        "{}",
+        r.error
+    );
+    assert_eq!(access.len(), 1000);
+    assert!(!access.events.take().contains(&"background".to_string()));
+}
+
 #[tokio::test]
 async fn cancel_restore_stops_the_background_part_and_keeps_what_it_made() {
     let access = FakeAccess::new(Events::default());
