@@ -281,6 +281,20 @@ impl Qemu {
         }
     }
 
+    /// Polls `query-status` (bounded) until it is `want`; returns the last
+    /// status seen. A migration that fails at its end reports "failed" a
+    /// moment before the source's guest leaves "finish-migrate".
+    pub fn wait_status(&mut self, want: &str) -> String {
+        let end = Instant::now() + WAIT;
+        loop {
+            let s = self.status();
+            if s == want || Instant::now() >= end {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn status(&mut self) -> String {
         self.execute("query-status", None)
             .ok()

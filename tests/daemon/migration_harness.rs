@@ -147,7 +147,7 @@ fn a_listed_id_without_helper_fails_the_source_and_the_guest_resumes() {
     );
     let out = sq.migrate_to_file(&src.path().join("stream.bin"));
     assert_eq!(out.status, "failed");
-    assert_eq!(sq.status(), "running");
+    assert_eq!(sq.wait_status("running"), "running");
     let log = sq.output();
     assert!(
         log.contains("Required VMState Id are missing: conntrack-vmstate-100"),
