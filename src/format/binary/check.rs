@@ -50,8 +50,9 @@ struct Pending {
     /// key handed out (validated segments only so far).
     order: Vec<(bool, Option<(u64, u64)>)>,
     /// Entries that may be handed out before `complete`: the first
-    /// segment's, so that no unvalidated segment can hold a record that
-    /// ranks above one handed out (in a blob of our encoder).
+    /// segment's and the deltas' that rank above its last, so that no
+    /// unvalidated segment can hold a record that ranks above one handed
+    /// out (in a blob of our encoder).
     limit: usize,
     handed: usize,
     /// The blob's length and header, to refuse completing with another.
@@ -519,6 +520,20 @@ fn check_first(
         m.keys[*i] = d.keys;
         m.held.extend(d.held);
         segs[*i] = (d.raw, d.start);
+    }
+    // A patch's delta records that rank above the first segment's last
+    // one precede every record of the later base segments too (those
+    // follow the first in priority order): they may come out before
+    // `complete` as well. A delta of busy flows, whose base records are
+    // all skipped, is what a guest misses most.
+    if let Some((_, last)) = order[0].1 {
+        limit += m
+            .keys
+            .iter()
+            .skip(1)
+            .flatten()
+            .filter(|&&k| (k & !HELD) >> ORDER_INDEX_BITS > last)
+            .count();
     }
     m.held.sort_unstable_by(|a, b| b.cmp(a));
     m.held_entries = (0..m.held.len()).map(|_| None).collect();
