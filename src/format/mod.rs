@@ -272,8 +272,9 @@ impl Stream {
     }
 
     /// A [`stream_progressive`] whose blob is not validated to the end yet:
-    /// [`next_batch`](Self::next_batch) hands out the first segment's
-    /// entries at most until [`complete`](Self::complete).
+    /// [`next_batch`](Self::next_batch) hands out at most the first
+    /// segment's entries (and a patch's delta entries ranking above its
+    /// last) until [`complete`](Self::complete).
     pub fn is_pending(&self) -> bool {
         matches!(&self.inner, StreamInner::Checked(c) if c.is_pending())
     }
