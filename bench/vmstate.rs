@@ -27,6 +27,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use common::floor::FloorHelper;
 use common::host::{wait_name, wait_vmstate_ids, Bus, Host, Proc, MANAGER_NAME};
 use common::netns::Netns;
 use common::population::{self, Spec};
@@ -1053,22 +1054,7 @@ fn migrate_pair(src: &Host, dst: &Host, k: usize, vmstate: Option<&str>) -> Mig 
     .expect("destination events");
     let inc = dq.incoming_from_file(&stream);
     assert_eq!(inc, Incoming::Running, "destination: {}", dq.output());
-    // QEMU's own event timestamps: incoming MIGRATION "active" (stream
-    // starts being read) → RESUME (guest runs): reading the stream, Load,
-    // resuming.
-    let events = dq.qmp().take_events();
-    let at = |pred: &dyn Fn(&serde_json::Value) -> bool| {
-        events.iter().find(|e| pred(e)).and_then(|e| {
-            let ts = e.get("timestamp")?;
-            Some(ts.get("seconds")?.as_f64()? * 1e3 + ts.get("microseconds")?.as_f64()? / 1e3)
-        })
-    };
-    let active = at(&|e| e["event"] == "MIGRATION" && e["data"]["status"] == "active");
-    let resume = at(&|e| e["event"] == "RESUME");
-    let incoming = match (active, resume) {
-        (Some(a), Some(r)) => r - a,
-        _ => panic!("destination events incomplete: {events:?}"),
-    };
+    let incoming = dq.incoming_ms();
     let _ = std::fs::remove_file(&stream);
     drop(sq);
     drop(dq);
@@ -1298,7 +1284,11 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
          (*stop* = SIGTERM → exit of the destination's daemon), then the destination's entries \
          of the VM compared attribute by attribute with the source's taken before the \
          migration (all of them, every repetition). *downtime* / *incoming* as in the migration \
-         part. {reps} repetitions, median [min–max], ms.\n",
+         part. *Floor*: right after the baseline, the same migration with a dbus-vmstate helper \
+         that costs nothing (`testkit::floor`: Save answers with the VM's state encoded \
+         beforehand, the same bytes ours sends; Load drops its data) on the same buses: what \
+         QEMU, dbus-daemon and the stream add for that many bytes, under any helper. \
+         {reps} repetitions, median [min–max], ms.\n",
         thousands(others),
         setup_sentence(setup)
     );
@@ -1320,6 +1310,8 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
         let started = Instant::now();
         let (mut none_d, mut none_i) = (Sample::new(), Sample::new());
         let (mut svc_d, mut svc_i) = (Sample::new(), Sample::new());
+        let (mut floor_d, mut floor_i) = (Sample::new(), Sample::new());
+        let mut floor_bytes = 0;
         let (mut reg, mut stop) = (Sample::new(), Sample::new());
         let (mut our_save, mut our_load) = (Sample::new(), Sample::new());
         let mut sources = Vec::new();
@@ -1338,6 +1330,29 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
             let m = migrate_pair(&src, &dst, k, None);
             none_d.push(m.downtime);
             none_i.push(m.incoming);
+            let state = format::encode(
+                &before,
+                &EncodeOptions {
+                    limit: QEMU_LIMIT,
+                    format: Format::Binary,
+                },
+            )
+            .expect("encode the floor's state");
+            floor_bytes = state.bytes.len();
+            let (fs, fd) = (
+                FloorHelper::serve(&src.bus.address, "floor", state.bytes),
+                FloorHelper::serve(&dst.bus.address, "floor", Vec::new()),
+            );
+            k += 1;
+            let m = migrate_pair(&src, &dst, k, Some("floor"));
+            assert_eq!(
+                (fs.calls(), fd.calls()),
+                ((1, 0), (0, 1)),
+                "floor helper calls"
+            );
+            drop((fs, fd));
+            floor_d.push(m.downtime);
+            floor_i.push(m.incoming);
             start_fresh(&mut src, setup);
             start_fresh(&mut dst, setup);
             let t = Instant::now();
@@ -1378,20 +1393,29 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
         }
         let added_src = svc_d.median() - none_d.median();
         let added_dst = svc_i.median() - none_i.median();
+        let floor_src = floor_d.median() - none_d.median();
+        let floor_dst = floor_i.median() - none_i.median();
         sources.sort();
         sources.dedup();
         rows.push(format!(
-            "| {} | {} | {} / {} | {} | {} / {} | {:+.0} / {:+.0} = **{:+.0}** | {} ({}) / {} | {} | {} of {} in every rep |",
+            "| {} | {} | {} / {} | {} / {} ({} B): {:+.0} / {:+.0} = {:+.0} | {} | {} / {} | {:+.0} / {:+.0} = **{:+.0}** | {:+.0} | {} ({}) / {} | {} | {} of {} in every rep |",
             thousands(n),
             reps,
             none_d.show(),
             none_i.show(),
+            floor_d.show(),
+            floor_i.show(),
+            thousands(floor_bytes),
+            floor_src,
+            floor_dst,
+            floor_src + floor_dst,
             reg.show(),
             svc_d.show(),
             svc_i.show(),
             added_src,
             added_dst,
             added_src + added_dst,
+            added_src + added_dst - floor_src - floor_dst,
             our_save.show(),
             sources.join(", "),
             our_load.show(),
@@ -1400,8 +1424,8 @@ fn part_flow(ns_list: &[usize], reps: usize, others: usize, setup: Setup, origin
             thousands(n),
         ));
     }
-    println!("| N | reps | no dbus-vmstate: downtime / incoming | prepare (both hosts) | with conntrack-vmstated: downtime / incoming | added (medians): source + destination | ours: Save `duration_us` (LastSave source) / Load reply `duration_us` | stop (destination daemon, SIGTERM → exit) | on the destination after both daemons stopped, attribute-exact |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| N | reps | no dbus-vmstate: downtime / incoming | floor, a helper that costs nothing with the same state: downtime / incoming (bytes): added source / destination = sum | prepare (both hosts) | with conntrack-vmstated: downtime / incoming | added (medians): source + destination | added above the floor | ours: Save `duration_us` (LastSave source) / Load reply `duration_us` | stop (destination daemon, SIGTERM → exit) | on the destination after both daemons stopped, attribute-exact |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         println!("{r}");
     }

@@ -19,6 +19,8 @@
 //! - [`entries`]: proptest strategies for single entries;
 //! - [`fake`]: the one fake `ConntrackAccess`, for what the kernel cannot
 //!   be made to do on demand;
+//! - [`floor`]: a dbus-vmstate helper that costs nothing, for the
+//!   benchmarks' floor;
 //! - [`compare`]: entry comparisons with tolerances;
 //! - [`tier`]: what a privileged test needs, and the skip rule.
 
@@ -27,6 +29,7 @@ pub mod compare;
 pub mod ctcli;
 pub mod entries;
 pub mod fake;
+pub mod floor;
 pub mod host;
 pub mod memory;
 pub mod netns;

@@ -251,6 +251,26 @@ impl Qemu {
         self.wait_running_or_exit(WAIT)
     }
 
+    /// Destination side, after an incoming migration with the `events`
+    /// capability: ms from QEMU's MIGRATION "active" (the stream starts
+    /// being read) to RESUME (the guest runs), by QEMU's own event
+    /// timestamps — reading the stream, dbus-vmstate's Load, resuming.
+    pub fn incoming_ms(&mut self) -> f64 {
+        let events = self.qmp().take_events();
+        let at = |pred: &dyn Fn(&Value) -> bool| {
+            events.iter().find(|e| pred(e)).and_then(|e| {
+                let ts = e.get("timestamp")?;
+                Some(ts.get("seconds")?.as_f64()? * 1e3 + ts.get("microseconds")?.as_f64()? / 1e3)
+            })
+        };
+        let active = at(&|e| e["event"] == "MIGRATION" && e["data"]["status"] == "active");
+        let resume = at(&|e| e["event"] == "RESUME");
+        match (active, resume) {
+            (Some(a), Some(r)) => r - a,
+            _ => panic!("destination events incomplete: {events:?}"),
+        }
+    }
+
     pub fn wait_running_or_exit(&mut self, timeout: Duration) -> Incoming {
         let end = Instant::now() + timeout;
         loop {
