@@ -317,3 +317,65 @@ fn measure_save_state_from_cache() {
         }
     }
 }
+
+/// Save answered by `conntrack-vmstate-helper` from its pre-encoded base,
+/// as the packaged daemon gets it (`HelperClient::save_state`: the state
+/// and the ids cross the helper's socket), beside the same helper's own
+/// time for the request (its log's DURATION_US): what the socket adds.
+#[test]
+#[ignore]
+fn measure_save_state_through_helper() {
+    use conntrack_vmstate::access::{DumpSource, WarmState};
+    use conntrack_vmstate::format::EncodeOptions;
+    use conntrack_vmstate::helper::client::HelperClient;
+    common::needs!(kernel);
+    let n = 100_000usize;
+    let ns = Netns::new("cmhelp");
+    population::enable_labels(&ns.name);
+    ns.set_conntrack_events(1);
+    let pop = population::generate(Spec {
+        noise: 0.0,
+        ..Spec::new(n, MARK, 5)
+    });
+    let direct = ct(&ns);
+    for chunk in pop.vm_entries.chunks(50_000) {
+        direct.create(chunk).expect("create");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("helper.sock");
+    let _helper = common::host::start_helper(&ns, dir.path(), &[], &sock);
+    let client = HelperClient::new(&sock).expect("helper client");
+    let sel = Selector::mark(MARK);
+    client.watch(&sel, true).expect("watch");
+    // Warm first, then the base the helper builds on its own schedule.
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let w = client
+            .wait_warm(&sel, Duration::from_secs(60))
+            .expect("wait warm");
+        assert_eq!(w.state, WarmState::Warm, "{w:?}");
+        if w.base_records > 0 {
+            break;
+        }
+        assert!(Instant::now() < end, "no base after 60 s: {w:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let opts = EncodeOptions::default();
+    let mut t = Vec::new();
+    let (mut bytes, mut ids) = (0, 0);
+    for _ in 0..11 {
+        std::thread::sleep(Duration::from_millis(100));
+        let s = Instant::now();
+        let saved = client.save_state(&sel, &opts).expect("save");
+        t.push(ms(s.elapsed()));
+        assert_eq!(saved.source, DumpSource::Base);
+        assert_eq!(saved.encoded.kept, pop.vm_count());
+        bytes = saved.encoded.bytes.len();
+        ids = saved.ids.len();
+    }
+    println!(
+        "MEASURE save_state N={n} through the helper: {:.2} ms (median of 11, min {:.2}), {bytes} B, {ids} ids",
+        median(t.clone()),
+        t.iter().copied().fold(f64::MAX, f64::min),
+    );
+}
