@@ -320,8 +320,9 @@ fn measure_save_state_from_cache() {
 
 /// Save answered by `conntrack-vmstate-helper` from its pre-encoded base,
 /// as the packaged daemon gets it (`HelperClient::save_state`: the state
-/// and the ids cross the helper's socket), beside the same helper's own
-/// time for the request (its log's DURATION_US): what the socket adds.
+/// and the ids cross the helper's socket), on an otherwise idle machine:
+/// beside `measure_save_state_from_cache`, what the helper and its socket
+/// add to Save.
 #[test]
 #[ignore]
 fn measure_save_state_through_helper() {
@@ -370,6 +371,7 @@ fn measure_save_state_through_helper() {
         t.push(ms(s.elapsed()));
         assert_eq!(saved.source, DumpSource::Base);
         assert_eq!(saved.encoded.kept, pop.vm_count());
+        assert_eq!(saved.ids.len(), pop.vm_count(), "one id per saved entry");
         bytes = saved.encoded.bytes.len();
         ids = saved.ids.len();
     }
