@@ -330,8 +330,10 @@ pub trait ConntrackAccess: Send + Sync {
 
     /// Delete exactly these entries, leaving anything else alone. An entry
     /// is matched by original tuple and zone, and by its `CTA_ID` when it
-    /// has one, so a newer entry that reuses the tuple survives; the mark is
-    /// not checked (the kernel cannot match it on a single delete).
+    /// has one, so a newer entry that reuses the tuple survives, unless the
+    /// kernel built it in the freed object of the old one: the id hashes
+    /// the object's address, so it is the old id again. The mark is not
+    /// checked (the kernel cannot match it on a single delete).
     fn delete_entries(&self, entries: &[Entry]) -> Result<DeleteReport, AccessError>;
 
     /// Start (`on`) or stop keeping `sel`'s entries warm so a later
