@@ -289,7 +289,13 @@ impl CachedAccess {
         let shared = Arc::clone(&self.shared);
         let handle = std::thread::Builder::new()
             .name("ct-events".into())
-            .spawn(move || shared.run())
+            .spawn(move || {
+                // Not a lower nice value: Saves wait for the lock this
+                // thread holds while it reads events, and a niced holder
+                // would make them wait longer on a busy host.
+                crate::ctnetlink::batch_this_thread();
+                shared.run()
+            })
             .map_err(|e| AccessError::Netlink {
                 op: "cache",
                 source: e,

@@ -613,3 +613,46 @@ fn cache_many_selectors_share_one_walk() {
         cache.stats().last_fallback
     );
 }
+
+/// The threads of this process named `ct-events` and their scheduling
+/// policies (tests run in parallel, each cache has its own).
+fn event_thread_policies() -> Vec<(i32, i32)> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "ct-events")
+        })
+        .filter_map(|t| t.file_name().to_str()?.parse::<i32>().ok())
+        // SAFETY: a query by thread id; a thread gone meanwhile gives -1.
+        .map(|tid| (tid, unsafe { libc::sched_getscheduler(tid) }))
+        .filter(|&(_, p)| p >= 0)
+        .collect()
+}
+
+/// The event thread wakes for every conntrack event, up to ~100k a second
+/// in a restore or a flush: under SCHED_BATCH those wake-ups never preempt
+/// a guest's vCPU (docs/downtime.md, the booted-guest figures).
+#[test]
+fn the_event_thread_runs_under_sched_batch() {
+    common::needs!(kernel);
+    let ns = Netns::new("cebatch");
+    let c = cache(&ns, CacheConfig::default());
+    c.watch(&Selector::mark(MARK), true).expect("watch");
+    // The thread sets its policy as it starts: wait for that, bounded.
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let threads = event_thread_policies();
+        if !threads.is_empty() && threads.iter().all(|&(_, p)| p == libc::SCHED_BATCH) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "ct-events threads not under SCHED_BATCH ({}) after 5 s: (tid, policy) {threads:?}",
+            libc::SCHED_BATCH
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,11 +1,19 @@
 # Booting a throw-away Debian container with systemd as PID 1 under
 # systemd-nspawn on a host whose PID 1 is not systemd, and running commands
-# in it. Sourced by tests/system/run. The recipe and the reason for every
-# flag: /work/shared/reference/systemd-nspawn-testing.md (§3–§6).
+# in it. Sourced by tests/system/run and tests/system/libvirt. The recipe
+# and the reason for every flag:
+# /work/shared/reference/systemd-nspawn-testing.md (§3–§6).
 #
 # ct_boot ROOTFS NAME LOG   sets CT_NAME, CT_NSPAWN (pid), CT_LEADER (pid 1 inside)
 # ct CMD…                   runs CMD inside (nsenter, clean env), bounded
 # ct_shutdown               poweroff, then signals, then kill; always safe to call
+# ct_until SECS CMD…        polls CMD inside until it succeeds, at most SECS
+# pass TEXT / fail TEXT     counts a check / ends the test with the count
+# ct_done                   the final count of a test that passed
+# ct_package                sets deb: $CVS_DEB, or a package built here
+#
+# CT_TEST (set before sourcing) names the test in its count lines, which CI
+# reads: "NAME: N passed, N failed".
 
 CT_NAME=
 CT_NSPAWN=
@@ -40,6 +48,33 @@ ct_shutdown_all() {
 }
 
 ct_log() { printf '%s system-test: %s\n' "$(date +%T)" "$*" >&2; }
+
+CT_TEST=${CT_TEST:-system-test}
+checks=0
+pass() { checks=$((checks + 1)); ct_log "ok $checks - $*"; }
+fail() { ct_log "FAILED: $*"; echo "$CT_TEST: $checks passed, 1 failed"; exit 1; }
+ct_done() { echo "$CT_TEST: $checks passed, 0 failed"; }
+
+# Polls CMD… (in the current container) until it succeeds, at most $1 seconds.
+ct_until() {
+  local bound=$1 t0=$SECONDS
+  shift
+  until ct "$@" >/dev/null 2>&1; do
+    (( SECONDS - t0 < bound )) || return 1
+    sleep 0.2
+  done
+}
+
+# Sets deb to the package under test: $CVS_DEB, else one built from this
+# checkout. (Not for $(…): fail must end the test, not a subshell.)
+ct_package() {
+  deb=${CVS_DEB:-}
+  if [[ -z $deb ]]; then
+    ct_log "building the package"
+    deb=$(tests/system/build-deb)
+  fi
+  [[ -f $deb ]] || fail "no package at $deb"
+}
 
 ct_boot() {
   local rootfs=$1 name=$2 log=$3
