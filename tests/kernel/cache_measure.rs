@@ -76,6 +76,22 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Times 11 Saves 100 ms apart (so none queues behind the previous one's
+/// work): their median and minimum in ms, and the last Save's result.
+fn time_saves<S>(mut save: impl FnMut() -> S) -> (f64, f64, S) {
+    let mut t = Vec::new();
+    let mut last = None;
+    for _ in 0..11 {
+        std::thread::sleep(Duration::from_millis(100));
+        let s = Instant::now();
+        let saved = save();
+        t.push(ms(s.elapsed()));
+        last = Some(saved);
+    }
+    let min = t.iter().copied().fold(f64::MAX, f64::min);
+    (median(t), min, last.expect("11 Saves"))
+}
+
 /// utime + stime of the thread named `name` in this process, in ticks.
 fn thread_ticks(name: &str) -> u64 {
     let mut total = 0;
@@ -289,30 +305,23 @@ fn measure_save_state_from_cache() {
                 assert!(cache.rebuild_base(&sel).is_some_and(|r| r > 0));
             }
             let opts = EncodeOptions::default();
-            let mut t = Vec::new();
-            let mut bytes = 0;
-            for _ in 0..11 {
-                std::thread::sleep(Duration::from_millis(100));
-                let s = Instant::now();
+            let want = if base {
+                DumpSource::Base
+            } else {
+                DumpSource::Cache
+            };
+            let (med, min, bytes) = time_saves(|| {
                 let saved = cache.save_state(&sel, &opts).expect("save");
-                t.push(ms(s.elapsed()));
-                let want = if base {
-                    DumpSource::Base
-                } else {
-                    DumpSource::Cache
-                };
                 assert_eq!(saved.source, want);
-                bytes = saved.encoded.bytes.len();
-            }
+                saved.encoded.bytes.len()
+            });
             println!(
-                "MEASURE save_state N={n} {}: {:.2} ms (median of 11, min {:.2}), {bytes} B",
+                "MEASURE save_state N={n} {}: {med:.2} ms (median of 11, min {min:.2}), {bytes} B",
                 if base {
                     "from the base"
                 } else {
                     "whole encode"
                 },
-                median(t.clone()),
-                t.iter().copied().fold(f64::MAX, f64::min),
             );
         }
     }
@@ -362,22 +371,14 @@ fn measure_save_state_through_helper() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let opts = EncodeOptions::default();
-    let mut t = Vec::new();
-    let (mut bytes, mut ids) = (0, 0);
-    for _ in 0..11 {
-        std::thread::sleep(Duration::from_millis(100));
-        let s = Instant::now();
+    let (med, min, (bytes, ids)) = time_saves(|| {
         let saved = client.save_state(&sel, &opts).expect("save");
-        t.push(ms(s.elapsed()));
         assert_eq!(saved.source, DumpSource::Base);
         assert_eq!(saved.encoded.kept, pop.vm_count());
         assert_eq!(saved.ids.len(), pop.vm_count(), "one id per saved entry");
-        bytes = saved.encoded.bytes.len();
-        ids = saved.ids.len();
-    }
+        (saved.encoded.bytes.len(), saved.ids.len())
+    });
     println!(
-        "MEASURE save_state N={n} through the helper: {:.2} ms (median of 11, min {:.2}), {bytes} B, {ids} ids",
-        median(t.clone()),
-        t.iter().copied().fold(f64::MAX, f64::min),
+        "MEASURE save_state N={n} through the helper: {med:.2} ms (median of 11, min {min:.2}), {bytes} B, {ids} ids"
     );
 }
