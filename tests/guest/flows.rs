@@ -7,21 +7,35 @@
 //!                                     :7003 (all dual-stack), and an
 //!                                     outbound TCP client to NAT_SERVER that
 //!                                     the host masquerades
-//!   flows client ECHO4 ECHO6 BULK UDP NAT_LISTEN STOPFILE
+//!   flows client ECHO4 ECHO6 BULK UDP NAT_LISTEN STOPFILE WAKEFILE
 //!                                     in the client namespace: one long-lived
 //!                                     connection per flow, every byte checked;
-//!                                     prints `ready`, runs until STOPFILE
-//!                                     exists, then prints one report line per
-//!                                     flow
+//!                                     prints `ports NAME=PORT…` (the local
+//!                                     ports of its TCP connections) and
+//!                                     `ready`,
+//!                                     runs until STOPFILE exists, then prints
+//!                                     one report line per flow
 //!
-//! Every 200 ms the client prints `progress idle_ms=A,B,C,D,E` (ms since
-//! each flow last delivered, `failed` for a flow that failed).
+//! Besides the five busy flows, two interactive sessions to ECHO4 go idle
+//! once connected (`tcp4-idle-1h`, `tcp4-idle-1d`: the caller ages their
+//! conntrack entries to look idle that long, so they rank behind most of the
+//! VM's entries and are created by the background part of a restore). When
+//! WAKEFILE appears (the caller creates it as the destination runs) each
+//! sends one line and then goes on like the interactive flow; its report
+//! line adds `wake_reply_ms`, the time from that line to its echo: what
+//! waking right after the switchover costs a flow whose entry is not there
+//! yet.
+//!
+//! Every 200 ms the client prints `progress idle_ms=A,B,…` (ms since each
+//! busy flow last delivered, or since its wake for an idle one; `failed` for
+//! a flow that failed).
 //!
 //! A report line: `flow=NAME rx=N max_gap_ms=G gap_start_ms=T idle_ms=I
 //! status=alive|hung|error:…`. `gap_start_ms` is the Unix time in ms at which
 //! the largest pause in received data began, so the caller can relate it to
-//! the migration; `idle_ms` is the time since the last data arrived: a flow
-//! whose packets the firewall drops hangs rather than fails.
+//! the migration (an idle flow's pause is its idle time: not reported as a
+//! gap); `idle_ms` is the time since the last data arrived: a flow whose
+//! packets the firewall drops hangs rather than fails.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -39,14 +53,20 @@ const BULK_RATE: u64 = 4 << 20;
 const BULK_CHUNK: usize = 16 << 10;
 /// Without data for this long at the end, a flow counts as hung.
 const HUNG: Duration = Duration::from_millis(1000);
+/// Lines an idle session exchanges before it goes quiet: enough for ASSURED
+/// and an RTT estimate, so its retransmission timer is the one of a real
+/// session that has been used.
+const IDLE_WARMUP: u64 = 5;
+/// The idle sessions, in the order of their report lines.
+const IDLE_FLOWS: [&str; 2] = ["tcp4-idle-1h", "tcp4-idle-1d"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.first().map(String::as_str) {
         Some("guest") if args.len() == 2 => guest(&args[1]),
-        Some("client") if args.len() == 7 => client(&args[1..]),
+        Some("client") if args.len() == 8 => client(&args[1..]),
         _ => Err(
-            "usage: flows guest NAT_SERVER | flows client ECHO4 ECHO6 BULK UDP NAT_LISTEN STOPFILE"
+            "usage: flows guest NAT_SERVER | flows client ECHO4 ECHO6 BULK UDP NAT_LISTEN STOPFILE WAKEFILE"
                 .into(),
         ),
     };
@@ -167,6 +187,11 @@ struct Stats {
     max_gap: Duration,
     gap_start: Option<SystemTime>,
     error: Option<String>,
+    /// An idle session: when it sent its wake-up line, and when that line's
+    /// echo came back.
+    idle: bool,
+    woke: Option<Instant>,
+    wake_reply: Option<Duration>,
 }
 
 type Shared = Arc<Mutex<Stats>>;
@@ -179,6 +204,9 @@ fn stats(name: &'static str) -> Shared {
         max_gap: Duration::ZERO,
         gap_start: None,
         error: None,
+        idle: IDLE_FLOWS.contains(&name),
+        woke: None,
+        wake_reply: None,
     }))
 }
 
@@ -194,6 +222,18 @@ fn arrived(st: &Shared, n: u64) {
     }
     s.last = Some(now);
     s.rx += n;
+    if let (Some(woke), None) = (s.woke, s.wake_reply) {
+        s.wake_reply = Some(now.0 - woke);
+    }
+}
+
+/// An idle session wakes: its quiet spell is not a gap, the wait for its
+/// first echo is.
+fn woke(st: &Shared) {
+    let mut s = st.lock().unwrap();
+    let now = (Instant::now(), SystemTime::now());
+    s.woke = Some(now.0);
+    s.last = Some(now);
 }
 
 fn failed(st: &Shared, e: String) {
@@ -225,6 +265,41 @@ fn echo_flow(s: TcpStream, st: Shared) {
         loop {
             if let Err(e) = w.write_all(line(seq).as_bytes()) {
                 return failed(&wst, format!("write: {e}"));
+            }
+            seq += 1;
+            thread::sleep(TICK);
+        }
+    });
+    lines_in_order(BufReader::new(s), &st, None);
+}
+
+/// An interactive session that goes quiet after IDLE_WARMUP lines and
+/// resumes, like `echo_flow`, once `wake` exists.
+fn idle_flow(s: TcpStream, st: Shared, wake: String) {
+    let mut w = s.try_clone().expect("clone");
+    let wst = st.clone();
+    thread::spawn(move || {
+        let mut seq = 0u64;
+        let mut send = |seq: u64| {
+            w.write_all(line(seq).as_bytes())
+                .map_err(|e| failed(&wst, format!("write: {e}")))
+        };
+        while seq < IDLE_WARMUP {
+            if send(seq).is_err() {
+                return;
+            }
+            seq += 1;
+            thread::sleep(TICK);
+        }
+        // polled, not watched: the client namespace has nothing else to do
+        // and 2 ms is well below the gaps measured
+        while !std::path::Path::new(&wake).exists() {
+            thread::sleep(Duration::from_millis(2));
+        }
+        woke(&wst);
+        loop {
+            if send(seq).is_err() {
+                return;
             }
             seq += 1;
             thread::sleep(TICK);
@@ -300,7 +375,8 @@ fn udp_flow(sock: UdpSocket, st: Shared, sent: Arc<Mutex<u64>>) {
 }
 
 fn client(a: &[String]) -> Res<()> {
-    let (echo4, echo6, bulk, udp, nat_listen, stop) = (&a[0], &a[1], &a[2], &a[3], &a[4], &a[5]);
+    let (echo4, echo6, bulk, udp, nat_listen, stop, wake) =
+        (&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6]);
     let nat =
         TcpListener::bind(addr(nat_listen)?).map_err(|e| format!("bind {nat_listen}: {e}"))?;
     let all = [
@@ -309,14 +385,25 @@ fn client(a: &[String]) -> Res<()> {
         stats("tcp4-bulk"),
         stats("udp4-echo"),
         stats("tcp4-nat-outbound"),
+        stats(IDLE_FLOWS[0]),
+        stats(IDLE_FLOWS[1]),
     ];
+    let mut ports = Vec::new();
+    let mut port = |name: &str, s: &TcpStream| -> Res<()> {
+        let p = s.local_addr().map_err(|e| e.to_string())?.port();
+        ports.push(format!("{name}={p}"));
+        Ok(())
+    };
     let s = connect(echo4)?;
+    port("tcp4-interactive", &s)?;
     let st = all[0].clone();
     thread::spawn(move || echo_flow(s, st));
     let s = connect(echo6)?;
+    port("tcp6-interactive", &s)?;
     let st = all[1].clone();
     thread::spawn(move || echo_flow(s, st));
     let s = connect(bulk)?;
+    port("tcp4-bulk", &s)?;
     let st = all[2].clone();
     thread::spawn(move || bulk_flow(s, st));
     let u = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
@@ -345,6 +432,13 @@ fn client(a: &[String]) -> Res<()> {
     let st = all[4].clone();
     let w = s.try_clone().map_err(|e| e.to_string())?;
     thread::spawn(move || lines_in_order(BufReader::new(s), &st, Some(w)));
+    for (i, name) in IDLE_FLOWS.iter().enumerate() {
+        let s = connect(echo4)?;
+        port(name, &s)?;
+        let (st, wake) = (all[5 + i].clone(), wake.clone());
+        thread::spawn(move || idle_flow(s, st, wake));
+    }
+    println!("ports {}", ports.join(" "));
     // ready once every flow has delivered data
     let deadline = Instant::now() + Duration::from_secs(20);
     while all.iter().any(|s| s.lock().unwrap().rx == 0) {
@@ -391,6 +485,11 @@ fn client(a: &[String]) -> Res<()> {
         };
         let extra = if s.name.starts_with("udp") {
             format!(" sent={udp_sent} lost={}", udp_sent.saturating_sub(s.rx))
+        } else if s.idle {
+            let reply = s
+                .wake_reply
+                .map_or("none".into(), |d| d.as_millis().to_string());
+            format!(" wake_reply_ms={reply}")
         } else {
             String::new()
         };
