@@ -22,7 +22,8 @@
 //! - [`floor`]: a dbus-vmstate helper that costs nothing, for the
 //!   benchmarks' floor;
 //! - [`compare`]: entry comparisons with tolerances;
-//! - [`tier`]: what a privileged test needs, and the skip rule.
+//! - [`tier`]: what a privileged test needs, and the skip rule;
+//! - [`threads`]: this process's threads by name.
 
 pub mod bus;
 pub mod compare;
@@ -35,6 +36,7 @@ pub mod memory;
 pub mod netns;
 pub mod population;
 pub mod qemu;
+pub mod threads;
 pub mod tier;
 
 use std::path::PathBuf;

@@ -617,17 +617,10 @@ fn cache_many_selectors_share_one_walk() {
 /// The threads of this process named `ct-events` and their scheduling
 /// policies (tests run in parallel, each cache has its own).
 fn event_thread_policies() -> Vec<(i32, i32)> {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "ct-events")
-        })
-        .filter_map(|t| t.file_name().to_str()?.parse::<i32>().ok())
+    common::threads::named("ct-events")
+        .into_iter()
         // SAFETY: a query by thread id; a thread gone meanwhile gives -1.
-        .map(|tid| (tid, unsafe { libc::sched_getscheduler(tid) }))
+        .map(|t| (t.tid, unsafe { libc::sched_getscheduler(t.tid) }))
         .filter(|&(_, p)| p >= 0)
         .collect()
 }

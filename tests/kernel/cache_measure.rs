@@ -94,21 +94,15 @@ fn time_saves<S>(mut save: impl FnMut() -> S) -> (f64, f64, S) {
 
 /// utime + stime of the thread named `name` in this process, in ticks.
 fn thread_ticks(name: &str) -> u64 {
-    let mut total = 0;
-    for t in std::fs::read_dir("/proc/self/task")
-        .expect("tasks")
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-        let f: Vec<&str> = after.split_whitespace().collect();
-        total += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
-    }
-    total
+    let ticks = |t: &common::threads::Task, n| {
+        t.stat_field(n)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    common::threads::named(name)
+        .iter()
+        .map(|t| ticks(t, 14) + ticks(t, 15))
+        .sum()
 }
 
 #[test]
