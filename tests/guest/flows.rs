@@ -257,49 +257,24 @@ fn connect(a: &str) -> Res<TcpStream> {
 }
 
 /// The interactive session: numbered lines every TICK, each echo checked.
-fn echo_flow(s: TcpStream, st: Shared) {
+/// With `wake`, an idle one: quiet after IDLE_WARMUP lines until the file
+/// `wake` exists, then on as before.
+fn echo_flow(s: TcpStream, st: Shared, wake: Option<String>) {
     let mut w = s.try_clone().expect("clone");
     let wst = st.clone();
     thread::spawn(move || {
         let mut seq = 0u64;
         loop {
+            if let Some(wake) = wake.as_deref().filter(|_| seq == IDLE_WARMUP) {
+                // polled, not watched: the client namespace has nothing
+                // else to do and 2 ms is well below the gaps measured
+                while !std::path::Path::new(wake).exists() {
+                    thread::sleep(Duration::from_millis(2));
+                }
+                woke(&wst);
+            }
             if let Err(e) = w.write_all(line(seq).as_bytes()) {
                 return failed(&wst, format!("write: {e}"));
-            }
-            seq += 1;
-            thread::sleep(TICK);
-        }
-    });
-    lines_in_order(BufReader::new(s), &st, None);
-}
-
-/// An interactive session that goes quiet after IDLE_WARMUP lines and
-/// resumes, like `echo_flow`, once `wake` exists.
-fn idle_flow(s: TcpStream, st: Shared, wake: String) {
-    let mut w = s.try_clone().expect("clone");
-    let wst = st.clone();
-    thread::spawn(move || {
-        let mut seq = 0u64;
-        let mut send = |seq: u64| {
-            w.write_all(line(seq).as_bytes())
-                .map_err(|e| failed(&wst, format!("write: {e}")))
-        };
-        while seq < IDLE_WARMUP {
-            if send(seq).is_err() {
-                return;
-            }
-            seq += 1;
-            thread::sleep(TICK);
-        }
-        // polled, not watched: the client namespace has nothing else to do
-        // and 2 ms is well below the gaps measured
-        while !std::path::Path::new(&wake).exists() {
-            thread::sleep(Duration::from_millis(2));
-        }
-        woke(&wst);
-        loop {
-            if send(seq).is_err() {
-                return;
             }
             seq += 1;
             thread::sleep(TICK);
@@ -397,11 +372,11 @@ fn client(a: &[String]) -> Res<()> {
     let s = connect(echo4)?;
     port("tcp4-interactive", &s)?;
     let st = all[0].clone();
-    thread::spawn(move || echo_flow(s, st));
+    thread::spawn(move || echo_flow(s, st, None));
     let s = connect(echo6)?;
     port("tcp6-interactive", &s)?;
     let st = all[1].clone();
-    thread::spawn(move || echo_flow(s, st));
+    thread::spawn(move || echo_flow(s, st, None));
     let s = connect(bulk)?;
     port("tcp4-bulk", &s)?;
     let st = all[2].clone();
@@ -436,7 +411,7 @@ fn client(a: &[String]) -> Res<()> {
         let s = connect(echo4)?;
         port(name, &s)?;
         let (st, wake) = (all[5 + i].clone(), wake.clone());
-        thread::spawn(move || idle_flow(s, st, wake));
+        thread::spawn(move || echo_flow(s, st, Some(wake)));
     }
     println!("ports {}", ports.join(" "));
     // ready once every flow has delivered data
